@@ -1,0 +1,171 @@
+//! App: wires the stages together and owns their lifetimes.
+//!
+//! poll loop (thread) → records → buffer workers (threads) → sealed batches → uploader (async)
+//! → commit requests → poll loop. `run` returns when `shutdown` fires (SIGTERM in the binary, a
+//! token in tests) and every stage has stopped in order, or when a stage fails.
+
+use std::sync::mpsc::sync_channel;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::buffer::{BufferError, DiskUsage, Worker};
+use crate::commit::Assignments;
+use crate::config::Config;
+use crate::consume::{create_consumer, ArchiverContext, ConsumeError, Fatal, PollLoop};
+use crate::metrics::Metrics;
+use crate::schedule::{Schedule, SystemClock};
+use crate::upload::s3::S3Store;
+use crate::upload::Uploader;
+
+/// Commands a buffer worker may have queued before the poll loop blocks on it.
+const WORKER_QUEUE: usize = 64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error("cannot create data directory {path}: {source}")]
+    DataDir {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Consume(#[from] ConsumeError),
+    #[error("buffer worker failed: {0}")]
+    Worker(String),
+}
+
+/// Runs the archiver until `shutdown` fires or a stage fails.
+pub async fn run(
+    config: Config,
+    metrics: Metrics,
+    shutdown: CancellationToken,
+) -> Result<(), AppError> {
+    let config = Arc::new(config);
+    let data_dir = config.buffer.data_dir.clone();
+    tokio::fs::create_dir_all(&data_dir)
+        .await
+        .map_err(|source| AppError::DataDir {
+            path: data_dir.clone(),
+            source,
+        })?;
+
+    let store = S3Store::connect(&config.s3).await;
+    let assignments = Arc::new(Assignments::default());
+    let disk = Arc::new(DiskUsage::default());
+    let fatal = Arc::new(Fatal::default());
+    let (upload_tx, upload_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (commit_tx, commit_rx) = std::sync::mpsc::channel();
+
+    let worker_count = config.worker_count();
+    let mut worker_txs = Vec::with_capacity(worker_count);
+    let mut worker_threads = Vec::with_capacity(worker_count);
+    for index in 0..worker_count {
+        let (tx, rx) = sync_channel(WORKER_QUEUE);
+        let worker = Worker::new(
+            Arc::clone(&config),
+            worker_count,
+            upload_tx.clone(),
+            metrics.clone(),
+            Arc::clone(&disk),
+        );
+        let fatal = Arc::clone(&fatal);
+        let thread = std::thread::Builder::new()
+            .name(format!("buffer-{index}"))
+            .spawn(move || {
+                let result =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| worker.run(rx)))
+                        .unwrap_or_else(|_| Err(BufferError::Panicked));
+                if let Err(err) = &result {
+                    fatal.raise(err.to_string());
+                }
+                result.map_err(|e| e.to_string())
+            })
+            .expect("spawn buffer worker");
+        worker_txs.push(tx);
+        worker_threads.push(thread);
+    }
+    drop(upload_tx);
+
+    let uploader_stop = CancellationToken::new();
+    let uploader = tokio::spawn(
+        Uploader {
+            store,
+            prefix: config.s3.prefix.clone(),
+            assignments: Arc::clone(&assignments),
+            commits: commit_tx,
+            metrics: metrics.clone(),
+            concurrency: config.s3.concurrency,
+            initial_backoff: Duration::from_millis(config.s3.retry_initial_backoff_ms),
+            max_backoff: Duration::from_millis(config.s3.retry_max_backoff_ms),
+        }
+        .run(upload_rx, uploader_stop.clone()),
+    );
+
+    let context = ArchiverContext::new(
+        config.kafka.topic.clone(),
+        worker_txs.clone(),
+        Arc::clone(&assignments),
+        metrics.clone(),
+        Arc::clone(&fatal),
+    );
+    let consumer = create_consumer(&config, context)?;
+    let poll_loop = PollLoop {
+        consumer,
+        topic: config.kafka.topic.clone(),
+        workers: worker_txs,
+        commits: commit_rx,
+        assignments,
+        disk,
+        max_disk_bytes: config.buffer.max_disk_bytes,
+        schedule: Schedule::new(config.schedule.interval_secs, config.schedule.offset_secs),
+        checkpoint_interval: Duration::from_secs(config.buffer.checkpoint_interval_secs),
+        clock: Arc::new(SystemClock),
+        metrics: metrics.clone(),
+        fatal: Arc::clone(&fatal),
+        shutdown: shutdown.clone(),
+        grace: Duration::from_secs(config.shutdown.grace_secs),
+    };
+    // A fatal error anywhere must also stop the poll loop.
+    let watcher = {
+        let fatal = Arc::clone(&fatal);
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                if fatal.get().is_some() {
+                    shutdown.cancel();
+                    return;
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                }
+            }
+        })
+    };
+    // Dropping the loop at the end closes the consumer and the workers' channels.
+    let poll_result = tokio::task::spawn_blocking(move || poll_loop.run())
+        .await
+        .expect("poll loop thread panicked");
+
+    uploader_stop.cancel();
+    let _ = uploader.await;
+    watcher.abort();
+    let worker_results = tokio::task::spawn_blocking(move || {
+        worker_threads
+            .into_iter()
+            .map(|t| {
+                t.join()
+                    .unwrap_or_else(|_| Err("buffer worker panicked".into()))
+            })
+            .collect::<Vec<_>>()
+    })
+    .await
+    .expect("join buffer workers");
+    poll_result?;
+    for result in worker_results {
+        result.map_err(AppError::Worker)?;
+    }
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,446 @@
+//! Route and buffer: worker threads that own the partitions' local batches. The poll loop sends
+//! them records and control commands over a bounded channel (one per worker, so a partition's
+//! records and its assign/revoke/commit commands stay in order); they route, compress, checkpoint
+//! and seal, and hand sealed batches to the uploader.
+//!
+//! Routing and compression are CPU work and the files are blocking I/O, so they run here on
+//! plain threads — partitions spread over one worker per core — never on the async executor and
+//! never on the Kafka poll thread.
+
+pub mod gzfile;
+pub mod partition;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender};
+use std::sync::Arc;
+
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::checkpoint::{self, plan_recovery, Committed, Recovery};
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::route::{Record, Router};
+use crate::upload::UploadJob;
+
+pub use partition::{BufferSettings, PartitionBuffer, SealedBatch, SealedFile};
+
+/// A command from the poll loop to the worker owning a partition.
+pub enum WorkerCommand {
+    /// Restore or start the partition; replies with the offset to read from, or `None` to let
+    /// the consumer use the committed offset.
+    Assign {
+        partition: i32,
+        epoch: u64,
+        committed: Committed,
+        reply: SyncSender<Result<Option<i64>, BufferError>>,
+    },
+    /// Forget the partition. `keep_local` keeps its files and checkpoint for a restart on this
+    /// volume (shutdown); otherwise they are deleted, as the new owner replays from the commit.
+    Revoke {
+        partition: i32,
+        keep_local: bool,
+        reply: SyncSender<()>,
+    },
+    Records {
+        partition: i32,
+        records: Vec<Record>,
+    },
+    /// The schedule fired: seal every non-empty open batch.
+    SealAll,
+    Checkpoint,
+    /// The group committed `next_offset` for this partition.
+    Committed {
+        partition: i32,
+        next_offset: i64,
+    },
+    /// Checkpoint everything and exit.
+    Stop {
+        reply: SyncSender<()>,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BufferError {
+    #[error("local buffer i/o failed for partition {partition}: {source}")]
+    Io {
+        partition: i32,
+        source: std::io::Error,
+    },
+    #[error("buffer worker panicked (a bug): see the log above")]
+    Panicked,
+}
+
+/// Why a batch was sealed; a metric label.
+#[derive(Debug, Clone, Copy)]
+enum SealTrigger {
+    Schedule,
+    BatchSize,
+    DiskPressure,
+}
+
+impl SealTrigger {
+    fn as_str(self) -> &'static str {
+        match self {
+            SealTrigger::Schedule => "schedule",
+            SealTrigger::BatchSize => "batch-size",
+            SealTrigger::DiskPressure => "disk-pressure",
+        }
+    }
+}
+
+/// Shared by all workers: what the local volume holds, for early sealing and pausing.
+#[derive(Debug, Default)]
+pub struct DiskUsage {
+    bytes: AtomicU64,
+}
+
+impl DiskUsage {
+    pub fn get(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+}
+
+/// One buffer worker: owns some partitions and their files.
+pub struct Worker {
+    data_dir: PathBuf,
+    topic: String,
+    config: Arc<Config>,
+    settings: BufferSettings,
+    partitions: HashMap<i32, (u64, PartitionBuffer)>,
+    uploads: UnboundedSender<UploadJob>,
+    metrics: Metrics,
+    disk: Arc<DiskUsage>,
+    /// This worker's share of the global compressor cap.
+    max_hot_files: usize,
+    hot_files: usize,
+    /// Monotonic counter standing in for time in the coldest-file choice.
+    tick: u64,
+    /// This worker's last contributions to the shared figures.
+    disk_bytes: u64,
+    reported_files: usize,
+    reported_hot: usize,
+}
+
+impl Worker {
+    pub fn new(
+        config: Arc<Config>,
+        worker_count: usize,
+        uploads: UnboundedSender<UploadJob>,
+        metrics: Metrics,
+        disk: Arc<DiskUsage>,
+    ) -> Worker {
+        Worker {
+            data_dir: config.buffer.data_dir.clone(),
+            topic: config.kafka.topic.clone(),
+            settings: BufferSettings {
+                compression_level: config.buffer.compression_level,
+                max_file_bytes: config.buffer.max_file_bytes,
+                max_batch_bytes: config.buffer.max_batch_bytes,
+            },
+            max_hot_files: (config.buffer.max_open_compressors / worker_count).max(1),
+            config,
+            partitions: HashMap::new(),
+            uploads,
+            metrics,
+            disk,
+            hot_files: 0,
+            tick: 0,
+            disk_bytes: 0,
+            reported_files: 0,
+            reported_hot: 0,
+        }
+    }
+
+    /// Runs until `Stop` or until the poll loop goes away. An I/O error is fatal: the process
+    /// stops, and what was not committed is resumed or replayed by the next run.
+    pub fn run(mut self, commands: Receiver<WorkerCommand>) -> Result<(), BufferError> {
+        while let Ok(command) = commands.recv() {
+            match command {
+                WorkerCommand::Assign {
+                    partition,
+                    epoch,
+                    committed,
+                    reply,
+                } => {
+                    let result = self.assign(partition, epoch, committed);
+                    let failed = result.as_ref().err().map(|e| e.to_string());
+                    let _ = reply.send(result);
+                    if let Some(err) = failed {
+                        tracing::error!(partition, error = %err, "cannot set up partition buffer");
+                    }
+                }
+                WorkerCommand::Revoke {
+                    partition,
+                    keep_local,
+                    reply,
+                } => {
+                    let result = self.revoke(partition, keep_local);
+                    let _ = reply.send(());
+                    result?;
+                }
+                WorkerCommand::Records { partition, records } => {
+                    self.append(partition, &records)?;
+                }
+                WorkerCommand::SealAll => {
+                    let partitions: Vec<i32> = self.partitions.keys().copied().collect();
+                    for partition in partitions {
+                        self.seal(partition, SealTrigger::Schedule)?;
+                    }
+                }
+                WorkerCommand::Checkpoint => self.checkpoint_all()?,
+                WorkerCommand::Committed {
+                    partition,
+                    next_offset,
+                } => {
+                    if let Some((_, buffer)) = self.partitions.get_mut(&partition) {
+                        buffer
+                            .committed(next_offset)
+                            .map_err(|source| BufferError::Io { partition, source })?;
+                    }
+                    self.refresh_disk_usage();
+                }
+                WorkerCommand::Stop { reply } => {
+                    let result = self.checkpoint_all();
+                    let _ = reply.send(());
+                    return result;
+                }
+            }
+        }
+        self.checkpoint_all()
+    }
+
+    fn assign(
+        &mut self,
+        partition: i32,
+        epoch: u64,
+        committed: Committed,
+    ) -> Result<Option<i64>, BufferError> {
+        let io = |source| BufferError::Io { partition, source };
+        let router = Router::new(&self.config.routing, &self.topic, partition);
+        let dir = crate::layout::partition_dir(&self.data_dir, &self.topic, partition);
+        let local = match checkpoint::read(&dir) {
+            Ok(local) => local,
+            Err(err) => {
+                tracing::warn!(partition, error = %err, "ignoring unreadable checkpoint");
+                None
+            }
+        };
+        let plan = plan_recovery(local, &self.topic, partition, committed);
+        let resumed = match plan {
+            Recovery::FromCheckpoint(checkpoint) => {
+                let next = checkpoint.next_offset;
+                match PartitionBuffer::resume(
+                    &self.data_dir,
+                    router.clone(),
+                    self.settings,
+                    checkpoint,
+                ) {
+                    Ok(buffer) => {
+                        tracing::info!(
+                            partition,
+                            resume_offset = next,
+                            sealed_batches = buffer.sealed().len(),
+                            "partition resumed from local checkpoint"
+                        );
+                        self.metrics
+                            .partitions_resumed
+                            .with_label_values(&["checkpoint"])
+                            .inc();
+                        Some(buffer)
+                    }
+                    Err(err) => {
+                        tracing::warn!(partition, error = %err, "local checkpoint unusable, reading from the committed offset");
+                        None
+                    }
+                }
+            }
+            Recovery::FromCommitted { reason } => {
+                tracing::info!(partition, committed = ?committed, %reason, "partition starts from the committed offset");
+                None
+            }
+        };
+        let buffer = match resumed {
+            Some(buffer) => buffer,
+            None => {
+                self.metrics
+                    .partitions_resumed
+                    .with_label_values(&["committed"])
+                    .inc();
+                let start = match committed {
+                    Committed::Offset(offset) => Some(offset),
+                    _ => None,
+                };
+                PartitionBuffer::fresh(
+                    &self.data_dir,
+                    &self.topic,
+                    partition,
+                    router,
+                    self.settings,
+                    start,
+                )
+                .map_err(io)?
+            }
+        };
+        // `None` (nothing known locally) lets the consumer start at the committed offset.
+        let resume_from = buffer.next_offset();
+        for batch in buffer.sealed() {
+            let _ = self.uploads.send(UploadJob {
+                epoch,
+                batch: batch.clone(),
+            });
+        }
+        self.hot_files += buffer.hot_files();
+        self.partitions.insert(partition, (epoch, buffer));
+        self.refresh_disk_usage();
+        Ok(resume_from)
+    }
+
+    fn revoke(&mut self, partition: i32, keep_local: bool) -> Result<(), BufferError> {
+        let Some((_, mut buffer)) = self.partitions.remove(&partition) else {
+            return Ok(());
+        };
+        let io = |source| BufferError::Io { partition, source };
+        self.hot_files -= buffer.hot_files();
+        if keep_local {
+            buffer.checkpoint().map_err(io)?;
+        } else {
+            buffer.discard().map_err(io)?;
+        }
+        self.refresh_disk_usage();
+        Ok(())
+    }
+
+    fn append(&mut self, partition: i32, records: &[Record]) -> Result<(), BufferError> {
+        let io = |source| BufferError::Io { partition, source };
+        let Some((_, buffer)) = self.partitions.get_mut(&partition) else {
+            // Revoked while these were in the channel: the new owner reads them again.
+            return Ok(());
+        };
+        let mut written_bytes = 0;
+        let mut written = 0;
+        for record in records {
+            self.tick += 1;
+            match buffer.append(record, self.tick).map_err(io)? {
+                Some(appended) => {
+                    written += 1;
+                    written_bytes += appended.bytes;
+                    if let Some(reason) = appended.dead_letter {
+                        self.metrics
+                            .records_dead_lettered
+                            .with_label_values(&[reason.as_str()])
+                            .inc();
+                    }
+                    if appended.heated {
+                        self.hot_files += 1;
+                    }
+                }
+                None => self.metrics.records_skipped_redelivered.inc(),
+            }
+        }
+        self.metrics.records_written.inc_by(written);
+        self.metrics.bytes_written.inc_by(written_bytes);
+        self.enforce_compressor_cap()?;
+        let (_, buffer) = self.partitions.get(&partition).expect("present above");
+        if buffer.batch_full() {
+            self.seal(partition, SealTrigger::BatchSize)?;
+        } else if self.disk.get() >= self.config.buffer.max_disk_bytes / 2
+            && buffer.open_bytes() >= (1 << 20)
+        {
+            // Past half the disk budget: ship what this partition holds so uploads free space
+            // before the poll loop has to pause.
+            self.seal(partition, SealTrigger::DiskPressure)?;
+        }
+        self.refresh_disk_usage();
+        Ok(())
+    }
+
+    /// Cools the least recently used files until this worker is within its compressor share.
+    fn enforce_compressor_cap(&mut self) -> Result<(), BufferError> {
+        while self.hot_files > self.max_hot_files {
+            let coldest = self
+                .partitions
+                .iter()
+                .filter_map(|(&p, (_, b))| b.coldest_hot_file().map(|(tick, i)| (tick, p, i)))
+                .min();
+            let Some((_, partition, index)) = coldest else {
+                self.hot_files = 0;
+                break;
+            };
+            let (_, buffer) = self.partitions.get_mut(&partition).expect("just found");
+            buffer
+                .cool_file(index)
+                .map_err(|source| BufferError::Io { partition, source })?;
+            self.hot_files -= 1;
+        }
+        Ok(())
+    }
+
+    fn seal(&mut self, partition: i32, trigger: SealTrigger) -> Result<(), BufferError> {
+        let Some((epoch, buffer)) = self.partitions.get_mut(&partition) else {
+            return Ok(());
+        };
+        let hot_before = buffer.hot_files();
+        let sealed = buffer
+            .seal()
+            .map_err(|source| BufferError::Io { partition, source })?;
+        self.hot_files -= hot_before;
+        if let Some(batch) = sealed {
+            tracing::info!(
+                partition,
+                start = batch.start,
+                end = batch.end,
+                files = batch.files.len(),
+                records = batch.records(),
+                trigger = trigger.as_str(),
+                "batch sealed"
+            );
+            self.metrics
+                .batches_sealed
+                .with_label_values(&[trigger.as_str()])
+                .inc();
+            let _ = self.uploads.send(UploadJob {
+                epoch: *epoch,
+                batch,
+            });
+        }
+        Ok(())
+    }
+
+    fn checkpoint_all(&mut self) -> Result<(), BufferError> {
+        for (&partition, (_, buffer)) in &mut self.partitions {
+            buffer
+                .checkpoint()
+                .map_err(|source| BufferError::Io { partition, source })?;
+        }
+        self.refresh_disk_usage();
+        Ok(())
+    }
+
+    /// Publishes this worker's disk bytes, open files and compressors as deltas of the shared
+    /// figures, since every worker contributes to the same process-wide gauges.
+    fn refresh_disk_usage(&mut self) {
+        let bytes: u64 = self.partitions.values().map(|(_, b)| b.disk_bytes()).sum();
+        let files: usize = self.partitions.values().map(|(_, b)| b.open_files()).sum();
+        let previous = std::mem::replace(&mut self.disk_bytes, bytes);
+        if bytes >= previous {
+            self.disk
+                .bytes
+                .fetch_add(bytes - previous, Ordering::Relaxed);
+        } else {
+            self.disk
+                .bytes
+                .fetch_sub(previous - bytes, Ordering::Relaxed);
+        }
+        self.metrics.buffered_bytes.set(self.disk.get() as i64);
+        let previous_files = std::mem::replace(&mut self.reported_files, files);
+        self.metrics
+            .open_files
+            .add(files as i64 - previous_files as i64);
+        let previous_hot = std::mem::replace(&mut self.reported_hot, self.hot_files);
+        self.metrics
+            .open_compressors
+            .add(self.hot_files as i64 - previous_hot as i64);
+    }
+}

@@ -1,0 +1,277 @@
+//! Checkpoint: a partition's local durable state — sealed batches not yet committed, the open
+//! batch's files with their flushed lengths, CRC32s and sizes, and the next offset to read — and
+//! the decision, at assignment, whether to resume from it or fall back to the committed offset.
+//!
+//! The file is written atomically (temp file, fsync, rename, fsync of the directory), after the
+//! data files it describes were fsynced, so whatever checkpoint is found after a crash describes
+//! bytes that are on disk.
+
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::buffer::gzfile::StreamState;
+use crate::route::Destination;
+
+const FILE_NAME: &str = "checkpoint.json";
+const FORMAT_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    pub version: u32,
+    pub topic: String,
+    pub partition: i32,
+    /// The next offset to read from Kafka after resuming.
+    pub next_offset: i64,
+    /// Sealed batches whose commit is not known yet, oldest first.
+    pub sealed: Vec<BatchState>,
+    /// The batch still taking records; `None` when nothing is buffered.
+    pub open: Option<BatchState>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchState {
+    /// First offset the batch covers: the position it started at.
+    pub start: i64,
+    /// Last offset the batch holds.
+    pub end: i64,
+    pub files: Vec<FileState>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileState {
+    pub destination: Destination,
+    pub first_offset: i64,
+    pub records: u64,
+    /// For a sealed batch the finished object; for the open batch the last sync-flush.
+    pub stream: StreamState,
+    /// Whether later records of its destination still go to this file (it was not cut).
+    pub accepting: bool,
+}
+
+impl Checkpoint {
+    pub fn new(topic: &str, partition: i32, next_offset: i64) -> Checkpoint {
+        Checkpoint {
+            version: FORMAT_VERSION,
+            topic: topic.to_string(),
+            partition,
+            next_offset,
+            sealed: Vec::new(),
+            open: None,
+        }
+    }
+
+    /// Where the earliest buffered batch starts, if anything is buffered.
+    pub fn first_start(&self) -> Option<i64> {
+        self.sealed
+            .first()
+            .or(self.open.as_ref())
+            .map(|batch| batch.start)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("cannot write checkpoint {path}: {source}")]
+    Write { path: PathBuf, source: io::Error },
+    #[error("cannot read checkpoint {path}: {source}")]
+    Read { path: PathBuf, source: io::Error },
+    #[error("checkpoint {path} is corrupt: {source}")]
+    Corrupt {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+}
+
+/// Writes the checkpoint of `partition_dir` atomically and durably.
+pub fn write(partition_dir: &Path, checkpoint: &Checkpoint) -> Result<(), CheckpointError> {
+    let path = partition_dir.join(FILE_NAME);
+    let tmp = partition_dir.join(format!("{FILE_NAME}.tmp"));
+    let wrap = |source| CheckpointError::Write {
+        path: path.clone(),
+        source,
+    };
+    let bytes = serde_json::to_vec(checkpoint).expect("checkpoint serializes");
+    let mut file = File::create(&tmp).map_err(wrap)?;
+    file.write_all(&bytes).map_err(wrap)?;
+    file.sync_all().map_err(wrap)?;
+    fs::rename(&tmp, &path).map_err(wrap)?;
+    File::open(partition_dir)
+        .and_then(|dir| dir.sync_all())
+        .map_err(wrap)?;
+    Ok(())
+}
+
+/// Reads the checkpoint of `partition_dir`; `Ok(None)` when there is none.
+pub fn read(partition_dir: &Path) -> Result<Option<Checkpoint>, CheckpointError> {
+    let path = partition_dir.join(FILE_NAME);
+    let bytes = match fs::read(&path) {
+        Ok(bytes) => bytes,
+        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => return Err(CheckpointError::Read { path, source }),
+    };
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|source| CheckpointError::Corrupt { path, source })
+}
+
+/// What the group has committed for a partition, as far as the assignment could find out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Committed {
+    Offset(i64),
+    /// The group never committed this partition.
+    Nothing,
+    /// The broker did not answer; local state cannot be checked against it.
+    Unknown,
+}
+
+/// Where a newly assigned partition starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Recovery {
+    /// Continue from the local checkpoint: re-upload its sealed batches, keep filling its open
+    /// batch, read from `next_offset`. Sealed batches the group already committed are removed.
+    FromCheckpoint(Checkpoint),
+    /// Discard local state and read from the committed offset (or the reset policy).
+    FromCommitted { reason: String },
+}
+
+/// Decides between the local checkpoint and the committed offset. The checkpoint is used only
+/// when it continues exactly where the group's committed offset stands: anything else (another
+/// consumer moved the partition on, a checkpoint of another partition) falls back to the commit.
+pub fn plan_recovery(
+    checkpoint: Option<Checkpoint>,
+    topic: &str,
+    partition: i32,
+    committed: Committed,
+) -> Recovery {
+    let from_committed = |reason: String| Recovery::FromCommitted { reason };
+    let Some(mut checkpoint) = checkpoint else {
+        return from_committed("no local checkpoint".into());
+    };
+    if checkpoint.version != FORMAT_VERSION {
+        return from_committed(format!("checkpoint format {} unknown", checkpoint.version));
+    }
+    if checkpoint.topic != topic || checkpoint.partition != partition {
+        return from_committed(format!(
+            "checkpoint belongs to {}-{}",
+            checkpoint.topic, checkpoint.partition
+        ));
+    }
+    let committed = match committed {
+        Committed::Unknown => return from_committed("committed offset unknown".into()),
+        Committed::Nothing => None,
+        Committed::Offset(offset) => Some(offset),
+    };
+    if let Some(committed) = committed {
+        // Batches wholly below the committed offset were uploaded and committed already.
+        checkpoint.sealed.retain(|batch| batch.end >= committed);
+    }
+    let Some(first_start) = checkpoint.first_start() else {
+        return from_committed("nothing buffered locally".into());
+    };
+    match committed {
+        Some(committed) if committed != first_start => from_committed(format!(
+            "checkpoint starts at offset {first_start} but the group committed {committed}"
+        )),
+        _ => Recovery::FromCheckpoint(checkpoint),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch(start: i64, end: i64) -> BatchState {
+        BatchState {
+            start,
+            end,
+            files: vec![FileState {
+                destination: Destination::Events {
+                    source: "s".into(),
+                    day: "d".into(),
+                },
+                first_offset: start,
+                records: (end - start + 1) as u64,
+                stream: StreamState {
+                    compressed_len: 100,
+                    crc32: 7,
+                    uncompressed_len: 1000,
+                },
+                accepting: true,
+            }],
+        }
+    }
+
+    fn checkpoint() -> Checkpoint {
+        Checkpoint {
+            sealed: vec![batch(100, 199), batch(200, 299)],
+            open: Some(batch(300, 349)),
+            ..Checkpoint::new("events", 2, 350)
+        }
+    }
+
+    #[test]
+    fn encode_decode_round_trip_through_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(read(dir.path()).unwrap(), None);
+        write(dir.path(), &checkpoint()).unwrap();
+        assert_eq!(read(dir.path()).unwrap(), Some(checkpoint()));
+        assert!(!dir.path().join("checkpoint.json.tmp").exists());
+    }
+
+    #[test]
+    fn a_corrupt_checkpoint_is_reported_not_trusted() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join(FILE_NAME), b"{\"version\":1,").unwrap();
+        assert!(matches!(
+            read(dir.path()),
+            Err(CheckpointError::Corrupt { .. })
+        ));
+    }
+
+    #[test]
+    fn resumes_when_the_checkpoint_starts_at_the_committed_offset() {
+        let plan = plan_recovery(Some(checkpoint()), "events", 2, Committed::Offset(100));
+        assert_eq!(plan, Recovery::FromCheckpoint(checkpoint()));
+    }
+
+    #[test]
+    fn committed_batches_are_dropped_before_resuming() {
+        let plan = plan_recovery(Some(checkpoint()), "events", 2, Committed::Offset(200));
+        let Recovery::FromCheckpoint(resumed) = plan else {
+            panic!("{plan:?}")
+        };
+        assert_eq!(resumed.sealed, vec![batch(200, 299)]);
+        assert_eq!(resumed.next_offset, 350);
+
+        let plan = plan_recovery(Some(checkpoint()), "events", 2, Committed::Offset(300));
+        assert!(matches!(plan, Recovery::FromCheckpoint(c) if c.sealed.is_empty()));
+    }
+
+    #[test]
+    fn never_committed_partitions_trust_the_checkpoint() {
+        let plan = plan_recovery(Some(checkpoint()), "events", 2, Committed::Nothing);
+        assert_eq!(plan, Recovery::FromCheckpoint(checkpoint()));
+    }
+
+    #[test]
+    fn anything_that_does_not_line_up_falls_back_to_the_commit() {
+        for (checkpoint, topic, partition, committed) in [
+            (None, "events", 2, Committed::Offset(100)),
+            (Some(checkpoint()), "events", 3, Committed::Offset(100)),
+            (Some(checkpoint()), "other", 2, Committed::Offset(100)),
+            (Some(checkpoint()), "events", 2, Committed::Unknown),
+            // Another consumer committed past what we buffered.
+            (Some(checkpoint()), "events", 2, Committed::Offset(500)),
+            // Committed inside a batch: its cut no longer matches.
+            (Some(checkpoint()), "events", 2, Committed::Offset(250)),
+            // Committed below what we buffered: a gap we cannot fill locally.
+            (Some(checkpoint()), "events", 2, Committed::Offset(50)),
+        ] {
+            let plan = plan_recovery(checkpoint, topic, partition, committed);
+            assert!(matches!(plan, Recovery::FromCommitted { .. }), "{plan:?}");
+        }
+    }
+}

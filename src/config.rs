@@ -1,0 +1,669 @@
+//! Typed configuration: a TOML file, overridden by `ARCHIVER_{SECTION}_{KEY}` environment variables
+//! and `--set section.key=value` flags, then validated as a whole so that a bad configuration
+//! fails at start with one message listing every problem.
+//!
+//! Credentials are deliberately absent: they come from the AWS SDK's default chain and from
+//! librdkafka properties the operator passes through `kafka.properties`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::route::{DayFormat, SourceRule};
+
+/// Everything the archiver needs to run; one struct per stage of the data path.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub kafka: KafkaConfig,
+    pub s3: S3Config,
+    pub routing: RoutingConfig,
+    pub buffer: BufferConfig,
+    pub schedule: ScheduleConfig,
+    pub shutdown: ShutdownConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// Comma-separated bootstrap servers, as librdkafka takes them.
+    pub brokers: String,
+    /// The one topic of raw events this group archives.
+    pub topic: String,
+    /// Consumer group: offsets committed here are the archive's progress.
+    pub group_id: String,
+    /// Static membership (`group.instance.id`): a pod restart within the session timeout keeps
+    /// its partitions, so a rolling restart does not throw away an hour of buffered batches.
+    /// Empty means dynamic membership.
+    pub group_instance_id: String,
+    /// How long the group waits for a silent member before moving its partitions.
+    pub session_timeout_ms: u32,
+    /// Passed to librdkafka unchanged (security.protocol, sasl.*, ssl.*, fetch tuning).
+    /// The archiver's own settings (auto commit off, assignment strategy) cannot be overridden.
+    pub properties: BTreeMap<String, String>,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        Self {
+            brokers: "127.0.0.1:9092".into(),
+            topic: "segment-events".into(),
+            group_id: "kafka-s3-archiver".into(),
+            group_instance_id: String::new(),
+            session_timeout_ms: 45_000,
+            properties: BTreeMap::new(),
+        }
+    }
+}
+
+/// How objects are labelled for readers that honour `Content-Encoding`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ContentLabel {
+    /// `Content-Type: text/plain` + `Content-Encoding: gzip`, as Segment writes its logs.
+    Segment,
+    /// `Content-Type: application/gzip`, so clients download the gzip bytes as they are.
+    Gzip,
+}
+
+/// Which integrity checksum travels with each object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ChecksumMode {
+    /// CRC32C computed by the SDK and checked by S3 (the default for AWS).
+    Crc32c,
+    /// Content-MD5 header, for S3-compatible stores that reject the SDK's checksum trailers.
+    ContentMd5,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct S3Config {
+    pub bucket: String,
+    /// Optional key prefix before `segment-logs/`, e.g. `team-a/`.
+    pub prefix: String,
+    pub region: String,
+    /// Custom endpoint for S3-compatible stores (MinIO, Garage, moto); empty for AWS.
+    pub endpoint_url: String,
+    /// Path-style addressing (`endpoint/bucket/key`), which most S3-compatible stores need.
+    pub force_path_style: bool,
+    pub content_label: ContentLabel,
+    pub checksum: ChecksumMode,
+    /// `STANDARD`, `STANDARD_IA`, `INTELLIGENT_TIERING`, ...; empty keeps the bucket default.
+    pub storage_class: String,
+    /// `AES256` (SSE-S3) or `aws:kms` (SSE-KMS); empty keeps the bucket default.
+    pub server_side_encryption: String,
+    /// KMS key id or ARN for `aws:kms`.
+    pub sse_kms_key_id: String,
+    /// Canned ACL such as `bucket-owner-full-control` for cross-account buckets.
+    pub acl: String,
+    /// Role to assume on top of the default credential chain; empty for none.
+    pub assume_role_arn: String,
+    /// External id required by the role's trust policy.
+    pub assume_role_external_id: String,
+    /// Objects at or above this size go up as multipart uploads.
+    pub multipart_threshold_bytes: u64,
+    /// Part size of multipart uploads (S3 requires at least 5 MiB).
+    pub multipart_part_bytes: u64,
+    /// Requests in flight at once across all partitions.
+    pub concurrency: usize,
+    /// First retry delay; doubles each attempt, with full jitter.
+    pub retry_initial_backoff_ms: u64,
+    /// Ceiling of the retry delay. Uploads retry forever: data never leaves the disk unacked.
+    pub retry_max_backoff_ms: u64,
+    /// Per-request timeout, so a stalled connection becomes a retry instead of a hang.
+    pub request_timeout_secs: u64,
+}
+
+impl Default for S3Config {
+    fn default() -> Self {
+        Self {
+            bucket: "segment-archive".into(),
+            prefix: String::new(),
+            region: "us-east-1".into(),
+            endpoint_url: String::new(),
+            force_path_style: false,
+            content_label: ContentLabel::Segment,
+            checksum: ChecksumMode::Crc32c,
+            storage_class: String::new(),
+            server_side_encryption: String::new(),
+            sse_kms_key_id: String::new(),
+            acl: String::new(),
+            assume_role_arn: String::new(),
+            assume_role_external_id: String::new(),
+            multipart_threshold_bytes: 64 << 20,
+            multipart_part_bytes: 16 << 20,
+            concurrency: 8,
+            retry_initial_backoff_ms: 200,
+            retry_max_backoff_ms: 30_000,
+            request_timeout_secs: 120,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RoutingConfig {
+    /// Where the source id comes from, first match wins: `header:NAME`, `field:NAME`,
+    /// `write-key:FIELD` (looked up in `write_keys`), `static:ID`.
+    pub source: Vec<String>,
+    /// `writeKey` → source id, for `write-key:` rules.
+    pub write_keys: BTreeMap<String, String>,
+    /// Top-level field holding the ISO-8601 time the event was received.
+    pub received_at_field: String,
+    /// Use the Kafka record timestamp when `receivedAt` is missing or unparsable, instead of
+    /// dead-lettering the event.
+    pub fallback_to_kafka_timestamp: bool,
+    pub day_format: DayFormat,
+    /// Messages larger than this are dead-lettered rather than archived.
+    pub max_message_bytes: usize,
+    /// Events nested deeper than this (objects and arrays) are dead-lettered: they are not
+    /// analytics events, and downstream JSON readers refuse them.
+    pub max_json_depth: usize,
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        Self {
+            source: vec!["header:source-id".into(), "field:projectId".into()],
+            write_keys: BTreeMap::new(),
+            received_at_field: "receivedAt".into(),
+            fallback_to_kafka_timestamp: false,
+            day_format: DayFormat::EpochMs,
+            max_message_bytes: 1 << 20,
+            max_json_depth: 64,
+        }
+    }
+}
+
+impl RoutingConfig {
+    /// The parsed source chain; only valid after [`Config::validate`].
+    pub fn source_rules(&self) -> Vec<SourceRule> {
+        self.source
+            .iter()
+            .filter_map(|rule| SourceRule::parse(rule).ok())
+            .collect()
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BufferConfig {
+    /// Local volume for batches and checkpoints; must survive container restarts to resume.
+    pub data_dir: PathBuf,
+    /// gzip level 1-9.
+    pub compression_level: u32,
+    /// A file is cut once it holds this many uncompressed bytes.
+    pub max_file_bytes: u64,
+    /// A partition's batch is sealed early once it holds this many uncompressed bytes.
+    pub max_batch_bytes: u64,
+    /// Local disk budget: above half of it batches are sealed early, at it partitions pause.
+    pub max_disk_bytes: u64,
+    /// Live compressors at once (each ~270 KB); colder files are sync-flushed and closed.
+    pub max_open_compressors: usize,
+    /// How often each partition's buffers are made durable and its checkpoint written.
+    pub checkpoint_interval_secs: u64,
+    /// Threads that route and compress; 0 means one per core.
+    pub workers: usize,
+}
+
+impl Default for BufferConfig {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("./archiver-data"),
+            compression_level: 6,
+            max_file_bytes: 256 << 20,
+            max_batch_bytes: 1 << 30,
+            max_disk_bytes: 20 << 30,
+            max_open_compressors: 512,
+            checkpoint_interval_secs: 10,
+            workers: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ScheduleConfig {
+    /// Batches are sealed every `interval_secs`, aligned to UTC midnight plus `offset_secs`.
+    pub interval_secs: u64,
+    /// Default 2400 with an hourly interval: minute 40 of every hour, as Segment does.
+    pub offset_secs: u64,
+}
+
+impl Default for ScheduleConfig {
+    fn default() -> Self {
+        Self {
+            interval_secs: 3600,
+            offset_secs: 2400,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ShutdownConfig {
+    /// Time given to in-flight uploads and commits after SIGTERM; keep it below the pod's
+    /// terminationGracePeriodSeconds. What is unfinished then is resumed or replayed later.
+    pub grace_secs: u64,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        Self { grace_secs: 25 }
+    }
+}
+
+/// A configuration that cannot be used, with every problem found.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration:\n  - {}", problems.join("\n  - "))]
+pub struct ConfigError {
+    pub problems: Vec<String>,
+}
+
+const ENV_PREFIX: &str = "ARCHIVER_";
+
+impl Config {
+    /// Reads `path` (if given), applies environment overrides and `--set` overrides, validates.
+    pub fn load(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+        overrides: &[String],
+    ) -> Result<Config, ConfigError> {
+        let mut problems = Vec::new();
+        let mut root = match path {
+            Some(path) => match std::fs::read_to_string(path) {
+                Ok(text) => match text.parse::<toml::Table>() {
+                    Ok(table) => table,
+                    Err(err) => {
+                        return Err(ConfigError {
+                            problems: vec![format!("{}: {}", path.display(), err.message())],
+                        })
+                    }
+                },
+                Err(err) => {
+                    return Err(ConfigError {
+                        problems: vec![format!("cannot read {}: {err}", path.display())],
+                    })
+                }
+            },
+            None => toml::Table::new(),
+        };
+        for (name, value) in env {
+            let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
+                continue;
+            };
+            let Some((section, key)) = rest.split_once('_') else {
+                problems.push(format!("{name}: expected {ENV_PREFIX}SECTION_KEY"));
+                continue;
+            };
+            set_path(
+                &mut root,
+                &[&section.to_ascii_lowercase(), &key.to_ascii_lowercase()],
+                &value,
+            );
+        }
+        for assignment in overrides {
+            match assignment.split_once('=') {
+                Some((path, value)) => {
+                    let parts: Vec<&str> = path.trim().split('.').collect();
+                    set_path(&mut root, &parts, value.trim());
+                }
+                None => problems.push(format!("--set {assignment}: expected section.key=value")),
+            }
+        }
+        let config = deserialize_collecting(root, &mut problems);
+        if let Some(config) = &config {
+            config.validate_into(&mut problems);
+        }
+        match config {
+            Some(config) if problems.is_empty() => Ok(config),
+            _ => Err(ConfigError { problems }),
+        }
+    }
+
+    /// Checks values serde cannot: ranges, relations between fields, rule syntax.
+    fn validate_into(&self, problems: &mut Vec<String>) {
+        let mut check = |ok: bool, problem: String| {
+            if !ok {
+                problems.push(problem);
+            }
+        };
+        check(
+            !self.kafka.brokers.trim().is_empty(),
+            "kafka.brokers: must name at least one broker".into(),
+        );
+        check(
+            is_valid_topic(&self.kafka.topic),
+            format!(
+                "kafka.topic: {:?} is not a valid topic name (1-249 of [a-zA-Z0-9._-])",
+                self.kafka.topic
+            ),
+        );
+        check(
+            !self.kafka.group_id.is_empty(),
+            "kafka.group_id: must not be empty".into(),
+        );
+        for key in self.kafka.properties.keys() {
+            check(
+                !RESERVED_KAFKA_PROPERTIES.contains(&key.as_str()),
+                format!(
+                    "kafka.properties.{key}: set by the archiver itself and cannot be overridden"
+                ),
+            );
+        }
+        check(
+            (3..=63).contains(&self.s3.bucket.len()),
+            format!("s3.bucket: {:?} must be 3 to 63 characters", self.s3.bucket),
+        );
+        check(
+            self.s3.prefix.is_empty() || self.s3.prefix.ends_with('/'),
+            format!("s3.prefix: {:?} must end with '/'", self.s3.prefix),
+        );
+        check(
+            !self.s3.prefix.starts_with('/'),
+            format!("s3.prefix: {:?} must not start with '/'", self.s3.prefix),
+        );
+        check(
+            self.s3.endpoint_url.is_empty()
+                || self.s3.endpoint_url.starts_with("http://")
+                || self.s3.endpoint_url.starts_with("https://"),
+            format!(
+                "s3.endpoint_url: {:?} must start with http:// or https://",
+                self.s3.endpoint_url
+            ),
+        );
+        check(
+            self.s3.multipart_part_bytes >= 5 << 20,
+            "s3.multipart_part_bytes: S3 requires parts of at least 5 MiB (5242880)".into(),
+        );
+        check(
+            self.s3.multipart_threshold_bytes >= self.s3.multipart_part_bytes,
+            "s3.multipart_threshold_bytes: must be at least s3.multipart_part_bytes".into(),
+        );
+        check(
+            self.s3.concurrency >= 1,
+            "s3.concurrency: must be at least 1".into(),
+        );
+        check(
+            self.s3.retry_initial_backoff_ms >= 1
+                && self.s3.retry_initial_backoff_ms <= self.s3.retry_max_backoff_ms,
+            "s3.retry_initial_backoff_ms: must be at least 1 and at most s3.retry_max_backoff_ms"
+                .into(),
+        );
+        check(
+            self.s3.request_timeout_secs >= 1,
+            "s3.request_timeout_secs: must be at least 1".into(),
+        );
+        check(
+            matches!(
+                self.s3.server_side_encryption.as_str(),
+                "" | "AES256" | "aws:kms" | "aws:kms:dsse"
+            ),
+            format!(
+                "s3.server_side_encryption: {:?} must be AES256, aws:kms or aws:kms:dsse",
+                self.s3.server_side_encryption
+            ),
+        );
+        check(
+            self.s3.sse_kms_key_id.is_empty()
+                || self.s3.server_side_encryption.starts_with("aws:kms"),
+            "s3.sse_kms_key_id: needs s3.server_side_encryption = \"aws:kms\"".into(),
+        );
+        check(
+            self.s3.assume_role_external_id.is_empty() || !self.s3.assume_role_arn.is_empty(),
+            "s3.assume_role_external_id: needs s3.assume_role_arn".into(),
+        );
+        if self.routing.source.is_empty() {
+            problems.push("routing.source: needs at least one rule".into());
+        }
+        for rule in &self.routing.source {
+            if let Err(problem) = SourceRule::parse(rule) {
+                problems.push(format!("routing.source: {problem}"));
+            }
+        }
+        for (write_key, source) in &self.routing.write_keys {
+            if let Err(reason) = crate::route::check_source_id(source) {
+                problems.push(format!(
+                    "routing.write_keys.{write_key}: source id {source:?} {reason}"
+                ));
+            }
+        }
+        let mut check = |ok: bool, problem: &str| {
+            if !ok {
+                problems.push(problem.to_string());
+            }
+        };
+        check(
+            !self.routing.received_at_field.is_empty(),
+            "routing.received_at_field: must not be empty",
+        );
+        check(
+            self.routing.max_message_bytes >= 1,
+            "routing.max_message_bytes: must be at least 1",
+        );
+        check(
+            (1..=512).contains(&self.routing.max_json_depth),
+            "routing.max_json_depth: must be 1 to 512",
+        );
+        check(
+            (1..=9).contains(&self.buffer.compression_level),
+            "buffer.compression_level: must be 1 to 9",
+        );
+        check(
+            self.buffer.max_file_bytes >= 1,
+            "buffer.max_file_bytes: must be at least 1",
+        );
+        check(
+            self.buffer.max_batch_bytes >= self.buffer.max_file_bytes.min(1 << 20),
+            "buffer.max_batch_bytes: must be at least 1 MiB or buffer.max_file_bytes",
+        );
+        check(
+            self.buffer.max_disk_bytes >= 2 * self.buffer.max_batch_bytes.min(1 << 30),
+            "buffer.max_disk_bytes: must hold at least two batches (2 x buffer.max_batch_bytes, or 2 GiB)",
+        );
+        check(
+            self.buffer.max_open_compressors >= 1,
+            "buffer.max_open_compressors: must be at least 1",
+        );
+        check(
+            self.buffer.checkpoint_interval_secs >= 1,
+            "buffer.checkpoint_interval_secs: must be at least 1",
+        );
+        check(
+            self.schedule.interval_secs >= 1 && 86_400 % self.schedule.interval_secs == 0,
+            "schedule.interval_secs: must divide a day (e.g. 5, 60, 900, 3600)",
+        );
+        check(
+            self.schedule.offset_secs < self.schedule.interval_secs,
+            "schedule.offset_secs: must be below schedule.interval_secs",
+        );
+    }
+
+    /// Worker threads to use: the configured number, or one per core.
+    pub fn worker_count(&self) -> usize {
+        if self.buffer.workers > 0 {
+            self.buffer.workers
+        } else {
+            std::thread::available_parallelism().map_or(2, |n| n.get())
+        }
+    }
+}
+
+/// librdkafka settings the archiver's guarantees depend on.
+pub const RESERVED_KAFKA_PROPERTIES: &[&str] = &[
+    "enable.auto.commit",
+    "enable.auto.offset.store",
+    "partition.assignment.strategy",
+    "group.id",
+    "group.instance.id",
+    "bootstrap.servers",
+];
+
+fn is_valid_topic(topic: &str) -> bool {
+    (1..=249).contains(&topic.len())
+        && topic
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// Sets `parts` in the TOML tree to `raw`, read as a TOML value when it parses as one
+/// (numbers, booleans, arrays) and as a string otherwise.
+fn set_path(root: &mut toml::Table, parts: &[&str], raw: &str) {
+    let value = format!("v = {raw}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()));
+    let mut table = root;
+    for part in &parts[..parts.len() - 1] {
+        let entry = table
+            .entry(part.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        if !entry.is_table() {
+            *entry = toml::Value::Table(toml::Table::new());
+        }
+        table = entry.as_table_mut().expect("just made a table");
+    }
+    table.insert(parts[parts.len() - 1].to_string(), value);
+}
+
+/// Deserializes, and on each error records it with its path, removes the offending key and tries
+/// again, so one run reports every unknown key and every value of the wrong type.
+fn deserialize_collecting(mut root: toml::Table, problems: &mut Vec<String>) -> Option<Config> {
+    for _ in 0..64 {
+        let value = toml::Value::Table(root.clone());
+        match serde_path_to_error::deserialize::<_, Config>(value) {
+            Ok(config) => return Some(config),
+            Err(err) => {
+                let path = err.path().to_string();
+                let inner = err.into_inner().to_string();
+                let message = inner.lines().next().unwrap_or_default().to_string();
+                let mut segments: Vec<String> = path
+                    .split('.')
+                    .filter(|s| !s.is_empty() && *s != "?")
+                    .map(str::to_string)
+                    .collect();
+                // For an unknown field the path names its table; the field is in the message.
+                if let Some(unknown) = message
+                    .strip_prefix("unknown field `")
+                    .and_then(|rest| rest.split('`').next())
+                {
+                    if segments.last().map(String::as_str) != Some(unknown) {
+                        segments.push(unknown.to_string());
+                    }
+                }
+                let shown = segments.join(".");
+                problems.push(format!(
+                    "{}: {message}",
+                    if shown.is_empty() { "config" } else { &shown }
+                ));
+                if !remove_path(&mut root, &segments) {
+                    return None;
+                }
+            }
+        }
+    }
+    None
+}
+
+fn remove_path(root: &mut toml::Table, segments: &[String]) -> bool {
+    let Some((last, parents)) = segments.split_last() else {
+        return false;
+    };
+    let mut table = root;
+    for part in parents {
+        match table.get_mut(part).and_then(|v| v.as_table_mut()) {
+            Some(next) => table = next,
+            None => return false,
+        }
+    }
+    table.remove(last).is_some()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_str(text: &str, env: &[(&str, &str)], sets: &[&str]) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("archiver.toml");
+        std::fs::write(&path, text).unwrap();
+        Config::load(
+            Some(&path),
+            env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+            &sets.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+        )
+    }
+
+    #[test]
+    fn defaults_are_valid_and_run_against_localhost() {
+        let config = Config::load(None, Vec::new(), &[]).unwrap();
+        assert_eq!(config.kafka.brokers, "127.0.0.1:9092");
+        assert_eq!(config.schedule.interval_secs, 3600);
+        assert_eq!(config.schedule.offset_secs, 2400);
+        assert_eq!(config.routing.day_format, DayFormat::EpochMs);
+    }
+
+    #[test]
+    fn env_and_flags_override_the_file_in_that_order() {
+        let config = load_str(
+            "[kafka]\ntopic = \"from-file\"\n[s3]\nbucket = \"from-file\"\n",
+            &[
+                ("ARCHIVER_KAFKA_TOPIC", "from-env"),
+                ("ARCHIVER_S3_BUCKET", "from-env"),
+                ("ARCHIVER_SCHEDULE_INTERVAL_SECS", "5"),
+                ("ARCHIVER_SCHEDULE_OFFSET_SECS", "0"),
+                ("UNRELATED", "x"),
+            ],
+            &["s3.bucket=from-flag", "s3.force_path_style=true"],
+        )
+        .unwrap();
+        assert_eq!(config.kafka.topic, "from-env");
+        assert_eq!(config.s3.bucket, "from-flag");
+        assert!(config.s3.force_path_style);
+        assert_eq!(config.schedule.interval_secs, 5);
+        assert_eq!(config.schedule.offset_secs, 0);
+    }
+
+    #[test]
+    fn every_problem_is_listed_at_once() {
+        let err = load_str(
+            "[kafka]\ntopic = \"bad topic!\"\nunknown_key = 1\n[s3]\nbucket = \"ab\"\nconcurrency = \"many\"\n[buffer]\ncompression_level = 12\n[nonsense]\nx = 1\n",
+            &[],
+            &[],
+        )
+        .unwrap_err();
+        let text = err.to_string();
+        for expected in [
+            "kafka.unknown_key",
+            "s3.concurrency",
+            "nonsense",
+            "kafka.topic",
+            "s3.bucket",
+            "buffer.compression_level",
+        ] {
+            assert!(text.contains(expected), "{expected} missing from:\n{text}");
+        }
+    }
+
+    #[test]
+    fn reserved_kafka_properties_are_refused() {
+        let err = load_str(
+            "[kafka.properties]\n\"enable.auto.commit\" = \"true\"\n\"fetch.max.bytes\" = \"1000\"\n",
+            &[],
+            &[],
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("enable.auto.commit"));
+        assert!(!err.to_string().contains("fetch.max.bytes"));
+    }
+
+    #[test]
+    fn schedule_must_divide_a_day() {
+        let err =
+            load_str("[schedule]\ninterval_secs = 7\noffset_secs = 0\n", &[], &[]).unwrap_err();
+        assert!(err.to_string().contains("schedule.interval_secs"));
+    }
+}

@@ -1,0 +1,148 @@
+//! Lag: how far the group's committed offsets are behind the topic's high watermarks, per
+//! partition. Used by `kafka-s3-archiver lag` to report progress and to wait until everything
+//! produced is archived and committed.
+
+use std::time::Duration;
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+
+use crate::config::Config;
+
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One partition's progress.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionLag {
+    pub partition: i32,
+    pub low_watermark: i64,
+    pub high_watermark: i64,
+    /// One past the last offset actually readable: the high watermark on a correct broker, more
+    /// on brokers that report the start of their last record batch (tansu 0.6 does).
+    pub end_offset: i64,
+    /// `None` when the group never committed this partition.
+    pub committed: Option<i64>,
+}
+
+impl PartitionLag {
+    /// Records produced but not yet committed by the group.
+    pub fn lag(&self) -> i64 {
+        let from = self.committed.unwrap_or(self.low_watermark);
+        (self.end_offset - from).max(0)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LagError {
+    #[error("cannot reach kafka at {brokers}: {source}")]
+    Connect {
+        brokers: String,
+        #[source]
+        source: KafkaError,
+    },
+    #[error("topic {topic} does not exist or has no partitions")]
+    NoTopic { topic: String },
+}
+
+/// Reads the group's committed offsets and the topic's watermarks.
+pub fn group_lag(config: &Config) -> Result<Vec<PartitionLag>, LagError> {
+    let connect = |source| LagError::Connect {
+        brokers: config.kafka.brokers.clone(),
+        source,
+    };
+    let mut client = ClientConfig::new();
+    for (key, value) in &config.kafka.properties {
+        client.set(key, value);
+    }
+    let consumer: BaseConsumer = client
+        .set("bootstrap.servers", &config.kafka.brokers)
+        .set("group.id", &config.kafka.group_id)
+        .set("enable.auto.commit", "false")
+        .create()
+        .map_err(connect)?;
+    let topic = &config.kafka.topic;
+    let metadata = consumer
+        .fetch_metadata(Some(topic), TIMEOUT)
+        .map_err(connect)?;
+    let partitions: Vec<i32> = metadata
+        .topics()
+        .iter()
+        .filter(|t| t.name() == topic && t.error().is_none())
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    if partitions.is_empty() {
+        return Err(LagError::NoTopic {
+            topic: topic.clone(),
+        });
+    }
+    let mut tpl = TopicPartitionList::new();
+    for &partition in &partitions {
+        tpl.add_partition(topic, partition);
+    }
+    let committed = consumer.committed_offsets(tpl, TIMEOUT).map_err(connect)?;
+    let mut watermarks = Vec::new();
+    for &partition in &partitions {
+        watermarks.push(
+            consumer
+                .fetch_watermarks(topic, partition, TIMEOUT)
+                .map_err(connect)?,
+        );
+    }
+    let ends = read_end_offsets(&consumer, topic, &partitions, &watermarks);
+    let mut lags = Vec::new();
+    for ((partition, (low, high)), end_offset) in partitions.into_iter().zip(watermarks).zip(ends) {
+        let committed = committed
+            .find_partition(topic, partition)
+            .and_then(|e| match e.offset() {
+                Offset::Offset(offset) => Some(offset),
+                _ => None,
+            });
+        lags.push(PartitionLag {
+            partition,
+            low_watermark: low,
+            high_watermark: high,
+            end_offset,
+            committed,
+        });
+    }
+    lags.sort_by_key(|l| l.partition);
+    Ok(lags)
+}
+
+/// Reads from just before each high watermark to the end, so the end offset is what a consumer
+/// actually gets rather than what the broker reports.
+fn read_end_offsets(
+    consumer: &BaseConsumer,
+    topic: &str,
+    partitions: &[i32],
+    watermarks: &[(i64, i64)],
+) -> Vec<i64> {
+    use rdkafka::message::Message;
+    let mut ends: Vec<i64> = watermarks.iter().map(|&(_, high)| high).collect();
+    let mut tpl = TopicPartitionList::new();
+    for (&partition, &(low, high)) in partitions.iter().zip(watermarks) {
+        if high > low {
+            let _ = tpl.add_partition_offset(topic, partition, Offset::Offset((high - 1).max(low)));
+        }
+    }
+    if tpl.count() == 0 || consumer.assign(&tpl).is_err() {
+        return ends;
+    }
+    let idle = Duration::from_millis(1500);
+    let mut last_message = std::time::Instant::now();
+    while last_message.elapsed() < idle {
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(message)) => {
+                last_message = std::time::Instant::now();
+                if let Some(index) = partitions.iter().position(|&p| p == message.partition()) {
+                    ends[index] = ends[index].max(message.offset() + 1);
+                }
+            }
+            Some(Err(_)) | None => {}
+        }
+    }
+    let _ = consumer.unassign();
+    ends
+}

@@ -1,0 +1,559 @@
+//! Consume: the Kafka side. A blocking rdkafka poll loop on its own thread reads records and
+//! hands them to the buffer workers over bounded channels; it also fires the seal schedule and
+//! checkpoints, pauses partitions when the local disk budget is used up, and commits the offsets
+//! the uploader reports as safely in S3.
+//!
+//! Rebalance callbacks run inside `poll` on this thread. They talk to the buffer workers and wait
+//! for their answer before the assignment changes (as Quickwit's Kafka source does): an assigned
+//! partition starts where its local checkpoint or committed offset says, a revoked one drops its
+//! in-flight batch before another member can read it. The loop never waits on S3.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Headers, Message};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::types::RDKafkaRespErr;
+use rdkafka::ClientContext;
+use tokio_util::sync::CancellationToken;
+
+use crate::buffer::{DiskUsage, WorkerCommand};
+use crate::checkpoint::Committed;
+use crate::commit::{Assignments, CommitOutcome, CommitRequest, PendingCommits};
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::route::Record;
+use crate::schedule::{Clock, Schedule};
+
+pub mod lag;
+
+/// Records handed to the workers per poll round, at most.
+const MAX_RECORDS_PER_ROUND: usize = 2000;
+/// How long one poll waits for a record when the topic is idle.
+const POLL_WAIT: Duration = Duration::from_millis(100);
+/// Broker round trips in rebalance callbacks.
+const BROKER_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConsumeError {
+    #[error("cannot create the kafka consumer: {0}")]
+    Create(#[source] KafkaError),
+    #[error("cannot subscribe to topic {topic}: {source}")]
+    Subscribe {
+        topic: String,
+        #[source]
+        source: KafkaError,
+    },
+    #[error("{0}")]
+    Fatal(String),
+}
+
+/// A fatal condition raised by any thread; stops the process without the graceful path.
+#[derive(Debug, Default)]
+pub struct Fatal {
+    message: std::sync::Mutex<Option<String>>,
+}
+
+impl Fatal {
+    pub fn raise(&self, message: String) {
+        let mut slot = self.message.lock().expect("fatal lock");
+        if slot.is_none() {
+            tracing::error!(error = %message, "stopping");
+            *slot = Some(message);
+        }
+    }
+
+    pub fn get(&self) -> Option<String> {
+        self.message.lock().expect("fatal lock").clone()
+    }
+}
+
+/// State the rebalance callbacks need; lives inside the consumer.
+pub struct ArchiverContext {
+    topic: String,
+    workers: Vec<SyncSender<WorkerCommand>>,
+    assignments: Arc<Assignments>,
+    metrics: Metrics,
+    fatal: Arc<Fatal>,
+    /// Set once the workers stopped: revocations during close keep local files for a restart.
+    shutting_down: AtomicBool,
+}
+
+impl ArchiverContext {
+    pub fn new(
+        topic: String,
+        workers: Vec<SyncSender<WorkerCommand>>,
+        assignments: Arc<Assignments>,
+        metrics: Metrics,
+        fatal: Arc<Fatal>,
+    ) -> ArchiverContext {
+        ArchiverContext {
+            topic,
+            workers,
+            assignments,
+            metrics,
+            fatal,
+            shutting_down: AtomicBool::new(false),
+        }
+    }
+
+    fn worker(&self, partition: i32) -> &SyncSender<WorkerCommand> {
+        &self.workers[partition as usize % self.workers.len()]
+    }
+
+    /// Sets up each newly assigned partition and writes the offset to start from into `tpl`.
+    fn on_assign(&self, consumer: &BaseConsumer<Self>, tpl: &mut TopicPartitionList) {
+        let partitions: Vec<i32> = tpl
+            .elements_for_topic(&self.topic)
+            .iter()
+            .map(|e| e.partition())
+            .collect();
+        if partitions.is_empty() || self.shutting_down.load(Ordering::SeqCst) {
+            return;
+        }
+        let committed = self.fetch_committed(consumer, tpl);
+        let mut replies = Vec::new();
+        for &partition in &partitions {
+            let epoch = self.assignments.assign(partition);
+            let (reply, answer) = sync_channel(1);
+            let committed = committed
+                .get(&partition)
+                .copied()
+                .unwrap_or(Committed::Unknown);
+            let command = WorkerCommand::Assign {
+                partition,
+                epoch,
+                committed,
+                reply,
+            };
+            if self.worker(partition).send(command).is_err() {
+                self.fatal.raise("buffer worker stopped".into());
+                return;
+            }
+            replies.push((partition, answer));
+        }
+        for (partition, answer) in replies {
+            match answer.recv() {
+                Ok(Ok(Some(offset))) => {
+                    let _ =
+                        tpl.set_partition_offset(&self.topic, partition, Offset::Offset(offset));
+                }
+                Ok(Ok(None)) => {}
+                Ok(Err(err)) => self.fatal.raise(err.to_string()),
+                Err(_) => self.fatal.raise("buffer worker stopped".into()),
+            }
+        }
+        self.metrics
+            .assigned_partitions
+            .set(self.assignments.partitions().len() as i64);
+        tracing::info!(partitions = ?partitions, "partitions assigned");
+    }
+
+    fn on_revoke(&self, tpl: &TopicPartitionList) {
+        let keep_local = self.shutting_down.load(Ordering::SeqCst);
+        let partitions: Vec<i32> = tpl
+            .elements_for_topic(&self.topic)
+            .iter()
+            .map(|e| e.partition())
+            .collect();
+        let mut replies = Vec::new();
+        for &partition in &partitions {
+            self.assignments.revoke(partition);
+            if keep_local {
+                continue;
+            }
+            let (reply, answer) = sync_channel(1);
+            let command = WorkerCommand::Revoke {
+                partition,
+                keep_local,
+                reply,
+            };
+            if self.worker(partition).send(command).is_ok() {
+                replies.push(answer);
+            }
+        }
+        for answer in replies {
+            let _ = answer.recv();
+        }
+        self.metrics
+            .assigned_partitions
+            .set(self.assignments.partitions().len() as i64);
+        tracing::info!(partitions = ?partitions, "partitions revoked");
+    }
+
+    fn fetch_committed(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        tpl: &TopicPartitionList,
+    ) -> HashMap<i32, Committed> {
+        for attempt in 1..=3 {
+            match consumer.committed_offsets(tpl.clone(), BROKER_TIMEOUT) {
+                Ok(list) => {
+                    return list
+                        .elements_for_topic(&self.topic)
+                        .iter()
+                        .map(|e| {
+                            let committed = match e.offset() {
+                                Offset::Offset(offset) => Committed::Offset(offset),
+                                _ => Committed::Nothing,
+                            };
+                            (e.partition(), committed)
+                        })
+                        .collect();
+                }
+                Err(err) => {
+                    tracing::warn!(attempt, error = %err, "cannot fetch committed offsets");
+                }
+            }
+        }
+        HashMap::new()
+    }
+}
+
+impl ClientContext for ArchiverContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        match level {
+            RDKafkaLogLevel::Emerg
+            | RDKafkaLogLevel::Alert
+            | RDKafkaLogLevel::Critical
+            | RDKafkaLogLevel::Error => {
+                tracing::error!(target: "librdkafka", facility = fac, "{message}")
+            }
+            RDKafkaLogLevel::Warning => {
+                tracing::warn!(target: "librdkafka", facility = fac, "{message}")
+            }
+            RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
+                tracing::info!(target: "librdkafka", facility = fac, "{message}")
+            }
+            RDKafkaLogLevel::Debug => {
+                tracing::debug!(target: "librdkafka", facility = fac, "{message}")
+            }
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::warn!(target: "librdkafka", error = %error, reason, "kafka client error");
+    }
+}
+
+impl ConsumerContext for ArchiverContext {
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        let cooperative = matches!(
+            consumer.rebalance_protocol(),
+            RebalanceProtocol::Cooperative
+        );
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                self.metrics.rebalances.with_label_values(&["assign"]).inc();
+                self.on_assign(consumer, tpl);
+                let result = if cooperative {
+                    consumer.incremental_assign(tpl)
+                } else {
+                    consumer.assign(tpl)
+                };
+                if let Err(err) = result {
+                    self.fatal
+                        .raise(format!("cannot apply partition assignment: {err}"));
+                }
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                self.metrics.rebalances.with_label_values(&["revoke"]).inc();
+                self.on_revoke(tpl);
+                let result = if cooperative {
+                    consumer.incremental_unassign(tpl)
+                } else {
+                    consumer.unassign()
+                };
+                if let Err(err) = result {
+                    tracing::warn!(error = %err, "cannot apply partition revocation");
+                }
+            }
+            other => {
+                self.metrics.rebalances.with_label_values(&["error"]).inc();
+                tracing::warn!(error = ?other, "rebalance error; dropping the assignment");
+                let all = consumer.assignment().unwrap_or_default();
+                self.on_revoke(&all);
+                let _ = consumer.unassign();
+            }
+        }
+    }
+}
+
+/// Builds the consumer with the settings the archive's guarantees rely on.
+pub fn create_consumer(
+    config: &Config,
+    context: ArchiverContext,
+) -> Result<BaseConsumer<ArchiverContext>, ConsumeError> {
+    let mut client = ClientConfig::new();
+    for (key, value) in &config.kafka.properties {
+        client.set(key, value);
+    }
+    client
+        .set("bootstrap.servers", &config.kafka.brokers)
+        .set("group.id", &config.kafka.group_id)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("partition.assignment.strategy", "cooperative-sticky")
+        .set(
+            "session.timeout.ms",
+            config.kafka.session_timeout_ms.to_string(),
+        )
+        .set("enable.partition.eof", "false")
+        .set("client.id", "kafka-s3-archiver");
+    if !config.kafka.properties.contains_key("auto.offset.reset") {
+        client.set("auto.offset.reset", "earliest");
+    }
+    if !config.kafka.group_instance_id.is_empty() {
+        client.set("group.instance.id", &config.kafka.group_instance_id);
+    }
+    client
+        .create_with_context(context)
+        .map_err(ConsumeError::Create)
+}
+
+/// Everything the poll loop works with besides the consumer.
+pub struct PollLoop {
+    pub consumer: BaseConsumer<ArchiverContext>,
+    pub topic: String,
+    pub workers: Vec<SyncSender<WorkerCommand>>,
+    pub commits: Receiver<CommitRequest>,
+    pub assignments: Arc<Assignments>,
+    pub disk: Arc<DiskUsage>,
+    pub max_disk_bytes: u64,
+    pub schedule: Schedule,
+    pub checkpoint_interval: Duration,
+    pub clock: Arc<dyn Clock>,
+    pub metrics: Metrics,
+    pub fatal: Arc<Fatal>,
+    pub shutdown: CancellationToken,
+    pub grace: Duration,
+}
+
+impl PollLoop {
+    /// Runs until shutdown, then stops in order: pause reading, checkpoint, give uploads and
+    /// commits the grace period, stop the workers, close the consumer.
+    pub fn run(self) -> Result<(), ConsumeError> {
+        let result = self.run_until_shutdown();
+        // From here on a revocation (the consumer closing) keeps local files: they are resumed
+        // by the next run on this volume, or discarded then if another member moved on.
+        self.consumer
+            .context()
+            .shutting_down
+            .store(true, Ordering::SeqCst);
+        for worker in &self.workers {
+            let (reply, answer) = sync_channel(1);
+            if worker.send(WorkerCommand::Stop { reply }).is_ok() {
+                let _ = answer.recv();
+            }
+        }
+        result?;
+        if let Some(message) = self.fatal.get() {
+            return Err(ConsumeError::Fatal(message));
+        }
+        tracing::info!("consumer closing");
+        Ok(())
+    }
+
+    fn run_until_shutdown(&self) -> Result<(), ConsumeError> {
+        self.consumer
+            .subscribe(&[&self.topic])
+            .map_err(|source| ConsumeError::Subscribe {
+                topic: self.topic.clone(),
+                source,
+            })?;
+        let mut pending = PendingCommits::default();
+        let mut next_seal = self.schedule.next_after(self.clock.now());
+        let mut next_checkpoint = Instant::now() + self.checkpoint_interval;
+        let mut paused = false;
+        tracing::info!(topic = %self.topic, next_upload = %next_seal, "consuming");
+
+        while !self.shutdown.is_cancelled() {
+            if let Some(message) = self.fatal.get() {
+                return Err(ConsumeError::Fatal(message));
+            }
+            self.commit_pending(&mut pending);
+            let now = self.clock.now();
+            if now >= next_seal {
+                self.broadcast(|| WorkerCommand::SealAll)?;
+                next_seal = self.schedule.next_after(now);
+            }
+            if Instant::now() >= next_checkpoint {
+                self.broadcast(|| WorkerCommand::Checkpoint)?;
+                next_checkpoint = Instant::now() + self.checkpoint_interval;
+            }
+            paused = self.apply_backpressure(paused);
+            self.poll_round()?;
+        }
+
+        tracing::info!("shutting down: checkpointing and finishing uploads");
+        if let Ok(assignment) = self.consumer.assignment() {
+            let _ = self.consumer.pause(&assignment);
+        }
+        self.broadcast(|| WorkerCommand::Checkpoint)?;
+        let deadline = Instant::now() + self.grace;
+        while Instant::now() < deadline
+            && (self.metrics.uploads_in_flight.get() > 0 || !pending.is_empty())
+        {
+            if self.fatal.get().is_some() {
+                break;
+            }
+            self.commit_pending(&mut pending);
+            // Serves rebalance events; the partitions are paused, so nothing new arrives.
+            self.poll_round()?;
+        }
+        self.commit_pending(&mut pending);
+        Ok(())
+    }
+
+    /// Polls once (waiting briefly) and then drains what is ready, up to a round's worth,
+    /// grouped per partition.
+    fn poll_round(&self) -> Result<(), ConsumeError> {
+        let mut by_partition: HashMap<i32, Vec<Record>> = HashMap::new();
+        let mut wait = POLL_WAIT;
+        let mut count = 0;
+        while count < MAX_RECORDS_PER_ROUND {
+            let Some(result) = self.consumer.poll(wait) else {
+                break;
+            };
+            wait = Duration::ZERO;
+            match result {
+                Ok(message) => {
+                    count += 1;
+                    let payload = message.payload().map(<[u8]>::to_vec);
+                    self.metrics.records_consumed.inc();
+                    self.metrics
+                        .bytes_consumed
+                        .inc_by(payload.as_ref().map_or(0, Vec::len) as u64);
+                    let headers = message
+                        .headers()
+                        .map(|headers| {
+                            headers
+                                .iter()
+                                .map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec)))
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    by_partition
+                        .entry(message.partition())
+                        .or_default()
+                        .push(Record {
+                            offset: message.offset(),
+                            timestamp_ms: message.timestamp().to_millis(),
+                            key: message.key().map(<[u8]>::to_vec),
+                            payload,
+                            headers,
+                        });
+                }
+                Err(err) => {
+                    tracing::warn!(error = %err, "kafka poll error");
+                    break;
+                }
+            }
+        }
+        for (partition, records) in by_partition {
+            let worker = &self.workers[partition as usize % self.workers.len()];
+            // Blocks when the worker is behind: backpressure on reading, never a lost record.
+            worker
+                .send(WorkerCommand::Records { partition, records })
+                .map_err(|_| ConsumeError::Fatal("buffer worker stopped".into()))?;
+        }
+        Ok(())
+    }
+
+    fn commit_pending(&self, pending: &mut PendingCommits) {
+        while let Ok(request) = self.commits.try_recv() {
+            pending.push(request, Instant::now());
+        }
+        if pending.is_empty() {
+            return;
+        }
+        let outcomes = pending.run(
+            Instant::now(),
+            |r| self.assignments.is_current(r.partition, r.epoch),
+            |r| {
+                let mut tpl = TopicPartitionList::new();
+                tpl.add_partition_offset(&self.topic, r.partition, Offset::Offset(r.next_offset))
+                    .map_err(|e| e.to_string())?;
+                self.consumer.commit(&tpl, CommitMode::Sync).map_err(|e| {
+                    self.metrics.commit_errors.inc();
+                    e.to_string()
+                })
+            },
+        );
+        for outcome in outcomes {
+            match outcome {
+                CommitOutcome::Committed(request) => {
+                    self.metrics.commits.inc();
+                    tracing::info!(
+                        partition = request.partition,
+                        offset = request.next_offset,
+                        "offset committed"
+                    );
+                    let worker = &self.workers[request.partition as usize % self.workers.len()];
+                    let _ = worker.send(WorkerCommand::Committed {
+                        partition: request.partition,
+                        next_offset: request.next_offset,
+                    });
+                }
+                CommitOutcome::Stale(request) => tracing::info!(
+                    partition = request.partition,
+                    offset = request.next_offset,
+                    "not committing: partition no longer assigned under that epoch"
+                ),
+                CommitOutcome::Retry => {}
+            }
+        }
+    }
+
+    /// Pauses every assigned partition when the local disk budget is used up, resumes below 90%.
+    fn apply_backpressure(&self, paused: bool) -> bool {
+        let used = self.disk.get();
+        let should_pause = if paused {
+            used >= self.max_disk_bytes / 10 * 9
+        } else {
+            used >= self.max_disk_bytes
+        };
+        if should_pause == paused {
+            return paused;
+        }
+        let Ok(assignment) = self.consumer.assignment() else {
+            return paused;
+        };
+        if should_pause {
+            tracing::warn!(
+                buffered_bytes = used,
+                limit = self.max_disk_bytes,
+                "local disk budget used up: pausing partitions until uploads free space"
+            );
+            let _ = self.consumer.pause(&assignment);
+            self.metrics
+                .paused_partitions
+                .set(assignment.count() as i64);
+        } else {
+            tracing::info!(buffered_bytes = used, "resuming partitions");
+            let _ = self.consumer.resume(&assignment);
+            self.metrics.paused_partitions.set(0);
+        }
+        should_pause
+    }
+
+    fn broadcast(&self, command: impl Fn() -> WorkerCommand) -> Result<(), ConsumeError> {
+        for worker in &self.workers {
+            worker
+                .send(command())
+                .map_err(|_| ConsumeError::Fatal("buffer worker stopped".into()))?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,28 @@
+//! kafka-s3-archiver: archives a Kafka topic of Segment-spec events into S3 as gzip
+//! newline-delimited JSON under `segment-logs/{source-id}/{received-day}/`, committing offsets
+//! only once the files holding them are in S3.
+//!
+//! A record's way through the modules, in order:
+//!
+//! - [`consume`]: the rdkafka poll loop (a blocking thread) and its rebalance callbacks;
+//! - [`route`]: record → `(source, day)` file or dead letter, a pure function;
+//! - [`buffer`]: per-partition batches of compressed files on local disk (worker threads);
+//! - [`checkpoint`]: durable local state per partition and recovery from it;
+//! - [`upload`]: sealed batches to S3, with retries;
+//! - [`commit`]: uploaded batches to committed offsets, fenced by assignment epochs.
+//!
+//! Around them: [`config`], [`schedule`] (when batches are sealed), [`layout`] (every key and
+//! path), [`metrics`], [`produce`] (a load generator) and [`app`] (wiring and shutdown).
+
+pub mod app;
+pub mod buffer;
+pub mod checkpoint;
+pub mod commit;
+pub mod config;
+pub mod consume;
+pub mod layout;
+pub mod metrics;
+pub mod produce;
+pub mod route;
+pub mod schedule;
+pub mod upload;

@@ -1,0 +1,224 @@
+//! The `kafka-s3-archiver` binary: parses the command line, loads the config and hands over to
+//! the library. `run` archives; `produce` generates sample events; `lag` reports (or waits for)
+//! the group's progress.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use chrono::NaiveDate;
+use clap::{Args, Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use kafka_s3_archiver::config::Config;
+use kafka_s3_archiver::consume::lag::group_lag;
+use kafka_s3_archiver::metrics::Metrics;
+use kafka_s3_archiver::produce::{self, EventGenerator, GeneratorSettings, ProduceSettings};
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Archive a Kafka topic of Segment events into S3, exactly once"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args)]
+struct ConfigArgs {
+    /// TOML config file; ARCHIVER_{SECTION}_{KEY} variables and --set override it.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Override one setting, e.g. --set s3.bucket=archive (repeatable).
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    overrides: Vec<String>,
+}
+
+impl ConfigArgs {
+    fn load(&self) -> anyhow::Result<Config> {
+        Ok(Config::load(
+            self.config.as_deref(),
+            std::env::vars(),
+            &self.overrides,
+        )?)
+    }
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Consume the topic and archive it to S3 until SIGTERM.
+    Run(ConfigArgs),
+    /// Produce realistic Segment events to the configured topic.
+    Produce {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Number of events.
+        #[arg(long, default_value_t = 10_000)]
+        count: u64,
+        /// Events per second (0: as fast as possible).
+        #[arg(long, default_value_t = 0)]
+        rate: u64,
+        /// Number of sources (projectIds).
+        #[arg(long, default_value_t = 5)]
+        sources: usize,
+        /// Number of received-days the events spread over.
+        #[arg(long, default_value_t = 2)]
+        days: u32,
+        /// First received-day (default: days before today).
+        #[arg(long)]
+        start_day: Option<NaiveDate>,
+        /// Share of events received within a minute of a midnight.
+        #[arg(long, default_value_t = 0.1)]
+        near_midnight: f64,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
+    /// Show the group's committed offsets against the topic's high watermarks.
+    Lag {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Wait until every partition is committed up to its high watermark.
+        #[arg(long)]
+        wait: bool,
+        /// Give up waiting after this many seconds (exit code 1).
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,librdkafka=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    match real_main() {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main() -> anyhow::Result<ExitCode> {
+    match Cli::parse().command {
+        Command::Run(args) => {
+            let config = args.load()?;
+            let runtime = tokio::runtime::Runtime::new().context("start async runtime")?;
+            runtime.block_on(async {
+                let shutdown = CancellationToken::new();
+                tokio::spawn(cancel_on_signal(shutdown.clone()));
+                kafka_s3_archiver::app::run(config, Metrics::new(), shutdown).await
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Produce {
+            config,
+            count,
+            rate,
+            sources,
+            days,
+            start_day,
+            near_midnight,
+            seed,
+        } => {
+            let config = config.load()?;
+            let start_day = start_day.unwrap_or_else(|| {
+                chrono::Utc::now().date_naive() - chrono::Days::new(u64::from(days.max(1)))
+            });
+            let mut generator = EventGenerator::new(GeneratorSettings {
+                sources,
+                start_day,
+                days,
+                near_midnight,
+                seed,
+            });
+            let settings = ProduceSettings {
+                brokers: config.kafka.brokers.clone(),
+                topic: config.kafka.topic.clone(),
+                count,
+                rate,
+                properties: config.kafka.properties.clone().into_iter().collect(),
+            };
+            eprintln!(
+                "producing {count} events for {} sources over {days} days from {start_day} to {} at {}",
+                generator.sources().len(),
+                settings.topic,
+                settings.brokers
+            );
+            let summary = produce::produce(&settings, &mut generator, |sent, acked| {
+                eprintln!("  sent {sent}, acknowledged {acked}");
+            })?;
+            let secs = summary.elapsed.as_secs_f64().max(1e-9);
+            println!(
+                "produced {} events ({:.1} MB) in {:.1}s: {:.0} events/s, {:.1} MB/s",
+                summary.events,
+                summary.bytes as f64 / 1e6,
+                secs,
+                summary.events as f64 / secs,
+                summary.bytes as f64 / 1e6 / secs
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Lag {
+            config,
+            wait,
+            timeout,
+        } => {
+            let config = config.load()?;
+            let started = Instant::now();
+            loop {
+                let lags = group_lag(&config)?;
+                let total: i64 = lags.iter().map(|l| l.lag()).sum();
+                if !wait || total == 0 {
+                    println!("partition  committed  end-offset  lag");
+                    for lag in &lags {
+                        println!(
+                            "{:>9}  {:>9}  {:>10}  {:>3}",
+                            lag.partition,
+                            lag.committed.map_or("-".to_string(), |c| c.to_string()),
+                            lag.end_offset,
+                            lag.lag()
+                        );
+                    }
+                    println!("total lag: {total}");
+                    return Ok(if total == 0 {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::from(2)
+                    });
+                }
+                if started.elapsed() > Duration::from_secs(timeout) {
+                    eprintln!("still {total} records behind after {timeout}s");
+                    return Ok(ExitCode::FAILURE);
+                }
+                eprintln!("waiting: {total} records not yet archived and committed");
+                std::thread::sleep(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
+/// Cancels `shutdown` on SIGTERM (Kubernetes) or Ctrl-C.
+async fn cancel_on_signal(shutdown: CancellationToken) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = tokio::signal::ctrl_c() => tracing::info!("interrupt received"),
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    shutdown.cancel();
+}

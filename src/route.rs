@@ -1,0 +1,824 @@
+//! Route: decides where one Kafka record goes — the `(source-id, received-day)` file of an event,
+//! or the dead letter with a bounded reason — and produces the exact line to store.
+//!
+//! This is a pure function of the record and the routing config. Replaying the same offsets
+//! therefore produces the same files and keys, which the exactly-once protocol relies on.
+
+use std::borrow::Cow;
+use std::fmt;
+
+use base64::Engine as _;
+use chrono::{DateTime, NaiveDate, Utc};
+use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, Visitor};
+use serde::{Deserialize, Serialize};
+
+use crate::config::RoutingConfig;
+
+/// One Kafka record, owned, as the poll loop hands it to the buffers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub offset: i64,
+    /// Kafka record timestamp in ms, when the broker or producer set one.
+    pub timestamp_ms: Option<i64>,
+    pub key: Option<Vec<u8>>,
+    /// `None` is a tombstone.
+    pub payload: Option<Vec<u8>>,
+    pub headers: Vec<(String, Option<Vec<u8>>)>,
+}
+
+/// How the received-day folder is named.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DayFormat {
+    /// Milliseconds since the epoch of UTC midnight (`1432684800000`), Segment's own.
+    EpochMs,
+    /// `2015-05-27`.
+    Date,
+    /// `day=2015-05-27`, for Hive-style partition discovery.
+    Hive,
+}
+
+impl DayFormat {
+    pub fn format(self, day: NaiveDate) -> String {
+        match self {
+            DayFormat::EpochMs => {
+                let midnight = day.and_hms_opt(0, 0, 0).expect("midnight exists");
+                (midnight.and_utc().timestamp() * 1000).to_string()
+            }
+            DayFormat::Date => day.format("%Y-%m-%d").to_string(),
+            DayFormat::Hive => day.format("day=%Y-%m-%d").to_string(),
+        }
+    }
+}
+
+/// One step of the source-id chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourceRule {
+    Header(String),
+    Field(String),
+    /// Reads this field and maps its value through `routing.write_keys`.
+    WriteKey(String),
+    Static(String),
+}
+
+impl SourceRule {
+    pub fn parse(rule: &str) -> Result<SourceRule, String> {
+        let (kind, arg) = rule.split_once(':').ok_or_else(|| {
+            format!("{rule:?} must be header:NAME, field:NAME, write-key:FIELD or static:ID")
+        })?;
+        if arg.is_empty() {
+            return Err(format!("{rule:?} names nothing after ':'"));
+        }
+        match kind {
+            "header" => Ok(SourceRule::Header(arg.into())),
+            "field" => Ok(SourceRule::Field(arg.into())),
+            "write-key" => Ok(SourceRule::WriteKey(arg.into())),
+            "static" => match check_source_id(arg) {
+                Ok(()) => Ok(SourceRule::Static(arg.into())),
+                Err(reason) => Err(format!("{rule:?}: source id {reason}")),
+            },
+            _ => Err(format!(
+                "{rule:?}: unknown kind {kind:?} (header, field, write-key, static)"
+            )),
+        }
+    }
+}
+
+/// Longest source id accepted as a folder name.
+pub const MAX_SOURCE_ID_LEN: usize = 128;
+
+/// A source id becomes a folder under `segment-logs/`: it must not escape it, hide as a
+/// `_`-prefixed folder, or make a key S3 rejects. Allowed: 1-128 of `[A-Za-z0-9._-]`, not
+/// starting with `_` or `.`.
+pub fn check_source_id(id: &str) -> Result<(), &'static str> {
+    if id.is_empty() {
+        return Err("is empty");
+    }
+    if id.len() > MAX_SOURCE_ID_LEN {
+        return Err("is longer than 128 characters");
+    }
+    if id.starts_with('_') || id.starts_with('.') {
+        return Err("starts with '_' or '.'");
+    }
+    if !id
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    {
+        return Err("has characters outside [A-Za-z0-9._-]");
+    }
+    Ok(())
+}
+
+/// Why a record went to the dead letter. The set is closed so the metric label stays bounded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum DeadLetterReason {
+    Tombstone,
+    Empty,
+    TooLarge,
+    NotUtf8,
+    NulByte,
+    NotJson,
+    NotObject,
+    TooDeep,
+    NoSource,
+    BadSourceId,
+    NoReceivedAt,
+    BadReceivedAt,
+}
+
+impl DeadLetterReason {
+    pub const ALL: [DeadLetterReason; 12] = [
+        DeadLetterReason::Tombstone,
+        DeadLetterReason::Empty,
+        DeadLetterReason::TooLarge,
+        DeadLetterReason::NotUtf8,
+        DeadLetterReason::NulByte,
+        DeadLetterReason::NotJson,
+        DeadLetterReason::NotObject,
+        DeadLetterReason::TooDeep,
+        DeadLetterReason::NoSource,
+        DeadLetterReason::BadSourceId,
+        DeadLetterReason::NoReceivedAt,
+        DeadLetterReason::BadReceivedAt,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeadLetterReason::Tombstone => "tombstone",
+            DeadLetterReason::Empty => "empty",
+            DeadLetterReason::TooLarge => "too-large",
+            DeadLetterReason::NotUtf8 => "not-utf8",
+            DeadLetterReason::NulByte => "nul-byte",
+            DeadLetterReason::NotJson => "not-json",
+            DeadLetterReason::NotObject => "not-object",
+            DeadLetterReason::TooDeep => "too-deep",
+            DeadLetterReason::NoSource => "no-source",
+            DeadLetterReason::BadSourceId => "bad-source-id",
+            DeadLetterReason::NoReceivedAt => "no-received-at",
+            DeadLetterReason::BadReceivedAt => "bad-received-at",
+        }
+    }
+}
+
+impl fmt::Display for DeadLetterReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Which file of a batch a record belongs to.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Destination {
+    Events {
+        source: String,
+        day: String,
+    },
+    /// Dead letters are grouped by the day of their Kafka timestamp (`unknown` without one).
+    DeadLetter {
+        day: String,
+    },
+}
+
+impl Destination {
+    /// The folder of this destination under `{prefix}segment-logs/`.
+    pub fn folder(&self, topic: &str) -> String {
+        match self {
+            Destination::Events { source, day } => format!("{source}/{day}"),
+            Destination::DeadLetter { day } => format!("_dead-letter/{topic}/{day}"),
+        }
+    }
+}
+
+/// The outcome of routing one record.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Routed<'a> {
+    pub destination: Destination,
+    /// The bytes of the line to store, without the trailing newline.
+    pub line: Cow<'a, [u8]>,
+    pub dead_letter: Option<DeadLetterReason>,
+}
+
+/// The prepared routing rules; built once from the config.
+#[derive(Debug, Clone)]
+pub struct Router {
+    topic: String,
+    partition: i32,
+    rules: Vec<SourceRule>,
+    write_keys: std::collections::BTreeMap<String, String>,
+    received_at_field: String,
+    fallback_to_kafka_timestamp: bool,
+    day_format: DayFormat,
+    max_message_bytes: usize,
+    max_json_depth: usize,
+    /// Top-level JSON fields the rules read, received-at first.
+    wanted_fields: Vec<String>,
+}
+
+impl Router {
+    pub fn new(config: &RoutingConfig, topic: &str, partition: i32) -> Router {
+        let rules = config.source_rules();
+        let mut wanted_fields = vec![config.received_at_field.clone()];
+        for rule in &rules {
+            if let SourceRule::Field(name) | SourceRule::WriteKey(name) = rule {
+                if !wanted_fields.contains(name) {
+                    wanted_fields.push(name.clone());
+                }
+            }
+        }
+        Router {
+            topic: topic.to_string(),
+            partition,
+            rules,
+            write_keys: config.write_keys.clone(),
+            received_at_field: config.received_at_field.clone(),
+            fallback_to_kafka_timestamp: config.fallback_to_kafka_timestamp,
+            day_format: config.day_format,
+            max_message_bytes: config.max_message_bytes,
+            max_json_depth: config.max_json_depth,
+            wanted_fields,
+        }
+    }
+
+    /// Routes one record. Never fails: what cannot be archived as an event is a dead letter.
+    pub fn route<'a>(&self, record: &'a Record) -> Routed<'a> {
+        match self.route_event(record) {
+            Ok((destination, line)) => Routed {
+                destination,
+                line,
+                dead_letter: None,
+            },
+            Err(reason) => Routed {
+                destination: Destination::DeadLetter {
+                    day: record
+                        .timestamp_ms
+                        .and_then(DateTime::<Utc>::from_timestamp_millis)
+                        .map_or_else(
+                            || "unknown".into(),
+                            |t| self.day_format.format(t.date_naive()),
+                        ),
+                },
+                line: Cow::Owned(self.dead_letter_line(record, reason)),
+                dead_letter: Some(reason),
+            },
+        }
+    }
+
+    fn route_event<'a>(
+        &self,
+        record: &'a Record,
+    ) -> Result<(Destination, Cow<'a, [u8]>), DeadLetterReason> {
+        let payload = record
+            .payload
+            .as_deref()
+            .ok_or(DeadLetterReason::Tombstone)?;
+        if payload.is_empty() {
+            return Err(DeadLetterReason::Empty);
+        }
+        if payload.len() > self.max_message_bytes {
+            return Err(DeadLetterReason::TooLarge);
+        }
+        if std::str::from_utf8(payload).is_err() {
+            return Err(DeadLetterReason::NotUtf8);
+        }
+        if payload.contains(&0) {
+            return Err(DeadLetterReason::NulByte);
+        }
+        if nesting_depth(payload) > self.max_json_depth {
+            return Err(DeadLetterReason::TooDeep);
+        }
+        let fields = extract_fields(payload, &self.wanted_fields)?;
+
+        let source = self.source_of(record, &fields)?;
+        let day = match &fields[0] {
+            Some(FieldValue::Str(text)) => match DateTime::parse_from_rfc3339(text) {
+                Ok(time) => Ok(time.with_timezone(&Utc).date_naive()),
+                Err(_) => Err(DeadLetterReason::BadReceivedAt),
+            },
+            Some(FieldValue::Other) => Err(DeadLetterReason::BadReceivedAt),
+            None => Err(DeadLetterReason::NoReceivedAt),
+        };
+        let day = match day {
+            Ok(day) => day,
+            Err(reason) if self.fallback_to_kafka_timestamp => record
+                .timestamp_ms
+                .and_then(DateTime::<Utc>::from_timestamp_millis)
+                .map(|t| t.date_naive())
+                .ok_or(reason)?,
+            Err(reason) => return Err(reason),
+        };
+
+        // A raw line break can only be insignificant whitespace in valid JSON (inside strings it
+        // must be escaped), so dropping it puts the event on one line without changing it.
+        let line = if payload.iter().any(|&b| b == b'\n' || b == b'\r') {
+            Cow::Owned(
+                payload
+                    .iter()
+                    .copied()
+                    .filter(|&b| b != b'\n' && b != b'\r')
+                    .collect(),
+            )
+        } else {
+            Cow::Borrowed(payload)
+        };
+        Ok((
+            Destination::Events {
+                source,
+                day: self.day_format.format(day),
+            },
+            line,
+        ))
+    }
+
+    fn source_of(
+        &self,
+        record: &Record,
+        fields: &[Option<FieldValue<'_>>],
+    ) -> Result<String, DeadLetterReason> {
+        let field = |name: &str| -> Option<&FieldValue<'_>> {
+            let index = self.wanted_fields.iter().position(|f| f == name)?;
+            fields[index].as_ref()
+        };
+        for rule in &self.rules {
+            let candidate: Option<Cow<'_, str>> = match rule {
+                SourceRule::Header(name) => record
+                    .headers
+                    .iter()
+                    .find(|(key, _)| key == name)
+                    .and_then(|(_, value)| value.as_deref())
+                    .map(|bytes| {
+                        std::str::from_utf8(bytes)
+                            .map(Cow::Borrowed)
+                            .map_err(|_| DeadLetterReason::BadSourceId)
+                    })
+                    .transpose()?,
+                SourceRule::Field(name) => match field(name) {
+                    Some(FieldValue::Str(text)) => Some(Cow::Borrowed(text.as_ref())),
+                    Some(FieldValue::Other) => return Err(DeadLetterReason::BadSourceId),
+                    None => None,
+                },
+                SourceRule::WriteKey(name) => match field(name) {
+                    Some(FieldValue::Str(text)) => self
+                        .write_keys
+                        .get(text.as_ref())
+                        .map(|s| Cow::Borrowed(s.as_str())),
+                    _ => None,
+                },
+                SourceRule::Static(id) => Some(Cow::Borrowed(id.as_str())),
+            };
+            if let Some(source) = candidate {
+                if source.is_empty() {
+                    continue;
+                }
+                check_source_id(&source).map_err(|_| DeadLetterReason::BadSourceId)?;
+                return Ok(source.into_owned());
+            }
+        }
+        Err(DeadLetterReason::NoSource)
+    }
+
+    /// The dead-letter line: everything needed to inspect or replay the record by hand.
+    fn dead_letter_line(&self, record: &Record, reason: DeadLetterReason) -> Vec<u8> {
+        #[derive(Serialize)]
+        struct Header<'a> {
+            key: &'a str,
+            value_base64: Option<String>,
+        }
+        #[derive(Serialize)]
+        struct DeadLetter<'a> {
+            topic: &'a str,
+            partition: i32,
+            offset: i64,
+            timestamp_ms: Option<i64>,
+            reason: &'static str,
+            key_base64: Option<String>,
+            headers: Vec<Header<'a>>,
+            payload_base64: Option<String>,
+            payload_bytes: usize,
+        }
+        let b64 = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
+        let letter = DeadLetter {
+            topic: &self.topic,
+            partition: self.partition,
+            offset: record.offset,
+            timestamp_ms: record.timestamp_ms,
+            reason: reason.as_str(),
+            key_base64: record.key.as_deref().map(b64),
+            headers: record
+                .headers
+                .iter()
+                .map(|(key, value)| Header {
+                    key,
+                    value_base64: value.as_deref().map(b64),
+                })
+                .collect(),
+            payload_base64: record.payload.as_deref().map(b64),
+            payload_bytes: record.payload.as_ref().map_or(0, Vec::len),
+        };
+        serde_json::to_vec(&letter).expect("dead letter serializes")
+    }
+
+    /// Reason label of the received-at field, for messages naming it.
+    pub fn received_at_field(&self) -> &str {
+        &self.received_at_field
+    }
+}
+
+/// The deepest nesting of objects and arrays, counting only brackets outside strings. Runs
+/// before parsing so that no parser recursion depends on untrusted input.
+fn nesting_depth(payload: &[u8]) -> usize {
+    let (mut depth, mut deepest) = (0usize, 0usize);
+    let (mut in_string, mut escaped) = (false, false);
+    for &byte in payload {
+        if in_string {
+            match byte {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match byte {
+            b'"' => in_string = true,
+            b'{' | b'[' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    deepest
+}
+
+/// A top-level field's value as far as routing cares.
+#[derive(Debug)]
+enum FieldValue<'a> {
+    Str(Cow<'a, str>),
+    Other,
+}
+
+/// Validates `payload` as one JSON object and pulls out the wanted top-level fields, without
+/// building a tree of the rest.
+fn extract_fields<'a>(
+    payload: &'a [u8],
+    wanted: &[String],
+) -> Result<Vec<Option<FieldValue<'a>>>, DeadLetterReason> {
+    let mut deserializer = serde_json::Deserializer::from_slice(payload);
+    let result = ObjectFields { wanted }.deserialize(&mut deserializer);
+    let classify = |err: serde_json::Error| {
+        if err.to_string().starts_with("recursion limit exceeded") {
+            DeadLetterReason::TooDeep
+        } else if err.to_string().starts_with(NOT_AN_OBJECT) {
+            DeadLetterReason::NotObject
+        } else {
+            DeadLetterReason::NotJson
+        }
+    };
+    let fields = result.map_err(classify)?;
+    deserializer.end().map_err(|_| DeadLetterReason::NotJson)?;
+    Ok(fields)
+}
+
+const NOT_AN_OBJECT: &str = "not an object";
+
+struct ObjectFields<'w> {
+    wanted: &'w [String],
+}
+
+impl<'de> DeserializeSeed<'de> for ObjectFields<'_> {
+    type Value = Vec<Option<FieldValue<'de>>>;
+
+    fn deserialize<D: de::Deserializer<'de>>(
+        self,
+        deserializer: D,
+    ) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for ObjectFields<'_> {
+    type Value = Vec<Option<FieldValue<'de>>>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut found: Vec<Option<FieldValue<'de>>> = self.wanted.iter().map(|_| None).collect();
+        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+            match self.wanted.iter().position(|w| *w == key) {
+                Some(index) if found[index].is_none() => {
+                    found[index] = Some(map.next_value::<FieldValueSeed>()?.0);
+                }
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Err(de::Error::custom(NOT_AN_OBJECT))
+    }
+
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
+        Err(E::custom(NOT_AN_OBJECT))
+    }
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+        Err(E::custom(NOT_AN_OBJECT))
+    }
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+        Err(E::custom(NOT_AN_OBJECT))
+    }
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+        Err(E::custom(NOT_AN_OBJECT))
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+        Err(E::custom(NOT_AN_OBJECT))
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        Err(E::custom(NOT_AN_OBJECT))
+    }
+}
+
+/// Reads a field value: keeps strings (borrowed when unescaped), skips anything else.
+struct FieldValueSeed<'de>(FieldValue<'de>);
+
+impl<'de> Deserialize<'de> for FieldValueSeed<'de> {
+    fn deserialize<D: de::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = FieldValueSeed<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(FieldValueSeed(FieldValue::Str(Cow::Borrowed(v))))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(FieldValueSeed(FieldValue::Str(Cow::Owned(v.to_string()))))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(FieldValueSeed(FieldValue::Other))
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+                Ok(FieldValueSeed(FieldValue::Other))
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+                Ok(FieldValueSeed(FieldValue::Other))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(FieldValueSeed(FieldValue::Other))
+            }
+            fn visit_unit<E>(self) -> Result<Self::Value, E> {
+                Ok(FieldValueSeed(FieldValue::Other))
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(FieldValueSeed(FieldValue::Other))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(FieldValueSeed(FieldValue::Other))
+            }
+        }
+        deserializer.deserialize_any(V)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(payload: &[u8]) -> Record {
+        Record {
+            offset: 7,
+            timestamp_ms: Some(1_432_684_800_123),
+            key: Some(b"k".to_vec()),
+            payload: Some(payload.to_vec()),
+            headers: vec![],
+        }
+    }
+
+    fn router() -> Router {
+        Router::new(&RoutingConfig::default(), "events", 3)
+    }
+
+    #[test]
+    fn event_goes_to_its_source_and_received_day() {
+        let payload = br#"{"type":"track","projectId":"src1","receivedAt":"2015-05-27T23:59:59.999Z","properties":{"a":[1,{"b":null}]}}"#;
+        let rec = record(payload);
+        let routed = router().route(&rec);
+        assert_eq!(
+            routed.destination,
+            Destination::Events {
+                source: "src1".into(),
+                day: "1432684800000".into()
+            }
+        );
+        assert_eq!(routed.line.as_ref(), payload.as_slice());
+        assert!(
+            matches!(routed.line, Cow::Borrowed(_)),
+            "valid one-line events are not copied"
+        );
+        assert_eq!(routed.dead_letter, None);
+    }
+
+    #[test]
+    fn received_day_is_utc_whatever_the_offset() {
+        let rec = record(br#"{"projectId":"s","receivedAt":"2015-05-28T01:30:00+02:00"}"#);
+        assert_eq!(
+            router().route(&rec).destination,
+            Destination::Events {
+                source: "s".into(),
+                day: "1432684800000".into()
+            }
+        );
+    }
+
+    #[test]
+    fn day_formats() {
+        let day = NaiveDate::from_ymd_opt(2015, 5, 27).unwrap();
+        assert_eq!(DayFormat::EpochMs.format(day), "1432684800000");
+        assert_eq!(DayFormat::Date.format(day), "2015-05-27");
+        assert_eq!(DayFormat::Hive.format(day), "day=2015-05-27");
+    }
+
+    #[test]
+    fn header_wins_over_field_and_static_is_last_resort() {
+        let mut rec = record(br#"{"projectId":"from-field","receivedAt":"2015-05-27T00:00:00Z"}"#);
+        rec.headers = vec![("source-id".into(), Some(b"from-header".to_vec()))];
+        let Destination::Events { source, .. } = router().route(&rec).destination else {
+            panic!("not an event")
+        };
+        assert_eq!(source, "from-header");
+
+        let config = RoutingConfig {
+            source: vec![
+                "write-key:writeKey".into(),
+                "field:projectId".into(),
+                "static:fallback".into(),
+            ],
+            write_keys: [("wk1".to_string(), "mapped".to_string())].into(),
+            ..RoutingConfig::default()
+        };
+        let router = Router::new(&config, "events", 0);
+        let source_of = |payload: &[u8]| match router.route(&record(payload)).destination {
+            Destination::Events { source, .. } => source,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            source_of(br#"{"writeKey":"wk1","projectId":"p","receivedAt":"2015-05-27T00:00:00Z"}"#),
+            "mapped"
+        );
+        assert_eq!(
+            source_of(
+                br#"{"writeKey":"other","projectId":"p","receivedAt":"2015-05-27T00:00:00Z"}"#
+            ),
+            "p"
+        );
+        assert_eq!(
+            source_of(br#"{"receivedAt":"2015-05-27T00:00:00Z"}"#),
+            "fallback"
+        );
+    }
+
+    #[test]
+    fn multi_line_json_is_put_on_one_line() {
+        let rec = record(b"{\n  \"projectId\": \"s\",\r\n  \"text\": \"a\\nb\",\n  \"receivedAt\": \"2015-05-27T00:00:00Z\"\n}\n");
+        let routed = router().route(&rec);
+        assert_eq!(routed.dead_letter, None);
+        assert_eq!(
+            routed.line.as_ref(),
+            b"{  \"projectId\": \"s\",  \"text\": \"a\\nb\",  \"receivedAt\": \"2015-05-27T00:00:00Z\"}"
+        );
+    }
+
+    #[test]
+    fn bad_records_get_their_reason() {
+        let cases: Vec<(Option<&[u8]>, DeadLetterReason)> = vec![
+            (None, DeadLetterReason::Tombstone),
+            (Some(b""), DeadLetterReason::Empty),
+            (Some(b"not json"), DeadLetterReason::NotJson),
+            (Some(br#"{"projectId":"s","#), DeadLetterReason::NotJson),
+            (
+                Some(br#"{"projectId":"s"} trailing"#),
+                DeadLetterReason::NotJson,
+            ),
+            (Some(b"[1,2]"), DeadLetterReason::NotObject),
+            (Some(b"\"str\""), DeadLetterReason::NotObject),
+            (Some(b"42"), DeadLetterReason::NotObject),
+            (Some(b"null"), DeadLetterReason::NotObject),
+            (Some(b"{\"a\":\"\xff\"}"), DeadLetterReason::NotUtf8),
+            (Some(b"{\"a\":\"\0\"}"), DeadLetterReason::NulByte),
+            (
+                Some(br#"{"receivedAt":"2015-05-27T00:00:00Z"}"#),
+                DeadLetterReason::NoSource,
+            ),
+            (
+                Some(br#"{"projectId":"../etc","receivedAt":"2015-05-27T00:00:00Z"}"#),
+                DeadLetterReason::BadSourceId,
+            ),
+            (
+                Some(br#"{"projectId":"_manifests","receivedAt":"2015-05-27T00:00:00Z"}"#),
+                DeadLetterReason::BadSourceId,
+            ),
+            (
+                Some(br#"{"projectId":7,"receivedAt":"2015-05-27T00:00:00Z"}"#),
+                DeadLetterReason::BadSourceId,
+            ),
+            (
+                Some(br#"{"projectId":"s"}"#),
+                DeadLetterReason::NoReceivedAt,
+            ),
+            (
+                Some(br#"{"projectId":"s","receivedAt":12}"#),
+                DeadLetterReason::BadReceivedAt,
+            ),
+            (
+                Some(br#"{"projectId":"s","receivedAt":"yesterday"}"#),
+                DeadLetterReason::BadReceivedAt,
+            ),
+        ];
+        let mut deep = vec![b'['; 200];
+        deep.extend(vec![b']'; 200]);
+        let deep = format!(
+            r#"{{"projectId":"s","x":{}}}"#,
+            String::from_utf8(deep).unwrap()
+        );
+        let mut cases = cases;
+        cases.push((Some(deep.as_bytes()), DeadLetterReason::TooDeep));
+        let big = vec![b' '; (1 << 20) + 1];
+        cases.push((Some(&big), DeadLetterReason::TooLarge));
+
+        for (payload, reason) in cases {
+            let rec = Record {
+                payload: payload.map(<[u8]>::to_vec),
+                ..record(b"")
+            };
+            let routed = router().route(&rec);
+            assert_eq!(routed.dead_letter, Some(reason), "payload {payload:?}");
+            assert_eq!(
+                routed.destination,
+                Destination::DeadLetter {
+                    day: "1432684800000".into()
+                }
+            );
+            let letter: serde_json::Value = serde_json::from_slice(&routed.line).unwrap();
+            assert_eq!(letter["reason"], reason.as_str());
+            assert_eq!(letter["offset"], 7);
+            assert_eq!(letter["partition"], 3);
+            let original = letter["payload_base64"]
+                .as_str()
+                .map(|s| base64::engine::general_purpose::STANDARD.decode(s).unwrap());
+            assert_eq!(original.as_deref(), payload);
+        }
+    }
+
+    #[test]
+    fn nesting_depth_ignores_brackets_inside_strings() {
+        assert_eq!(nesting_depth(br#"{"a":"[[[{{{","b":[{"c":"\"]"}]}"#), 3);
+        assert_eq!(nesting_depth(b"42"), 0);
+    }
+
+    #[test]
+    fn kafka_timestamp_fallback_only_when_configured() {
+        let rec = record(br#"{"projectId":"s"}"#);
+        let config = RoutingConfig {
+            fallback_to_kafka_timestamp: true,
+            day_format: DayFormat::Date,
+            ..RoutingConfig::default()
+        };
+        assert_eq!(
+            Router::new(&config, "t", 0).route(&rec).destination,
+            Destination::Events {
+                source: "s".into(),
+                day: "2015-05-27".into()
+            }
+        );
+    }
+
+    #[test]
+    fn source_ids_that_would_escape_the_layout_are_refused() {
+        for bad in [
+            "",
+            ".",
+            "..",
+            "a/b",
+            "_x",
+            ".hidden",
+            "a b",
+            "é",
+            &"x".repeat(129),
+        ] {
+            assert!(check_source_id(bad).is_err(), "{bad:?}");
+        }
+        for good in ["a", "src-1", "A.b_c-9", &"x".repeat(128)] {
+            assert!(check_source_id(good).is_ok(), "{good:?}");
+        }
+    }
+}

@@ -1,0 +1,449 @@
+//! The S3 client and request building: one object from a local file (single PUT, or multipart
+//! above a threshold, streaming from disk), with checksum, metadata and the operator's object
+//! options. One attempt per call; the retry policy lives in the uploader.
+
+use std::path::Path;
+use std::time::Duration;
+
+use aws_sdk_s3::config::retry::RetryConfig;
+use aws_sdk_s3::config::timeout::TimeoutConfig;
+use aws_sdk_s3::config::{BehaviorVersion, Region, RequestChecksumCalculation};
+use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::primitives::{ByteStream, Length};
+use aws_sdk_s3::types::{
+    ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart, ObjectCannedAcl,
+    ServerSideEncryption, StorageClass,
+};
+use aws_sdk_s3::Client;
+use base64::Engine as _;
+
+use crate::config::{ChecksumMode, ContentLabel, S3Config};
+use crate::upload::retry::ErrorClass;
+
+/// One failed S3 request, classified for the retry policy.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{operation} s3://{bucket}/{key} failed ({}): {message}", class.as_str())]
+pub struct S3Error {
+    pub operation: &'static str,
+    pub bucket: String,
+    pub key: String,
+    pub class: ErrorClass,
+    /// The S3 error code when the service answered (`AccessDenied`, `NoSuchBucket`, ...).
+    pub code: Option<String>,
+    pub message: String,
+}
+
+/// `x-amz-meta-*` fields every object carries, so an object explains itself without the
+/// manifest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectMetadata {
+    pub topic: String,
+    pub partition: i32,
+    pub batch_start: i64,
+    pub batch_end: i64,
+    pub first_offset: i64,
+    pub record_count: u64,
+}
+
+/// Version of the object layout and metadata, bumped on incompatible changes.
+pub const FORMAT_VERSION: &str = "1";
+
+impl ObjectMetadata {
+    fn pairs(&self) -> [(&'static str, String); 7] {
+        [
+            ("topic", self.topic.clone()),
+            ("partition", self.partition.to_string()),
+            ("batch-start", self.batch_start.to_string()),
+            ("batch-end", self.batch_end.to_string()),
+            ("first-offset", self.first_offset.to_string()),
+            ("record-count", self.record_count.to_string()),
+            ("format-version", FORMAT_VERSION.to_string()),
+        ]
+    }
+}
+
+/// The bucket the archive writes to.
+#[derive(Clone)]
+pub struct S3Store {
+    client: Client,
+    config: S3Config,
+}
+
+impl S3Store {
+    /// Builds the client from the SDK's default credential chain (environment, profile, IRSA web
+    /// identity, instance metadata), optionally assuming a role on top of it.
+    pub async fn connect(config: &S3Config) -> S3Store {
+        let sdk = aws_config::defaults(BehaviorVersion::latest())
+            .region(Region::new(config.region.clone()))
+            .load()
+            .await;
+        let mut builder = aws_sdk_s3::config::Builder::from(&sdk)
+            .force_path_style(config.force_path_style)
+            // Our own retry loop owns backoff, metrics and the never-give-up rule.
+            .retry_config(RetryConfig::disabled())
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .connect_timeout(Duration::from_secs(10))
+                    .operation_attempt_timeout(Duration::from_secs(config.request_timeout_secs))
+                    .build(),
+            );
+        if !config.endpoint_url.is_empty() {
+            builder = builder.endpoint_url(&config.endpoint_url);
+        }
+        if config.checksum == ChecksumMode::ContentMd5 {
+            // Stores that reject aws-chunked trailers get no SDK checksum at all, only MD5.
+            builder =
+                builder.request_checksum_calculation(RequestChecksumCalculation::WhenRequired);
+        }
+        if !config.assume_role_arn.is_empty() {
+            let mut role = aws_config::sts::AssumeRoleProvider::builder(&config.assume_role_arn)
+                .session_name("kafka-s3-archiver")
+                .region(Region::new(config.region.clone()));
+            if !config.assume_role_external_id.is_empty() {
+                role = role.external_id(&config.assume_role_external_id);
+            }
+            let provider = role.configure(&sdk).build().await;
+            builder = builder.credentials_provider(provider);
+        }
+        S3Store {
+            client: Client::from_conf(builder.build()),
+            config: config.clone(),
+        }
+    }
+
+    pub fn bucket(&self) -> &str {
+        &self.config.bucket
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// Puts the local file `path` (`len` bytes) at `key`.
+    pub async fn put_file(
+        &self,
+        key: &str,
+        path: &Path,
+        len: u64,
+        metadata: &ObjectMetadata,
+    ) -> Result<(), S3Error> {
+        if len >= self.config.multipart_threshold_bytes {
+            return self.put_multipart(key, path, len, metadata).await;
+        }
+        let body = self.body(key, path, 0, len).await?;
+        let mut request = self
+            .client
+            .put_object()
+            .bucket(&self.config.bucket)
+            .key(key)
+            .content_length(len as i64)
+            .body(body);
+        for (name, value) in metadata.pairs() {
+            request = request.metadata(name, value);
+        }
+        request = match self.config.content_label {
+            ContentLabel::Segment => request.content_type("text/plain").content_encoding("gzip"),
+            ContentLabel::Gzip => request.content_type("application/gzip"),
+        };
+        request = match self.config.checksum {
+            ChecksumMode::Crc32c => request.checksum_algorithm(ChecksumAlgorithm::Crc32C),
+            ChecksumMode::ContentMd5 => request.content_md5(self.md5(key, path, 0, len).await?),
+        };
+        if !self.config.storage_class.is_empty() {
+            request = request.storage_class(StorageClass::from(self.config.storage_class.as_str()));
+        }
+        if !self.config.server_side_encryption.is_empty() {
+            request = request.server_side_encryption(ServerSideEncryption::from(
+                self.config.server_side_encryption.as_str(),
+            ));
+        }
+        if !self.config.sse_kms_key_id.is_empty() {
+            request = request.ssekms_key_id(&self.config.sse_kms_key_id);
+        }
+        if !self.config.acl.is_empty() {
+            request = request.acl(ObjectCannedAcl::from(self.config.acl.as_str()));
+        }
+        request
+            .send()
+            .await
+            .map_err(|err| self.error("PutObject", key, err))?;
+        Ok(())
+    }
+
+    /// Puts small in-memory bytes (manifests, probes) at `key`.
+    pub async fn put_bytes(
+        &self,
+        key: &str,
+        bytes: Vec<u8>,
+        content_type: &str,
+    ) -> Result<(), S3Error> {
+        let mut request = self
+            .client
+            .put_object()
+            .bucket(&self.config.bucket)
+            .key(key)
+            .content_type(content_type);
+        request = match self.config.checksum {
+            ChecksumMode::Crc32c => request.checksum_algorithm(ChecksumAlgorithm::Crc32C),
+            ChecksumMode::ContentMd5 => request.content_md5(md5_base64(&bytes)),
+        };
+        if !self.config.server_side_encryption.is_empty() {
+            request = request.server_side_encryption(ServerSideEncryption::from(
+                self.config.server_side_encryption.as_str(),
+            ));
+        }
+        if !self.config.sse_kms_key_id.is_empty() {
+            request = request.ssekms_key_id(&self.config.sse_kms_key_id);
+        }
+        if !self.config.acl.is_empty() {
+            request = request.acl(ObjectCannedAcl::from(self.config.acl.as_str()));
+        }
+        request
+            .body(ByteStream::from(bytes))
+            .send()
+            .await
+            .map_err(|err| self.error("PutObject", key, err))?;
+        Ok(())
+    }
+
+    async fn put_multipart(
+        &self,
+        key: &str,
+        path: &Path,
+        len: u64,
+        metadata: &ObjectMetadata,
+    ) -> Result<(), S3Error> {
+        let mut create = self
+            .client
+            .create_multipart_upload()
+            .bucket(&self.config.bucket)
+            .key(key);
+        for (name, value) in metadata.pairs() {
+            create = create.metadata(name, value);
+        }
+        create = match self.config.content_label {
+            ContentLabel::Segment => create.content_type("text/plain").content_encoding("gzip"),
+            ContentLabel::Gzip => create.content_type("application/gzip"),
+        };
+        if self.config.checksum == ChecksumMode::Crc32c {
+            create = create.checksum_algorithm(ChecksumAlgorithm::Crc32C);
+        }
+        if !self.config.storage_class.is_empty() {
+            create = create.storage_class(StorageClass::from(self.config.storage_class.as_str()));
+        }
+        if !self.config.server_side_encryption.is_empty() {
+            create = create.server_side_encryption(ServerSideEncryption::from(
+                self.config.server_side_encryption.as_str(),
+            ));
+        }
+        if !self.config.sse_kms_key_id.is_empty() {
+            create = create.ssekms_key_id(&self.config.sse_kms_key_id);
+        }
+        if !self.config.acl.is_empty() {
+            create = create.acl(ObjectCannedAcl::from(self.config.acl.as_str()));
+        }
+        let upload = create
+            .send()
+            .await
+            .map_err(|err| self.error("CreateMultipartUpload", key, err))?;
+        let upload_id = upload.upload_id().unwrap_or_default().to_string();
+
+        let result = self.upload_parts(key, path, len, &upload_id).await;
+        let parts = match result {
+            Ok(parts) => parts,
+            Err(err) => {
+                // Best effort: an aborted upload leaves no billable parts behind. A lifecycle
+                // rule on incomplete uploads covers the case where this fails too.
+                let _ = self
+                    .client
+                    .abort_multipart_upload()
+                    .bucket(&self.config.bucket)
+                    .key(key)
+                    .upload_id(&upload_id)
+                    .send()
+                    .await;
+                return Err(err);
+            }
+        };
+        self.client
+            .complete_multipart_upload()
+            .bucket(&self.config.bucket)
+            .key(key)
+            .upload_id(&upload_id)
+            .multipart_upload(
+                CompletedMultipartUpload::builder()
+                    .set_parts(Some(parts))
+                    .build(),
+            )
+            .send()
+            .await
+            .map_err(|err| self.error("CompleteMultipartUpload", key, err))?;
+        Ok(())
+    }
+
+    async fn upload_parts(
+        &self,
+        key: &str,
+        path: &Path,
+        len: u64,
+        upload_id: &str,
+    ) -> Result<Vec<CompletedPart>, S3Error> {
+        let part_size = self.config.multipart_part_bytes;
+        let mut parts = Vec::new();
+        let mut offset = 0;
+        let mut number = 1;
+        while offset < len {
+            let size = part_size.min(len - offset);
+            let body = self.body(key, path, offset, size).await?;
+            let mut request = self
+                .client
+                .upload_part()
+                .bucket(&self.config.bucket)
+                .key(key)
+                .upload_id(upload_id)
+                .part_number(number)
+                .content_length(size as i64)
+                .body(body);
+            request = match self.config.checksum {
+                ChecksumMode::Crc32c => request.checksum_algorithm(ChecksumAlgorithm::Crc32C),
+                ChecksumMode::ContentMd5 => {
+                    request.content_md5(self.md5(key, path, offset, size).await?)
+                }
+            };
+            let output = request
+                .send()
+                .await
+                .map_err(|err| self.error("UploadPart", key, err))?;
+            parts.push(
+                CompletedPart::builder()
+                    .part_number(number)
+                    .set_e_tag(output.e_tag().map(str::to_string))
+                    .set_checksum_crc32_c(output.checksum_crc32_c().map(str::to_string))
+                    .build(),
+            );
+            offset += size;
+            number += 1;
+        }
+        Ok(parts)
+    }
+
+    async fn body(
+        &self,
+        key: &str,
+        path: &Path,
+        offset: u64,
+        len: u64,
+    ) -> Result<ByteStream, S3Error> {
+        ByteStream::read_from()
+            .path(path)
+            .offset(offset)
+            .length(Length::Exact(len))
+            .build()
+            .await
+            .map_err(|err| S3Error {
+                operation: "ReadLocalFile",
+                bucket: self.config.bucket.clone(),
+                key: key.to_string(),
+                class: ErrorClass::Permanent,
+                code: None,
+                message: format!("{}: {err}", path.display()),
+            })
+    }
+
+    /// MD5 of a file range, computed on a blocking thread.
+    async fn md5(&self, key: &str, path: &Path, offset: u64, len: u64) -> Result<String, S3Error> {
+        let owned = path.to_path_buf();
+        let digest = tokio::task::spawn_blocking(move || -> std::io::Result<String> {
+            use md5::Digest as _;
+            use std::io::{Read, Seek, SeekFrom};
+            let mut file = std::fs::File::open(&owned)?;
+            file.seek(SeekFrom::Start(offset))?;
+            let mut hasher = md5::Md5::new();
+            let mut remaining = len;
+            let mut buf = vec![0u8; 1 << 16];
+            while remaining > 0 {
+                let want = buf.len().min(remaining as usize);
+                let n = file.read(&mut buf[..want])?;
+                if n == 0 {
+                    return Err(std::io::ErrorKind::UnexpectedEof.into());
+                }
+                hasher.update(&buf[..n]);
+                remaining -= n as u64;
+            }
+            Ok(base64::engine::general_purpose::STANDARD.encode(hasher.finalize()))
+        })
+        .await
+        .map_err(std::io::Error::other)
+        .and_then(|r| r);
+        digest.map_err(|err| S3Error {
+            operation: "ReadLocalFile",
+            bucket: self.config.bucket.clone(),
+            key: key.to_string(),
+            class: ErrorClass::Permanent,
+            code: None,
+            message: format!("{}: {err}", path.display()),
+        })
+    }
+
+    fn error<E>(&self, operation: &'static str, key: &str, err: SdkError<E>) -> S3Error
+    where
+        E: ProvideErrorMetadata + std::error::Error + 'static,
+    {
+        let (class, code) = classify(&err);
+        S3Error {
+            operation,
+            bucket: self.config.bucket.clone(),
+            key: key.to_string(),
+            class,
+            code,
+            message: DisplayErrorContext(&err).to_string(),
+        }
+    }
+}
+
+fn md5_base64(bytes: &[u8]) -> String {
+    use md5::Digest as _;
+    base64::engine::general_purpose::STANDARD.encode(md5::Md5::digest(bytes))
+}
+
+/// Throttling, server errors, timeouts and broken connections are worth retrying soon;
+/// anything the service refused for a reason (denied, missing bucket, bad request) is not.
+pub fn classify<E>(err: &SdkError<E>) -> (ErrorClass, Option<String>)
+where
+    E: ProvideErrorMetadata,
+{
+    match err {
+        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
+            (ErrorClass::Transient, None)
+        }
+        SdkError::ServiceError(service) => {
+            let code = service.err().code().map(str::to_string);
+            let status = service.raw().status().as_u16();
+            let transient = status >= 500
+                || status == 429
+                || matches!(
+                    code.as_deref(),
+                    Some(
+                        "SlowDown"
+                            | "RequestTimeout"
+                            | "RequestTimeTooSkewed"
+                            | "InternalError"
+                            | "ServiceUnavailable"
+                            | "Throttling"
+                            | "ThrottlingException"
+                            | "RequestLimitExceeded"
+                            | "OperationAborted"
+                    )
+                );
+            (
+                if transient {
+                    ErrorClass::Transient
+                } else {
+                    ErrorClass::Permanent
+                },
+                code,
+            )
+        }
+        _ => (ErrorClass::Permanent, None),
+    }
+}
