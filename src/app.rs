@@ -75,7 +75,7 @@ pub async fn run(
             .spawn(move || {
                 let result =
                     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| worker.run(rx)))
-                        .unwrap_or_else(|_| Err(BufferError::Panicked));
+                        .unwrap_or(Err(BufferError::Panicked));
                 if let Err(err) = &result {
                     fatal.raise(err.to_string());
                 }
@@ -166,6 +166,10 @@ pub async fn run(
     for result in worker_results {
         result.map_err(AppError::Worker)?;
     }
-    tracing::info!("stopped");
+    tracing::info!(
+        records_consumed = metrics.records_consumed.get(),
+        records_written = metrics.records_written.get(),
+        "archiver stopped"
+    );
     Ok(())
 }

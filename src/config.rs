@@ -263,6 +263,8 @@ pub struct ConfigError {
 }
 
 const ENV_PREFIX: &str = "ARCHIVER_";
+/// Top-level tables of the config file, which `ARCHIVER_{SECTION}_{KEY}` variables address.
+const SECTIONS: &[&str] = &["kafka", "s3", "routing", "buffer", "schedule", "shutdown"];
 
 impl Config {
     /// Reads `path` (if given), applies environment overrides and `--set` overrides, validates.
@@ -294,10 +296,14 @@ impl Config {
             let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
                 continue;
             };
+            // Only variables naming a section are ours: Kubernetes injects `{SERVICE}_PORT` and
+            // the like for every Service, and a Service named "archiver" must not break start-up.
             let Some((section, key)) = rest.split_once('_') else {
-                problems.push(format!("{name}: expected {ENV_PREFIX}SECTION_KEY"));
                 continue;
             };
+            if !SECTIONS.contains(&section.to_ascii_lowercase().as_str()) {
+                continue;
+            }
             set_path(
                 &mut root,
                 &[&section.to_ascii_lowercase(), &key.to_ascii_lowercase()],
@@ -607,6 +613,17 @@ mod tests {
     }
 
     #[test]
+    fn the_example_file_documents_exactly_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("archiver.example.toml");
+        let example = Config::load(Some(&path), Vec::new(), &[]).unwrap();
+        let defaults = Config::load(None, Vec::new(), &[]).unwrap();
+        assert_eq!(
+            toml::to_string(&example).unwrap(),
+            toml::to_string(&defaults).unwrap()
+        );
+    }
+
+    #[test]
     fn env_and_flags_override_the_file_in_that_order() {
         let config = load_str(
             "[kafka]\ntopic = \"from-file\"\n[s3]\nbucket = \"from-file\"\n",
@@ -616,6 +633,8 @@ mod tests {
                 ("ARCHIVER_SCHEDULE_INTERVAL_SECS", "5"),
                 ("ARCHIVER_SCHEDULE_OFFSET_SECS", "0"),
                 ("UNRELATED", "x"),
+                ("ARCHIVER_SERVICE_HOST", "10.0.0.1"),
+                ("ARCHIVER_PORT", "tcp://10.0.0.1:9090"),
             ],
             &["s3.bucket=from-flag", "s3.force_path_style=true"],
         )
@@ -625,6 +644,17 @@ mod tests {
         assert!(config.s3.force_path_style);
         assert_eq!(config.schedule.interval_secs, 5);
         assert_eq!(config.schedule.offset_secs, 0);
+    }
+
+    #[test]
+    fn a_mistyped_key_of_a_known_section_is_an_error() {
+        let err = Config::load(
+            None,
+            [("ARCHIVER_KAFKA_TOPICS".to_string(), "x".to_string())],
+            &[],
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("kafka.topics"), "{err}");
     }
 
     #[test]

@@ -314,14 +314,14 @@ impl Worker {
 
     fn append(&mut self, partition: i32, records: &[Record]) -> Result<(), BufferError> {
         let io = |source| BufferError::Io { partition, source };
-        let Some((_, buffer)) = self.partitions.get_mut(&partition) else {
+        if !self.partitions.contains_key(&partition) {
             // Revoked while these were in the channel: the new owner reads them again.
             return Ok(());
-        };
-        let mut written_bytes = 0;
-        let mut written = 0;
+        }
+        let (mut written, mut written_bytes) = (0, 0);
         for record in records {
             self.tick += 1;
+            let (_, buffer) = self.partitions.get_mut(&partition).expect("checked above");
             match buffer.append(record, self.tick).map_err(io)? {
                 Some(appended) => {
                     written += 1;
@@ -338,14 +338,18 @@ impl Worker {
                 }
                 None => self.metrics.records_skipped_redelivered.inc(),
             }
+            // The cap is checked after every record, so a batch ends at the same record
+            // however the poll loop happened to group them.
+            if buffer.batch_full() {
+                self.seal(partition, SealTrigger::BatchSize)?;
+            } else if self.hot_files > self.max_hot_files {
+                self.enforce_compressor_cap()?;
+            }
         }
         self.metrics.records_written.inc_by(written);
         self.metrics.bytes_written.inc_by(written_bytes);
-        self.enforce_compressor_cap()?;
-        let (_, buffer) = self.partitions.get(&partition).expect("present above");
-        if buffer.batch_full() {
-            self.seal(partition, SealTrigger::BatchSize)?;
-        } else if self.disk.get() >= self.config.buffer.max_disk_bytes / 2
+        let (_, buffer) = self.partitions.get(&partition).expect("checked above");
+        if self.disk.get() >= self.config.buffer.max_disk_bytes / 2
             && buffer.open_bytes() >= (1 << 20)
         {
             // Past half the disk budget: ship what this partition holds so uploads free space

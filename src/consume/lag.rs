@@ -133,14 +133,11 @@ fn read_end_offsets(
     let idle = Duration::from_millis(1500);
     let mut last_message = std::time::Instant::now();
     while last_message.elapsed() < idle {
-        match consumer.poll(Duration::from_millis(100)) {
-            Some(Ok(message)) => {
-                last_message = std::time::Instant::now();
-                if let Some(index) = partitions.iter().position(|&p| p == message.partition()) {
-                    ends[index] = ends[index].max(message.offset() + 1);
-                }
+        if let Some(Ok(message)) = consumer.poll(Duration::from_millis(100)) {
+            last_message = std::time::Instant::now();
+            if let Some(index) = partitions.iter().position(|&p| p == message.partition()) {
+                ends[index] = ends[index].max(message.offset() + 1);
             }
-            Some(Err(_)) | None => {}
         }
     }
     let _ = consumer.unassign();

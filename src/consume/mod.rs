@@ -74,6 +74,29 @@ impl Fatal {
     }
 }
 
+/// Lets the same message through once per interval: a broker that is down makes librdkafka
+/// report the same error every few milliseconds.
+#[derive(Debug, Default)]
+struct LogThrottle {
+    last: std::sync::Mutex<HashMap<String, Instant>>,
+}
+
+impl LogThrottle {
+    const INTERVAL: Duration = Duration::from_secs(10);
+
+    fn allow(&self, message: &str) -> bool {
+        let mut last = self.last.lock().expect("throttle lock");
+        let now = Instant::now();
+        match last.get(message) {
+            Some(at) if now.duration_since(*at) < Self::INTERVAL => false,
+            _ => {
+                last.insert(message.to_string(), now);
+                true
+            }
+        }
+    }
+}
+
 /// State the rebalance callbacks need; lives inside the consumer.
 pub struct ArchiverContext {
     topic: String,
@@ -83,6 +106,7 @@ pub struct ArchiverContext {
     fatal: Arc<Fatal>,
     /// Set once the workers stopped: revocations during close keep local files for a restart.
     shutting_down: AtomicBool,
+    throttle: LogThrottle,
 }
 
 impl ArchiverContext {
@@ -100,6 +124,7 @@ impl ArchiverContext {
             metrics,
             fatal,
             shutting_down: AtomicBool::new(false),
+            throttle: LogThrottle::default(),
         }
     }
 
@@ -238,7 +263,9 @@ impl ClientContext for ArchiverContext {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
-        tracing::warn!(target: "librdkafka", error = %error, reason, "kafka client error");
+        if self.throttle.allow(&error.to_string()) {
+            tracing::warn!(target: "librdkafka", error = %error, reason, "kafka client error (repeats within 10s not logged)");
+        }
     }
 }
 
@@ -456,7 +483,9 @@ impl PollLoop {
                         });
                 }
                 Err(err) => {
-                    tracing::warn!(error = %err, "kafka poll error");
+                    if self.consumer.context().throttle.allow(&err.to_string()) {
+                        tracing::warn!(error = %err, "kafka poll error (repeats within 10s not logged)");
+                    }
                     break;
                 }
             }

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# README command 2: installs and locates the servers the tests need (tansu, moto, awscli), then
+# runs the whole suite: unit tests beside the code, end-to-end tests under tests/ that start
+# their own servers on free ports.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/lib/rig.sh
+
+ensure_tools
+log "running the test suite"
+cargo test --all-targets "$@"

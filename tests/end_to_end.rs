@@ -1,0 +1,257 @@
+//! End to end against real servers: tansu (Kafka protocol) and moto (S3 API) as separate
+//! processes, the archiver as a process, the bucket read back with awscli.
+
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use support::*;
+
+/// UTC midnight of a day, in Segment's `epoch-ms` folder format.
+fn epoch_ms_folder(day: &str) -> String {
+    let date = chrono::NaiveDate::parse_from_str(day, "%Y-%m-%d").unwrap();
+    (date.and_hms_opt(0, 0, 0).unwrap().and_utc().timestamp() * 1000).to_string()
+}
+
+#[test]
+fn archives_every_event_exactly_once_in_the_segment_layout() {
+    let rig = Rig::start(4);
+    let data = rig.dir.path().join("data");
+    let mut archiver = rig.archiver(
+        "archiver",
+        &data,
+        &[
+            ("ARCHIVER_SCHEDULE_INTERVAL_SECS", "3"),
+            ("ARCHIVER_SCHEDULE_OFFSET_SECS", "0"),
+        ],
+    );
+    // Two waves, so every partition is cut into at least two scheduled batches.
+    rig.produce(12_000, 5, 3, 1);
+    let first_wave = rig.read_topic(4);
+    rig.wait_committed(
+        &end_offsets(&first_wave),
+        Duration::from_secs(120),
+        &mut [&mut archiver],
+    );
+    rig.produce(8_000, 5, 3, 2);
+    let records = rig.read_topic(4);
+    let ends = end_offsets(&records);
+    assert_eq!(ends.values().sum::<i64>(), 20_000);
+    assert_eq!(ends.len(), 4);
+    rig.wait_committed(&ends, Duration::from_secs(120), &mut [&mut archiver]);
+    let status = archiver.terminate(Duration::from_secs(40));
+    assert!(
+        status.success(),
+        "SIGTERM should exit 0, got {status}:\n{}",
+        archiver.log_text()
+    );
+
+    let out = rig.dir.path().join("bucket");
+    rig.s3.download(&out);
+    let objects = archived_objects(&out, &rig.topic);
+    assert_exactly_once(&objects, &records, None);
+
+    let sources: BTreeSet<&str> = objects.iter().map(|o| o.source.as_str()).collect();
+    let days: BTreeSet<&str> = objects.iter().map(|o| o.day.as_str()).collect();
+    let partitions: BTreeSet<i32> = objects.iter().map(|o| o.partition).collect();
+    assert_eq!(sources.len(), 5, "{sources:?}");
+    assert_eq!(days.len(), 3, "{days:?}");
+    let expected_days: BTreeSet<String> = ["2026-11-20", "2026-11-21", "2026-11-22"]
+        .into_iter()
+        .map(epoch_ms_folder)
+        .collect();
+    assert_eq!(days, expected_days.iter().map(String::as_str).collect());
+    assert_eq!(partitions.len(), 4);
+
+    // Batches were cut by the schedule: at least two per partition.
+    let log = archiver.log_text();
+    let sealed = log_events(&log, "batch sealed");
+    for partition in 0..4 {
+        let batches = sealed
+            .iter()
+            .filter(|e| e["partition"] == partition.to_string() && e["trigger"] == "schedule")
+            .count();
+        assert!(
+            batches >= 2,
+            "partition {partition}: {batches} scheduled batches\n{log}"
+        );
+    }
+
+    // Object metadata and headers, on one object of each partition.
+    for partition in 0..4 {
+        let object = objects.iter().find(|o| o.partition == partition).unwrap();
+        let head = rig.s3.head(&object.key);
+        let meta = &head["Metadata"];
+        assert_eq!(meta["topic"], rig.topic.as_str());
+        assert_eq!(meta["partition"], partition.to_string().as_str());
+        assert_eq!(
+            meta["first-offset"],
+            object.first_offset.to_string().as_str()
+        );
+        assert_eq!(
+            meta["record-count"],
+            object.lines.len().to_string().as_str()
+        );
+        assert_eq!(meta["format-version"], "1");
+        let start: i64 = meta["batch-start"].as_str().unwrap().parse().unwrap();
+        let end: i64 = meta["batch-end"].as_str().unwrap().parse().unwrap();
+        assert!(
+            start <= object.first_offset && object.first_offset <= end,
+            "{head}"
+        );
+        assert_eq!(head["ContentEncoding"], "gzip");
+        assert_eq!(head["ContentType"], "text/plain");
+    }
+}
+
+#[test]
+fn the_size_caps_cut_files_and_seal_batches_early() {
+    let rig = Rig::start(1);
+    rig.produce(6_000, 3, 1, 3);
+    let records = rig.read_topic(1);
+    let end = end_offsets(&records)[&0];
+    let data = rig.dir.path().join("data");
+    // The schedule fires once a day: only the size caps can cut here.
+    let mut archiver = rig.archiver(
+        "archiver",
+        &data,
+        &[
+            ("ARCHIVER_SCHEDULE_INTERVAL_SECS", "86400"),
+            ("ARCHIVER_SCHEDULE_OFFSET_SECS", "0"),
+            ("ARCHIVER_BUFFER_MAX_FILE_BYTES", "100000"),
+            ("ARCHIVER_BUFFER_MAX_BATCH_BYTES", "1048576"),
+        ],
+    );
+    // Every full 1 MiB batch gets committed; the remainder stays buffered.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let committed = loop {
+        let committed = rig.committed(1)[&0].unwrap_or(0);
+        if committed >= end - 1300 {
+            break committed;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "committed only {committed} of {end}:\n{}",
+            archiver.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let status = archiver.terminate(Duration::from_secs(40));
+    assert!(status.success(), "{}", archiver.log_text());
+
+    let log = archiver.log_text();
+    let sealed = log_events(&log, "batch sealed");
+    assert!(sealed.len() >= 4, "{log}");
+    assert!(sealed.iter().all(|e| e["trigger"] == "batch-size"), "{log}");
+
+    let out = rig.dir.path().join("bucket");
+    rig.s3.download(&out);
+    let objects = archived_objects(&out, &rig.topic);
+    assert_exactly_once(&objects, &records, Some(&BTreeMap::from([(0, committed)])));
+    let longest_line = records[&0].values().map(Vec::len).max().unwrap() + 1;
+    let mut cut = 0;
+    for object in &objects {
+        assert!(
+            object.uncompressed_len < 100_000 + longest_line,
+            "{}: {} bytes",
+            object.key,
+            object.uncompressed_len
+        );
+        if object.uncompressed_len >= 100_000 {
+            cut += 1;
+        }
+    }
+    assert!(cut >= 10, "only {cut} files reached the file cap");
+}
+
+#[test]
+fn a_killed_archiver_resumes_from_its_local_checkpoint() {
+    let rig = Rig::start(2);
+    let data = rig.dir.path().join("data");
+    let no_uploads = [
+        ("ARCHIVER_SCHEDULE_INTERVAL_SECS", "86400"),
+        ("ARCHIVER_SCHEDULE_OFFSET_SECS", "0"),
+        ("ARCHIVER_BUFFER_CHECKPOINT_INTERVAL_SECS", "1"),
+    ];
+    let mut first = rig.archiver("first", &data, &no_uploads);
+    rig.produce(6_000, 4, 2, 4);
+    let wave = end_offsets(&rig.read_topic(2));
+    let checkpointed = |partition: i32| -> Option<i64> {
+        let path = data
+            .join(format!("{}-{partition}", rig.topic))
+            .join("checkpoint.json");
+        let text = std::fs::read_to_string(path).ok()?;
+        let checkpoint: serde_json::Value = serde_json::from_str(&text).ok()?;
+        checkpoint["next_offset"].as_i64()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while wave.iter().any(|(&p, &end)| checkpointed(p) != Some(end)) {
+        assert!(
+            Instant::now() < deadline,
+            "no checkpoint reached {wave:?}:\n{}",
+            first.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // More records arrive, and the process dies between two checkpoints.
+    rig.produce(3_000, 4, 2, 5);
+    std::thread::sleep(Duration::from_millis(400));
+    first.kill9();
+    assert_eq!(
+        rig.committed(2).values().flatten().count(),
+        0,
+        "nothing was uploaded yet"
+    );
+    let at_kill: BTreeMap<i32, i64> = (0..2).map(|p| (p, checkpointed(p).unwrap())).collect();
+
+    let records = rig.read_topic(2);
+    let ends = end_offsets(&records);
+    let mut second = rig.archiver_after_kill(
+        "second",
+        &data,
+        &[
+            ("ARCHIVER_SCHEDULE_INTERVAL_SECS", "2"),
+            ("ARCHIVER_SCHEDULE_OFFSET_SECS", "0"),
+        ],
+    );
+    rig.wait_committed(&ends, Duration::from_secs(120), &mut [&mut second]);
+    let status = second.terminate(Duration::from_secs(40));
+    assert!(status.success(), "{}", second.log_text());
+
+    // Reading resumed at the last checkpoint, not at the committed offset (nothing): the only
+    // records read again from Kafka are those after that checkpoint.
+    let log = second.log_text();
+    let resumed = log_events(&log, "partition resumed from local checkpoint");
+    for (&partition, &offset) in &at_kill {
+        assert!(
+            offset >= wave[&partition],
+            "checkpoint {offset} behind the first wave"
+        );
+        let event = resumed
+            .iter()
+            .find(|e| e["partition"] == partition.to_string())
+            .unwrap_or_else(|| {
+                panic!("partition {partition} did not resume from its checkpoint:\n{log}")
+            });
+        assert_eq!(event["resume_offset"], offset.to_string());
+        eprintln!(
+            "partition {partition}: resumed at {offset}, re-read {} of {} records",
+            ends[&partition] - offset,
+            ends[&partition]
+        );
+    }
+    // The service's own count of what it read agrees: exactly the records after the checkpoints.
+    let after_checkpoints: i64 = at_kill.iter().map(|(p, offset)| ends[p] - offset).sum();
+    let stopped = log_events(&log, "archiver stopped");
+    assert_eq!(stopped.len(), 1, "{log}");
+    assert_eq!(
+        stopped[0]["records_consumed"],
+        after_checkpoints.to_string(),
+        "{log}"
+    );
+
+    let out = rig.dir.path().join("bucket");
+    rig.s3.download(&out);
+    assert_exactly_once(&archived_objects(&out, &rig.topic), &records, None);
+}
