@@ -98,6 +98,8 @@ pub async fn run(
             concurrency: config.s3.concurrency,
             initial_backoff: Duration::from_millis(config.s3.retry_initial_backoff_ms),
             max_backoff: Duration::from_millis(config.s3.retry_max_backoff_ms),
+            max_file_bytes: config.buffer.max_file_bytes,
+            rules_fingerprint: crate::buffer::rules_fingerprint(&config),
         }
         .run(upload_rx, uploader_stop.clone()),
     );
@@ -125,6 +127,8 @@ pub async fn run(
         fatal: Arc::clone(&fatal),
         shutdown: shutdown.clone(),
         grace: Duration::from_secs(config.shutdown.grace_secs),
+        exactly_once: config.kafka.exactly_once,
+        metadata_checked: std::cell::Cell::new(false),
     };
     // A fatal error anywhere must also stop the poll loop.
     let watcher = {

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::buffer::gzfile::StreamState;
+use crate::commit::BatchIntent;
 use crate::route::Destination;
 
 const FILE_NAME: &str = "checkpoint.json";
@@ -127,26 +128,46 @@ pub enum Committed {
     Unknown,
 }
 
-/// Where a newly assigned partition starts.
+/// Where a newly assigned partition starts. `seal_at` is set when the group's commit holds a
+/// batch intent: the open batch must then be sealed exactly at that offset, whatever the
+/// schedule or size caps say, so the replayed batch is the one recorded.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Recovery {
     /// Continue from the local checkpoint: re-upload its sealed batches, keep filling its open
     /// batch, read from `next_offset`. Sealed batches the group already committed are removed.
-    FromCheckpoint(Checkpoint),
+    FromCheckpoint {
+        checkpoint: Checkpoint,
+        seal_at: Option<i64>,
+    },
     /// Discard local state and read from the committed offset (or the reset policy).
-    FromCommitted { reason: String },
+    FromCommitted {
+        reason: String,
+        seal_at: Option<i64>,
+    },
 }
 
-/// Decides between the local checkpoint and the committed offset. The checkpoint is used only
-/// when it continues exactly where the group's committed offset stands: anything else (another
-/// consumer moved the partition on, a checkpoint of another partition) falls back to the commit.
+/// Decides where a newly assigned partition starts, in this order of precedence:
+///
+/// 1. an intent in the group's commit (`intent`, recorded at the committed offset): the batch it
+///    names is replayed first, from the local checkpoint when that holds exactly this batch (or
+///    its beginning), from Kafka otherwise;
+/// 2. the local checkpoint, when it continues exactly where the committed offset stands;
+/// 3. the committed offset.
+///
+/// Anything that does not line up (another consumer moved the partition on, a checkpoint of
+/// another partition, a local batch cut differently from the intent) falls back to the commit.
 pub fn plan_recovery(
     checkpoint: Option<Checkpoint>,
     topic: &str,
     partition: i32,
     committed: Committed,
+    intent: Option<&BatchIntent>,
 ) -> Recovery {
-    let from_committed = |reason: String| Recovery::FromCommitted { reason };
+    let replay = intent
+        .filter(|intent| committed == Committed::Offset(intent.start))
+        .map(|intent| (intent.start, intent.end));
+    let seal_at = replay.map(|(_, end)| end);
+    let from_committed = |reason: String| Recovery::FromCommitted { reason, seal_at };
     let Some(mut checkpoint) = checkpoint else {
         return from_committed("no local checkpoint".into());
     };
@@ -171,11 +192,35 @@ pub fn plan_recovery(
     let Some(first_start) = checkpoint.first_start() else {
         return from_committed("nothing buffered locally".into());
     };
-    match committed {
-        Some(committed) if committed != first_start => from_committed(format!(
-            "checkpoint starts at offset {first_start} but the group committed {committed}"
+    if let Some(committed) = committed {
+        if committed != first_start {
+            return from_committed(format!(
+                "checkpoint starts at offset {first_start} but the group committed {committed}"
+            ));
+        }
+    }
+    let Some((start, end)) = replay else {
+        return Recovery::FromCheckpoint {
+            checkpoint,
+            seal_at: None,
+        };
+    };
+    match checkpoint.sealed.first() {
+        Some(batch) if batch.start == start && batch.end == end => Recovery::FromCheckpoint {
+            checkpoint,
+            seal_at: None,
+        },
+        Some(batch) => from_committed(format!(
+            "local batch [{}, {}] differs from the recorded intent [{start}, {end}]",
+            batch.start, batch.end
         )),
-        _ => Recovery::FromCheckpoint(checkpoint),
+        None if checkpoint.next_offset > end + 1 => from_committed(format!(
+            "local batch ran past the recorded intent [{start}, {end}]"
+        )),
+        None => Recovery::FromCheckpoint {
+            checkpoint,
+            seal_at,
+        },
     }
 }
 
@@ -233,27 +278,50 @@ mod tests {
 
     #[test]
     fn resumes_when_the_checkpoint_starts_at_the_committed_offset() {
-        let plan = plan_recovery(Some(checkpoint()), "events", 2, Committed::Offset(100));
-        assert_eq!(plan, Recovery::FromCheckpoint(checkpoint()));
+        let plan = plan_recovery(
+            Some(checkpoint()),
+            "events",
+            2,
+            Committed::Offset(100),
+            None,
+        );
+        assert_eq!(plan, resumed(checkpoint(), None));
     }
 
     #[test]
     fn committed_batches_are_dropped_before_resuming() {
-        let plan = plan_recovery(Some(checkpoint()), "events", 2, Committed::Offset(200));
-        let Recovery::FromCheckpoint(resumed) = plan else {
+        let plan = plan_recovery(
+            Some(checkpoint()),
+            "events",
+            2,
+            Committed::Offset(200),
+            None,
+        );
+        let Recovery::FromCheckpoint {
+            checkpoint: kept, ..
+        } = plan
+        else {
             panic!("{plan:?}")
         };
-        assert_eq!(resumed.sealed, vec![batch(200, 299)]);
-        assert_eq!(resumed.next_offset, 350);
+        assert_eq!(kept.sealed, vec![batch(200, 299)]);
+        assert_eq!(kept.next_offset, 350);
 
-        let plan = plan_recovery(Some(checkpoint()), "events", 2, Committed::Offset(300));
-        assert!(matches!(plan, Recovery::FromCheckpoint(c) if c.sealed.is_empty()));
+        let plan = plan_recovery(
+            Some(checkpoint()),
+            "events",
+            2,
+            Committed::Offset(300),
+            None,
+        );
+        assert!(
+            matches!(plan, Recovery::FromCheckpoint { checkpoint: c, .. } if c.sealed.is_empty())
+        );
     }
 
     #[test]
     fn never_committed_partitions_trust_the_checkpoint() {
-        let plan = plan_recovery(Some(checkpoint()), "events", 2, Committed::Nothing);
-        assert_eq!(plan, Recovery::FromCheckpoint(checkpoint()));
+        let plan = plan_recovery(Some(checkpoint()), "events", 2, Committed::Nothing, None);
+        assert_eq!(plan, resumed(checkpoint(), None));
     }
 
     #[test]
@@ -270,8 +338,96 @@ mod tests {
             // Committed below what we buffered: a gap we cannot fill locally.
             (Some(checkpoint()), "events", 2, Committed::Offset(50)),
         ] {
-            let plan = plan_recovery(checkpoint, topic, partition, committed);
+            let plan = plan_recovery(checkpoint, topic, partition, committed, None);
             assert!(matches!(plan, Recovery::FromCommitted { .. }), "{plan:?}");
         }
+    }
+
+    fn resumed(checkpoint: Checkpoint, seal_at: Option<i64>) -> Recovery {
+        Recovery::FromCheckpoint {
+            checkpoint,
+            seal_at,
+        }
+    }
+
+    fn intent(start: i64, end: i64) -> BatchIntent {
+        BatchIntent::new(start, end, 1 << 20, "rules".into())
+    }
+
+    #[test]
+    fn an_intent_takes_precedence_and_reuses_a_matching_local_batch() {
+        // The local sealed batch is the one the intent names: upload it again as it is.
+        let plan = plan_recovery(
+            Some(checkpoint()),
+            "events",
+            2,
+            Committed::Offset(100),
+            Some(&intent(100, 199)),
+        );
+        assert_eq!(plan, resumed(checkpoint(), None));
+
+        // Only the beginning of the intent's batch is local: continue it, seal exactly at 349.
+        let open_only = Checkpoint {
+            sealed: vec![],
+            open: Some(batch(300, 320)),
+            ..Checkpoint::new("events", 2, 321)
+        };
+        let plan = plan_recovery(
+            Some(open_only.clone()),
+            "events",
+            2,
+            Committed::Offset(300),
+            Some(&intent(300, 349)),
+        );
+        assert_eq!(plan, resumed(open_only, Some(349)));
+    }
+
+    #[test]
+    fn an_intent_that_local_state_contradicts_replays_from_kafka() {
+        for (committed, intent) in [
+            // Local batch cut at 199, intent says 180.
+            (Committed::Offset(100), intent(100, 180)),
+            // Local open batch already read past the intent's end.
+            (Committed::Offset(300), intent(300, 320)),
+        ] {
+            let plan = plan_recovery(Some(checkpoint()), "events", 2, committed, Some(&intent));
+            assert_eq!(
+                plan,
+                Recovery::FromCommitted {
+                    reason: match &plan {
+                        Recovery::FromCommitted { reason, .. } => reason.clone(),
+                        other => panic!("{other:?}"),
+                    },
+                    seal_at: Some(intent.end)
+                }
+            );
+        }
+        // No checkpoint at all: replay from Kafka, sealing at the intent's end.
+        let plan = plan_recovery(
+            None,
+            "events",
+            2,
+            Committed::Offset(100),
+            Some(&intent(100, 150)),
+        );
+        assert!(matches!(
+            plan,
+            Recovery::FromCommitted {
+                seal_at: Some(150),
+                ..
+            }
+        ));
+        // An intent not at the committed offset is history, not a batch in progress.
+        let plan = plan_recovery(
+            None,
+            "events",
+            2,
+            Committed::Offset(200),
+            Some(&intent(100, 150)),
+        );
+        assert!(matches!(
+            plan,
+            Recovery::FromCommitted { seal_at: None, .. }
+        ));
     }
 }

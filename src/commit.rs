@@ -11,6 +11,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use serde::{Deserialize, Serialize};
+
 /// Which partitions this member owns right now, and since which assignment.
 #[derive(Debug, Default)]
 pub struct Assignments {
@@ -58,16 +60,73 @@ impl Assignments {
     }
 }
 
-/// "Every file of the batch ending before `next_offset` is in S3": commit it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The intent recorded before a batch's upload, as committed-offset metadata of its first
+/// offset: "batch `[start, end]` is being uploaded, cut with these rules". A member assigned a
+/// partition whose commit carries one replays exactly that range first, producing the same files
+/// under the same keys, so an upload interrupted anywhere is finished, never duplicated.
+///
+/// Recording it is a commit, fenced by the group generation: a member that lost the partition
+/// without knowing it (a zombie) cannot record one, so it cannot start a batch of its own.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchIntent {
+    pub v: u32,
+    pub start: i64,
+    pub end: i64,
+    /// File cut size the batch was cut with; a replay must cut the same way.
+    pub max_file_bytes: u64,
+    /// Fingerprint of the routing rules and key prefix; a replay under other rules may name
+    /// files differently, which is logged.
+    pub rules: String,
+}
+
+impl BatchIntent {
+    const VERSION: u32 = 1;
+
+    pub fn new(start: i64, end: i64, max_file_bytes: u64, rules: String) -> BatchIntent {
+        BatchIntent {
+            v: Self::VERSION,
+            start,
+            end,
+            max_file_bytes,
+            rules,
+        }
+    }
+
+    pub fn encode(&self) -> String {
+        serde_json::to_string(self).expect("intent serializes")
+    }
+
+    /// The intent in a commit's metadata; `None` for empty or foreign metadata.
+    pub fn decode(metadata: &str) -> Option<BatchIntent> {
+        serde_json::from_str::<BatchIntent>(metadata)
+            .ok()
+            .filter(|intent| intent.v == Self::VERSION && intent.start <= intent.end)
+    }
+}
+
+/// A commit the uploader asks the poll thread for: an intent (`metadata` set, at the batch's
+/// start) before uploading, or the completion (`end + 1`, no metadata) after.
+#[derive(Debug)]
 pub struct CommitRequest {
     pub partition: i32,
     pub epoch: u64,
     pub next_offset: i64,
+    pub metadata: String,
+    /// Told the outcome; the uploader waits for it before uploading an intent's batch.
+    pub reply: Option<tokio::sync::oneshot::Sender<CommitResult>>,
+}
+
+/// What became of a commit request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CommitResult {
+    Committed,
+    /// The partition is no longer ours under that epoch: the new owner replays the batch.
+    NotOwner,
 }
 
 /// Commits waiting for the broker, per partition. Requests of one partition arrive in batch
-/// order, so a later request covers an earlier one that has not gone through yet.
+/// order, so a later request covers an earlier one that has not gone through yet (the intent of
+/// batch N+1 commits the offset that completes batch N).
 #[derive(Debug, Default)]
 pub struct PendingCommits {
     pending: BTreeMap<i32, Pending>,
@@ -75,52 +134,80 @@ pub struct PendingCommits {
 
 #[derive(Debug)]
 struct Pending {
-    request: CommitRequest,
+    partition: i32,
+    epoch: u64,
+    next_offset: i64,
+    metadata: String,
+    replies: Vec<tokio::sync::oneshot::Sender<CommitResult>>,
     attempts: u32,
     not_before: Instant,
 }
 
-/// What to do with a pending commit after one attempt.
+/// One commit as the poll thread sends it to the broker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommitAttempt {
+    pub partition: i32,
+    pub epoch: u64,
+    pub next_offset: i64,
+    pub metadata: String,
+}
+
+/// What happened to a pending commit in one round.
 #[derive(Debug, PartialEq, Eq)]
 pub enum CommitOutcome {
-    Committed(CommitRequest),
-    /// The partition is no longer ours under that epoch: dropped, the new owner replays it.
-    Stale(CommitRequest),
+    Committed(CommitAttempt),
+    Stale(CommitAttempt),
     Retry,
+}
+
+fn answer(replies: Vec<tokio::sync::oneshot::Sender<CommitResult>>, result: CommitResult) {
+    for reply in replies {
+        let _ = reply.send(result.clone());
+    }
 }
 
 impl PendingCommits {
     pub fn push(&mut self, request: CommitRequest, now: Instant) {
-        let entry = self.pending.entry(request.partition);
-        match entry {
-            std::collections::btree_map::Entry::Occupied(mut slot) => {
-                let pending = slot.get_mut();
-                if request.epoch != pending.request.epoch
-                    || request.next_offset >= pending.request.next_offset
-                {
-                    pending.request = request;
-                }
-            }
-            std::collections::btree_map::Entry::Vacant(slot) => {
-                slot.insert(Pending {
-                    request,
-                    attempts: 0,
-                    not_before: now,
-                });
-            }
+        let CommitRequest {
+            partition,
+            epoch,
+            next_offset,
+            metadata,
+            reply,
+        } = request;
+        let pending = self.pending.entry(partition).or_insert_with(|| Pending {
+            partition,
+            epoch,
+            next_offset,
+            metadata: metadata.clone(),
+            replies: Vec::new(),
+            attempts: 0,
+            not_before: now,
+        });
+        if pending.epoch != epoch {
+            answer(std::mem::take(&mut pending.replies), CommitResult::NotOwner);
+            pending.epoch = epoch;
+            pending.attempts = 0;
+            pending.not_before = now;
         }
+        if next_offset >= pending.next_offset {
+            pending.next_offset = next_offset;
+            pending.metadata = metadata;
+        }
+        pending.replies.extend(reply);
     }
 
     pub fn is_empty(&self) -> bool {
         self.pending.is_empty()
     }
 
-    /// Tries every due commit with `commit`; failed ones back off (100 ms doubling to 5 s).
+    /// Tries every due commit with `commit`; failed ones back off (100 ms doubling to 5 s) and
+    /// are retried until they go through or the partition is no longer ours.
     pub fn run(
         &mut self,
         now: Instant,
-        is_current: impl Fn(&CommitRequest) -> bool,
-        mut commit: impl FnMut(&CommitRequest) -> Result<(), String>,
+        is_current: impl Fn(i32, u64) -> bool,
+        mut commit: impl FnMut(&CommitAttempt) -> Result<(), String>,
     ) -> Vec<CommitOutcome> {
         let mut outcomes = Vec::new();
         let due: Vec<i32> = self
@@ -131,16 +218,23 @@ impl PendingCommits {
             .collect();
         for partition in due {
             let pending = self.pending.get_mut(&partition).expect("due entry");
-            let request = pending.request;
-            if !is_current(&request) {
-                self.pending.remove(&partition);
-                outcomes.push(CommitOutcome::Stale(request));
+            let attempt = CommitAttempt {
+                partition: pending.partition,
+                epoch: pending.epoch,
+                next_offset: pending.next_offset,
+                metadata: pending.metadata.clone(),
+            };
+            if !is_current(attempt.partition, attempt.epoch) {
+                let pending = self.pending.remove(&partition).expect("due entry");
+                answer(pending.replies, CommitResult::NotOwner);
+                outcomes.push(CommitOutcome::Stale(attempt));
                 continue;
             }
-            match commit(&request) {
+            match commit(&attempt) {
                 Ok(()) => {
-                    self.pending.remove(&partition);
-                    outcomes.push(CommitOutcome::Committed(request));
+                    let pending = self.pending.remove(&partition).expect("due entry");
+                    answer(pending.replies, CommitResult::Committed);
+                    outcomes.push(CommitOutcome::Committed(attempt));
                 }
                 Err(error) => {
                     pending.attempts += 1;
@@ -150,7 +244,7 @@ impl PendingCommits {
                     pending.not_before = now + delay;
                     tracing::warn!(
                         partition,
-                        next_offset = request.next_offset,
+                        next_offset = attempt.next_offset,
                         attempts = pending.attempts,
                         %error,
                         "offset commit failed, will retry"
@@ -181,35 +275,80 @@ mod tests {
         assert_eq!(assignments.partitions(), vec![3]);
     }
 
+    fn request(partition: i32, epoch: u64, next_offset: i64) -> CommitRequest {
+        CommitRequest {
+            partition,
+            epoch,
+            next_offset,
+            metadata: String::new(),
+            reply: None,
+        }
+    }
+
+    fn attempt(partition: i32, epoch: u64, next_offset: i64, metadata: &str) -> CommitAttempt {
+        CommitAttempt {
+            partition,
+            epoch,
+            next_offset,
+            metadata: metadata.to_string(),
+        }
+    }
+
+    #[test]
+    fn intents_round_trip_and_foreign_metadata_is_ignored() {
+        let intent = BatchIntent::new(100, 199, 1 << 20, "abc".into());
+        assert_eq!(BatchIntent::decode(&intent.encode()), Some(intent));
+        for foreign in [
+            "",
+            "hello",
+            "{}",
+            r#"{"v":2,"start":1,"end":2,"max_file_bytes":1,"rules":""}"#,
+        ] {
+            assert_eq!(BatchIntent::decode(foreign), None, "{foreign}");
+        }
+    }
+
     #[test]
     fn later_requests_cover_earlier_ones_and_stale_ones_are_dropped() {
         let now = Instant::now();
         let mut pending = PendingCommits::default();
-        let req = |partition, epoch, next_offset| CommitRequest {
-            partition,
-            epoch,
-            next_offset,
-        };
-        pending.push(req(0, 1, 100), now);
-        pending.push(req(0, 1, 200), now);
-        pending.push(req(1, 5, 50), now);
+        let (tx, mut rx) = tokio::sync::oneshot::channel();
+        pending.push(
+            CommitRequest {
+                metadata: "intent".into(),
+                reply: Some(tx),
+                ..request(0, 1, 100)
+            },
+            now,
+        );
+        pending.push(request(0, 1, 200), now);
+        let (stale_tx, mut stale_rx) = tokio::sync::oneshot::channel();
+        pending.push(
+            CommitRequest {
+                reply: Some(stale_tx),
+                ..request(1, 5, 50)
+            },
+            now,
+        );
         let mut committed = Vec::new();
         let outcomes = pending.run(
             now,
-            |r| r.epoch == 1,
-            |r| {
-                committed.push(*r);
+            |_, epoch| epoch == 1,
+            |a| {
+                committed.push(a.clone());
                 Ok(())
             },
         );
-        assert_eq!(committed, vec![req(0, 1, 200)]);
+        assert_eq!(committed, vec![attempt(0, 1, 200, "")]);
         assert_eq!(
             outcomes,
             vec![
-                CommitOutcome::Committed(req(0, 1, 200)),
-                CommitOutcome::Stale(req(1, 5, 50))
+                CommitOutcome::Committed(attempt(0, 1, 200, "")),
+                CommitOutcome::Stale(attempt(1, 5, 50, ""))
             ]
         );
+        assert_eq!(rx.try_recv().unwrap(), CommitResult::Committed);
+        assert_eq!(stale_rx.try_recv().unwrap(), CommitResult::NotOwner);
         assert!(pending.is_empty());
     }
 
@@ -217,20 +356,18 @@ mod tests {
     fn failed_commits_back_off_and_retry() {
         let now = Instant::now();
         let mut pending = PendingCommits::default();
-        let request = CommitRequest {
-            partition: 0,
-            epoch: 1,
-            next_offset: 10,
-        };
-        pending.push(request, now);
-        let fail = |_: &CommitRequest| Err("REBALANCE_IN_PROGRESS".to_string());
-        assert_eq!(pending.run(now, |_| true, fail), vec![CommitOutcome::Retry]);
+        pending.push(request(0, 1, 10), now);
+        let fail = |_: &CommitAttempt| Err("REBALANCE_IN_PROGRESS".to_string());
+        assert_eq!(
+            pending.run(now, |_, _| true, fail),
+            vec![CommitOutcome::Retry]
+        );
         // Not due again right away.
-        assert_eq!(pending.run(now, |_| true, fail), vec![]);
+        assert_eq!(pending.run(now, |_, _| true, fail), vec![]);
         let later = now + Duration::from_secs(1);
         assert_eq!(
-            pending.run(later, |_| true, |_| Ok(())),
-            vec![CommitOutcome::Committed(request)]
+            pending.run(later, |_, _| true, |_| Ok(())),
+            vec![CommitOutcome::Committed(attempt(0, 1, 10, ""))]
         );
     }
 }

@@ -39,6 +39,10 @@ pub struct KafkaConfig {
     pub group_instance_id: String,
     /// How long the group waits for a silent member before moving its partitions.
     pub session_timeout_ms: u32,
+    /// `required`: stop with an error if the broker drops offset-commit metadata, where batch
+    /// intents live; `best-effort`: run at-least-once on such a broker, with a warning and a
+    /// metric.
+    pub exactly_once: ExactlyOnce,
     /// Passed to librdkafka unchanged (security.protocol, sasl.*, ssl.*, fetch tuning).
     /// The archiver's own settings (auto commit off, assignment strategy) cannot be overridden.
     pub properties: BTreeMap<String, String>,
@@ -52,9 +56,18 @@ impl Default for KafkaConfig {
             group_id: "kafka-s3-archiver".into(),
             group_instance_id: String::new(),
             session_timeout_ms: 45_000,
+            exactly_once: ExactlyOnce::Required,
             properties: BTreeMap::new(),
         }
     }
+}
+
+/// What to do on a broker that cannot carry the exactly-once protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ExactlyOnce {
+    Required,
+    BestEffort,
 }
 
 /// How objects are labelled for readers that honour `Content-Encoding`.

@@ -30,6 +30,20 @@ pub fn object_name(topic: &str, partition: i32, first_offset: i64) -> String {
     format!("{topic}-{partition}-{first_offset:020}.gz")
 }
 
+/// Where the manifest of batch `[start, end]` goes:
+/// `{prefix}segment-logs/_manifests/{topic}/{partition}/{start:020}-{end:020}.json`.
+pub fn manifest_key(prefix: &str, topic: &str, partition: i32, start: i64, end: i64) -> String {
+    format!(
+        "{}{start:020}-{end:020}.json",
+        manifest_prefix(prefix, topic, partition)
+    )
+}
+
+/// The folder holding a partition's manifests.
+pub fn manifest_prefix(prefix: &str, topic: &str, partition: i32) -> String {
+    format!("{prefix}{ROOT}/_manifests/{topic}/{partition}/")
+}
+
 /// A partition's local directory: its checkpoint and one directory per batch.
 pub fn partition_dir(data_dir: &Path, topic: &str, partition: i32) -> PathBuf {
     data_dir.join(format!("{topic}-{partition}"))
@@ -65,6 +79,14 @@ mod tests {
                 7
             ),
             "team/segment-logs/_dead-letter/events/2015-05-27/events-0-00000000000000000007.gz"
+        );
+    }
+
+    #[test]
+    fn manifests_live_in_an_underscore_folder() {
+        assert_eq!(
+            manifest_key("", "events", 2, 100, 199),
+            "segment-logs/_manifests/events/2/00000000000000000100-00000000000000000199.json"
         );
     }
 

@@ -24,6 +24,8 @@ pub struct Metrics {
     pub open_compressors: IntGauge,
     pub batches_sealed: IntCounterVec,
     pub batches_uploaded: IntCounter,
+    pub batches_replayed: IntCounter,
+    pub exactly_once_degraded: IntGauge,
     pub objects_uploaded: IntCounter,
     pub upload_bytes: IntCounter,
     pub upload_duration: Histogram,
@@ -123,6 +125,14 @@ impl Metrics {
             batches_uploaded: counter(
                 "batches_uploaded_total",
                 "Batches whose every object is in S3",
+            ),
+            batches_replayed: counter(
+                "batches_replayed_total",
+                "Batches replayed from a recorded intent after an interrupted upload",
+            ),
+            exactly_once_degraded: gauge(
+                "exactly_once_degraded",
+                "1 when the broker drops commit metadata and the archive runs at-least-once",
             ),
             objects_uploaded: counter("objects_uploaded_total", "Objects put in S3"),
             upload_bytes: counter("upload_bytes_total", "Compressed bytes put in S3"),

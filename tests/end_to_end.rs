@@ -255,3 +255,48 @@ fn a_killed_archiver_resumes_from_its_local_checkpoint() {
     rig.s3.download(&out);
     assert_exactly_once(&archived_objects(&out, &rig.topic), &records, None);
 }
+
+/// tansu drops offset-commit metadata, where batch intents live: with exactly-once required the
+/// archiver must refuse to go on, say why, and lose nothing.
+#[test]
+fn a_broker_that_drops_commit_metadata_stops_exactly_once_with_a_clear_error() {
+    let rig = Rig::start(1);
+    rig.produce(500, 2, 1, 21);
+    let data = rig.dir.path().join("data");
+    let mut archiver = rig.archiver(
+        "archiver",
+        &data,
+        &[
+            ("ARCHIVER_SCHEDULE_INTERVAL_SECS", "2"),
+            ("ARCHIVER_SCHEDULE_OFFSET_SECS", "0"),
+            ("ARCHIVER_KAFKA_EXACTLY_ONCE", "required"),
+        ],
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = archiver.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still running:\n{}",
+            archiver.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let log = archiver.log_text();
+    assert!(!status.success(), "{log}");
+    assert!(
+        log.contains("dropped the metadata of an offset commit"),
+        "{log}"
+    );
+    assert!(log.contains("kafka.exactly_once"), "{log}");
+    // Nothing was uploaded past the intent, and the sealed batch is still on the volume.
+    assert!(rig.s3.keys().iter().all(|k| !k.ends_with(".gz")));
+    let checkpoint = std::fs::read_to_string(
+        data.join(format!("{}-0", rig.topic))
+            .join("checkpoint.json"),
+    )
+    .unwrap();
+    assert!(checkpoint.contains("\"sealed\":[{"), "{checkpoint}");
+}

@@ -19,6 +19,7 @@ use std::sync::Arc;
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::checkpoint::{self, plan_recovery, Committed, Recovery};
+use crate::commit::BatchIntent;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::route::{Record, Router};
@@ -34,6 +35,8 @@ pub enum WorkerCommand {
         partition: i32,
         epoch: u64,
         committed: Committed,
+        /// The batch intent the group's commit holds, if any.
+        intent: Option<BatchIntent>,
         reply: SyncSender<Result<Option<i64>, BufferError>>,
     },
     /// Forget the partition. `keep_local` keeps its files and checkpoint for a restart on this
@@ -78,6 +81,7 @@ enum SealTrigger {
     Schedule,
     BatchSize,
     DiskPressure,
+    Replay,
 }
 
 impl SealTrigger {
@@ -86,6 +90,7 @@ impl SealTrigger {
             SealTrigger::Schedule => "schedule",
             SealTrigger::BatchSize => "batch-size",
             SealTrigger::DiskPressure => "disk-pressure",
+            SealTrigger::Replay => "replay",
         }
     }
 }
@@ -117,6 +122,8 @@ pub struct Worker {
     hot_files: usize,
     /// Monotonic counter standing in for time in the coldest-file choice.
     tick: u64,
+    /// Fingerprint of the rules that decide file contents and names, recorded in intents.
+    rules_fingerprint: String,
     /// This worker's last contributions to the shared figures.
     disk_bytes: u64,
     reported_files: usize,
@@ -140,6 +147,7 @@ impl Worker {
                 max_batch_bytes: config.buffer.max_batch_bytes,
             },
             max_hot_files: (config.buffer.max_open_compressors / worker_count).max(1),
+            rules_fingerprint: rules_fingerprint(&config),
             config,
             partitions: HashMap::new(),
             uploads,
@@ -162,9 +170,10 @@ impl Worker {
                     partition,
                     epoch,
                     committed,
+                    intent,
                     reply,
                 } => {
-                    let result = self.assign(partition, epoch, committed);
+                    let result = self.assign(partition, epoch, committed, intent);
                     let failed = result.as_ref().err().map(|e| e.to_string());
                     let _ = reply.send(result);
                     if let Some(err) = failed {
@@ -184,7 +193,13 @@ impl Worker {
                     self.append(partition, &records)?;
                 }
                 WorkerCommand::SealAll => {
-                    let partitions: Vec<i32> = self.partitions.keys().copied().collect();
+                    // A replayed batch ignores the schedule: it ends where its intent says.
+                    let partitions: Vec<i32> = self
+                        .partitions
+                        .iter()
+                        .filter(|(_, (_, buffer))| !buffer.replaying())
+                        .map(|(&partition, _)| partition)
+                        .collect();
                     for partition in partitions {
                         self.seal(partition, SealTrigger::Schedule)?;
                     }
@@ -216,6 +231,7 @@ impl Worker {
         partition: i32,
         epoch: u64,
         committed: Committed,
+        intent: Option<BatchIntent>,
     ) -> Result<Option<i64>, BufferError> {
         let io = |source| BufferError::Io { partition, source };
         let router = Router::new(&self.config.routing, &self.topic, partition);
@@ -227,9 +243,24 @@ impl Worker {
                 None
             }
         };
-        let plan = plan_recovery(local, &self.topic, partition, committed);
-        let resumed = match plan {
-            Recovery::FromCheckpoint(checkpoint) => {
+        if let Some(intent) = &intent {
+            if intent.rules != self.rules_fingerprint
+                || intent.max_file_bytes != self.settings.max_file_bytes
+            {
+                tracing::warn!(
+                    partition,
+                    start = intent.start,
+                    end = intent.end,
+                    "the batch to replay was cut under other routing rules or file size; its files may be named differently from the interrupted upload's"
+                );
+            }
+        }
+        let plan = plan_recovery(local, &self.topic, partition, committed, intent.as_ref());
+        let (resumed, seal_at) = match plan {
+            Recovery::FromCheckpoint {
+                checkpoint,
+                seal_at,
+            } => {
                 let next = checkpoint.next_offset;
                 match PartitionBuffer::resume(
                     &self.data_dir,
@@ -248,20 +279,24 @@ impl Worker {
                             .partitions_resumed
                             .with_label_values(&["checkpoint"])
                             .inc();
-                        Some(buffer)
+                        (Some(buffer), seal_at)
                     }
                     Err(err) => {
                         tracing::warn!(partition, error = %err, "local checkpoint unusable, reading from the committed offset");
-                        None
+                        (None, intent.as_ref().map(|i| i.end))
                     }
                 }
             }
-            Recovery::FromCommitted { reason } => {
+            Recovery::FromCommitted { reason, seal_at } => {
                 tracing::info!(partition, committed = ?committed, %reason, "partition starts from the committed offset");
-                None
+                (None, seal_at)
             }
         };
-        let buffer = match resumed {
+        if let Some(end) = seal_at {
+            tracing::info!(partition, start = ?intent.as_ref().map(|i| i.start), end, "replaying the batch an interrupted upload recorded");
+            self.metrics.batches_replayed.inc();
+        }
+        let mut buffer = match resumed {
             Some(buffer) => buffer,
             None => {
                 self.metrics
@@ -283,6 +318,7 @@ impl Worker {
                 .map_err(io)?
             }
         };
+        buffer.set_seal_at(seal_at);
         // `None` (nothing known locally) lets the consumer start at the committed offset.
         let resume_from = buffer.next_offset();
         for batch in buffer.sealed() {
@@ -322,6 +358,10 @@ impl Worker {
         for record in records {
             self.tick += 1;
             let (_, buffer) = self.partitions.get_mut(&partition).expect("checked above");
+            if buffer.replay_ends_before(record.offset) {
+                self.seal(partition, SealTrigger::Replay)?;
+            }
+            let (_, buffer) = self.partitions.get_mut(&partition).expect("checked above");
             match buffer.append(record, self.tick).map_err(io)? {
                 Some(appended) => {
                     written += 1;
@@ -340,7 +380,9 @@ impl Worker {
             }
             // The cap is checked after every record, so a batch ends at the same record
             // however the poll loop happened to group them.
-            if buffer.batch_full() {
+            if buffer.replay_complete() {
+                self.seal(partition, SealTrigger::Replay)?;
+            } else if buffer.batch_full() {
                 self.seal(partition, SealTrigger::BatchSize)?;
             } else if self.hot_files > self.max_hot_files {
                 self.enforce_compressor_cap()?;
@@ -447,4 +489,11 @@ impl Worker {
             .open_compressors
             .add(self.hot_files as i64 - previous_hot as i64);
     }
+}
+
+/// Fingerprint of everything that decides which file a record lands in and what the file is
+/// called: the routing rules and the key prefix.
+pub fn rules_fingerprint(config: &Config) -> String {
+    let rules = serde_json::to_vec(&(&config.routing, &config.s3.prefix)).expect("rules serialize");
+    format!("{:08x}", crc32fast::hash(&rules))
 }

@@ -124,6 +124,8 @@ pub struct PartitionBuffer {
     sealed: Vec<SealedBatch>,
     /// The next offset expected from Kafka; records below it are stale re-deliveries.
     next_offset: Option<i64>,
+    /// Replaying a recorded intent: the open batch ends exactly here, and only here.
+    seal_at: Option<i64>,
 }
 
 impl PartitionBuffer {
@@ -150,6 +152,7 @@ impl PartitionBuffer {
             open: OpenBatch::empty(start),
             sealed: Vec::new(),
             next_offset: start,
+            seal_at: None,
         })
     }
 
@@ -247,6 +250,7 @@ impl PartitionBuffer {
             open,
             sealed,
             next_offset: Some(checkpoint.next_offset),
+            seal_at: None,
         })
     }
 
@@ -341,9 +345,29 @@ impl PartitionBuffer {
         }))
     }
 
+    /// Makes the open batch end exactly at `end` (replay of a recorded intent).
+    pub fn set_seal_at(&mut self, end: Option<i64>) {
+        self.seal_at = end;
+    }
+
+    /// Whether the open batch is the replay of an intent; only reaching its end seals it.
+    pub fn replaying(&self) -> bool {
+        self.seal_at.is_some()
+    }
+
+    /// Whether the replayed batch must be sealed before a record at `offset` (a gap at its end).
+    pub fn replay_ends_before(&self, offset: i64) -> bool {
+        self.seal_at.is_some_and(|end| offset > end) && self.open.last_offset.is_some()
+    }
+
+    /// Whether the replayed batch holds its last record.
+    pub fn replay_complete(&self) -> bool {
+        self.seal_at.is_some() && self.open.last_offset >= self.seal_at
+    }
+
     /// Whether the open batch reached its size cap and should be sealed now.
     pub fn batch_full(&self) -> bool {
-        self.open.uncompressed_bytes >= self.settings.max_batch_bytes
+        self.seal_at.is_none() && self.open.uncompressed_bytes >= self.settings.max_batch_bytes
     }
 
     /// The coldest file holding a compressor, as `(last_used tick, index)`.
@@ -365,10 +389,13 @@ impl PartitionBuffer {
     /// Closes the open batch: finishes every file (final block, trailer, fsync) and records the
     /// sealed batch in the checkpoint before handing it out for upload. `None` if it is empty.
     pub fn seal(&mut self) -> io::Result<Option<SealedBatch>> {
-        let (Some(start), Some(end)) = (self.open.start, self.open.last_offset) else {
+        let (Some(start), Some(last)) = (self.open.start, self.open.last_offset) else {
             return Ok(None);
         };
+        // A replayed batch ends where its intent says, even if its last offsets hold no record.
+        let end = self.seal_at.take().map_or(last, |end| end.max(last));
         let open = std::mem::replace(&mut self.open, OpenBatch::empty(Some(end + 1)));
+        self.next_offset = Some(self.next_offset.map_or(end + 1, |next| next.max(end + 1)));
         let mut files = Vec::with_capacity(open.files.len());
         for file in open.files {
             let path = file.gz.path().to_path_buf();
@@ -569,8 +596,8 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(checkpoint.next_offset, 250);
-        let Recovery::FromCheckpoint(checkpoint) =
-            plan_recovery(Some(checkpoint), "t", 0, Committed::Offset(100))
+        let Recovery::FromCheckpoint { checkpoint, .. } =
+            plan_recovery(Some(checkpoint), "t", 0, Committed::Offset(100), None)
         else {
             panic!("should resume")
         };
@@ -624,8 +651,8 @@ mod tests {
 
         let pdir = layout::partition_dir(dir.path(), "t", 0);
         let checkpoint = checkpoint::read(&pdir).unwrap();
-        let Recovery::FromCheckpoint(checkpoint) =
-            plan_recovery(checkpoint, "t", 0, Committed::Offset(100))
+        let Recovery::FromCheckpoint { checkpoint, .. } =
+            plan_recovery(checkpoint, "t", 0, Committed::Offset(100), None)
         else {
             panic!("should resume")
         };

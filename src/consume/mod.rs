@@ -25,8 +25,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::buffer::{DiskUsage, WorkerCommand};
 use crate::checkpoint::Committed;
-use crate::commit::{Assignments, CommitOutcome, CommitRequest, PendingCommits};
+use crate::commit::{Assignments, BatchIntent, CommitOutcome, CommitRequest, PendingCommits};
 use crate::config::Config;
+use crate::config::ExactlyOnce;
 use crate::metrics::Metrics;
 use crate::route::Record;
 use crate::schedule::{Clock, Schedule};
@@ -142,19 +143,19 @@ impl ArchiverContext {
         if partitions.is_empty() || self.shutting_down.load(Ordering::SeqCst) {
             return;
         }
-        let committed = self.fetch_committed(consumer, tpl);
+        let mut committed = self.fetch_committed(consumer, tpl);
         let mut replies = Vec::new();
         for &partition in &partitions {
             let epoch = self.assignments.assign(partition);
             let (reply, answer) = sync_channel(1);
-            let committed = committed
-                .get(&partition)
-                .copied()
-                .unwrap_or(Committed::Unknown);
+            let (committed, intent) = committed
+                .remove(&partition)
+                .unwrap_or((Committed::Unknown, None));
             let command = WorkerCommand::Assign {
                 partition,
                 epoch,
                 committed,
+                intent,
                 reply,
             };
             if self.worker(partition).send(command).is_err() {
@@ -216,7 +217,7 @@ impl ArchiverContext {
         &self,
         consumer: &BaseConsumer<Self>,
         tpl: &TopicPartitionList,
-    ) -> HashMap<i32, Committed> {
+    ) -> HashMap<i32, (Committed, Option<BatchIntent>)> {
         for attempt in 1..=3 {
             match consumer.committed_offsets(tpl.clone(), BROKER_TIMEOUT) {
                 Ok(list) => {
@@ -228,7 +229,10 @@ impl ArchiverContext {
                                 Offset::Offset(offset) => Committed::Offset(offset),
                                 _ => Committed::Nothing,
                             };
-                            (e.partition(), committed)
+                            (
+                                e.partition(),
+                                (committed, BatchIntent::decode(e.metadata())),
+                            )
                         })
                         .collect();
                 }
@@ -365,6 +369,9 @@ pub struct PollLoop {
     pub fatal: Arc<Fatal>,
     pub shutdown: CancellationToken,
     pub grace: Duration,
+    pub exactly_once: ExactlyOnce,
+    /// Whether the first intent was read back from the broker yet.
+    pub metadata_checked: std::cell::Cell<bool>,
 }
 
 impl PollLoop {
@@ -509,38 +516,94 @@ impl PollLoop {
         }
         let outcomes = pending.run(
             Instant::now(),
-            |r| self.assignments.is_current(r.partition, r.epoch),
-            |r| {
+            |partition, epoch| self.assignments.is_current(partition, epoch),
+            |attempt| {
                 let mut tpl = TopicPartitionList::new();
-                tpl.add_partition_offset(&self.topic, r.partition, Offset::Offset(r.next_offset))
+                let mut element = tpl.add_partition(&self.topic, attempt.partition);
+                element
+                    .set_offset(Offset::Offset(attempt.next_offset))
                     .map_err(|e| e.to_string())?;
+                element.set_metadata(attempt.metadata.clone());
                 self.consumer.commit(&tpl, CommitMode::Sync).map_err(|e| {
                     self.metrics.commit_errors.inc();
                     e.to_string()
-                })
+                })?;
+                // Before anyone uploads on the strength of the first intent, make sure the
+                // broker kept it.
+                if !attempt.metadata.is_empty()
+                    && !self.check_metadata_kept(attempt.partition, &attempt.metadata)
+                {
+                    return Err("the broker does not keep commit metadata".into());
+                }
+                Ok(())
             },
         );
         for outcome in outcomes {
             match outcome {
-                CommitOutcome::Committed(request) => {
+                CommitOutcome::Committed(attempt) => {
                     self.metrics.commits.inc();
+                    let intent = BatchIntent::decode(&attempt.metadata);
                     tracing::info!(
-                        partition = request.partition,
-                        offset = request.next_offset,
+                        partition = attempt.partition,
+                        offset = attempt.next_offset,
+                        intent_end = intent.as_ref().map(|i| i.end),
                         "offset committed"
                     );
-                    let worker = &self.workers[request.partition as usize % self.workers.len()];
+                    let worker = &self.workers[attempt.partition as usize % self.workers.len()];
                     let _ = worker.send(WorkerCommand::Committed {
-                        partition: request.partition,
-                        next_offset: request.next_offset,
+                        partition: attempt.partition,
+                        next_offset: attempt.next_offset,
                     });
                 }
-                CommitOutcome::Stale(request) => tracing::info!(
-                    partition = request.partition,
-                    offset = request.next_offset,
+                CommitOutcome::Stale(attempt) => tracing::info!(
+                    partition = attempt.partition,
+                    offset = attempt.next_offset,
                     "not committing: partition no longer assigned under that epoch"
                 ),
                 CommitOutcome::Retry => {}
+            }
+        }
+    }
+
+    /// Reads the first intent back: a broker that drops commit metadata (tansu 0.6 does) cannot
+    /// carry the exactly-once protocol, and saying so at once beats discovering duplicates.
+    /// Returns whether uploads may go ahead on this intent.
+    fn check_metadata_kept(&self, partition: i32, metadata: &str) -> bool {
+        if self.metadata_checked.get() {
+            return true;
+        }
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(&self.topic, partition);
+        let read_back = match self.consumer.committed_offsets(tpl, BROKER_TIMEOUT) {
+            Ok(list) => list
+                .find_partition(&self.topic, partition)
+                .map(|e| e.metadata().to_string()),
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot read the intent back yet; will retry");
+                return false;
+            }
+        };
+        self.metadata_checked.set(true);
+        if read_back.as_deref() == Some(metadata) {
+            tracing::info!("the broker keeps offset-commit metadata: exactly-once batches are on");
+            return true;
+        }
+        match self.exactly_once {
+            ExactlyOnce::Required => {
+                self.metadata_checked.set(false);
+                self.fatal.raise(
+                "the kafka broker dropped the metadata of an offset commit (read back empty), so \
+                 batch intents cannot be recorded and exactly-once delivery is impossible with it; \
+                 use a broker that keeps commit metadata, or set kafka.exactly_once = \"best-effort\" \
+                 to run at-least-once"
+                    .into(),
+                );
+                false
+            }
+            ExactlyOnce::BestEffort => {
+                tracing::warn!("the kafka broker drops offset-commit metadata: running at-least-once (an upload interrupted by a rebalance may leave duplicates)");
+                self.metrics.exactly_once_degraded.set(1);
+                true
             }
         }
     }

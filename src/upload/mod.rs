@@ -1,10 +1,18 @@
-//! Upload: puts sealed batches in S3 and then asks the poll loop to commit their offsets.
+//! Upload: the exactly-once protocol for one sealed batch, in this order:
 //!
-//! Batches of one partition are uploaded strictly in order (a later batch's commit would also
-//! cover an earlier one), different partitions in parallel; all requests share one concurrency
-//! limit. Every failure is retried with jittered backoff until it succeeds or the partition is
-//! no longer ours: a batch never leaves the local disk before its commit.
+//! 1. record the intent — commit the batch's first offset with `[start, end]` and the cutting
+//!    rules as metadata (fenced by the group generation, so a zombie cannot);
+//! 2. put every object (deterministic keys: a replay rewrites the same ones);
+//! 3. put the batch manifest;
+//! 4. commit `end + 1`.
+//!
+//! A member that crashes or loses the partition anywhere in between leaves the intent behind;
+//! the next owner replays exactly that batch and finishes it. Batches of one partition go
+//! strictly in order, partitions in parallel, all requests under one concurrency limit. Every
+//! failure is retried with jittered backoff until it succeeds or the partition is no longer ours:
+//! a batch never leaves the local disk before its commit.
 
+pub mod manifest;
 pub mod retry;
 pub mod s3;
 
@@ -18,9 +26,10 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::buffer::{SealedBatch, SealedFile};
-use crate::commit::{Assignments, CommitRequest};
+use crate::commit::{Assignments, BatchIntent, CommitRequest, CommitResult};
 use crate::layout;
 use crate::metrics::Metrics;
+use manifest::Manifest;
 use retry::{Backoff, ErrorClass};
 use s3::{ObjectMetadata, S3Error, S3Store};
 
@@ -49,6 +58,9 @@ pub struct Uploader {
     pub concurrency: usize,
     pub initial_backoff: Duration,
     pub max_backoff: Duration,
+    /// Cutting rules recorded in each intent.
+    pub max_file_bytes: u64,
+    pub rules_fingerprint: String,
 }
 
 impl Uploader {
@@ -133,6 +145,8 @@ impl Shared {
                         partition,
                         epoch: job.epoch,
                         next_offset: job.batch.end + 1,
+                        metadata: String::new(),
+                        reply: None,
                     });
                 }
                 Err(err) => {
@@ -142,7 +156,60 @@ impl Shared {
         }
     }
 
+    /// Steps 1 to 3 of the protocol; the caller commits `end + 1`.
     async fn upload_batch(
+        self: Arc<Self>,
+        job: &UploadJob,
+        stop: &CancellationToken,
+    ) -> Result<(), UploadError> {
+        self.record_intent(job, stop).await?;
+        Arc::clone(&self).put_objects(job, stop).await?;
+        let u = &self.uploader;
+        let manifest = Manifest::for_batch(&u.prefix, &job.batch);
+        let key = manifest.key(&u.prefix);
+        let body = manifest.to_json();
+        self.with_retries(job.batch.partition, job.epoch, stop, || {
+            u.store.put_bytes(&key, body.clone(), "application/json")
+        })
+        .await
+    }
+
+    /// Commits the batch's first offset with its intent and waits until the broker took it.
+    async fn record_intent(
+        &self,
+        job: &UploadJob,
+        stop: &CancellationToken,
+    ) -> Result<(), UploadError> {
+        let u = &self.uploader;
+        let intent = BatchIntent::new(
+            job.batch.start,
+            job.batch.end,
+            u.max_file_bytes,
+            u.rules_fingerprint.clone(),
+        );
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let request = CommitRequest {
+            partition: job.batch.partition,
+            epoch: job.epoch,
+            next_offset: job.batch.start,
+            metadata: intent.encode(),
+            reply: Some(reply),
+        };
+        if u.commits.send(request).is_err() {
+            return Err(UploadError::ShuttingDown);
+        }
+        tokio::select! {
+            _ = stop.cancelled() => Err(UploadError::ShuttingDown),
+            result = answer => match result {
+                Ok(CommitResult::Committed) => Ok(()),
+                Ok(CommitResult::NotOwner) => Err(UploadError::NotOwner { partition: job.batch.partition }),
+                Err(_) => Err(UploadError::ShuttingDown),
+            },
+        }
+    }
+
+    /// Puts every object of the batch, in parallel within the concurrency limit.
+    async fn put_objects(
         self: Arc<Self>,
         job: &UploadJob,
         stop: &CancellationToken,
@@ -194,42 +261,56 @@ impl Shared {
             first_offset: file.first_offset,
             record_count: file.records,
         };
-        let mut backoff = Backoff::new(u.initial_backoff, u.max_backoff, fastrand::Rng::new());
         let started = Instant::now();
+        self.with_retries(batch.partition, epoch, stop, || {
+            u.store
+                .put_file(&key, &file.path, file.stream.compressed_len, &metadata)
+        })
+        .await?;
+        u.metrics.objects_uploaded.inc();
+        u.metrics.upload_bytes.inc_by(file.stream.compressed_len);
+        u.metrics
+            .upload_duration
+            .observe(started.elapsed().as_secs_f64());
+        Ok(())
+    }
+
+    /// Runs `request` under the concurrency limit until it succeeds, backing off with jitter
+    /// between attempts; gives up only when the partition is no longer ours or at shutdown.
+    async fn with_retries<F, Fut>(
+        &self,
+        partition: i32,
+        epoch: u64,
+        stop: &CancellationToken,
+        request: F,
+    ) -> Result<(), UploadError>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<(), S3Error>>,
+    {
+        let u = &self.uploader;
+        let mut backoff = Backoff::new(u.initial_backoff, u.max_backoff, fastrand::Rng::new());
         loop {
             if stop.is_cancelled() {
                 return Err(UploadError::ShuttingDown);
             }
-            if !u.assignments.is_current(batch.partition, epoch) {
-                return Err(UploadError::NotOwner {
-                    partition: batch.partition,
-                });
+            if !u.assignments.is_current(partition, epoch) {
+                return Err(UploadError::NotOwner { partition });
             }
             let result = {
                 let _permit = self.permits.acquire().await.expect("semaphore open");
-                u.store
-                    .put_file(&key, &file.path, file.stream.compressed_len, &metadata)
-                    .await
+                request().await
             };
-            match result {
-                Ok(()) => {
-                    u.metrics.objects_uploaded.inc();
-                    u.metrics.upload_bytes.inc_by(file.stream.compressed_len);
-                    u.metrics
-                        .upload_duration
-                        .observe(started.elapsed().as_secs_f64());
-                    return Ok(());
-                }
-                Err(err) => {
-                    let delay = backoff.next_delay(err.class);
-                    self.report(&err, backoff.attempts(), delay);
-                    tokio::select! {
-                        _ = stop.cancelled() => return Err(UploadError::ShuttingDown),
-                        _ = tokio::time::sleep(delay) => {}
-                    }
-                    u.metrics.upload_retries.inc();
-                }
+            let Err(err) = result else {
+                return Ok(());
+            };
+            let delay = backoff.next_delay(err.class);
+            self.report(&err, backoff.attempts(), delay);
+            tokio::select! {
+                _ = stop.cancelled() => return Err(UploadError::ShuttingDown),
+                _ = tokio::time::sleep(delay) => {}
             }
+            u.metrics.upload_retries.inc();
         }
     }
 

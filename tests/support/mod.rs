@@ -132,14 +132,21 @@ impl Drop for Process {
     }
 }
 
-/// tansu, a Kafka-protocol broker, in memory.
+/// The Kafka-protocol broker of a test: tansu (a real broker, in memory; drops commit
+/// metadata) or librdkafka's mock cluster in its own process (keeps metadata, injects faults).
 pub struct Broker {
     pub process: Process,
-    pub port: u16,
+    pub bootstrap: String,
+    /// The mock cluster's command channel.
+    control: Option<(
+        std::process::ChildStdin,
+        std::io::BufReader<std::process::ChildStdout>,
+    )>,
+    pub keeps_commit_metadata: bool,
 }
 
 impl Broker {
-    pub fn start(dir: &Path) -> Broker {
+    pub fn start_tansu(dir: &Path, topic: &str, partitions: u32) -> Broker {
         let port = free_port();
         let url = format!("tcp://127.0.0.1:{port}");
         let mut command = Command::new(tool("TANSU_BIN", "tansu"));
@@ -155,14 +162,6 @@ impl Broker {
             .args(["--storage-engine", "memory://tansu/"]);
         let mut process = Process::spawn(command, dir.join("tansu.log"));
         wait_for_port(port, "tansu", &mut process.child, &process.log);
-        Broker { process, port }
-    }
-
-    pub fn bootstrap(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-
-    pub fn create_topic(&self, topic: &str, partitions: u32) {
         run_ok(
             Command::new(tool("TANSU_BIN", "tansu"))
                 .args([
@@ -172,8 +171,80 @@ impl Broker {
                     "--partitions",
                     &partitions.to_string(),
                 ])
-                .args(["--broker", &format!("tcp://127.0.0.1:{}", self.port)]),
+                .args(["--broker", &url]),
         );
+        Broker {
+            process,
+            bootstrap: format!("127.0.0.1:{port}"),
+            control: None,
+            keeps_commit_metadata: false,
+        }
+    }
+
+    /// The mock cluster (`examples/mock_kafka.rs`), three brokers.
+    pub fn start_mock(dir: &Path, topic: &str, partitions: u32) -> Broker {
+        use std::io::BufRead;
+        let exe = std::env::current_exe().expect("test executable");
+        let binary = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("target dir")
+            .join("examples")
+            .join("mock_kafka");
+        let mut command = Command::new(&binary);
+        command
+            .args([
+                "--brokers",
+                "3",
+                "--partitions",
+                &partitions.to_string(),
+                "--topic",
+                topic,
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(dir.join("mock_kafka.log")).unwrap());
+        let mut child = command.spawn().unwrap_or_else(|e| {
+            panic!(
+                "cannot start {} (cargo build --examples): {e}",
+                binary.display()
+            )
+        });
+        let stdin = child.stdin.take().unwrap();
+        let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        stdout.read_line(&mut line).expect("mock_kafka output");
+        let bootstrap = line
+            .trim()
+            .strip_prefix("bootstrap=")
+            .unwrap_or_else(|| panic!("mock_kafka said {line:?}"))
+            .to_string();
+        Broker {
+            process: Process {
+                child,
+                log: dir.join("mock_kafka.log"),
+            },
+            bootstrap,
+            control: Some((stdin, stdout)),
+            keeps_commit_metadata: true,
+        }
+    }
+
+    pub fn bootstrap(&self) -> String {
+        self.bootstrap.clone()
+    }
+
+    /// Sends a fault command to the mock cluster (`down 1`, `errors OffsetCommit ...`).
+    pub fn control(&mut self, command: &str) {
+        use std::io::{BufRead, Write};
+        let (stdin, stdout) = self
+            .control
+            .as_mut()
+            .expect("only the mock cluster takes commands");
+        writeln!(stdin, "{command}").unwrap();
+        let mut answer = String::new();
+        stdout.read_line(&mut answer).unwrap();
+        assert_eq!(answer.trim(), "ok", "mock_kafka: {command}");
     }
 }
 
@@ -209,6 +280,25 @@ impl S3Server {
                 .env("AWS_SECRET_ACCESS_KEY", "testing")
                 .env("AWS_EC2_METADATA_DISABLED", "true"),
         )
+    }
+
+    /// The batch manifests in the bucket, parsed.
+    pub fn manifests(&self, dir: &Path) -> Vec<serde_json::Value> {
+        let out = dir.join("manifests");
+        self.aws(&[
+            "s3",
+            "sync",
+            "--only-show-errors",
+            &format!("s3://{BUCKET}/segment-logs/_manifests"),
+            out.to_str().unwrap(),
+        ]);
+        if !out.exists() {
+            return Vec::new();
+        }
+        files_under(&out)
+            .values()
+            .map(|path| serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap())
+            .collect()
     }
 
     /// Every key in the bucket.
@@ -270,15 +360,24 @@ pub struct Rig {
 }
 
 impl Rig {
+    /// tansu and moto.
     pub fn start(partitions: u32) -> Rig {
+        Rig::start_with(partitions, Broker::start_tansu)
+    }
+
+    /// librdkafka's mock cluster and moto.
+    pub fn start_mock(partitions: u32) -> Rig {
+        Rig::start_with(partitions, Broker::start_mock)
+    }
+
+    fn start_with(partitions: u32, broker: fn(&Path, &str, u32) -> Broker) -> Rig {
         let dir = tempfile::Builder::new()
             .prefix("archiver-e2e-")
             .tempdir()
             .expect("temp dir");
-        let broker = Broker::start(dir.path());
-        let s3 = S3Server::start(dir.path());
         let topic = "segment-events".to_string();
-        broker.create_topic(&topic, partitions);
+        let broker = broker(dir.path(), &topic, partitions);
+        let s3 = S3Server::start(dir.path());
         Rig {
             dir,
             broker,
@@ -294,6 +393,15 @@ impl Rig {
             ("ARCHIVER_KAFKA_TOPIC", self.topic.clone()),
             ("ARCHIVER_KAFKA_GROUP_ID", "archiver-test".into()),
             ("ARCHIVER_KAFKA_SESSION_TIMEOUT_MS", "6000".into()),
+            (
+                "ARCHIVER_KAFKA_EXACTLY_ONCE",
+                if self.broker.keeps_commit_metadata {
+                    "required"
+                } else {
+                    "best-effort"
+                }
+                .into(),
+            ),
             ("ARCHIVER_S3_BUCKET", BUCKET.into()),
             ("ARCHIVER_S3_ENDPOINT_URL", self.s3.endpoint()),
             ("ARCHIVER_S3_FORCE_PATH_STYLE", "true".into()),
@@ -414,6 +522,28 @@ impl Rig {
             }
         }
         records
+    }
+
+    /// The group's committed offsets with their metadata.
+    pub fn committed_with_metadata(&self, partitions: u32) -> BTreeMap<i32, (Option<i64>, String)> {
+        let consumer: BaseConsumer = self.client().create().expect("consumer");
+        let mut tpl = TopicPartitionList::new();
+        for partition in 0..partitions as i32 {
+            tpl.add_partition(&self.topic, partition);
+        }
+        consumer
+            .committed_offsets(tpl, Duration::from_secs(10))
+            .expect("committed offsets")
+            .elements()
+            .iter()
+            .map(|e| {
+                let offset = match e.offset() {
+                    Offset::Offset(o) => Some(o),
+                    _ => None,
+                };
+                (e.partition(), (offset, e.metadata().to_string()))
+            })
+            .collect()
     }
 
     /// The group's committed offsets.
@@ -547,11 +677,11 @@ pub fn archived_objects(dir: &Path, topic: &str) -> Vec<ArchivedObject> {
     let mut objects = Vec::new();
     for (key, path) in files_under(dir) {
         let parts: Vec<&str> = key.split('/').collect();
-        assert_eq!(parts.len(), 4, "unexpected key layout: {key}");
         assert_eq!(parts[0], "segment-logs", "{key}");
         if parts[1].starts_with('_') {
             continue;
         }
+        assert_eq!(parts.len(), 4, "unexpected key layout: {key}");
         let name = parts[3]
             .strip_suffix(".gz")
             .unwrap_or_else(|| panic!("{key}: not .gz"));

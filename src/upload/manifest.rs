@@ -1,0 +1,75 @@
+//! Batch manifests: one small JSON object per uploaded batch under `segment-logs/_manifests/`,
+//! listing its objects with record counts, sizes and checksums. Written after the objects and
+//! before the offsets are committed, so a manifest present means its objects are all there;
+//! `verify` reads them to find gaps, overlaps, missing and extra objects.
+
+use serde::{Deserialize, Serialize};
+
+use crate::buffer::SealedBatch;
+use crate::layout;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub version: u32,
+    pub topic: String,
+    pub partition: i32,
+    /// First and last offset the batch covers.
+    pub start: i64,
+    pub end: i64,
+    pub records: u64,
+    pub files: Vec<ManifestFile>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestFile {
+    pub key: String,
+    pub first_offset: i64,
+    pub records: u64,
+    pub uncompressed_bytes: u64,
+    /// Size of the object as uploaded; a replay compresses the same lines, possibly to other
+    /// bytes, so compare lines, not sizes, across replays.
+    pub compressed_bytes: u64,
+    /// CRC32 of the uncompressed content (the gzip trailer's), hex.
+    pub crc32: String,
+}
+
+pub const VERSION: u32 = 1;
+
+impl Manifest {
+    pub fn for_batch(prefix: &str, batch: &SealedBatch) -> Manifest {
+        Manifest {
+            version: VERSION,
+            topic: batch.topic.clone(),
+            partition: batch.partition,
+            start: batch.start,
+            end: batch.end,
+            records: batch.records(),
+            files: batch
+                .files
+                .iter()
+                .map(|file| ManifestFile {
+                    key: layout::object_key(
+                        prefix,
+                        &batch.topic,
+                        batch.partition,
+                        &file.destination,
+                        file.first_offset,
+                    ),
+                    first_offset: file.first_offset,
+                    records: file.records,
+                    uncompressed_bytes: file.stream.uncompressed_len,
+                    compressed_bytes: file.stream.compressed_len,
+                    crc32: format!("{:08x}", file.stream.crc32),
+                })
+                .collect(),
+        }
+    }
+
+    pub fn key(&self, prefix: &str) -> String {
+        layout::manifest_key(prefix, &self.topic, self.partition, self.start, self.end)
+    }
+
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec_pretty(self).expect("manifest serializes")
+    }
+}

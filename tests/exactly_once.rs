@@ -1,0 +1,111 @@
+//! The exactly-once protocol against a broker that keeps commit metadata (librdkafka's mock
+//! cluster in its own process): intents recorded before uploads, replayed by the next owner.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use support::*;
+
+/// An archiver records its batch intents but cannot reach S3, and dies; another one, on another
+/// volume, finds the intents and replays exactly those batches before going on.
+#[test]
+fn an_interrupted_batch_is_replayed_exactly_by_the_next_owner() {
+    let rig = Rig::start_mock(2);
+    rig.produce(4_000, 4, 2, 11);
+    let unreachable_s3 = format!("http://127.0.0.1:{}", free_port());
+    let mut first = rig.archiver(
+        "first",
+        &rig.dir.path().join("first-volume"),
+        &[
+            ("ARCHIVER_SCHEDULE_INTERVAL_SECS", "2"),
+            ("ARCHIVER_SCHEDULE_OFFSET_SECS", "0"),
+            ("ARCHIVER_S3_ENDPOINT_URL", &unreachable_s3),
+        ],
+    );
+    // Wait until both partitions carry an intent in the group's commit.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let intents: BTreeMap<i32, serde_json::Value> = loop {
+        let committed = rig.committed_with_metadata(2);
+        let intents: BTreeMap<i32, serde_json::Value> = committed
+            .iter()
+            .filter_map(|(&p, (_, metadata))| Some((p, serde_json::from_str(metadata).ok()?)))
+            .collect();
+        if intents.len() == 2 {
+            break intents;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no intents recorded: {committed:?}\n{}",
+            first.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(
+        first.log_text().contains("keeps offset-commit metadata"),
+        "{}",
+        first.log_text()
+    );
+    // More records arrive behind the interrupted batches; they must not join them.
+    rig.produce(2_000, 4, 2, 12);
+    std::thread::sleep(Duration::from_secs(1));
+    first.kill9();
+
+    let records = rig.read_topic(2);
+    let ends = end_offsets(&records);
+    let mut second = rig.archiver(
+        "second",
+        &rig.dir.path().join("second-volume"),
+        &[
+            ("ARCHIVER_SCHEDULE_INTERVAL_SECS", "2"),
+            ("ARCHIVER_SCHEDULE_OFFSET_SECS", "0"),
+        ],
+    );
+    rig.wait_committed(&ends, Duration::from_secs(120), &mut [&mut second]);
+    assert!(
+        second.terminate(Duration::from_secs(40)).success(),
+        "{}",
+        second.log_text()
+    );
+
+    let log = second.log_text();
+    let replays = log_events(&log, "replaying the batch an interrupted upload recorded");
+    let manifests = rig.s3.manifests(rig.dir.path());
+    for (partition, intent) in &intents {
+        let (start, end) = (
+            intent["start"].as_i64().unwrap(),
+            intent["end"].as_i64().unwrap(),
+        );
+        assert!(
+            replays
+                .iter()
+                .any(|e| e["partition"] == partition.to_string() && e["end"] == end.to_string()),
+            "partition {partition} did not replay [{start}, {end}]:\n{log}"
+        );
+        // The replayed batch is exactly the recorded one, and the batches after it follow on.
+        let mut batches: Vec<(i64, i64)> = manifests
+            .iter()
+            .filter(|m| m["partition"] == *partition)
+            .map(|m| (m["start"].as_i64().unwrap(), m["end"].as_i64().unwrap()))
+            .collect();
+        batches.sort();
+        assert_eq!(
+            batches[0],
+            (start, end),
+            "partition {partition}: {batches:?}"
+        );
+        for pair in batches.windows(2) {
+            assert_eq!(
+                pair[0].1 + 1,
+                pair[1].0,
+                "partition {partition}: gap or overlap in {batches:?}"
+            );
+        }
+        assert_eq!(batches.last().unwrap().1 + 1, ends[partition]);
+    }
+
+    let out = rig.dir.path().join("bucket");
+    rig.s3.download(&out);
+    assert_exactly_once(&archived_objects(&out, &rig.topic), &records, None);
+}
