@@ -12,7 +12,8 @@
 //! - [`commit`]: uploaded batches to committed offsets, fenced by assignment epochs.
 //!
 //! Around them: [`config`], [`schedule`] (when batches are sealed), [`layout`] (every key and
-//! path), [`metrics`], [`produce`] (a load generator) and [`app`] (wiring and shutdown).
+//! path), [`metrics`], [`produce`] (a load generator), [`verify`] (checks the bucket against manifests and
+//! commits) and [`app`] (wiring and shutdown).
 
 pub mod app;
 pub mod buffer;
@@ -26,3 +27,4 @@ pub mod produce;
 pub mod route;
 pub mod schedule;
 pub mod upload;
+pub mod verify;

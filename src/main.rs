@@ -75,6 +75,18 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         seed: u64,
     },
+    /// Check the bucket against the batch manifests and the group's committed offsets; exits
+    /// non-zero on any finding.
+    Verify {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Also download and decompress every object and look for duplicate messageIds.
+        #[arg(long)]
+        deep: bool,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show the group's committed offsets against the topic's high watermarks.
     Lag {
         #[command(flatten)]
@@ -165,6 +177,21 @@ fn real_main() -> anyhow::Result<ExitCode> {
                 summary.bytes as f64 / 1e6 / secs
             );
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Verify { config, deep, json } => {
+            let config = config.load()?;
+            let runtime = tokio::runtime::Runtime::new().context("start async runtime")?;
+            let report = runtime.block_on(kafka_s3_archiver::verify::verify(&config, deep))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.render());
+            }
+            Ok(if report.findings.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
         Command::Lag {
             config,

@@ -108,4 +108,41 @@ fn an_interrupted_batch_is_replayed_exactly_by_the_next_owner() {
     let out = rig.dir.path().join("bucket");
     rig.s3.download(&out);
     assert_exactly_once(&archived_objects(&out, &rig.topic), &records, None);
+
+    let (clean, report) = rig.verify(true);
+    assert!(clean, "verify --deep found problems: {report:#}");
+    assert_eq!(report["lines_checked"], 6_000);
+    assert_eq!(report["records"], 6_000);
+
+    // verify notices what it should: an object gone, an object no manifest lists.
+    let victim = rig
+        .s3
+        .keys()
+        .into_iter()
+        .find(|k| k.ends_with(".gz") && !k.contains("/_"))
+        .unwrap();
+    rig.s3
+        .aws(&["s3", "rm", &format!("s3://{BUCKET}/{victim}")]);
+    let stray = out.join("stray.gz");
+    std::fs::copy(out.join(&victim), &stray).unwrap();
+    let stray_key = format!(
+        "segment-logs/src/2026-01-01/{}-0-00000000000000999999.gz",
+        rig.topic
+    );
+    rig.s3.aws(&[
+        "s3",
+        "cp",
+        stray.to_str().unwrap(),
+        &format!("s3://{BUCKET}/{stray_key}"),
+    ]);
+    let (clean, report) = rig.verify(false);
+    assert!(!clean);
+    let kinds: Vec<&str> = report["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["kind"].as_str().unwrap())
+        .collect();
+    assert!(kinds.contains(&"missing-object"), "{report:#}");
+    assert!(kinds.contains(&"extra-object"), "{report:#}");
 }

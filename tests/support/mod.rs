@@ -441,6 +441,27 @@ impl Rig {
         Process::spawn(command, self.dir.path().join(format!("{name}.log")))
     }
 
+    /// Runs `kafka-s3-archiver verify --json [--deep]` against this rig.
+    pub fn verify(&self, deep: bool) -> (bool, serde_json::Value) {
+        let mut command = Command::new(ARCHIVER);
+        command
+            .args(["verify", "--json"])
+            .env_clear()
+            .envs(self.env(&self.dir.path().join("verify-unused")));
+        if deep {
+            command.arg("--deep");
+        }
+        let output = command.output().expect("run verify");
+        let report = serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+            panic!(
+                "verify printed no JSON ({e}): {}\n{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            )
+        });
+        (output.status.success(), report)
+    }
+
     /// Starts an archiver that is to take over a partition from one killed with `kill -9`.
     ///
     /// tansu 0.6 sometimes answers a follower's SyncGroup with an empty assignment while the

@@ -1,0 +1,424 @@
+//! Verify: checks what is in the bucket against the batch manifests and the group's committed
+//! offsets, and reports every gap, overlap, missing or extra object and count mismatch per
+//! partition. `deep` also downloads and decompresses every object (as one gzip member), checks
+//! its line count and CRC32 against the manifest, and looks for duplicate `messageId`s.
+//!
+//! It only reads: it never deletes or rewrites anything.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io::Read;
+
+use serde::Serialize;
+
+use crate::config::Config;
+use crate::consume::lag::{group_lag, LagError, PartitionLag};
+use crate::layout;
+use crate::upload::manifest::Manifest;
+use crate::upload::s3::S3Store;
+
+/// One problem found.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Finding {
+    /// `gap`, `overlap`, `missing-object`, `extra-object`, `count-mismatch`, `bad-manifest`,
+    /// `corrupt-object`, `uncommitted-batch`, `duplicate-message-id`.
+    pub kind: &'static str,
+    pub partition: Option<i32>,
+    pub detail: String,
+}
+
+/// What a partition looks like in the bucket.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PartitionSummary {
+    pub partition: i32,
+    pub batches: usize,
+    /// First and last offset covered by manifests.
+    pub first_offset: Option<i64>,
+    pub last_offset: Option<i64>,
+    pub records: u64,
+    pub committed: Option<i64>,
+    pub end_offset: Option<i64>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Report {
+    pub bucket: String,
+    pub topic: String,
+    pub objects: usize,
+    pub manifests: usize,
+    pub records: u64,
+    /// Lines decompressed and checked (deep only).
+    pub lines_checked: u64,
+    pub partitions: Vec<PartitionSummary>,
+    pub findings: Vec<Finding>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    #[error("cannot list s3://{bucket}/{prefix}: {message}")]
+    List {
+        bucket: String,
+        prefix: String,
+        message: String,
+    },
+    #[error("cannot read s3://{bucket}/{key}: {message}")]
+    Get {
+        bucket: String,
+        key: String,
+        message: String,
+    },
+    #[error(transparent)]
+    Kafka(#[from] LagError),
+}
+
+/// Runs every check; `Ok` carries the findings, `Err` means the check itself could not run.
+pub async fn verify(config: &Config, deep: bool) -> Result<Report, VerifyError> {
+    let store = S3Store::connect(&config.s3).await;
+    let topic = config.kafka.topic.clone();
+    let root = format!("{}{}/", config.s3.prefix, layout::ROOT);
+    let manifest_root = format!("{root}_manifests/{topic}/");
+    let objects = list(&store, &root).await?;
+    let mut report = Report {
+        bucket: store.bucket().to_string(),
+        topic: topic.clone(),
+        ..Report::default()
+    };
+    let mut findings = Vec::new();
+
+    // Manifests, per partition, in offset order.
+    let mut manifests: BTreeMap<i32, Vec<Manifest>> = BTreeMap::new();
+    for key in objects.keys().filter(|k| k.starts_with(&manifest_root)) {
+        let bytes = get(&store, key).await?;
+        match serde_json::from_slice::<Manifest>(&bytes) {
+            Ok(manifest) if manifest.topic == topic => manifests
+                .entry(manifest.partition)
+                .or_default()
+                .push(manifest),
+            Ok(_) => {}
+            Err(err) => findings.push(Finding {
+                kind: "bad-manifest",
+                partition: None,
+                detail: format!("{key}: {err}"),
+            }),
+        }
+    }
+    report.manifests = manifests.values().map(Vec::len).sum();
+
+    // rdkafka calls block: keep them off the async threads.
+    let kafka_config = config.clone();
+    let kafka = tokio::task::spawn_blocking(move || group_lag(&kafka_config))
+        .await
+        .expect("kafka lookup thread")?;
+    let kafka: HashMap<i32, PartitionLag> = kafka.into_iter().map(|l| (l.partition, l)).collect();
+
+    let mut referenced = HashSet::new();
+    let mut partitions: Vec<i32> = manifests.keys().chain(kafka.keys()).copied().collect();
+    partitions.sort_unstable();
+    partitions.dedup();
+    for partition in partitions {
+        let mut batches = manifests.remove(&partition).unwrap_or_default();
+        batches.sort_by_key(|m| (m.start, m.end));
+        let lag = kafka.get(&partition);
+        let mut summary = PartitionSummary {
+            partition,
+            batches: batches.len(),
+            first_offset: batches.first().map(|m| m.start),
+            last_offset: batches.last().map(|m| m.end),
+            committed: lag.and_then(|l| l.committed),
+            end_offset: lag.map(|l| l.end_offset),
+            ..PartitionSummary::default()
+        };
+        let finding = |kind, detail: String| Finding {
+            kind,
+            partition: Some(partition),
+            detail,
+        };
+        if let (Some(lag), Some(first)) = (lag, batches.first()) {
+            if first.start > lag.low_watermark {
+                findings.push(finding(
+                    "gap",
+                    format!(
+                        "offsets {}..{} are in Kafka but in no manifest",
+                        lag.low_watermark,
+                        first.start - 1
+                    ),
+                ));
+            }
+        }
+        for pair in batches.windows(2) {
+            let (a, b) = (&pair[0], &pair[1]);
+            if b.start > a.end + 1 {
+                findings.push(finding(
+                    "gap",
+                    format!("offsets {}..{} are in no manifest", a.end + 1, b.start - 1),
+                ));
+            } else if b.start <= a.end {
+                findings.push(finding(
+                    "overlap",
+                    format!(
+                        "batches [{}, {}] and [{}, {}] overlap",
+                        a.start, a.end, b.start, b.end
+                    ),
+                ));
+            }
+        }
+        match (summary.committed, summary.last_offset) {
+            (Some(committed), Some(last)) if committed > last + 1 => findings.push(finding(
+                "gap",
+                format!("the group committed {committed} but manifests end at {last}"),
+            )),
+            (Some(committed), Some(last)) if committed < last + 1 => findings.push(finding(
+                "uncommitted-batch",
+                format!(
+                    "manifests reach {last} but the group committed only {committed} (an upload still in progress?)"
+                ),
+            )),
+            (None, Some(last)) => findings.push(finding(
+                "uncommitted-batch",
+                format!("manifests reach {last} but the group committed nothing"),
+            )),
+            _ => {}
+        }
+        for manifest in &batches {
+            let listed: u64 = manifest.files.iter().map(|f| f.records).sum();
+            if listed != manifest.records {
+                findings.push(finding(
+                    "count-mismatch",
+                    format!(
+                        "batch [{}, {}] says {} records, its files {listed}",
+                        manifest.start, manifest.end, manifest.records
+                    ),
+                ));
+            }
+            summary.records += manifest.records;
+            for file in &manifest.files {
+                referenced.insert(file.key.clone());
+                if !objects.contains_key(&file.key) {
+                    findings.push(finding(
+                        "missing-object",
+                        format!(
+                            "{} of batch [{}, {}] is not in the bucket",
+                            file.key, manifest.start, manifest.end
+                        ),
+                    ));
+                }
+            }
+        }
+        report.records += summary.records;
+        report.partitions.push(summary);
+    }
+
+    // Objects of this topic that no manifest lists.
+    let marker = format!("/{topic}-");
+    let dead_letter_root = format!("{root}_dead-letter/{topic}/");
+    for key in objects.keys() {
+        let ours = key.ends_with(".gz")
+            && (key.contains(&marker))
+            && (!key[root.len()..].starts_with('_') || key.starts_with(&dead_letter_root));
+        if ours {
+            report.objects += 1;
+            if !referenced.contains(key) {
+                findings.push(Finding {
+                    kind: "extra-object",
+                    partition: None,
+                    detail: format!("{key} is in no manifest"),
+                });
+            }
+        }
+    }
+
+    if deep {
+        deep_check(
+            &store,
+            config,
+            &referenced,
+            &objects,
+            &mut report,
+            &mut findings,
+        )
+        .await?;
+    }
+    report.findings = findings;
+    Ok(report)
+}
+
+/// Downloads every referenced object: it must be one gzip member whose lines match the
+/// manifest, and no `messageId` may appear twice anywhere.
+async fn deep_check(
+    store: &S3Store,
+    config: &Config,
+    referenced: &HashSet<String>,
+    objects: &BTreeMap<String, i64>,
+    report: &mut Report,
+    findings: &mut Vec<Finding>,
+) -> Result<(), VerifyError> {
+    let root = format!("{}{}/", config.s3.prefix, layout::ROOT);
+    let manifest_root = format!("{root}_manifests/{}/", config.kafka.topic);
+    // Expected counts and CRCs, from the manifests once more.
+    let mut expected: HashMap<String, (u64, String)> = HashMap::new();
+    for key in objects.keys().filter(|k| k.starts_with(&manifest_root)) {
+        if let Ok(manifest) = serde_json::from_slice::<Manifest>(&get(store, key).await?) {
+            for file in manifest.files {
+                expected.insert(file.key, (file.records, file.crc32));
+            }
+        }
+    }
+    let mut seen: HashMap<String, String> = HashMap::new();
+    let mut keys: Vec<&String> = referenced
+        .iter()
+        .filter(|k| objects.contains_key(*k))
+        .collect();
+    keys.sort();
+    for key in keys {
+        let bytes = get(store, key).await?;
+        let mut decoder = flate2::bufread::GzDecoder::new(&bytes[..]);
+        let mut content = Vec::new();
+        if let Err(err) = decoder.read_to_end(&mut content) {
+            findings.push(Finding {
+                kind: "corrupt-object",
+                partition: None,
+                detail: format!("{key}: not a valid gzip member: {err}"),
+            });
+            continue;
+        }
+        if !decoder.into_inner().is_empty() {
+            findings.push(Finding {
+                kind: "corrupt-object",
+                partition: None,
+                detail: format!("{key}: bytes follow the first gzip member"),
+            });
+        }
+        let lines: Vec<&[u8]> = content
+            .split(|&b| b == b'\n')
+            .filter(|l| !l.is_empty())
+            .collect();
+        report.lines_checked += lines.len() as u64;
+        if let Some((records, crc)) = expected.get(key.as_str()) {
+            let actual_crc = format!("{:08x}", crc32fast::hash(&content));
+            if *records != lines.len() as u64 || *crc != actual_crc {
+                findings.push(Finding {
+                    kind: "count-mismatch",
+                    partition: None,
+                    detail: format!(
+                        "{key}: manifest says {records} lines (crc32 {crc}), object has {} (crc32 {actual_crc})",
+                        lines.len()
+                    ),
+                });
+            }
+        }
+        if key.starts_with(&format!("{root}_")) {
+            continue; // dead letters carry no messageId of their own
+        }
+        for line in lines {
+            let Ok(event) = serde_json::from_slice::<serde_json::Value>(line) else {
+                continue;
+            };
+            let Some(id) = event.get("messageId").and_then(|v| v.as_str()) else {
+                continue;
+            };
+            if let Some(first) = seen.insert(id.to_string(), key.clone()) {
+                findings.push(Finding {
+                    kind: "duplicate-message-id",
+                    partition: None,
+                    detail: format!("messageId {id} is in {first} and {key}"),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn list(store: &S3Store, prefix: &str) -> Result<BTreeMap<String, i64>, VerifyError> {
+    let mut pages = store
+        .client()
+        .list_objects_v2()
+        .bucket(store.bucket())
+        .prefix(prefix)
+        .into_paginator()
+        .send();
+    let mut objects = BTreeMap::new();
+    while let Some(page) = pages.next().await {
+        let page = page.map_err(|err| VerifyError::List {
+            bucket: store.bucket().to_string(),
+            prefix: prefix.to_string(),
+            message: aws_sdk_s3::error::DisplayErrorContext(&err).to_string(),
+        })?;
+        for object in page.contents() {
+            if let Some(key) = object.key() {
+                objects.insert(key.to_string(), object.size().unwrap_or_default());
+            }
+        }
+    }
+    Ok(objects)
+}
+
+async fn get(store: &S3Store, key: &str) -> Result<Vec<u8>, VerifyError> {
+    let fail = |message: String| VerifyError::Get {
+        bucket: store.bucket().to_string(),
+        key: key.to_string(),
+        message,
+    };
+    let object = store
+        .client()
+        .get_object()
+        .bucket(store.bucket())
+        .key(key)
+        .send()
+        .await
+        .map_err(|err| fail(aws_sdk_s3::error::DisplayErrorContext(&err).to_string()))?;
+    let body = object
+        .body
+        .collect()
+        .await
+        .map_err(|err| fail(err.to_string()))?;
+    Ok(body.into_bytes().to_vec())
+}
+
+impl Report {
+    /// The human-readable report.
+    pub fn render(&self) -> String {
+        let mut out = format!(
+            "s3://{} topic {}: {} objects, {} manifests, {} records{}\n",
+            self.bucket,
+            self.topic,
+            self.objects,
+            self.manifests,
+            self.records,
+            if self.lines_checked > 0 {
+                format!(", {} lines decompressed and checked", self.lines_checked)
+            } else {
+                String::new()
+            }
+        );
+        out.push_str("partition  batches  offsets               records  committed  end\n");
+        for p in &self.partitions {
+            let range = match (p.first_offset, p.last_offset) {
+                (Some(a), Some(b)) => format!("{a}..{b}"),
+                _ => "-".into(),
+            };
+            let show = |v: Option<i64>| v.map_or("-".to_string(), |v| v.to_string());
+            out.push_str(&format!(
+                "{:>9}  {:>7}  {:<20}  {:>7}  {:>9}  {}\n",
+                p.partition,
+                p.batches,
+                range,
+                p.records,
+                show(p.committed),
+                show(p.end_offset)
+            ));
+        }
+        if self.findings.is_empty() {
+            out.push_str("no findings\n");
+        } else {
+            out.push_str(&format!("{} findings:\n", self.findings.len()));
+            for f in &self.findings {
+                match f.partition {
+                    Some(p) => {
+                        out.push_str(&format!("  {} (partition {p}): {}\n", f.kind, f.detail))
+                    }
+                    None => out.push_str(&format!("  {}: {}\n", f.kind, f.detail)),
+                }
+            }
+        }
+        out
+    }
+}
