@@ -74,6 +74,9 @@ enum Command {
         near_midnight: f64,
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// Small events with only the fields routing needs.
+        #[arg(long)]
+        minimal: bool,
     },
     /// Check the bucket against the batch manifests and the group's committed offsets; exits
     /// non-zero on any finding.
@@ -139,6 +142,7 @@ fn real_main() -> anyhow::Result<ExitCode> {
             start_day,
             near_midnight,
             seed,
+            minimal,
         } => {
             let config = config.load()?;
             let start_day = start_day.unwrap_or_else(|| {
@@ -150,6 +154,7 @@ fn real_main() -> anyhow::Result<ExitCode> {
                 days,
                 near_midnight,
                 seed,
+                minimal,
             });
             let settings = ProduceSettings {
                 brokers: config.kafka.brokers.clone(),

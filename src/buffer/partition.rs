@@ -438,7 +438,7 @@ impl PartitionBuffer {
         if !done.is_empty() {
             // Checkpoint first: a crash between the two steps leaves extra directories, which a
             // resume removes, never a checkpoint naming deleted files.
-            self.write_checkpoint()?;
+            self.checkpoint()?;
             for batch in &done {
                 let dir = layout::batch_dir(&self.dir, batch.start);
                 if dir.exists() {
@@ -458,6 +458,9 @@ impl PartitionBuffer {
         Ok(())
     }
 
+    /// Writes the checkpoint file. Only valid when every open file was just sync-flushed (or
+    /// there is none): the recorded lengths must be flush points, and `next_offset` must match
+    /// what those lengths hold. `checkpoint` flushes first; `seal` leaves no open file.
     fn write_checkpoint(&self) -> io::Result<()> {
         let Some(next_offset) = self.next_offset else {
             // Nothing read yet: there is nothing to resume.
@@ -628,6 +631,42 @@ mod tests {
         };
         assert_eq!(contents(&resumed), contents(&reference));
         assert_eq!((resumed.start, resumed.end), (100, 399));
+    }
+
+    #[test]
+    fn a_checkpoint_written_on_commit_is_a_consistent_resume_point() {
+        let dir = tempfile::tempdir().unwrap();
+        let all = records();
+        let mut buffer =
+            PartitionBuffer::fresh(dir.path(), "t", 0, router(), SETTINGS, Some(100)).unwrap();
+        for record in &all[..100] {
+            buffer.append(record, 0).unwrap();
+        }
+        buffer.seal().unwrap().unwrap();
+        // Records still inside the compressors when the commit of the first batch arrives.
+        for record in &all[100..130] {
+            buffer.append(record, 0).unwrap();
+        }
+        buffer.committed(200).unwrap();
+        drop(buffer); // crash
+
+        let checkpoint = checkpoint::read(&layout::partition_dir(dir.path(), "t", 0))
+            .unwrap()
+            .unwrap();
+        let Recovery::FromCheckpoint { checkpoint, .. } =
+            plan_recovery(Some(checkpoint), "t", 0, Committed::Offset(200), None)
+        else {
+            panic!("should resume")
+        };
+        let mut buffer =
+            PartitionBuffer::resume(dir.path(), router(), SETTINGS, checkpoint).unwrap();
+        let next = buffer.next_offset().unwrap();
+        for record in all.iter().filter(|r| r.offset >= next) {
+            buffer.append(record, 0).unwrap();
+        }
+        let batch = buffer.seal().unwrap().unwrap();
+        let lines: usize = batch.files.iter().map(|f| read_lines(&f.path).len()).sum();
+        assert_eq!((batch.start, batch.end, lines), (200, 399, 200));
     }
 
     #[test]

@@ -8,6 +8,8 @@
 
 #![allow(dead_code)]
 
+pub mod s3_proxy;
+
 use std::collections::{BTreeMap, HashMap};
 use std::io::Read;
 use std::net::{TcpListener, TcpStream};
@@ -132,16 +134,18 @@ impl Drop for Process {
     }
 }
 
+type ControlChannel = (
+    std::process::ChildStdin,
+    std::io::BufReader<std::process::ChildStdout>,
+);
+
 /// The Kafka-protocol broker of a test: tansu (a real broker, in memory; drops commit
 /// metadata) or librdkafka's mock cluster in its own process (keeps metadata, injects faults).
 pub struct Broker {
     pub process: Process,
     pub bootstrap: String,
     /// The mock cluster's command channel.
-    control: Option<(
-        std::process::ChildStdin,
-        std::io::BufReader<std::process::ChildStdout>,
-    )>,
+    control: Option<std::sync::Mutex<ControlChannel>>,
     pub keeps_commit_metadata: bool,
 }
 
@@ -225,7 +229,7 @@ impl Broker {
                 log: dir.join("mock_kafka.log"),
             },
             bootstrap,
-            control: Some((stdin, stdout)),
+            control: Some(std::sync::Mutex::new((stdin, stdout))),
             keeps_commit_metadata: true,
         }
     }
@@ -235,12 +239,15 @@ impl Broker {
     }
 
     /// Sends a fault command to the mock cluster (`down 1`, `errors OffsetCommit ...`).
-    pub fn control(&mut self, command: &str) {
+    pub fn control(&self, command: &str) {
         use std::io::{BufRead, Write};
-        let (stdin, stdout) = self
+        let mut channel = self
             .control
-            .as_mut()
-            .expect("only the mock cluster takes commands");
+            .as_ref()
+            .expect("only the mock cluster takes commands")
+            .lock()
+            .unwrap();
+        let (stdin, stdout) = &mut *channel;
         writeln!(stdin, "{command}").unwrap();
         let mut answer = String::new();
         stdout.read_line(&mut answer).unwrap();
@@ -490,6 +497,37 @@ impl Rig {
         panic!("{name} never got partitions");
     }
 
+    /// Starts `kafka-s3-archiver produce` in the background at `rate` events per second.
+    pub fn produce_in_background(&self, count: u64, rate: u64, seed: u64) -> Process {
+        let mut command = Command::new(ARCHIVER);
+        command
+            .args([
+                "produce",
+                "--count",
+                &count.to_string(),
+                "--rate",
+                &rate.to_string(),
+            ])
+            .args([
+                "--sources",
+                "20",
+                "--days",
+                "3",
+                "--start-day",
+                "2026-11-20",
+            ])
+            .args([
+                "--near-midnight",
+                "0.1",
+                "--seed",
+                &seed.to_string(),
+                "--minimal",
+            ])
+            .env("ARCHIVER_KAFKA_BROKERS", self.broker.bootstrap())
+            .env("ARCHIVER_KAFKA_TOPIC", &self.topic);
+        Process::spawn(command, self.dir.path().join("producer.log"))
+    }
+
     /// Runs `kafka-s3-archiver produce`.
     pub fn produce(&self, count: u64, sources: usize, days: u32, seed: u64) {
         run_ok(
@@ -618,6 +656,16 @@ impl Rig {
                 );
             }
             std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            // Keep the logs, buffers and downloads of a failed test for a look.
+            self.dir.disable_cleanup(true);
+            eprintln!("test files kept in {}", self.dir.path().display());
         }
     }
 }
@@ -756,10 +804,15 @@ pub fn assert_exactly_once(
         let mut previous = None;
         for (index, line) in object.lines.iter().enumerate() {
             let &(partition, offset) = where_from.get(line.as_slice()).unwrap_or_else(|| {
+                let at_first = records
+                    .get(&object.partition)
+                    .and_then(|offsets| offsets.get(&object.first_offset));
                 panic!(
-                    "{}: line {index} is not a produced event: {}",
+                    "{}: line {index} is not a produced event: {}\n(the topic holds at offset {}: {})",
                     object.key,
-                    String::from_utf8_lossy(line)
+                    String::from_utf8_lossy(line),
+                    object.first_offset,
+                    at_first.map_or("nothing".into(), |p| String::from_utf8_lossy(p).to_string())
                 )
             });
             assert_eq!(
