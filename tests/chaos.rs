@@ -129,7 +129,7 @@ fn chaos_leaves_every_event_in_the_bucket_exactly_once() {
     let mut broker_restarted = false;
     let deadline = started + Duration::from_secs(seconds);
     while Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(rng.u64(1_000..3_500)));
+        std::thread::sleep(Duration::from_millis(rng.u64(1_500..5_000)));
         fleet.assert_alive();
         if let Some((slot, since)) = zombie {
             if since.elapsed() > Duration::from_millis(SESSION_TIMEOUT_MS + 5_000) {

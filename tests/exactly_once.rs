@@ -54,6 +54,10 @@ fn an_interrupted_batch_is_replayed_exactly_by_the_next_owner() {
 
     let records = rig.read_topic(2);
     let ends = end_offsets(&records);
+    // The new owner also meets a slow coordinator that refuses its first commits.
+    rig.broker
+        .control("errors OffsetCommit REBALANCE_IN_PROGRESS 3");
+    rig.broker.control("rtt 1 50");
     let mut second = rig.archiver(
         "second",
         &rig.dir.path().join("second-volume"),
@@ -70,6 +74,7 @@ fn an_interrupted_batch_is_replayed_exactly_by_the_next_owner() {
     );
 
     let log = second.log_text();
+    assert!(log.contains("offset commit failed, will retry"), "{log}");
     let replays = log_events(&log, "replaying the batch an interrupted upload recorded");
     let manifests = rig.s3.manifests(rig.dir.path());
     for (partition, intent) in &intents {
