@@ -7,5 +7,7 @@ cd "$(dirname "$0")/.."
 source scripts/lib/rig.sh
 
 ensure_tools
+log "building the test tools (examples/mock_kafka.rs)"
+cargo build --examples
 log "running the test suite"
 cargo test --all-targets "$@"
