@@ -31,6 +31,8 @@ pub enum AppError {
     },
     #[error(transparent)]
     Consume(#[from] ConsumeError),
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::ServeError),
     #[error("buffer worker failed: {0}")]
     Worker(String),
 }
@@ -50,6 +52,15 @@ pub async fn run(
             source,
         })?;
 
+    let server_stop = CancellationToken::new();
+    let server = if config.metrics.listen.is_empty() {
+        None
+    } else {
+        Some(
+            crate::metrics::serve(metrics.clone(), &config.metrics.listen, server_stop.clone())
+                .await?,
+        )
+    };
     let store = S3Store::connect(&config.s3).await;
     let assignments = Arc::new(Assignments::default());
     let disk = Arc::new(DiskUsage::default());
@@ -154,6 +165,10 @@ pub async fn run(
 
     uploader_stop.cancel();
     let _ = uploader.await;
+    server_stop.cancel();
+    if let Some(server) = server {
+        let _ = server.await;
+    }
     watcher.abort();
     let worker_results = tokio::task::spawn_blocking(move || {
         worker_threads

@@ -39,6 +39,9 @@ pub struct BatchState {
     /// Last offset the batch holds.
     pub end: i64,
     pub files: Vec<FileState>,
+    /// Unix ms when its first record was read, for the oldest-unuploaded-record age.
+    #[serde(default)]
+    pub first_read_ms: Option<i64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -246,6 +249,7 @@ mod tests {
                 },
                 accepting: true,
             }],
+            first_read_ms: None,
         }
     }
 

@@ -22,6 +22,7 @@ pub struct Config {
     pub buffer: BufferConfig,
     pub schedule: ScheduleConfig,
     pub shutdown: ShutdownConfig,
+    pub metrics: MetricsConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -268,6 +269,21 @@ impl Default for ShutdownConfig {
     }
 }
 
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Address of the `/metrics`, `/healthz` and `/readyz` server; empty turns it off.
+    pub listen: String,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:9187".into(),
+        }
+    }
+}
+
 /// A configuration that cannot be used, with every problem found.
 #[derive(Debug, thiserror::Error)]
 #[error("invalid configuration:\n  - {}", problems.join("\n  - "))]
@@ -277,7 +293,9 @@ pub struct ConfigError {
 
 const ENV_PREFIX: &str = "ARCHIVER_";
 /// Top-level tables of the config file, which `ARCHIVER_{SECTION}_{KEY}` variables address.
-const SECTIONS: &[&str] = &["kafka", "s3", "routing", "buffer", "schedule", "shutdown"];
+const SECTIONS: &[&str] = &[
+    "kafka", "s3", "routing", "buffer", "schedule", "shutdown", "metrics",
+];
 
 impl Config {
     /// Reads `path` (if given), applies environment overrides and `--set` overrides, validates.
@@ -497,6 +515,11 @@ impl Config {
         check(
             self.schedule.offset_secs < self.schedule.interval_secs,
             "schedule.offset_secs: must be below schedule.interval_secs",
+        );
+        check(
+            self.metrics.listen.is_empty()
+                || self.metrics.listen.parse::<std::net::SocketAddr>().is_ok(),
+            "metrics.listen: must be HOST:PORT with an IP address (e.g. 0.0.0.0:9187), or empty",
         );
     }
 

@@ -1,9 +1,17 @@
-//! Metrics: every Prometheus series the archiver exports is named here, in one place, with
-//! bounded labels (partition numbers, a closed set of reasons and error kinds).
+//! Metrics and health: every Prometheus series the archiver exports is named here, in one
+//! place, with bounded labels (partition numbers, a closed set of reasons and error kinds), and
+//! the small HTTP server that exposes them with `/healthz` and `/readyz`.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use prometheus::{
     Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 
 use crate::route::DeadLetterReason;
 
@@ -40,7 +48,11 @@ pub struct Metrics {
     pub paused_partitions: IntGauge,
     pub last_upload_timestamp: IntGauge,
     pub consumer_lag: IntGaugeVec,
+    pub committed_lag: IntGaugeVec,
     pub oldest_unuploaded_age: IntGaugeVec,
+    pub build_info: IntGaugeVec,
+    /// Liveness and readiness inputs, shared with the stages that know them.
+    pub health: Arc<Health>,
 }
 
 impl Metrics {
@@ -166,13 +178,28 @@ impl Metrics {
                 "High watermark minus the position read, by partition",
                 &["partition"],
             ),
-            oldest_unuploaded_age: gauge_vec(
-                "oldest_unuploaded_record_age_seconds",
-                "Age of the oldest record read but not yet in S3, by partition",
+            committed_lag: gauge_vec(
+                "consumer_committed_lag_records",
+                "High watermark minus the committed offset, by partition",
                 &["partition"],
             ),
+            oldest_unuploaded_age: gauge_vec(
+                "oldest_unuploaded_record_age_seconds",
+                "Age of the oldest record read but not yet in S3, by partition (0 when none)",
+                &["partition"],
+            ),
+            build_info: gauge_vec(
+                "build_info",
+                "Always 1; the version label says which build runs",
+                &["version"],
+            ),
+            health: Arc::new(Health::default()),
             registry,
         };
+        metrics
+            .build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
         for reason in DeadLetterReason::ALL {
             metrics
                 .records_dead_lettered
@@ -186,8 +213,15 @@ impl Metrics {
         metrics
     }
 
-    /// The text exposition of every series.
+    /// The text exposition of every series, ages computed as of now.
     pub fn render(&self) -> String {
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        for (partition, oldest) in self.health.oldest_pending_ms.lock().expect("lock").iter() {
+            let age = oldest.map_or(0, |since| ((now_ms - since) / 1000).max(0));
+            self.oldest_unuploaded_age
+                .with_label_values(&[&partition.to_string()])
+                .set(age);
+        }
         let mut out = String::new();
         prometheus::TextEncoder::new()
             .encode_utf8(&self.registry.gather(), &mut out)
@@ -199,5 +233,217 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
+    }
+}
+
+/// What `/healthz` and `/readyz` answer from.
+#[derive(Debug, Default)]
+pub struct Health {
+    /// Unix ms of the poll loop's last round: a stuck loop is not alive.
+    pub last_poll_ms: AtomicI64,
+    /// Unix ms of the last "all brokers down" report, 0 if none.
+    pub brokers_down_since_ms: AtomicI64,
+    /// Set while S3 requests keep failing (three attempts in a row), cleared by a success.
+    pub s3_failing: AtomicBool,
+    /// Per assigned partition: Unix ms of the oldest record read but not yet in S3.
+    pub oldest_pending_ms: Mutex<HashMap<i32, Option<i64>>>,
+}
+
+/// How long the poll loop may go without a round before the process counts as stuck.
+const POLL_STALL_MS: i64 = 120_000;
+
+impl Health {
+    fn now_ms() -> i64 {
+        chrono::Utc::now().timestamp_millis()
+    }
+
+    pub fn polled(&self) {
+        self.last_poll_ms.store(Self::now_ms(), Ordering::Relaxed);
+    }
+
+    /// Alive: the poll loop turns (or has not started yet).
+    pub fn alive(&self) -> Result<(), String> {
+        let last = self.last_poll_ms.load(Ordering::Relaxed);
+        if last > 0 && Self::now_ms() - last > POLL_STALL_MS {
+            return Err(format!(
+                "the kafka poll loop has not run for {}s",
+                (Self::now_ms() - last) / 1000
+            ));
+        }
+        Ok(())
+    }
+
+    /// Ready: alive, the brokers reachable, S3 accepting uploads.
+    pub fn ready(&self) -> Result<(), Vec<String>> {
+        let mut problems = Vec::new();
+        if let Err(problem) = self.alive() {
+            problems.push(problem);
+        }
+        if self.last_poll_ms.load(Ordering::Relaxed) == 0 {
+            problems.push("not consuming yet".to_string());
+        }
+        if self.brokers_down_since_ms.load(Ordering::Relaxed) > 0 {
+            problems.push("no kafka broker reachable".to_string());
+        }
+        if self.s3_failing.load(Ordering::Relaxed) {
+            problems.push("s3 uploads are failing".to_string());
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems)
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen for metrics on {address}: {source}")]
+pub struct ServeError {
+    address: String,
+    source: std::io::Error,
+}
+
+/// Binds the metrics address now (so a taken port fails the start), then serves `/metrics`,
+/// `/healthz` and `/readyz` until `stop` fires.
+pub async fn serve(
+    metrics: Metrics,
+    address: &str,
+    stop: CancellationToken,
+) -> Result<tokio::task::JoinHandle<()>, ServeError> {
+    let listener = TcpListener::bind(address)
+        .await
+        .map_err(|source| ServeError {
+            address: address.to_string(),
+            source,
+        })?;
+    tracing::info!(address = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "serving /metrics, /healthz and /readyz");
+    Ok(tokio::spawn(async move {
+        loop {
+            let (mut stream, _) = tokio::select! {
+                _ = stop.cancelled() => return,
+                accepted = listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(_) => continue,
+                },
+            };
+            let metrics = metrics.clone();
+            tokio::spawn(async move {
+                let mut request = vec![0u8; 4096];
+                let mut read = 0;
+                // The request line is all we need; stop at the end of the head.
+                while read < request.len() {
+                    match tokio::time::timeout(
+                        std::time::Duration::from_secs(5),
+                        stream.read(&mut request[read..]),
+                    )
+                    .await
+                    {
+                        Ok(Ok(0)) | Err(_) | Ok(Err(_)) => break,
+                        Ok(Ok(n)) => read += n,
+                    }
+                    if request[..read].windows(4).any(|w| w == b"\r\n\r\n") {
+                        break;
+                    }
+                }
+                let head = String::from_utf8_lossy(&request[..read]);
+                let path = head.split_whitespace().nth(1).unwrap_or("/");
+                let (status, content_type, body) = respond(&metrics, path);
+                let response = format!(
+                    "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = stream.write_all(response.as_bytes()).await;
+                let _ = stream.shutdown().await;
+            });
+        }
+    }))
+}
+
+fn respond(metrics: &Metrics, path: &str) -> (&'static str, &'static str, String) {
+    match path.split('?').next().unwrap_or(path) {
+        "/metrics" => ("200 OK", "text/plain; version=0.0.4", metrics.render()),
+        "/healthz" => match metrics.health.alive() {
+            Ok(()) => ("200 OK", "text/plain", "ok\n".into()),
+            Err(problem) => (
+                "503 Service Unavailable",
+                "text/plain",
+                format!("{problem}\n"),
+            ),
+        },
+        "/readyz" => match metrics.health.ready() {
+            Ok(()) => (
+                "200 OK",
+                "text/plain",
+                format!(
+                    "ready: {} partitions assigned\n",
+                    metrics.assigned_partitions.get()
+                ),
+            ),
+            Err(problems) => (
+                "503 Service Unavailable",
+                "text/plain",
+                format!("not ready: {}\n", problems.join("; ")),
+            ),
+        },
+        _ => (
+            "404 Not Found",
+            "text/plain",
+            "try /metrics, /healthz or /readyz\n".into(),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readiness_names_every_reason() {
+        let metrics = Metrics::new();
+        let health = &metrics.health;
+        assert_eq!(respond(&metrics, "/healthz").0, "200 OK");
+        assert!(health
+            .ready()
+            .unwrap_err()
+            .contains(&"not consuming yet".to_string()));
+        health.polled();
+        assert_eq!(health.ready(), Ok(()));
+        health.s3_failing.store(true, Ordering::Relaxed);
+        health.brokers_down_since_ms.store(1, Ordering::Relaxed);
+        let (status, _, body) = respond(&metrics, "/readyz");
+        assert_eq!(status, "503 Service Unavailable");
+        assert!(
+            body.contains("no kafka broker reachable") && body.contains("s3 uploads are failing"),
+            "{body}"
+        );
+        // A poll loop that stopped turning is not alive.
+        health
+            .last_poll_ms
+            .store(Health::now_ms() - POLL_STALL_MS - 1000, Ordering::Relaxed);
+        assert_eq!(respond(&metrics, "/healthz").0, "503 Service Unavailable");
+    }
+
+    #[test]
+    fn the_oldest_record_age_is_computed_at_scrape_time() {
+        let metrics = Metrics::new();
+        {
+            let mut oldest = metrics.health.oldest_pending_ms.lock().unwrap();
+            oldest.insert(3, Some(Health::now_ms() - 90_000));
+            oldest.insert(4, None);
+        }
+        let text = metrics.render();
+        let age = |partition: &str| -> i64 {
+            let prefix = format!(
+                "archiver_oldest_unuploaded_record_age_seconds{{partition=\"{partition}\"}} "
+            );
+            text.lines()
+                .find_map(|l| l.strip_prefix(&prefix))
+                .unwrap_or_else(|| panic!("no age for {partition}:\n{text}"))
+                .parse()
+                .unwrap()
+        };
+        assert!((89..=91).contains(&age("3")));
+        assert_eq!(age("4"), 0);
+        assert_eq!(respond(&metrics, "/nope").0, "404 Not Found");
     }
 }

@@ -40,6 +40,9 @@ fn archives_every_event_exactly_once_in_the_segment_layout() {
     assert_eq!(ends.values().sum::<i64>(), 20_000);
     assert_eq!(ends.len(), 4);
     rig.wait_committed(&ends, Duration::from_secs(120), &mut [&mut archiver]);
+    // Let the next statistics round (every 5 s) report the lag of the caught-up partitions.
+    std::thread::sleep(Duration::from_secs(6));
+    let metrics = archiver.scrape();
     let status = archiver.terminate(Duration::from_secs(40));
     assert!(
         status.success(),
@@ -79,6 +82,35 @@ fn archives_every_event_exactly_once_in_the_segment_layout() {
             "partition {partition}: {batches} scheduled batches\n{log}"
         );
     }
+
+    // The service's own account agrees with the bucket.
+    let metric = |name: &str| {
+        metrics
+            .get(name)
+            .copied()
+            .unwrap_or_else(|| panic!("{name} not exported"))
+    };
+    assert_eq!(metric("archiver_records_consumed_total"), 20_000.0);
+    assert_eq!(metric("archiver_records_written_total"), 20_000.0);
+    assert_eq!(
+        metric("archiver_objects_uploaded_total"),
+        objects.len() as f64
+    );
+    assert_eq!(metric("archiver_assigned_partitions"), 4.0);
+    assert!(metric("archiver_batches_uploaded_total") >= 8.0);
+    assert!(metric("archiver_commits_total") >= 8.0);
+    assert_eq!(metric("archiver_commit_errors_total"), 0.0);
+    assert!(metric("archiver_last_upload_timestamp_seconds") > 1.7e9);
+    assert_eq!(metric("archiver_build_info{version=\"0.1.0\"}"), 1.0);
+    for partition in 0..4 {
+        let age =
+            format!("archiver_oldest_unuploaded_record_age_seconds{{partition=\"{partition}\"}}");
+        assert_eq!(metric(&age), 0.0, "nothing is waiting for upload");
+        let lag = format!("archiver_consumer_lag_records{{partition=\"{partition}\"}}");
+        assert_eq!(metric(&lag), 0.0);
+    }
+    assert!(metrics.contains_key("archiver_upload_duration_seconds_count"));
+    assert!(metrics.contains_key("archiver_process_resident_memory_bytes"));
 
     // Object metadata and headers, on one object of each partition.
     for partition in 0..4 {

@@ -337,6 +337,12 @@ impl Worker {
         let Some((_, mut buffer)) = self.partitions.remove(&partition) else {
             return Ok(());
         };
+        self.metrics
+            .health
+            .oldest_pending_ms
+            .lock()
+            .expect("lock")
+            .remove(&partition);
         let io = |source| BufferError::Io { partition, source };
         self.hot_files -= buffer.hot_files();
         if keep_local {
@@ -488,6 +494,10 @@ impl Worker {
         self.metrics
             .open_compressors
             .add(self.hot_files as i64 - previous_hot as i64);
+        let mut oldest = self.metrics.health.oldest_pending_ms.lock().expect("lock");
+        for (&partition, (_, buffer)) in &self.partitions {
+            oldest.insert(partition, buffer.oldest_pending_ms());
+        }
     }
 }
 

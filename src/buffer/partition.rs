@@ -31,6 +31,8 @@ pub struct SealedBatch {
     pub start: i64,
     pub end: i64,
     pub files: Vec<SealedFile>,
+    /// Unix ms when its first record was read.
+    pub first_read_ms: Option<i64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,6 +69,7 @@ impl SealedBatch {
                     accepting: false,
                 })
                 .collect(),
+            first_read_ms: self.first_read_ms,
         }
     }
 }
@@ -91,6 +94,8 @@ struct OpenBatch {
     /// Destination → index of its file still taking records.
     accepting: HashMap<Destination, usize>,
     uncompressed_bytes: u64,
+    /// Unix ms when its first record was read.
+    first_read_ms: Option<i64>,
 }
 
 impl OpenBatch {
@@ -101,6 +106,7 @@ impl OpenBatch {
             files: Vec::new(),
             accepting: HashMap::new(),
             uncompressed_bytes: 0,
+            first_read_ms: None,
         }
     }
 }
@@ -203,12 +209,14 @@ impl PartitionBuffer {
                 start: batch.start,
                 end: batch.end,
                 files,
+                first_read_ms: batch.first_read_ms,
             });
         }
         let mut open = OpenBatch::empty(Some(checkpoint.next_offset));
         if let Some(batch) = &checkpoint.open {
             open.start = Some(batch.start);
             open.last_offset = Some(batch.end);
+            open.first_read_ms = batch.first_read_ms;
             for file in &batch.files {
                 let path = file_path(batch.start, file.first_offset);
                 let gz = GzStreamFile::resume(&path, settings.compression_level, file.stream)?;
@@ -279,6 +287,15 @@ impl PartitionBuffer {
         open + sealed
     }
 
+    /// Unix ms when the oldest record not yet committed was read, if any is buffered.
+    pub fn oldest_pending_ms(&self) -> Option<i64> {
+        self.sealed
+            .iter()
+            .filter_map(|b| b.first_read_ms)
+            .chain(self.open.first_read_ms)
+            .min()
+    }
+
     pub fn open_files(&self) -> usize {
         self.open.files.len()
     }
@@ -295,6 +312,9 @@ impl PartitionBuffer {
         }
         let routed = self.router.route(record);
         let start = *self.open.start.get_or_insert(record.offset);
+        self.open
+            .first_read_ms
+            .get_or_insert_with(|| chrono::Utc::now().timestamp_millis());
         let mut created = false;
         let index = match self.open.accepting.get(&routed.destination) {
             Some(&index) => index,
@@ -414,6 +434,7 @@ impl PartitionBuffer {
             start,
             end,
             files,
+            first_read_ms: open.first_read_ms,
         };
         self.sealed.push(batch.clone());
         self.write_checkpoint()?;
@@ -482,6 +503,7 @@ impl PartitionBuffer {
                         accepting: f.accepting,
                     })
                     .collect(),
+                first_read_ms: self.open.first_read_ms,
             }),
             _ => None,
         };

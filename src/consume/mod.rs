@@ -191,6 +191,19 @@ impl ArchiverContext {
         let mut replies = Vec::new();
         for &partition in &partitions {
             self.assignments.revoke(partition);
+            let label = partition.to_string();
+            let _ = self.metrics.consumer_lag.remove_label_values(&[&label]);
+            let _ = self.metrics.committed_lag.remove_label_values(&[&label]);
+            let _ = self
+                .metrics
+                .oldest_unuploaded_age
+                .remove_label_values(&[&label]);
+            self.metrics
+                .health
+                .oldest_pending_ms
+                .lock()
+                .expect("lock")
+                .remove(&partition);
             if keep_local {
                 continue;
             }
@@ -266,7 +279,54 @@ impl ClientContext for ArchiverContext {
         }
     }
 
+    /// librdkafka's statistics (every few seconds): per-partition lag for the metrics.
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        if statistics
+            .brokers
+            .values()
+            .any(|broker| broker.state == "UP")
+        {
+            self.metrics
+                .health
+                .brokers_down_since_ms
+                .store(0, Ordering::Relaxed);
+        }
+        let Some(topic) = statistics.topics.get(&self.topic) else {
+            return;
+        };
+        let assigned = self.assignments.partitions();
+        for (&partition, stats) in &topic.partitions {
+            if !assigned.contains(&partition) {
+                continue;
+            }
+            let label = partition.to_string();
+            if stats.hi_offset >= 0 && stats.app_offset >= 0 {
+                self.metrics
+                    .consumer_lag
+                    .with_label_values(&[&label])
+                    .set((stats.hi_offset - stats.app_offset).max(0));
+            }
+            if stats.hi_offset >= 0 && stats.committed_offset >= 0 {
+                self.metrics
+                    .committed_lag
+                    .with_label_values(&[&label])
+                    .set((stats.hi_offset - stats.committed_offset).max(0));
+            }
+        }
+    }
+
     fn error(&self, error: KafkaError, reason: &str) {
+        if matches!(
+            error,
+            KafkaError::Global(rdkafka::types::RDKafkaErrorCode::AllBrokersDown)
+        ) {
+            let _ = self.metrics.health.brokers_down_since_ms.compare_exchange(
+                0,
+                chrono::Utc::now().timestamp_millis(),
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+        }
         if self.throttle.allow(&error.to_string()) {
             tracing::warn!(target: "librdkafka", error = %error, reason, "kafka client error (repeats within 10s not logged)");
         }
@@ -342,6 +402,14 @@ pub fn create_consumer(
         )
         .set("enable.partition.eof", "false")
         .set("client.id", "kafka-s3-archiver");
+    if !config
+        .kafka
+        .properties
+        .contains_key("statistics.interval.ms")
+    {
+        // Feeds the lag metrics.
+        client.set("statistics.interval.ms", "5000");
+    }
     if !config.kafka.properties.contains_key("auto.offset.reset") {
         client.set("auto.offset.reset", "earliest");
     }
@@ -453,6 +521,7 @@ impl PollLoop {
     /// Polls once (waiting briefly) and then drains what is ready, up to a round's worth,
     /// grouped per partition.
     fn poll_round(&self) -> Result<(), ConsumeError> {
+        self.metrics.health.polled();
         let mut by_partition: HashMap<i32, Vec<Record>> = HashMap::new();
         let mut wait = POLL_WAIT;
         let mut count = 0;
@@ -464,6 +533,10 @@ impl PollLoop {
             match result {
                 Ok(message) => {
                     count += 1;
+                    self.metrics
+                        .health
+                        .brokers_down_since_ms
+                        .store(0, Ordering::Relaxed);
                     let payload = message.payload().map(<[u8]>::to_vec);
                     self.metrics.records_consumed.inc();
                     self.metrics

@@ -302,9 +302,19 @@ impl Shared {
                 request().await
             };
             let Err(err) = result else {
+                u.metrics
+                    .health
+                    .s3_failing
+                    .store(false, std::sync::atomic::Ordering::Relaxed);
                 return Ok(());
             };
             let delay = backoff.next_delay(err.class);
+            if backoff.attempts() >= 3 {
+                u.metrics
+                    .health
+                    .s3_failing
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+            }
             self.report(&err, backoff.attempts(), delay);
             tokio::select! {
                 _ = stop.cancelled() => return Err(UploadError::ShuttingDown),

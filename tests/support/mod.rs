@@ -71,6 +71,8 @@ fn run_ok(command: &mut Command) -> Output {
 pub struct Process {
     pub child: Child,
     pub log: PathBuf,
+    /// Port of an archiver's /metrics, /healthz and /readyz.
+    pub metrics_port: Option<u16>,
 }
 
 impl Process {
@@ -83,7 +85,44 @@ impl Process {
         let child = command
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {command:?}: {e}"));
-        Process { child, log }
+        Process {
+            child,
+            log,
+            metrics_port: None,
+        }
+    }
+
+    /// GET on the archiver's metrics server: (status code, body).
+    pub fn http_get(&self, path: &str) -> (u16, String) {
+        use std::io::Write;
+        let port = self.metrics_port.expect("an archiver with a metrics port");
+        let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect to metrics");
+        write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        let status = response
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let body = response
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        (status, body)
+    }
+
+    /// Scrapes /metrics: series (name with labels) → value.
+    pub fn scrape(&self) -> BTreeMap<String, f64> {
+        let (status, body) = self.http_get("/metrics");
+        assert_eq!(status, 200, "{body}");
+        body.lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+            .filter_map(|l| {
+                let (series, value) = l.rsplit_once(' ')?;
+                Some((series.to_string(), value.parse().ok()?))
+            })
+            .collect()
     }
 
     pub fn pid(&self) -> u32 {
@@ -227,6 +266,7 @@ impl Broker {
             process: Process {
                 child,
                 log: dir.join("mock_kafka.log"),
+                metrics_port: None,
             },
             bootstrap,
             control: Some(std::sync::Mutex::new((stdin, stdout))),
@@ -445,7 +485,14 @@ impl Rig {
                 format!("{{debug=\"{debug}\"}}"),
             );
         }
-        Process::spawn(command, self.dir.path().join(format!("{name}.log")))
+        let metrics_port = free_port();
+        command.env(
+            "ARCHIVER_METRICS_LISTEN",
+            format!("127.0.0.1:{metrics_port}"),
+        );
+        let mut process = Process::spawn(command, self.dir.path().join(format!("{name}.log")));
+        process.metrics_port = Some(metrics_port);
+        process
     }
 
     /// Runs `kafka-s3-archiver verify --json [--deep]` against this rig.
