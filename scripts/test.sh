@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# README command 2: installs and locates the servers the tests need (tansu, moto, awscli), then
+# README command 2: installs and locates the servers and tools the tests need (tansu, moto,
+# awscli, prometheus, promtool, docker-compose, kubernetes-validate), then
 # runs the whole suite: unit tests beside the code, end-to-end tests under tests/ that start
 # their own servers on free ports.
 set -euo pipefail
@@ -7,6 +8,7 @@ cd "$(dirname "$0")/.."
 source scripts/lib/rig.sh
 
 ensure_tools
+ensure_ops_tools
 log "building the test tools (examples/mock_kafka.rs)"
 cargo build --examples
 log "running the test suite"

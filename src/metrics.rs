@@ -200,10 +200,24 @@ impl Metrics {
             .build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
+        // Every label value exists from the start, so dashboards and alerts see zeros rather
+        // than missing series.
         for reason in DeadLetterReason::ALL {
             metrics
                 .records_dead_lettered
                 .with_label_values(&[reason.as_str()]);
+        }
+        for kind in ["transient", "permanent"] {
+            metrics.upload_errors.with_label_values(&[kind]);
+        }
+        for kind in ["assign", "revoke", "error"] {
+            metrics.rebalances.with_label_values(&[kind]);
+        }
+        for trigger in ["schedule", "batch-size", "disk-pressure", "replay"] {
+            metrics.batches_sealed.with_label_values(&[trigger]);
+        }
+        for from in ["checkpoint", "committed"] {
+            metrics.partitions_resumed.with_label_values(&[from]);
         }
         #[cfg(target_os = "linux")]
         {

@@ -43,6 +43,32 @@ ensure_tools() {
   ensure_python_tools
 }
 
+# Prometheus and promtool (alert rules, the scrape test), docker-compose (validates
+# docker-compose.yml offline) from Debian; kubernetes-validate from PyPI.
+ensure_ops_tools() {
+  local missing=()
+  command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
+  command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+  command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
+  if ((${#missing[@]})); then
+    log "installing ${missing[*]} from Debian"
+    local sudo=""
+    [[ $(id -u) -ne 0 ]] && sudo="sudo"
+    $sudo apt-get update -qq >&2
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
+  fi
+  local venv="$KSA_TOOLS_DIR/ops-venv"
+  if [[ ! -x "$venv/bin/kubernetes-validate" ]]; then
+    log "installing kubernetes-validate into $venv"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install --quiet kubernetes-validate pyyaml >&2
+  fi
+  export PROMETHEUS_BIN="$(command -v prometheus)"
+  export PROMTOOL_BIN="$(command -v promtool)"
+  export DOCKER_COMPOSE_BIN="$(command -v docker-compose)"
+  export OPS_PYTHON="$venv/bin/python"
+}
+
 free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
 }

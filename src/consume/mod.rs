@@ -108,6 +108,8 @@ pub struct ArchiverContext {
     /// Set once the workers stopped: revocations during close keep local files for a restart.
     shutting_down: AtomicBool,
     throttle: LogThrottle,
+    /// The group's committed offset of each assigned partition, for the committed-lag metric.
+    committed: std::sync::Mutex<HashMap<i32, i64>>,
 }
 
 impl ArchiverContext {
@@ -126,6 +128,7 @@ impl ArchiverContext {
             fatal,
             shutting_down: AtomicBool::new(false),
             throttle: LogThrottle::default(),
+            committed: std::sync::Mutex::new(HashMap::new()),
         }
     }
 
@@ -151,6 +154,12 @@ impl ArchiverContext {
             let (committed, intent) = committed
                 .remove(&partition)
                 .unwrap_or((Committed::Unknown, None));
+            if let Committed::Offset(offset) = committed {
+                self.committed
+                    .lock()
+                    .expect("lock")
+                    .insert(partition, offset);
+            }
             let command = WorkerCommand::Assign {
                 partition,
                 epoch,
@@ -191,6 +200,7 @@ impl ArchiverContext {
         let mut replies = Vec::new();
         for &partition in &partitions {
             self.assignments.revoke(partition);
+            self.committed.lock().expect("lock").remove(&partition);
             let label = partition.to_string();
             let _ = self.metrics.consumer_lag.remove_label_values(&[&label]);
             let _ = self.metrics.committed_lag.remove_label_values(&[&label]);
@@ -306,11 +316,17 @@ impl ClientContext for ArchiverContext {
                     .with_label_values(&[&label])
                     .set((stats.hi_offset - stats.app_offset).max(0));
             }
-            if stats.hi_offset >= 0 && stats.committed_offset >= 0 {
+            let committed = self
+                .committed
+                .lock()
+                .expect("lock")
+                .get(&partition)
+                .copied();
+            if let (true, Some(committed)) = (stats.hi_offset >= 0, committed) {
                 self.metrics
                     .committed_lag
                     .with_label_values(&[&label])
-                    .set((stats.hi_offset - stats.committed_offset).max(0));
+                    .set((stats.hi_offset - committed).max(0));
             }
         }
     }
@@ -615,6 +631,12 @@ impl PollLoop {
             match outcome {
                 CommitOutcome::Committed(attempt) => {
                     self.metrics.commits.inc();
+                    self.consumer
+                        .context()
+                        .committed
+                        .lock()
+                        .expect("lock")
+                        .insert(attempt.partition, attempt.next_offset);
                     let intent = BatchIntent::decode(&attempt.metadata);
                     tracing::info!(
                         partition = attempt.partition,

@@ -76,6 +76,11 @@ pub struct Process {
 }
 
 impl Process {
+    /// Starts `command` with stdout and stderr going to `log`.
+    pub fn spawn_logged(command: Command, log: PathBuf) -> Process {
+        Process::spawn(command, log)
+    }
+
     fn spawn(mut command: Command, log: PathBuf) -> Process {
         let file = std::fs::File::create(&log).expect("create log file");
         command
