@@ -11,7 +11,7 @@ RUN cargo build --release --locked --bin kafka-s3-archiver \
 
 FROM debian:bookworm-slim
 RUN apt-get update \
- && apt-get install -y --no-install-recommends ca-certificates \
+ && apt-get install -y --no-install-recommends ca-certificates libssl3 \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --uid 10001 --user-group --no-create-home --home-dir /nonexistent archiver \
  && mkdir -p /var/lib/kafka-s3-archiver \

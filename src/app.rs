@@ -33,6 +33,8 @@ pub enum AppError {
     Consume(#[from] ConsumeError),
     #[error(transparent)]
     Metrics(#[from] crate::metrics::ServeError),
+    #[error(transparent)]
+    Check(#[from] crate::check::CheckError),
     #[error("buffer worker failed: {0}")]
     Worker(String),
 }
@@ -52,6 +54,10 @@ pub async fn run(
             source,
         })?;
 
+    let checks = crate::check::preflight(&config).await?;
+    for result in &checks {
+        tracing::info!(check = result.name, detail = %result.detail, ok = result.ok(), "start-up check");
+    }
     let server_stop = CancellationToken::new();
     let server = if config.metrics.listen.is_empty() {
         None

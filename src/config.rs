@@ -523,6 +523,12 @@ impl Config {
         );
     }
 
+    /// `text` with the value of every secret Kafka property replaced: librdkafka's own error
+    /// messages quote the values they reject, passwords included.
+    pub fn redact(&self, text: &str) -> String {
+        redact_secrets(text, &self.kafka.properties)
+    }
+
     /// Worker threads to use: the configured number, or one per core.
     pub fn worker_count(&self) -> usize {
         if self.buffer.workers > 0 {
@@ -542,6 +548,36 @@ pub const RESERVED_KAFKA_PROPERTIES: &[&str] = &[
     "group.instance.id",
     "bootstrap.servers",
 ];
+
+/// `text` with the values of the secret ones among `properties` replaced by `[redacted]`.
+pub fn redact_secrets<'a>(
+    text: &str,
+    properties: impl IntoIterator<Item = (&'a String, &'a String)>,
+) -> String {
+    let mut text = text.to_string();
+    for (key, value) in properties {
+        if is_secret_property(key) && !value.is_empty() {
+            text = text.replace(value.as_str(), "[redacted]");
+        }
+    }
+    text
+}
+
+/// Kafka properties whose values are secrets (passwords, keys, tokens, JAAS configs).
+pub fn is_secret_property(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    [
+        "password",
+        "secret",
+        "jaas",
+        "token",
+        "credential",
+        ".key.pem",
+        "oauthbearer.config",
+    ]
+    .iter()
+    .any(|marker| key.contains(marker))
+}
 
 fn is_valid_topic(topic: &str) -> bool {
     (1..=249).contains(&topic.len())
@@ -724,6 +760,27 @@ mod tests {
         .unwrap_err();
         assert!(err.to_string().contains("enable.auto.commit"));
         assert!(!err.to_string().contains("fetch.max.bytes"));
+    }
+
+    #[test]
+    fn secrets_are_redacted_from_messages() {
+        let mut config = Config::default();
+        config
+            .kafka
+            .properties
+            .insert("sasl.password".into(), "hunter2".into());
+        config
+            .kafka
+            .properties
+            .insert("security.protocol".into(), "SASL_SSL".into());
+        let message = "property sasl.password hunter2 rejected; protocol SASL_SSL";
+        assert_eq!(
+            config.redact(message),
+            "property sasl.password [redacted] rejected; protocol SASL_SSL"
+        );
+        assert!(is_secret_property("ssl.key.password"));
+        assert!(is_secret_property("sasl.jaas.config"));
+        assert!(!is_secret_property("bootstrap.servers"));
     }
 
     #[test]

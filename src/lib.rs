@@ -17,6 +17,7 @@
 
 pub mod app;
 pub mod buffer;
+pub mod check;
 pub mod checkpoint;
 pub mod commit;
 pub mod config;

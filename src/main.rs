@@ -78,6 +78,9 @@ enum Command {
         #[arg(long)]
         minimal: bool,
     },
+    /// Check the configuration, the brokers, the topic, the group and the bucket (a probe object
+    /// is written and deleted); one line per check, non-zero exit on any failure.
+    Check(ConfigArgs),
     /// Check the bucket against the batch manifests and the group's committed offsets; exits
     /// non-zero on any finding.
     Verify {
@@ -182,6 +185,20 @@ fn real_main() -> anyhow::Result<ExitCode> {
                 summary.bytes as f64 / 1e6 / secs
             );
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Check(args) => {
+            let config = args.load()?;
+            println!("ok   config: valid");
+            let runtime = tokio::runtime::Runtime::new().context("start async runtime")?;
+            let results = runtime.block_on(kafka_s3_archiver::check::run_checks(&config));
+            for result in &results {
+                println!("{}", result.line());
+            }
+            Ok(if results.iter().all(|r| r.ok()) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
         Command::Verify { config, deep, json } => {
             let config = config.load()?;

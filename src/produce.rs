@@ -231,7 +231,7 @@ pub struct ProduceSettings {
 #[derive(Debug, thiserror::Error)]
 pub enum ProduceError {
     #[error("cannot create the kafka producer: {0}")]
-    Create(#[source] KafkaError),
+    Create(String),
     #[error("{failed} of {total} events were not delivered; first error: {first}")]
     Delivery {
         failed: u64,
@@ -299,7 +299,10 @@ pub fn produce(
         .set("compression.type", "none")
         .set("message.timeout.ms", "120000")
         .create_with_context(CountingContext(Arc::clone(&counter)))
-        .map_err(ProduceError::Create)?;
+        .map_err(|err| {
+            let properties = settings.properties.iter().map(|(k, v)| (k, v));
+            ProduceError::Create(crate::config::redact_secrets(&err.to_string(), properties))
+        })?;
 
     let started = Instant::now();
     let mut last_report = Instant::now();

@@ -822,3 +822,75 @@ mod tests {
         }
     }
 }
+
+/// Property tests over arbitrary input: routing never panics, never loses the original bytes,
+/// and never names a folder outside the layout. `PROPTEST_CASES=1000000 cargo test --lib
+/// route::fuzz` for a long run.
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn check(record: &Record, router: &Router) {
+        let routed = router.route(record);
+        match (&routed.destination, routed.dead_letter) {
+            (Destination::Events { source, day }, None) => {
+                assert!(check_source_id(source).is_ok(), "{source:?}");
+                assert!(day.bytes().all(|b| b.is_ascii_digit()), "{day:?}");
+                assert!(!routed.line.contains(&b'\n') && !routed.line.contains(&b'\r'));
+                // The line is the event: valid JSON, an object.
+                let value: serde_json::Value = serde_json::from_slice(&routed.line).unwrap();
+                assert!(value.is_object());
+            }
+            (Destination::DeadLetter { day }, Some(reason)) => {
+                assert!(!day.contains('/'));
+                let letter: serde_json::Value = serde_json::from_slice(&routed.line).unwrap();
+                assert_eq!(letter["reason"], reason.as_str());
+                let original = letter["payload_base64"]
+                    .as_str()
+                    .map(|b| base64::engine::general_purpose::STANDARD.decode(b).unwrap());
+                assert_eq!(original.as_deref(), record.payload.as_deref());
+            }
+            other => panic!("inconsistent routing: {other:?}"),
+        }
+    }
+
+    fn record(payload: Option<Vec<u8>>, header: Option<Vec<u8>>) -> Record {
+        Record {
+            offset: 1,
+            timestamp_ms: Some(1_700_000_000_000),
+            key: None,
+            payload,
+            headers: header
+                .map(|h| vec![("source-id".to_string(), Some(h))])
+                .unwrap_or_default(),
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_route_without_panic(
+            payload in proptest::option::of(proptest::collection::vec(any::<u8>(), 0..512)),
+            header in proptest::option::of(proptest::collection::vec(any::<u8>(), 0..40)),
+        ) {
+            let router = Router::new(&RoutingConfig::default(), "t", 0);
+            check(&record(payload, header), &router);
+        }
+
+        #[test]
+        fn mutated_events_route_without_panic(
+            cut in 0usize..200,
+            insert in proptest::collection::vec(any::<u8>(), 0..8),
+            source in "[A-Za-z0-9._/ -]{0,12}",
+        ) {
+            let event = format!(
+                r#"{{"projectId":"{source}","receivedAt":"2026-11-20T10:00:00.000Z","properties":{{"a":[1,{{"b":"\n"}}]}}}}"#
+            );
+            let mut bytes = event.into_bytes();
+            let at = cut.min(bytes.len());
+            bytes.splice(at..at, insert);
+            let router = Router::new(&RoutingConfig::default(), "t", 0);
+            check(&record(Some(bytes), None), &router);
+        }
+    }
+}

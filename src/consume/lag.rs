@@ -36,21 +36,17 @@ impl PartitionLag {
 
 #[derive(Debug, thiserror::Error)]
 pub enum LagError {
-    #[error("cannot reach kafka at {brokers}: {source}")]
-    Connect {
-        brokers: String,
-        #[source]
-        source: KafkaError,
-    },
+    #[error("cannot reach kafka at {brokers}: {message}")]
+    Connect { brokers: String, message: String },
     #[error("topic {topic} does not exist or has no partitions")]
     NoTopic { topic: String },
 }
 
 /// Reads the group's committed offsets and the topic's watermarks.
 pub fn group_lag(config: &Config) -> Result<Vec<PartitionLag>, LagError> {
-    let connect = |source| LagError::Connect {
+    let connect = |source: KafkaError| LagError::Connect {
         brokers: config.kafka.brokers.clone(),
-        source,
+        message: config.redact(&source.to_string()),
     };
     let mut client = ClientConfig::new();
     for (key, value) in &config.kafka.properties {

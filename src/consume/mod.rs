@@ -43,8 +43,9 @@ const BROKER_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConsumeError {
+    /// The message is redacted: librdkafka quotes rejected property values, secrets included.
     #[error("cannot create the kafka consumer: {0}")]
-    Create(#[source] KafkaError),
+    Create(String),
     #[error("cannot subscribe to topic {topic}: {source}")]
     Subscribe {
         topic: String,
@@ -434,7 +435,7 @@ pub fn create_consumer(
     }
     client
         .create_with_context(context)
-        .map_err(ConsumeError::Create)
+        .map_err(|err| ConsumeError::Create(config.redact(&err.to_string())))
 }
 
 /// Everything the poll loop works with besides the consumer.

@@ -10,13 +10,16 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// Shares of requests to fault, each in `[0, 1]`.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct FaultRates {
     pub internal_error: f64,
     pub slow_down: f64,
     pub reset: f64,
     pub delay: f64,
     pub delay_ms: u64,
+    /// Refuse requests as S3 does for a denied action or an unknown key: `403` with this code
+    /// (`AccessDenied`, `InvalidAccessKeyId`), for every request while set.
+    pub refuse_with: Option<&'static str>,
 }
 
 #[derive(Debug, Default)]
@@ -48,6 +51,7 @@ enum Fault {
     InternalError,
     SlowDown,
     Reset,
+    Refuse(&'static str),
 }
 
 impl FaultProxy {
@@ -195,7 +199,9 @@ fn serve(
         let (fault, delay) = {
             let mut rng = rng.lock().unwrap();
             let roll = rng.f64();
-            let fault = if roll < rates.internal_error {
+            let fault = if let Some(code) = rates.refuse_with {
+                Fault::Refuse(code)
+            } else if roll < rates.internal_error {
                 Fault::InternalError
             } else if roll < rates.internal_error + rates.slow_down {
                 Fault::SlowDown
@@ -219,14 +225,18 @@ fn serve(
                 let _ = client_out.shutdown(Shutdown::Both);
                 return Ok(());
             }
-            Fault::InternalError | Fault::SlowDown => {
+            Fault::InternalError | Fault::SlowDown | Fault::Refuse(_) => {
                 read_body(&mut reader, &request)?;
-                let (status, code) = if matches!(fault, Fault::InternalError) {
-                    counts.internal_error.fetch_add(1, Ordering::Relaxed);
-                    ("500 Internal Server Error", "InternalError")
-                } else {
-                    counts.slow_down.fetch_add(1, Ordering::Relaxed);
-                    ("503 Slow Down", "SlowDown")
+                let (status, code) = match fault {
+                    Fault::InternalError => {
+                        counts.internal_error.fetch_add(1, Ordering::Relaxed);
+                        ("500 Internal Server Error", "InternalError")
+                    }
+                    Fault::Refuse(code) => ("403 Forbidden", code),
+                    _ => {
+                        counts.slow_down.fetch_add(1, Ordering::Relaxed);
+                        ("503 Slow Down", "SlowDown")
+                    }
                 };
                 let body = format!(
                     "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>{code}</Code><Message>injected by the test proxy</Message><RequestId>proxy</RequestId></Error>"

@@ -1,0 +1,495 @@
+//! Bad input and user mistakes, against real servers: every message that is not an archivable
+//! event lands in the dead letter with its reason and original bytes; every start-up mistake is
+//! an error naming its cause; a bucket that refuses writes loses nothing; secrets never show.
+
+mod support;
+
+use std::collections::{BTreeMap, HashMap};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use rdkafka::config::ClientConfig;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+
+use kafka_s3_archiver::produce::{EventGenerator, GeneratorSettings};
+use support::s3_proxy::{FaultProxy, FaultRates};
+use support::*;
+
+/// A payload (None: tombstone) and the dead-letter reason it should get (None: archived).
+type Sent = (Option<Vec<u8>>, Option<&'static str>);
+/// What the dead letter holds for an offset: reason and original bytes.
+type Letter = (String, Option<Vec<u8>>);
+
+/// One message to send: payload (None: tombstone), a `source-id` header, the expected reason.
+struct Case {
+    payload: Option<Vec<u8>>,
+    header: Option<&'static str>,
+    reason: Option<&'static str>,
+}
+
+fn bad(payload: &[u8], reason: &'static str) -> Case {
+    Case {
+        payload: Some(payload.to_vec()),
+        header: None,
+        reason: Some(reason),
+    }
+}
+
+fn cases() -> Vec<Case> {
+    let received = r#""receivedAt":"2026-11-20T10:00:00.000Z""#;
+    let deep = format!(
+        r#"{{"projectId":"srcA",{received},"x":{}1{}}}"#,
+        "[".repeat(100),
+        "]".repeat(100)
+    );
+    let large = format!(
+        r#"{{"projectId":"srcA",{received},"pad":"{}"}}"#,
+        "x".repeat(5_000)
+    );
+    vec![
+        bad(b"hello, world", "not-json"),
+        bad(br#"{"projectId":"srcA","receivedAt":"2026-11-20T10:0"#, "not-json"),
+        bad(b"[1,2,3]", "not-object"),
+        bad(br#""just a string""#, "not-object"),
+        bad(b"42", "not-object"),
+        bad(b"null", "not-object"),
+        bad(b"{\"projectId\":\"srcA\",\"x\":\"\xff\xfe\"}", "not-utf8"),
+        bad(b"{\"projectId\":\"srcA\",\"x\":\"a\0b\"}", "nul-byte"),
+        bad(b"", "empty"),
+        Case {
+            payload: None,
+            header: None,
+            reason: Some("tombstone"),
+        },
+        bad(format!(r#"{{"type":"track",{received}}}"#).as_bytes(), "no-source"),
+        bad(br#"{"projectId":"srcA","type":"track"}"#, "no-received-at"),
+        bad(br#"{"projectId":"srcA","receivedAt":1732096800000}"#, "bad-received-at"),
+        bad(br#"{"projectId":"srcA","receivedAt":"last tuesday"}"#, "bad-received-at"),
+        bad(large.as_bytes(), "too-large"),
+        bad(deep.as_bytes(), "too-deep"),
+        bad(format!(r#"{{"projectId":"../../etc",{received}}}"#).as_bytes(), "bad-source-id"),
+        bad(format!(r#"{{"projectId":"_manifests",{received}}}"#).as_bytes(), "bad-source-id"),
+        Case {
+            payload: Some(format!(r#"{{"projectId":"srcA",{received}}}"#).into_bytes()),
+            header: Some("a/b"),
+            reason: Some("bad-source-id"),
+        },
+        // Valid, but on several lines: archived, re-serialised on one line.
+        Case {
+            payload: Some(
+                format!("{{\n  \"projectId\": \"srcA\",\n  \"messageId\": \"pretty-1\",\n  {received}\n}}\n")
+                    .into_bytes(),
+            ),
+            header: None,
+            reason: None,
+        },
+        // A header names the source, overriding the field.
+        Case {
+            payload: Some(format!(r#"{{"projectId":"srcA","messageId":"header-1",{received}}}"#).into_bytes()),
+            header: Some("srcFromHeader"),
+            reason: None,
+        },
+    ]
+}
+
+#[test]
+fn every_bad_message_goes_to_the_dead_letter_with_its_reason() {
+    let rig = Rig::start(2);
+    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+        .set("bootstrap.servers", rig.broker.bootstrap())
+        .create()
+        .unwrap();
+    let mut generator = EventGenerator::new(GeneratorSettings {
+        sources: 3,
+        start_day: chrono::NaiveDate::from_ymd_opt(2026, 11, 20).unwrap(),
+        days: 2,
+        near_midnight: 0.1,
+        seed: 41,
+        minimal: false,
+    });
+    // Good events interleaved with every bad class, on both partitions, in a known order.
+    let mut sent: Vec<(i32, Sent)> = Vec::new();
+    let cases = cases();
+    for round in 0..2 {
+        for case in &cases {
+            for _ in 0..5 {
+                let (_, good) = generator.next_event();
+                sent.push((round, (Some(good.into_bytes()), None)));
+            }
+            sent.push((round, (case.payload.clone(), case.reason)));
+        }
+    }
+    let mut header_of: HashMap<usize, &'static str> = HashMap::new();
+    for (index, (partition, (payload, _))) in sent.iter().enumerate() {
+        let case_header = cases
+            .iter()
+            .find(|c| c.payload == *payload && c.header.is_some())
+            .and_then(|c| c.header);
+        let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(&rig.topic)
+            .partition(*partition)
+            .key(b"k".as_slice());
+        if let Some(payload) = payload {
+            record = record.payload(payload.as_slice());
+        }
+        if let Some(value) = case_header {
+            header_of.insert(index, value);
+            record = record.headers(OwnedHeaders::new().insert(Header {
+                key: "source-id",
+                value: Some(value),
+            }));
+        }
+        producer.send(record).map_err(|(e, _)| e).unwrap();
+    }
+    producer.flush(Duration::from_secs(30)).unwrap();
+
+    let records = rig.read_topic(2);
+    let ends = end_offsets(&records);
+    let mut archiver = rig.archiver(
+        "archiver",
+        &rig.dir.path().join("data"),
+        &[
+            ("ARCHIVER_SCHEDULE_INTERVAL_SECS", "2"),
+            ("ARCHIVER_SCHEDULE_OFFSET_SECS", "0"),
+            ("ARCHIVER_ROUTING_MAX_MESSAGE_BYTES", "4096"),
+        ],
+    );
+    rig.wait_committed(&ends, Duration::from_secs(120), &mut [&mut archiver]);
+    let metrics = archiver.scrape();
+    assert!(
+        archiver.terminate(Duration::from_secs(40)).success(),
+        "{}",
+        archiver.log_text()
+    );
+
+    // What was sent where: in partition order, the offsets follow the sending order.
+    let mut expected: BTreeMap<(i32, i64), Sent> = BTreeMap::new();
+    let mut next: HashMap<i32, i64> = HashMap::new();
+    for (partition, (payload, reason)) in &sent {
+        let offset = next.entry(*partition).or_insert(0);
+        expected.insert((*partition, *offset), (payload.clone(), *reason));
+        *offset += 1;
+    }
+    assert_eq!(expected.len() as i64, ends.values().sum::<i64>());
+
+    let out = rig.dir.path().join("bucket");
+    rig.s3.download(&out);
+    let mut archived: HashMap<Vec<u8>, usize> = HashMap::new();
+    let mut dead: BTreeMap<(i32, i64), Letter> = BTreeMap::new();
+    for (key, path) in files_under(&out) {
+        if key.starts_with("segment-logs/_manifests/") {
+            continue;
+        }
+        let content = gunzip_single_member(&path);
+        let lines = content.split(|&b| b == b'\n').filter(|l| !l.is_empty());
+        if key.starts_with("segment-logs/_dead-letter/") {
+            assert!(
+                key.starts_with(&format!("segment-logs/_dead-letter/{}/", rig.topic)),
+                "{key}"
+            );
+            for line in lines {
+                let letter: serde_json::Value = serde_json::from_slice(line).unwrap();
+                let payload = letter["payload_base64"]
+                    .as_str()
+                    .map(|b| base64::engine::general_purpose::STANDARD.decode(b).unwrap());
+                let at = (
+                    letter["partition"].as_i64().unwrap() as i32,
+                    letter["offset"].as_i64().unwrap(),
+                );
+                let previous = dead.insert(
+                    at,
+                    (letter["reason"].as_str().unwrap().to_string(), payload),
+                );
+                assert!(previous.is_none(), "{at:?} dead-lettered twice");
+            }
+        } else if !key.starts_with("segment-logs/_") {
+            for line in lines {
+                *archived.entry(line.to_vec()).or_insert(0) += 1;
+            }
+        }
+    }
+
+    let mut reasons: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut expected_lines: HashMap<Vec<u8>, usize> = HashMap::new();
+    for ((partition, offset), (payload, reason)) in &expected {
+        match reason {
+            Some(reason) => {
+                let (got, original) = dead.remove(&(*partition, *offset)).unwrap_or_else(|| {
+                    panic!("{partition}/{offset} ({reason}) is not in the dead letter")
+                });
+                assert_eq!(got, *reason, "{partition}/{offset}");
+                assert_eq!(
+                    &original, payload,
+                    "{partition}/{offset}: original bytes differ"
+                );
+                *reasons.entry(reason).or_insert(0) += 1;
+            }
+            None => {
+                let payload = payload.as_ref().unwrap();
+                let line: Vec<u8> = payload
+                    .iter()
+                    .copied()
+                    .filter(|&b| b != b'\n' && b != b'\r')
+                    .collect();
+                *expected_lines.entry(line).or_insert(0) += 1;
+            }
+        }
+    }
+    assert!(dead.is_empty(), "unexpected dead letters: {dead:?}");
+    // Every good event as many times as it was sent (some payloads were sent twice), the
+    // pretty-printed one on a single line.
+    assert_eq!(archived.len(), expected_lines.len());
+    for (line, count) in &expected_lines {
+        assert_eq!(
+            archived.get(line),
+            Some(count),
+            "{}",
+            String::from_utf8_lossy(line)
+        );
+    }
+    // The header source won over the field.
+    assert!(files_under(&out)
+        .keys()
+        .any(|k| k.starts_with("segment-logs/srcFromHeader/")));
+    // Every reason, counted by the metric.
+    assert_eq!(reasons.len(), 12, "{reasons:?}");
+    for (reason, count) in &reasons {
+        let series = format!("archiver_records_dead_lettered_total{{reason=\"{reason}\"}}");
+        assert_eq!(
+            metrics.get(&series).copied(),
+            Some(*count as f64),
+            "{series}"
+        );
+    }
+}
+
+fn check(rig: &Rig, extra: &[(&str, &str)]) -> (bool, String) {
+    let mut command = Command::new(ARCHIVER);
+    command
+        .arg("check")
+        .env_clear()
+        .envs(rig.env(&rig.dir.path().join("unused")));
+    for (key, value) in extra {
+        command.env(key, value);
+    }
+    let output = command.output().unwrap();
+    (
+        output.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        ),
+    )
+}
+
+#[test]
+fn start_up_mistakes_are_errors_that_name_their_cause() {
+    let rig = Rig::start(1);
+    let secret = "hunter2-do-not-print";
+    let with_secret = [(
+        "ARCHIVER_KAFKA_PROPERTIES",
+        "{\"ssl.key.password\"=\"hunter2-do-not-print\"}",
+    )];
+
+    let (ok, out) = check(&rig, &with_secret);
+    assert!(ok, "{out}");
+    for line in [
+        "ok   config",
+        "ok   kafka:",
+        "ok   topic: segment-events has 1 partition",
+        "ok   group:",
+        "ok   s3:",
+    ] {
+        assert!(out.contains(line), "{line:?} missing:\n{out}");
+    }
+    assert!(
+        !out.contains(secret) && !out.contains("testing"),
+        "a secret was printed:\n{out}"
+    );
+
+    let dead_port = format!("127.0.0.1:{}", free_port());
+    let cases: Vec<(Vec<(&str, &str)>, &str)> = vec![
+        (
+            vec![("ARCHIVER_KAFKA_BROKERS", &dead_port)],
+            "FAIL kafka: no broker at 127.0.0.1:",
+        ),
+        (
+            vec![("ARCHIVER_KAFKA_TOPIC", "no-such-topic")],
+            "FAIL topic: no-such-topic does not exist",
+        ),
+        (
+            vec![("ARCHIVER_S3_BUCKET", "no-such-bucket")],
+            "NoSuchBucket: the bucket does not exist",
+        ),
+        (
+            vec![
+                ("ARCHIVER_KAFKA_NOPE", "1"),
+                ("ARCHIVER_S3_CONCURRENCY", "many"),
+                ("ARCHIVER_S3_BUCKET", "x"),
+            ],
+            "kafka.nope",
+        ),
+    ];
+    for (extra, expected) in &cases {
+        let (ok, out) = check(&rig, extra);
+        assert!(!ok, "{extra:?} passed:\n{out}");
+        assert!(
+            out.contains(expected),
+            "{extra:?}: {expected:?} missing:\n{out}"
+        );
+    }
+    // All config problems at once.
+    let (_, out) = check(&rig, &cases[3].0);
+    assert!(
+        out.contains("s3.concurrency") && out.contains("s3.bucket"),
+        "{out}"
+    );
+
+    // A refusing bucket, through a proxy playing S3's part.
+    for code in ["AccessDenied", "InvalidAccessKeyId"] {
+        let proxy = FaultProxy::start(
+            rig.s3.port,
+            FaultRates {
+                refuse_with: Some(code),
+                ..FaultRates::default()
+            },
+            1,
+        );
+        let endpoint = proxy.endpoint();
+        let (ok, out) = check(&rig, &[("ARCHIVER_S3_ENDPOINT_URL", &endpoint)]);
+        assert!(
+            !ok && out.contains("FAIL s3: cannot write") && out.contains(code),
+            "{out}"
+        );
+    }
+
+    // `run` refuses to start on the same mistakes, with the same words, before reading anything.
+    rig.produce(100, 1, 1, 51);
+    let mut archiver = rig.archiver(
+        "bad-bucket",
+        &rig.dir.path().join("data"),
+        &[("ARCHIVER_S3_BUCKET", "no-such-bucket")],
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = archiver.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still running:\n{}",
+            archiver.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let log = archiver.log_text();
+    assert!(!status.success());
+    assert!(
+        log.contains("start-up checks failed") && log.contains("NoSuchBucket"),
+        "{log}"
+    );
+    assert_eq!(rig.committed(1)[&0], None, "nothing may be committed");
+}
+
+#[test]
+fn a_bucket_that_refuses_writes_loses_nothing_and_says_why() {
+    let rig = Rig::start(1);
+    let proxy = FaultProxy::start(rig.s3.port, FaultRates::default(), 2);
+    let mut archiver = rig.archiver(
+        "archiver",
+        &rig.dir.path().join("data"),
+        &[
+            ("ARCHIVER_S3_ENDPOINT_URL", &proxy.endpoint()),
+            ("ARCHIVER_SCHEDULE_INTERVAL_SECS", "2"),
+            ("ARCHIVER_SCHEDULE_OFFSET_SECS", "0"),
+            ("ARCHIVER_S3_RETRY_MAX_BACKOFF_MS", "500"),
+        ],
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !archiver.log_text().contains("partitions assigned") {
+        assert!(Instant::now() < deadline, "{}", archiver.log_text());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // The permissions change under the running archiver.
+    proxy.set_rates(FaultRates {
+        refuse_with: Some("AccessDenied"),
+        ..FaultRates::default()
+    });
+    rig.produce(2_000, 2, 1, 61);
+    let records = rig.read_topic(1);
+    let ends = end_offsets(&records);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !archiver.log_text().contains("AccessDenied") {
+        assert!(Instant::now() < deadline, "{}", archiver.log_text());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    let log = archiver.log_text();
+    assert!(
+        log.contains("s3 refused the request; the batch stays on disk and its offsets uncommitted"),
+        "{log}"
+    );
+    let (status, body) = archiver.http_get("/readyz");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("s3 uploads are failing"), "{body}");
+    let committed = rig.committed(1)[&0].unwrap_or(0);
+    assert!(
+        committed < ends[&0],
+        "committed {committed} while every upload was refused"
+    );
+    let buffered = archiver.scrape()["archiver_buffered_bytes"];
+    assert!(buffered > 0.0, "the refused batch must stay on disk");
+
+    // Fixed: everything goes up, exactly once.
+    proxy.set_rates(FaultRates::default());
+    rig.wait_committed(&ends, Duration::from_secs(60), &mut [&mut archiver]);
+    assert!(archiver.terminate(Duration::from_secs(40)).success());
+    let out = rig.dir.path().join("bucket");
+    rig.s3.download(&out);
+    assert_exactly_once(&archived_objects(&out, &rig.topic), &records, None);
+}
+
+/// The operator's object options reach S3: SSE, storage class, canned ACL, Content-MD5 instead
+/// of the SDK's checksum trailers, and the `application/gzip` label.
+#[test]
+fn object_options_reach_s3() {
+    let rig = Rig::start(1);
+    rig.produce(1_000, 2, 1, 71);
+    let records = rig.read_topic(1);
+    let ends = end_offsets(&records);
+    let mut archiver = rig.archiver(
+        "archiver",
+        &rig.dir.path().join("data"),
+        &[
+            ("ARCHIVER_SCHEDULE_INTERVAL_SECS", "2"),
+            ("ARCHIVER_SCHEDULE_OFFSET_SECS", "0"),
+            ("ARCHIVER_S3_SERVER_SIDE_ENCRYPTION", "AES256"),
+            ("ARCHIVER_S3_STORAGE_CLASS", "STANDARD_IA"),
+            ("ARCHIVER_S3_ACL", "bucket-owner-full-control"),
+            ("ARCHIVER_S3_CHECKSUM", "content-md5"),
+            ("ARCHIVER_S3_CONTENT_LABEL", "gzip"),
+        ],
+    );
+    rig.wait_committed(&ends, Duration::from_secs(120), &mut [&mut archiver]);
+    assert!(archiver.terminate(Duration::from_secs(40)).success());
+
+    let keys: Vec<String> = rig
+        .s3
+        .keys()
+        .into_iter()
+        .filter(|k| k.ends_with(".gz"))
+        .collect();
+    assert!(!keys.is_empty());
+    for key in keys.iter().take(3) {
+        let head = rig.s3.head(key);
+        assert_eq!(head["ServerSideEncryption"], "AES256", "{head}");
+        assert_eq!(head["StorageClass"], "STANDARD_IA", "{head}");
+        assert_eq!(head["ContentType"], "application/gzip", "{head}");
+        assert!(head.get("ContentEncoding").is_none(), "{head}");
+    }
+    let out = rig.dir.path().join("bucket");
+    rig.s3.download(&out);
+    assert_exactly_once(&archived_objects(&out, &rig.topic), &records, None);
+}
