@@ -372,18 +372,7 @@ fn start_up_mistakes_are_errors_that_name_their_cause() {
         &rig.dir.path().join("data"),
         &[("ARCHIVER_S3_BUCKET", "no-such-bucket")],
     );
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(status) = archiver.child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "still running:\n{}",
-            archiver.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let status = archiver.wait_exit(Duration::from_secs(60));
     let log = archiver.log_text();
     assert!(!status.success());
     assert!(

@@ -306,18 +306,7 @@ fn a_broker_that_drops_commit_metadata_stops_exactly_once_with_a_clear_error() {
             ("ARCHIVER_KAFKA_EXACTLY_ONCE", "required"),
         ],
     );
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(status) = archiver.child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "still running:\n{}",
-            archiver.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let status = archiver.wait_exit(Duration::from_secs(60));
     let log = archiver.log_text();
     assert!(!status.success(), "{log}");
     assert!(

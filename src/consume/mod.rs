@@ -745,3 +745,57 @@ impl PollLoop {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn context() -> ArchiverContext {
+        let (tx, _rx) = sync_channel(1);
+        ArchiverContext::new(
+            "t".into(),
+            vec![tx],
+            Arc::new(Assignments::default()),
+            Metrics::new(),
+            Arc::new(Fatal::default()),
+        )
+    }
+
+    #[test]
+    fn tls_and_sasl_settings_pass_through_to_librdkafka() {
+        let mut config = Config::default();
+        for (key, value) in [
+            ("security.protocol", "SASL_SSL"),
+            ("sasl.mechanisms", "SCRAM-SHA-512"),
+            ("sasl.username", "archiver"),
+            ("sasl.password", "s3cr3t-value"),
+            ("ssl.endpoint.identification.algorithm", "https"),
+        ] {
+            config.kafka.properties.insert(key.into(), value.into());
+        }
+        assert!(create_consumer(&config, context()).is_ok());
+    }
+
+    #[test]
+    fn a_rejected_secret_property_is_redacted_from_the_error() {
+        let mut config = Config::default();
+        config
+            .kafka
+            .properties
+            .insert("sasl.password".into(), "s3cr3t-value".into());
+        config
+            .kafka
+            .properties
+            .insert("sasl.mechanisms".into(), "NO-SUCH-MECHANISM".into());
+        config
+            .kafka
+            .properties
+            .insert("security.protocol".into(), "SASL_PLAINTEXT".into());
+        let Err(err) = create_consumer(&config, context()) else {
+            panic!("an unknown SASL mechanism must be refused");
+        };
+        let message = err.to_string();
+        assert!(message.contains("NO-SUCH-MECHANISM"), "{message}");
+        assert!(!message.contains("s3cr3t-value"), "{message}");
+    }
+}

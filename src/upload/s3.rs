@@ -20,6 +20,40 @@ use base64::Engine as _;
 use crate::config::{ChecksumMode, ContentLabel, S3Config};
 use crate::upload::retry::ErrorClass;
 
+/// Applies the operator's object options (storage class, encryption, canned ACL) and, with
+/// `labels`, the metadata and content labels, to a PutObject or CreateMultipartUpload builder:
+/// the two builders share these method names but no trait.
+macro_rules! with_object_options {
+    ($request:expr, $config:expr) => {{
+        let mut request = $request;
+        if !$config.storage_class.is_empty() {
+            request = request.storage_class(StorageClass::from($config.storage_class.as_str()));
+        }
+        if !$config.server_side_encryption.is_empty() {
+            request = request.server_side_encryption(ServerSideEncryption::from(
+                $config.server_side_encryption.as_str(),
+            ));
+        }
+        if !$config.sse_kms_key_id.is_empty() {
+            request = request.ssekms_key_id(&$config.sse_kms_key_id);
+        }
+        if !$config.acl.is_empty() {
+            request = request.acl(ObjectCannedAcl::from($config.acl.as_str()));
+        }
+        request
+    }};
+    ($request:expr, $config:expr, $metadata:expr) => {{
+        let mut request = with_object_options!($request, $config);
+        for (name, value) in $metadata.pairs() {
+            request = request.metadata(name, value);
+        }
+        match $config.content_label {
+            ContentLabel::Segment => request.content_type("text/plain").content_encoding("gzip"),
+            ContentLabel::Gzip => request.content_type("application/gzip"),
+        }
+    }};
+}
+
 /// One failed S3 request, classified for the retry policy.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("{operation} s3://{bucket}/{key} failed ({}): {message}", class.as_str())]
@@ -131,38 +165,18 @@ impl S3Store {
             return self.put_multipart(key, path, len, metadata).await;
         }
         let body = self.body(key, path, 0, len).await?;
-        let mut request = self
+        let request = self
             .client
             .put_object()
             .bucket(&self.config.bucket)
             .key(key)
             .content_length(len as i64)
             .body(body);
-        for (name, value) in metadata.pairs() {
-            request = request.metadata(name, value);
-        }
-        request = match self.config.content_label {
-            ContentLabel::Segment => request.content_type("text/plain").content_encoding("gzip"),
-            ContentLabel::Gzip => request.content_type("application/gzip"),
-        };
+        let mut request = with_object_options!(request, self.config, metadata);
         request = match self.config.checksum {
             ChecksumMode::Crc32c => request.checksum_algorithm(ChecksumAlgorithm::Crc32C),
             ChecksumMode::ContentMd5 => request.content_md5(self.md5(key, path, 0, len).await?),
         };
-        if !self.config.storage_class.is_empty() {
-            request = request.storage_class(StorageClass::from(self.config.storage_class.as_str()));
-        }
-        if !self.config.server_side_encryption.is_empty() {
-            request = request.server_side_encryption(ServerSideEncryption::from(
-                self.config.server_side_encryption.as_str(),
-            ));
-        }
-        if !self.config.sse_kms_key_id.is_empty() {
-            request = request.ssekms_key_id(&self.config.sse_kms_key_id);
-        }
-        if !self.config.acl.is_empty() {
-            request = request.acl(ObjectCannedAcl::from(self.config.acl.as_str()));
-        }
         request
             .send()
             .await
@@ -177,27 +191,17 @@ impl S3Store {
         bytes: Vec<u8>,
         content_type: &str,
     ) -> Result<(), S3Error> {
-        let mut request = self
+        let request = self
             .client
             .put_object()
             .bucket(&self.config.bucket)
             .key(key)
             .content_type(content_type);
+        let mut request = with_object_options!(request, self.config);
         request = match self.config.checksum {
             ChecksumMode::Crc32c => request.checksum_algorithm(ChecksumAlgorithm::Crc32C),
             ChecksumMode::ContentMd5 => request.content_md5(md5_base64(&bytes)),
         };
-        if !self.config.server_side_encryption.is_empty() {
-            request = request.server_side_encryption(ServerSideEncryption::from(
-                self.config.server_side_encryption.as_str(),
-            ));
-        }
-        if !self.config.sse_kms_key_id.is_empty() {
-            request = request.ssekms_key_id(&self.config.sse_kms_key_id);
-        }
-        if !self.config.acl.is_empty() {
-            request = request.acl(ObjectCannedAcl::from(self.config.acl.as_str()));
-        }
         request
             .body(ByteStream::from(bytes))
             .send()
@@ -213,34 +217,14 @@ impl S3Store {
         len: u64,
         metadata: &ObjectMetadata,
     ) -> Result<(), S3Error> {
-        let mut create = self
+        let create = self
             .client
             .create_multipart_upload()
             .bucket(&self.config.bucket)
             .key(key);
-        for (name, value) in metadata.pairs() {
-            create = create.metadata(name, value);
-        }
-        create = match self.config.content_label {
-            ContentLabel::Segment => create.content_type("text/plain").content_encoding("gzip"),
-            ContentLabel::Gzip => create.content_type("application/gzip"),
-        };
+        let mut create = with_object_options!(create, self.config, metadata);
         if self.config.checksum == ChecksumMode::Crc32c {
             create = create.checksum_algorithm(ChecksumAlgorithm::Crc32C);
-        }
-        if !self.config.storage_class.is_empty() {
-            create = create.storage_class(StorageClass::from(self.config.storage_class.as_str()));
-        }
-        if !self.config.server_side_encryption.is_empty() {
-            create = create.server_side_encryption(ServerSideEncryption::from(
-                self.config.server_side_encryption.as_str(),
-            ));
-        }
-        if !self.config.sse_kms_key_id.is_empty() {
-            create = create.ssekms_key_id(&self.config.sse_kms_key_id);
-        }
-        if !self.config.acl.is_empty() {
-            create = create.acl(ObjectCannedAcl::from(self.config.acl.as_str()));
         }
         let upload = create
             .send()

@@ -29,6 +29,27 @@ fn tool(env: &str, default: &str) -> String {
     std::env::var(env).unwrap_or_else(|_| default.to_string())
 }
 
+/// A plain HTTP/1.0 GET on a local port: (status code, body); (0, "") if nothing listens.
+pub fn http_get(port: u16, path: &str) -> (u16, String) {
+    use std::io::Write;
+    let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else {
+        return (0, String::new());
+    };
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
 /// A port nothing listens on right now.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -99,22 +120,26 @@ impl Process {
 
     /// GET on the archiver's metrics server: (status code, body).
     pub fn http_get(&self, path: &str) -> (u16, String) {
-        use std::io::Write;
-        let port = self.metrics_port.expect("an archiver with a metrics port");
-        let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect to metrics");
-        write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
-        let mut response = String::new();
-        stream.read_to_string(&mut response).unwrap();
-        let status = response
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
-        let body = response
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default();
-        (status, body)
+        http_get(
+            self.metrics_port.expect("an archiver with a metrics port"),
+            path,
+        )
+    }
+
+    /// Waits for the process to exit by itself.
+    pub fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "still running after {within:?}:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
 
     /// Scrapes /metrics: series (name with labels) → value.
@@ -659,23 +684,9 @@ impl Rig {
 
     /// The group's committed offsets.
     pub fn committed(&self, partitions: u32) -> BTreeMap<i32, Option<i64>> {
-        let consumer: BaseConsumer = self.client().create().expect("consumer");
-        let mut tpl = TopicPartitionList::new();
-        for partition in 0..partitions as i32 {
-            tpl.add_partition(&self.topic, partition);
-        }
-        consumer
-            .committed_offsets(tpl, Duration::from_secs(10))
-            .expect("committed offsets")
-            .elements()
-            .iter()
-            .map(|e| {
-                let offset = match e.offset() {
-                    Offset::Offset(o) => Some(o),
-                    _ => None,
-                };
-                (e.partition(), offset)
-            })
+        self.committed_with_metadata(partitions)
+            .into_iter()
+            .map(|(partition, (offset, _))| (partition, offset))
             .collect()
     }
 
