@@ -227,9 +227,19 @@ impl Metrics {
         metrics
     }
 
+    /// Drops the lag series of a partition this member no longer owns. (Its oldest pending
+    /// record is forgotten by the buffer worker that owned it.)
+    pub fn forget_partition(&self, partition: i32) {
+        let label = partition.to_string();
+        let _ = self.consumer_lag.remove_label_values(&[&label]);
+        let _ = self.committed_lag.remove_label_values(&[&label]);
+    }
+
     /// The text exposition of every series, ages computed as of now.
     pub fn render(&self) -> String {
         let now_ms = chrono::Utc::now().timestamp_millis();
+        // Rebuilt from the owned partitions at every scrape, so revoked ones disappear.
+        self.oldest_unuploaded_age.reset();
         for (partition, oldest) in self.health.oldest_pending_ms.lock().expect("lock").iter() {
             let age = oldest.map_or(0, |since| ((now_ms - since) / 1000).max(0));
             self.oldest_unuploaded_age

@@ -202,19 +202,7 @@ impl ArchiverContext {
         for &partition in &partitions {
             self.assignments.revoke(partition);
             self.committed.lock().expect("lock").remove(&partition);
-            let label = partition.to_string();
-            let _ = self.metrics.consumer_lag.remove_label_values(&[&label]);
-            let _ = self.metrics.committed_lag.remove_label_values(&[&label]);
-            let _ = self
-                .metrics
-                .oldest_unuploaded_age
-                .remove_label_values(&[&label]);
-            self.metrics
-                .health
-                .oldest_pending_ms
-                .lock()
-                .expect("lock")
-                .remove(&partition);
+            self.metrics.forget_partition(partition);
             if keep_local {
                 continue;
             }
