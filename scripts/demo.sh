@@ -38,6 +38,11 @@ export ARCHIVER_S3_BUCKET="$BUCKET" ARCHIVER_S3_ENDPOINT_URL="$S3_ENDPOINT" ARCH
 export ARCHIVER_BUFFER_DATA_DIR="$RIG_DIR/buffers"
 # Upload every 5 seconds instead of hourly at :40, so the demo ends quickly.
 export ARCHIVER_SCHEDULE_INTERVAL_SECS=5 ARCHIVER_SCHEDULE_OFFSET_SECS=0
+# tansu drops offset-commit metadata, where exactly-once batch intents live; on it the archiver
+# runs at-least-once (a single member restarting on its own volume stays exact regardless).
+export ARCHIVER_KAFKA_EXACTLY_ONCE=best-effort
+# Metrics, /healthz and /readyz on a free port.
+export ARCHIVER_METRICS_LISTEN="127.0.0.1:$(free_port)"
 export AWS_ACCESS_KEY_ID=local AWS_SECRET_ACCESS_KEY=local AWS_EC2_METADATA_DISABLED=true
 
 log "producing $EVENTS Segment events for $SOURCES sources over $DAYS days"
@@ -46,10 +51,16 @@ log "producing $EVENTS Segment events for $SOURCES sources over $DAYS days"
 log "running the archiver (log: $RIG_DIR/archiver.log)"
 "$BIN" run >"$RIG_DIR/archiver.log" 2>&1 &
 ARCHIVER_PID=$!
-if ! "$BIN" lag --wait --timeout 300; then
-  tail -n 30 "$RIG_DIR/archiver.log" >&2
-  exit 1
-fi
+deadline=$((SECONDS + 300))
+until "$BIN" lag --wait --timeout 10 >"$RIG_DIR/lag.txt" 2>/dev/null; do
+  if ! kill -0 "$ARCHIVER_PID" 2>/dev/null || ((SECONDS > deadline)); then
+    echo "the archiver stopped or did not catch up; the end of its log:" >&2
+    tail -n 30 "$RIG_DIR/archiver.log" >&2
+    exit 1
+  fi
+  echo "waiting for the archiver to upload and commit everything..."
+done
+cat "$RIG_DIR/lag.txt"
 log "everything committed; stopping the archiver (SIGTERM)"
 kill -TERM "$ARCHIVER_PID"
 wait "$ARCHIVER_PID"
@@ -57,9 +68,9 @@ ARCHIVER_PID=""
 
 log "the bucket: aws s3 ls --recursive s3://$BUCKET"
 s3 s3 ls --recursive "s3://$BUCKET"
-count=$(s3 s3 ls --recursive "s3://$BUCKET" | wc -l)
-first=$(s3 s3 ls --recursive "s3://$BUCKET" | awk 'NR==1 {print $4}')
-log "$count objects; the first lines of s3://$BUCKET/$first, decompressed:"
+count=$(s3 s3 ls --recursive "s3://$BUCKET" | awk '$4 ~ /\.gz$/ && $4 !~ /\/_/' | wc -l)
+first=$(s3 s3 ls --recursive "s3://$BUCKET" | awk '$4 ~ /\.gz$/ && $4 !~ /\/_/ {print $4; exit}')
+log "$count event objects (and a manifest per batch under _manifests/); the first lines of s3://$BUCKET/$first, decompressed:"
 s3 s3 cp --only-show-errors "s3://$BUCKET/$first" "$RIG_DIR/first.gz"
 gzip -dc "$RIG_DIR/first.gz" >"$RIG_DIR/first.ndjson"
 head -n 3 "$RIG_DIR/first.ndjson"
