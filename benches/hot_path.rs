@@ -1,0 +1,104 @@
+//! The hot path per core: routing and compressing realistic events into a partition's files,
+//! against plain gzip -6 (the same zlib backend) over the same NDJSON bytes — the limit the
+//! archiver cannot beat on one core. `cargo bench --bench hot_path`.
+
+use std::hint::black_box;
+use std::io::Write;
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use kafka_s3_archiver::buffer::{BufferSettings, PartitionBuffer};
+use kafka_s3_archiver::config::RoutingConfig;
+use kafka_s3_archiver::produce::{EventGenerator, GeneratorSettings};
+use kafka_s3_archiver::route::{Record, Router};
+
+fn events() -> Vec<Record> {
+    let mut generator = EventGenerator::new(GeneratorSettings {
+        sources: 100,
+        start_day: chrono::NaiveDate::from_ymd_opt(2026, 11, 20).unwrap(),
+        days: 2,
+        near_midnight: 0.05,
+        seed: 7,
+        minimal: false,
+    });
+    (0..20_000)
+        .map(|offset| {
+            let (key, payload) = generator.next_event();
+            Record {
+                offset,
+                timestamp_ms: Some(1_795_000_000_000),
+                key: Some(key.into_bytes()),
+                payload: Some(payload.into_bytes()),
+                headers: vec![],
+            }
+        })
+        .collect()
+}
+
+fn hot_path(c: &mut Criterion) {
+    let records = events();
+    let ndjson: Vec<u8> = records
+        .iter()
+        .flat_map(|r| {
+            r.payload
+                .clone()
+                .unwrap()
+                .into_iter()
+                .chain(std::iter::once(b'\n'))
+        })
+        .collect();
+    let mut group = c.benchmark_group("hot_path");
+    group.throughput(Throughput::Bytes(ndjson.len() as u64));
+    group.sample_size(10);
+
+    group.bench_function("gzip -6 of the same ndjson (limit)", |b| {
+        b.iter(|| {
+            let mut encoder = flate2::write::GzEncoder::new(
+                Vec::with_capacity(ndjson.len() / 4),
+                flate2::Compression::new(6),
+            );
+            encoder.write_all(black_box(&ndjson)).unwrap();
+            black_box(encoder.finish().unwrap().len())
+        })
+    });
+
+    let router = Router::new(&RoutingConfig::default(), "events", 0);
+    group.bench_function("route only", |b| {
+        b.iter(|| {
+            records
+                .iter()
+                .map(|r| router.route(black_box(r)).line.len())
+                .sum::<usize>()
+        })
+    });
+
+    let settings = BufferSettings {
+        compression_level: 6,
+        max_file_bytes: 256 << 20,
+        max_batch_bytes: 1 << 30,
+    };
+    group.bench_function("route + compress into 200 files + seal", |b| {
+        b.iter_batched(
+            || tempfile::tempdir().unwrap(),
+            |dir| {
+                let mut buffer = PartitionBuffer::fresh(
+                    dir.path(),
+                    "events",
+                    0,
+                    router.clone(),
+                    settings,
+                    Some(0),
+                )
+                .unwrap();
+                for (tick, record) in records.iter().enumerate() {
+                    buffer.append(record, tick as u64).unwrap();
+                }
+                black_box(buffer.seal().unwrap().unwrap().compressed_bytes())
+            },
+            criterion::BatchSize::PerIteration,
+        )
+    });
+    group.finish();
+}
+
+criterion_group!(benches, hot_path);
+criterion_main!(benches);
