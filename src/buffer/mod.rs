@@ -27,6 +27,15 @@ use crate::upload::UploadJob;
 
 pub use partition::{BufferSettings, PartitionBuffer, SealedBatch, SealedFile};
 
+/// Uncompressed bytes the whole process may hold staged in its open files (see
+/// `gzfile`): each file stages up to this divided by the open files, so a few hundred files get
+/// the full chunk size and twelve thousand still stay within a few tens of megabytes.
+pub const STAGING_BUDGET_BYTES: usize = 64 << 20;
+
+/// Below this a chunk no longer keeps the compressor's cache warm long enough to matter, so the
+/// budget is exceeded rather than staging less.
+const MIN_STAGE_BYTES: usize = 4 << 10;
+
 /// A command from the poll loop to the worker owning a partition.
 pub enum WorkerCommand {
     /// Restore or start the partition; replies with the offset to read from, or `None` to let
@@ -119,6 +128,8 @@ pub struct Worker {
     disk: Arc<DiskUsage>,
     /// This worker's share of the global compressor cap.
     max_hot_files: usize,
+    /// This worker's share of [`STAGING_BUDGET_BYTES`], spread over its open files.
+    staging_budget: usize,
     hot_files: usize,
     /// Monotonic counter standing in for time in the coldest-file choice.
     tick: u64,
@@ -147,6 +158,7 @@ impl Worker {
                 max_batch_bytes: config.buffer.max_batch_bytes,
             },
             max_hot_files: (config.buffer.max_open_compressors / worker_count).max(1),
+            staging_budget: STAGING_BUDGET_BYTES / worker_count.max(1),
             rules_fingerprint: rules_fingerprint(&config),
             config,
             partitions: HashMap::new(),
@@ -361,6 +373,10 @@ impl Worker {
             return Ok(());
         }
         let (mut written, mut written_bytes) = (0, 0);
+        let stage_limit = (self.staging_budget / self.reported_files.max(1)).max(MIN_STAGE_BYTES);
+        if let Some((_, buffer)) = self.partitions.get_mut(&partition) {
+            buffer.set_stage_limit(stage_limit);
+        }
         for record in records {
             self.tick += 1;
             let (_, buffer) = self.partitions.get_mut(&partition).expect("checked above");
@@ -408,18 +424,23 @@ impl Worker {
         Ok(())
     }
 
-    /// Cools the least recently used files until this worker is within its compressor share.
+    /// Cools the least recently used files until this worker is an eighth below its compressor
+    /// share. Finding them scans every open file, so they are cooled in bulk: with thousands of
+    /// files and a few hundred compressors, one scan pays for many heats.
     fn enforce_compressor_cap(&mut self) -> Result<(), BufferError> {
-        while self.hot_files > self.max_hot_files {
-            let coldest = self
-                .partitions
-                .iter()
-                .filter_map(|(&p, (_, b))| b.coldest_hot_file().map(|(tick, i)| (tick, p, i)))
-                .min();
-            let Some((_, partition, index)) = coldest else {
-                self.hot_files = 0;
-                break;
-            };
+        let target = self.max_hot_files - self.max_hot_files / 8;
+        let mut hot: Vec<(u64, i32, usize)> = self
+            .partitions
+            .iter()
+            .flat_map(|(&p, (_, b))| b.hot_file_ticks().map(move |(tick, i)| (tick, p, i)))
+            .collect();
+        self.hot_files = hot.len();
+        if hot.len() <= target {
+            return Ok(());
+        }
+        let excess = hot.len() - target;
+        hot.select_nth_unstable(excess - 1);
+        for &(_, partition, index) in &hot[..excess] {
             let (_, buffer) = self.partitions.get_mut(&partition).expect("just found");
             buffer
                 .cool_file(index)

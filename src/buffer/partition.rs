@@ -10,7 +10,7 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use crate::buffer::gzfile::{GzStreamFile, StreamState};
+use crate::buffer::gzfile::{GzStreamFile, StreamState, MAX_STAGE_BYTES};
 use crate::checkpoint::{self, BatchState, Checkpoint, FileState};
 use crate::layout;
 use crate::route::{DeadLetterReason, Destination, Record, Router};
@@ -116,7 +116,7 @@ impl OpenBatch {
 pub struct Appended {
     pub bytes: u64,
     pub dead_letter: Option<DeadLetterReason>,
-    /// A compressor was started (new or reheated file).
+    /// A compressor was started (a cold file's first chunk).
     pub heated: bool,
 }
 
@@ -132,6 +132,8 @@ pub struct PartitionBuffer {
     next_offset: Option<i64>,
     /// Replaying a recorded intent: the open batch ends exactly here, and only here.
     seal_at: Option<i64>,
+    /// Bytes a file stages before compressing; the worker lowers it when it holds many files.
+    stage_limit: usize,
 }
 
 impl PartitionBuffer {
@@ -159,6 +161,7 @@ impl PartitionBuffer {
             sealed: Vec::new(),
             next_offset: start,
             seal_at: None,
+            stage_limit: MAX_STAGE_BYTES,
         })
     }
 
@@ -259,6 +262,7 @@ impl PartitionBuffer {
             sealed,
             next_offset: Some(checkpoint.next_offset),
             seal_at: None,
+            stage_limit: MAX_STAGE_BYTES,
         })
     }
 
@@ -304,6 +308,11 @@ impl PartitionBuffer {
         self.open.files.iter().filter(|f| f.gz.is_hot()).count()
     }
 
+    /// Sets how many uncompressed bytes each file stages before compressing them as one chunk.
+    pub fn set_stage_limit(&mut self, bytes: usize) {
+        self.stage_limit = bytes;
+    }
+
     /// Routes and appends one record. Records below the expected offset were already buffered
     /// (librdkafka can redeliver after a seek) and are skipped: `Ok(None)`.
     pub fn append(&mut self, record: &Record, tick: u64) -> io::Result<Option<Appended>> {
@@ -315,11 +324,9 @@ impl PartitionBuffer {
         self.open
             .first_read_ms
             .get_or_insert_with(|| chrono::Utc::now().timestamp_millis());
-        let mut created = false;
         let index = match self.open.accepting.get(&routed.destination) {
             Some(&index) => index,
             None => {
-                created = true;
                 let batch_dir = layout::batch_dir(&self.dir, start);
                 fs::create_dir_all(&batch_dir)?;
                 let path = batch_dir.join(layout::object_name(
@@ -344,9 +351,8 @@ impl PartitionBuffer {
             }
         };
         let file = &mut self.open.files[index];
-        let was_hot = file.gz.is_hot();
         let before = file.gz.uncompressed_len();
-        file.gz.append_line(&routed.line)?;
+        let heated = file.gz.append_line(&routed.line, self.stage_limit)?;
         file.records += 1;
         file.last_used = tick;
         let bytes = file.gz.uncompressed_len() - before;
@@ -361,7 +367,7 @@ impl PartitionBuffer {
         Ok(Some(Appended {
             bytes,
             dead_letter: routed.dead_letter,
-            heated: created || !was_hot,
+            heated,
         }))
     }
 
@@ -390,15 +396,14 @@ impl PartitionBuffer {
         self.seal_at.is_none() && self.open.uncompressed_bytes >= self.settings.max_batch_bytes
     }
 
-    /// The coldest file holding a compressor, as `(last_used tick, index)`.
-    pub fn coldest_hot_file(&self) -> Option<(u64, usize)> {
+    /// Files holding a compressor, as `(last_used tick, index)`.
+    pub fn hot_file_ticks(&self) -> impl Iterator<Item = (u64, usize)> + '_ {
         self.open
             .files
             .iter()
             .enumerate()
             .filter(|(_, f)| f.gz.is_hot())
             .map(|(i, f)| (f.last_used, i))
-            .min()
     }
 
     /// Sync-flushes one file and drops its compressor.
