@@ -2,7 +2,8 @@
 //!
 //! poll loop (thread) → records → buffer workers (threads) → sealed batches → uploader (async)
 //! → commit requests → poll loop. `run` returns when `shutdown` fires (SIGTERM in the binary, a
-//! token in tests) and every stage has stopped in order, or when a stage fails.
+//! token in tests) and every stage has stopped in order, or when a stage fails. `upload_now`
+//! (SIGUSR1 in the binary) seals every open batch ahead of the schedule.
 
 use std::sync::mpsc::sync_channel;
 use std::sync::Arc;
@@ -15,7 +16,7 @@ use crate::commit::Assignments;
 use crate::config::Config;
 use crate::consume::{create_consumer, ArchiverContext, ConsumeError, Fatal, PollLoop};
 use crate::metrics::Metrics;
-use crate::schedule::{Schedule, SystemClock};
+use crate::schedule::{Schedule, SystemClock, UploadNow};
 use crate::upload::s3::S3Store;
 use crate::upload::Uploader;
 
@@ -44,6 +45,7 @@ pub async fn run(
     config: Config,
     metrics: Metrics,
     shutdown: CancellationToken,
+    upload_now: Arc<UploadNow>,
 ) -> Result<(), AppError> {
     let config = Arc::new(config);
     let data_dir = config.buffer.data_dir.clone();
@@ -138,6 +140,7 @@ pub async fn run(
         disk,
         max_disk_bytes: config.buffer.max_disk_bytes,
         schedule: Schedule::new(config.schedule.interval_secs, config.schedule.offset_secs),
+        upload_now,
         checkpoint_interval: Duration::from_secs(config.buffer.checkpoint_interval_secs),
         clock: Arc::new(SystemClock),
         metrics: metrics.clone(),

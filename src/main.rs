@@ -4,6 +4,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -15,6 +16,7 @@ use kafka_s3_archiver::config::Config;
 use kafka_s3_archiver::consume::lag::group_lag;
 use kafka_s3_archiver::metrics::Metrics;
 use kafka_s3_archiver::produce::{self, EventGenerator, GeneratorSettings, ProduceSettings};
+use kafka_s3_archiver::schedule::UploadNow;
 
 #[derive(Parser)]
 #[command(
@@ -48,7 +50,7 @@ impl ConfigArgs {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Consume the topic and archive it to S3 until SIGTERM.
+    /// Consume the topic and archive it to S3 until SIGTERM; SIGUSR1 uploads what is buffered now.
     Run(ConfigArgs),
     /// Produce realistic Segment events to the configured topic.
     Produce {
@@ -132,7 +134,9 @@ fn real_main() -> anyhow::Result<ExitCode> {
             runtime.block_on(async {
                 let shutdown = CancellationToken::new();
                 tokio::spawn(cancel_on_signal(shutdown.clone()));
-                kafka_s3_archiver::app::run(config, Metrics::new(), shutdown).await
+                let upload_now = Arc::new(UploadNow::default());
+                tokio::spawn(upload_on_signal(Arc::clone(&upload_now)));
+                kafka_s3_archiver::app::run(config, Metrics::new(), shutdown, upload_now).await
             })?;
             Ok(ExitCode::SUCCESS)
         }
@@ -252,6 +256,21 @@ fn real_main() -> anyhow::Result<ExitCode> {
             }
         }
     }
+}
+
+/// Asks for an upload of everything buffered at each SIGUSR1.
+async fn upload_on_signal(upload_now: Arc<UploadNow>) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut usr1 = signal(SignalKind::user_defined1()).expect("install SIGUSR1 handler");
+        while usr1.recv().await.is_some() {
+            tracing::info!("SIGUSR1 received: uploading what is buffered now");
+            upload_now.request();
+        }
+    }
+    #[cfg(not(unix))]
+    drop(upload_now);
 }
 
 /// Cancels `shutdown` on SIGTERM (Kubernetes) or Ctrl-C.

@@ -213,7 +213,13 @@ impl Metrics {
         for kind in ["assign", "revoke", "error"] {
             metrics.rebalances.with_label_values(&[kind]);
         }
-        for trigger in ["schedule", "batch-size", "disk-pressure", "replay"] {
+        for trigger in [
+            "schedule",
+            "requested",
+            "batch-size",
+            "disk-pressure",
+            "replay",
+        ] {
             metrics.batches_sealed.with_label_values(&[trigger]);
         }
         for from in ["checkpoint", "committed"] {

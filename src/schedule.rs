@@ -1,8 +1,28 @@
 //! Schedule: when batches are sealed for upload — every `interval` aligned to UTC midnight plus
 //! an offset (hourly at minute 40 by default, as Segment copies its logs) — and the clock it
-//! reads, injectable so the schedule is tested without sleeping.
+//! reads, injectable so the schedule is tested without sleeping. An operator can also ask for an
+//! upload now (SIGUSR1 in the binary), ahead of the schedule.
+
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use chrono::{DateTime, TimeZone, Utc};
+
+/// A request to seal and upload every open batch now rather than at the next scheduled time:
+/// before draining a node, to check a pipeline end to end without waiting for the hour, or to
+/// time a backlog (`scripts/bench.sh`). Requests made before the poll loop sees one merge.
+#[derive(Debug, Default)]
+pub struct UploadNow(AtomicBool);
+
+impl UploadNow {
+    pub fn request(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether a request is pending; answering clears it.
+    pub fn take(&self) -> bool {
+        self.0.swap(false, Ordering::SeqCst)
+    }
+}
 
 /// Source of the current time.
 pub trait Clock: Send + Sync {
@@ -49,6 +69,19 @@ impl Schedule {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn upload_requests_merge_until_taken() {
+        let now = UploadNow::default();
+        assert!(!now.take());
+        now.request();
+        now.request();
+        assert!(now.take());
+        assert!(
+            !now.take(),
+            "two requests before the loop looked are one upload"
+        );
+    }
 
     fn at(text: &str) -> DateTime<Utc> {
         DateTime::parse_from_rfc3339(text)

@@ -59,8 +59,10 @@ pub enum WorkerCommand {
         partition: i32,
         records: Vec<Record>,
     },
-    /// The schedule fired: seal every non-empty open batch.
-    SealAll,
+    /// The schedule fired, or an operator asked: seal every non-empty open batch.
+    SealAll {
+        trigger: SealTrigger,
+    },
     Checkpoint,
     /// The group committed `next_offset` for this partition.
     Committed {
@@ -86,8 +88,10 @@ pub enum BufferError {
 
 /// Why a batch was sealed; a metric label.
 #[derive(Debug, Clone, Copy)]
-enum SealTrigger {
+pub enum SealTrigger {
     Schedule,
+    /// An operator asked for an upload now (SIGUSR1).
+    Requested,
     BatchSize,
     DiskPressure,
     Replay,
@@ -97,6 +101,7 @@ impl SealTrigger {
     fn as_str(self) -> &'static str {
         match self {
             SealTrigger::Schedule => "schedule",
+            SealTrigger::Requested => "requested",
             SealTrigger::BatchSize => "batch-size",
             SealTrigger::DiskPressure => "disk-pressure",
             SealTrigger::Replay => "replay",
@@ -204,7 +209,7 @@ impl Worker {
                 WorkerCommand::Records { partition, records } => {
                     self.append(partition, &records)?;
                 }
-                WorkerCommand::SealAll => {
+                WorkerCommand::SealAll { trigger } => {
                     // A replayed batch ignores the schedule: it ends where its intent says.
                     let partitions: Vec<i32> = self
                         .partitions
@@ -213,7 +218,7 @@ impl Worker {
                         .map(|(&partition, _)| partition)
                         .collect();
                     for partition in partitions {
-                        self.seal(partition, SealTrigger::Schedule)?;
+                        self.seal(partition, trigger)?;
                     }
                 }
                 WorkerCommand::Checkpoint => self.checkpoint_all()?,

@@ -23,14 +23,14 @@ use rdkafka::types::RDKafkaRespErr;
 use rdkafka::ClientContext;
 use tokio_util::sync::CancellationToken;
 
-use crate::buffer::{DiskUsage, WorkerCommand};
+use crate::buffer::{DiskUsage, SealTrigger, WorkerCommand};
 use crate::checkpoint::Committed;
 use crate::commit::{Assignments, BatchIntent, CommitOutcome, CommitRequest, PendingCommits};
 use crate::config::Config;
 use crate::config::ExactlyOnce;
 use crate::metrics::Metrics;
 use crate::route::Record;
-use crate::schedule::{Clock, Schedule};
+use crate::schedule::{Clock, Schedule, UploadNow};
 
 pub mod lag;
 
@@ -436,6 +436,8 @@ pub struct PollLoop {
     pub disk: Arc<DiskUsage>,
     pub max_disk_bytes: u64,
     pub schedule: Schedule,
+    /// Operator requests to seal ahead of the schedule.
+    pub upload_now: Arc<UploadNow>,
     pub checkpoint_interval: Duration,
     pub clock: Arc<dyn Clock>,
     pub metrics: Metrics,
@@ -492,8 +494,16 @@ impl PollLoop {
             self.commit_pending(&mut pending);
             let now = self.clock.now();
             if now >= next_seal {
-                self.broadcast(|| WorkerCommand::SealAll)?;
+                self.broadcast(|| WorkerCommand::SealAll {
+                    trigger: SealTrigger::Schedule,
+                })?;
                 next_seal = self.schedule.next_after(now);
+            }
+            if self.upload_now.take() {
+                tracing::info!("upload requested: sealing every open batch");
+                self.broadcast(|| WorkerCommand::SealAll {
+                    trigger: SealTrigger::Requested,
+                })?;
             }
             if Instant::now() >= next_checkpoint {
                 self.broadcast(|| WorkerCommand::Checkpoint)?;
