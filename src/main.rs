@@ -108,6 +108,12 @@ enum Command {
     },
 }
 
+/// mimalloc rather than glibc's allocator: the poll thread allocates every record and the buffer
+/// workers free them, and glibc's arena locks turned that hand-off into the bottleneck (the
+/// workers waited on `__lll_lock_wait_private` while two cores sat idle; `scripts/bench.sh`).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -226,6 +232,7 @@ fn real_main() -> anyhow::Result<ExitCode> {
         } => {
             let config = config.load()?;
             let started = Instant::now();
+            let mut rounds = 0u64;
             loop {
                 let lags = group_lag(&config)?;
                 let total: i64 = lags.iter().map(|l| l.lag()).sum();
@@ -251,8 +258,11 @@ fn real_main() -> anyhow::Result<ExitCode> {
                     eprintln!("still {total} records behind after {timeout}s");
                     return Ok(ExitCode::FAILURE);
                 }
-                eprintln!("waiting: {total} records not yet archived and committed");
-                std::thread::sleep(Duration::from_secs(2));
+                if rounds % 4 == 0 {
+                    eprintln!("waiting: {total} records not yet archived and committed");
+                }
+                rounds += 1;
+                std::thread::sleep(Duration::from_millis(500));
             }
         }
     }

@@ -86,19 +86,12 @@ wait_port() { # port name
 # Starts tansu and moto in $RIG_DIR; sets KAFKA_BROKERS, S3_ENDPOINT and RIG_PIDS.
 start_rig() {
   RIG_PIDS=()
-  local kafka_port s3_port
-  kafka_port=$(free_port)
+  local s3_port
   s3_port=$(free_port)
-  (cd "$RIG_DIR" && exec "$TANSU_BIN" broker \
-      --listener-url "tcp://127.0.0.1:$kafka_port" \
-      --advertised-listener-url "tcp://127.0.0.1:$kafka_port" \
-      --storage-engine memory://tansu/ >"$RIG_DIR/tansu.log" 2>&1) &
-  RIG_PIDS+=($!)
   "$MOTO_SERVER" -H 127.0.0.1 -p "$s3_port" >"$RIG_DIR/moto.log" 2>&1 &
   RIG_PIDS+=($!)
-  wait_port "$kafka_port" tansu
+  start_tansu
   wait_port "$s3_port" moto
-  KAFKA_BROKERS="127.0.0.1:$kafka_port"
   S3_ENDPOINT="http://127.0.0.1:$s3_port"
 }
 
@@ -108,7 +101,81 @@ stop_rig() {
   done
 }
 
-s3() { # awscli against the local S3 server
-  AWS_ACCESS_KEY_ID=local AWS_SECRET_ACCESS_KEY=local AWS_EC2_METADATA_DISABLED=true \
+s3() { # awscli against the local S3 server (moto takes any key; Garage the one start_garage made)
+  AWS_ACCESS_KEY_ID=${AWS_ACCESS_KEY_ID:-local} AWS_SECRET_ACCESS_KEY=${AWS_SECRET_ACCESS_KEY:-local} \
+    AWS_EC2_METADATA_DISABLED=true \
     "$AWS_CLI" --endpoint-url "$S3_ENDPOINT" --region us-east-1 "$@"
+}
+
+GARAGE_VERSION="2.5.0"
+
+# Garage: a disk-backed S3 server, for benchmarks that move gigabytes (moto keeps everything in
+# memory). AGPL-3.0, so it is only ever run as a separate server, never linked.
+ensure_garage() {
+  local root="$KSA_TOOLS_DIR/garage-$GARAGE_VERSION"
+  if [[ ! -x "$root/bin/garage" ]]; then
+    log "installing garage $GARAGE_VERSION (disk-backed S3 server; about 10 minutes the first time)"
+    mkdir -p "$root"
+    cargo install "garage@$GARAGE_VERSION" --locked --root "$root" >&2
+  fi
+  export GARAGE_BIN="$root/bin/garage"
+}
+
+# Starts a single-node Garage with its data under $1 and creates bucket $2 with a key of ours;
+# sets S3_ENDPOINT, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and appends to RIG_PIDS.
+start_garage() {
+  local dir=$1 bucket=$2 s3_port rpc_port admin_port config node
+  s3_port=$(free_port)
+  rpc_port=$(free_port)
+  admin_port=$(free_port)
+  mkdir -p "$dir/meta" "$dir/data"
+  config="$dir/garage.toml"
+  cat >"$config" <<TOML
+metadata_dir = "$dir/meta"
+data_dir = "$dir/data"
+db_engine = "sqlite"
+replication_factor = 1
+rpc_bind_addr = "127.0.0.1:$rpc_port"
+rpc_public_addr = "127.0.0.1:$rpc_port"
+rpc_secret = "$(python3 -c 'import secrets; print(secrets.token_hex(32))')"
+
+[s3_api]
+s3_region = "us-east-1"
+api_bind_addr = "127.0.0.1:$s3_port"
+root_domain = ".s3.garage.localhost"
+
+[admin]
+api_bind_addr = "127.0.0.1:$admin_port"
+admin_token = "$(python3 -c 'import secrets; print(secrets.token_hex(16))')"
+TOML
+  "$GARAGE_BIN" -c "$config" server >"$dir/garage.log" 2>&1 &
+  RIG_PIDS+=($!)
+  wait_port "$s3_port" garage
+  for _ in $(seq 1 50); do
+    node=$("$GARAGE_BIN" -c "$config" node id -q 2>/dev/null) && break
+    sleep 0.2
+  done
+  node=${node%%@*}
+  "$GARAGE_BIN" -c "$config" layout assign -z dc1 -c 10G "$node" >/dev/null
+  "$GARAGE_BIN" -c "$config" layout apply --version 1 >/dev/null
+  AWS_ACCESS_KEY_ID="GK$(python3 -c 'import secrets; print(secrets.token_hex(12))')"
+  AWS_SECRET_ACCESS_KEY="$(python3 -c 'import secrets; print(secrets.token_hex(32))')"
+  "$GARAGE_BIN" -c "$config" key import "$AWS_ACCESS_KEY_ID" "$AWS_SECRET_ACCESS_KEY" --yes >/dev/null
+  "$GARAGE_BIN" -c "$config" bucket create "$bucket" >/dev/null
+  "$GARAGE_BIN" -c "$config" bucket allow --read --write --owner "$bucket" --key "$AWS_ACCESS_KEY_ID" >/dev/null
+  S3_ENDPOINT="http://127.0.0.1:$s3_port"
+  export AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY
+}
+
+# Starts tansu alone (memory storage) on a free port; sets KAFKA_BROKERS, appends to RIG_PIDS.
+start_tansu() {
+  local kafka_port
+  kafka_port=$(free_port)
+  (cd "$RIG_DIR" && exec "$TANSU_BIN" broker \
+      --listener-url "tcp://127.0.0.1:$kafka_port" \
+      --advertised-listener-url "tcp://127.0.0.1:$kafka_port" \
+      --storage-engine memory://tansu/ >"$RIG_DIR/tansu.log" 2>&1) &
+  RIG_PIDS+=($!)
+  wait_port "$kafka_port" tansu
+  KAFKA_BROKERS="127.0.0.1:$kafka_port"
 }

@@ -145,13 +145,18 @@ impl GzStreamFile {
     /// [`MAX_STAGE_BYTES`]) wait, then compressed together. Returns whether that started a
     /// compressor (the file was cold), for the caller's count of open compressors.
     pub fn append_line(&mut self, line: &[u8], stage_limit: usize) -> io::Result<bool> {
+        let stage_limit = stage_limit.min(MAX_STAGE_BYTES);
         self.staged.extend_from_slice(line);
         self.staged.push(b'\n');
         self.uncompressed_len += line.len() as u64 + 1;
         self.unflushed = true;
-        if self.staged.len() >= stage_limit.min(MAX_STAGE_BYTES) {
+        if self.staged.len() >= stage_limit {
             let heated = !self.is_hot();
             self.compress_staged(FlushCompress::None)?;
+            if self.staged.capacity() > 2 * stage_limit {
+                // Grown under a larger limit, when fewer files were open: give it back.
+                self.staged = Vec::new();
+            }
             return Ok(heated);
         }
         Ok(false)

@@ -35,7 +35,7 @@ use crate::schedule::{Clock, Schedule, UploadNow};
 pub mod lag;
 
 /// Records handed to the workers per poll round, at most.
-const MAX_RECORDS_PER_ROUND: usize = 2000;
+const MAX_RECORDS_PER_ROUND: usize = 1000;
 /// How long one poll waits for a record when the topic is idle.
 const POLL_WAIT: Duration = Duration::from_millis(100);
 /// Broker round trips in rebalance callbacks.
@@ -414,6 +414,31 @@ pub fn create_consumer(
     {
         // Feeds the lag metrics.
         client.set("statistics.interval.ms", "5000");
+    }
+    if !config
+        .kafka
+        .properties
+        .contains_key("queued.max.messages.kbytes")
+    {
+        // What librdkafka prefetches ahead of the workers; its 64 MB default would be a large
+        // share of a pod's memory and buys nothing once the workers are the bottleneck.
+        client.set("queued.max.messages.kbytes", "16384");
+    }
+    if !config.kafka.properties.contains_key("fetch.max.bytes") {
+        // Queued records point into the fetch response that brought them, which stays in memory
+        // until its last record is polled: with many partitions, librdkafka's 50 MB responses
+        // held more than the queue itself.
+        client.set("fetch.max.bytes", "16777216");
+    }
+    if !config
+        .kafka
+        .properties
+        .contains_key("fetch.queue.backoff.ms")
+    {
+        // Once the prefetch queue is full, librdkafka waits this long before fetching that
+        // partition again; its 1 s default left the workers starved after every full queue
+        // (reading took twice as long in `scripts/bench.sh`).
+        client.set("fetch.queue.backoff.ms", "20");
     }
     if !config.kafka.properties.contains_key("auto.offset.reset") {
         client.set("auto.offset.reset", "earliest");

@@ -215,9 +215,10 @@ impl Shared {
         stop: &CancellationToken,
     ) -> Result<(), UploadError> {
         let mut files = JoinSet::new();
+        let batch = Arc::new(job.batch.clone());
         for file in job.batch.files.clone() {
             let this = Arc::clone(&self);
-            let batch = job.batch.clone();
+            let batch = Arc::clone(&batch);
             let epoch = job.epoch;
             let stop = stop.clone();
             files.spawn(async move { this.upload_file(&batch, epoch, &file, &stop).await });

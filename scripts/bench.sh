@@ -1,0 +1,225 @@
+#!/usr/bin/env bash
+# Throughput benchmark of the archiver against baselines measured in the same run, on the same
+# data: single-core gzip -6 and zlib-rs (the compression limit), a plain consumer draining the
+# topic (the broker limit), and a consumer piped into gzip -6 (the naive pipeline). Prints one
+# table and, last, one line of ratios. See BENCHMARKS.md.
+#
+#   scripts/bench.sh            1,000,000 events (~1 GB), 8 partitions, 100 sources x 2 days
+#   scripts/bench.sh --quick    100,000 events, for a run under two minutes
+# then a memory benchmark: 64 partitions x 100 sources x 2 days = 12,800 files open at once.
+#   options: --events N --partitions N --sources N --days N --seed N --keep (keep the work dir)
+#
+# Servers: tansu (Kafka protocol, memory storage) and Garage (S3 API, disk-backed: the bucket
+# does not sit in RAM), both installed and cached by scripts/lib/rig.sh.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/lib/rig.sh
+
+EVENTS=1000000 PARTITIONS=8 SOURCES=100 DAYS=2 SEED=42 KEEP=0
+# The memory benchmark: this many partitions x SOURCES x DAYS files open at once.
+WIDE_PARTITIONS=64 WIDE_EVENTS=300000
+while (($#)); do
+  case $1 in
+    --quick) EVENTS=100000 WIDE_EVENTS=150000 ;;
+    --events) EVENTS=$2; shift ;;
+    --partitions) PARTITIONS=$2; shift ;;
+    --sources) SOURCES=$2; shift ;;
+    --days) DAYS=$2; shift ;;
+    --seed) SEED=$2; shift ;;
+    --keep) KEEP=1 ;;
+    *) echo "unknown option $1 (see the top of $0)" >&2; exit 2 ;;
+  esac
+  shift
+done
+TOPIC=segment-events BUCKET=bench-archive
+step() { log "[${SECONDS}s] $*"; }
+
+ensure_tansu
+ensure_python_tools
+ensure_garage
+step "building release binaries"
+cargo build --release --quiet --bin kafka-s3-archiver --example bench_baseline
+TARGET_DIR=${CARGO_TARGET_DIR:-target}
+BIN="$TARGET_DIR/release/kafka-s3-archiver"
+BASELINE="$TARGET_DIR/release/examples/bench_baseline"
+
+# On disk next to the build, not in a tmpfs: the archiver's buffers and Garage's data are part
+# of what is measured.
+RIG_DIR=$(mktemp -d "$TARGET_DIR/bench.XXXXXX")
+RIG_DIR=$(cd "$RIG_DIR" && pwd)
+RIG_PIDS=()
+ARCHIVER_PID=""
+cleanup() {
+  [[ -n "$ARCHIVER_PID" ]] && kill -9 "$ARCHIVER_PID" 2>/dev/null || true
+  stop_rig
+  wait 2>/dev/null || true
+  if ((KEEP)); then log "work dir kept: $RIG_DIR"; else rm -rf "$RIG_DIR"; fi
+}
+trap cleanup EXIT
+
+start_tansu
+start_garage "$RIG_DIR/garage" "$BUCKET"
+"$TANSU_BIN" topic create "$TOPIC" --partitions "$PARTITIONS" --broker "tcp://$KAFKA_BROKERS" >/dev/null
+
+# tansu answers a fetch only when fetch.wait.max.ms runs out, even with data waiting (Kafka
+# answers at once): with librdkafka's 500 ms default a consumer reads 1 MB per partition per
+# half second. Every consumer here, baselines and archiver alike, waits 10 ms instead.
+FETCH_WAIT_MS=10
+export BENCH_CONSUMER_PROPERTIES="fetch.wait.max.ms=$FETCH_WAIT_MS"
+cat >"$RIG_DIR/archiver.toml" <<TOML
+[kafka]
+brokers = "$KAFKA_BROKERS"
+topic = "$TOPIC"
+group_id = "bench-archiver"
+# tansu drops offset-commit metadata, where batch intents live (README, "Exactly once").
+exactly_once = "best-effort"
+
+[kafka.properties]
+"fetch.wait.max.ms" = "$FETCH_WAIT_MS"
+
+[s3]
+bucket = "$BUCKET"
+endpoint_url = "$S3_ENDPOINT"
+force_path_style = true
+# Garage rejects the SDK's streaming checksum trailer on objects with Content-Encoding: gzip
+# ("Invalid payload signature"); Content-MD5 is checked by Garage instead.
+checksum = "content-md5"
+
+[buffer]
+data_dir = "$RIG_DIR/buffers"
+
+# Once a day: the run ends with SIGUSR1 ("upload now") once everything is read, as the hourly
+# upload would, instead of waiting for a scheduled slot.
+[schedule]
+interval_secs = 86400
+offset_secs = 0
+TOML
+export ARCHIVER_KAFKA_BROKERS="$KAFKA_BROKERS"
+METRICS_PORT=$(free_port)
+export ARCHIVER_METRICS_LISTEN="127.0.0.1:$METRICS_PORT"
+export AWS_EC2_METADATA_DISABLED=true RUST_LOG=${RUST_LOG:-warn}
+
+now() { date +%s.%N; }
+json() { python3 -c "import json,sys; print(json.load(sys.stdin)['$1'])"; }
+step "producing $EVENTS events ($SOURCES sources x $DAYS days) into $PARTITIONS partitions"
+start=$(now)
+ARCHIVER_KAFKA_TOPIC=$TOPIC "$BIN" produce --count "$EVENTS" --sources "$SOURCES" --days "$DAYS" --start-day 2026-11-20 \
+  --seed "$SEED" >/dev/null
+produce_seconds=$(python3 -c "print($(now) - $start)")
+
+step "reading the topic back as NDJSON (the bytes every stage works on)"
+"$BASELINE" drain "$KAFKA_BROKERS" "$TOPIC" "$PARTITIONS" "$EVENTS" --lines \
+  >"$RIG_DIR/events.ndjson" 2>"$RIG_DIR/dump.json"
+BYTES=$(stat -c %s "$RIG_DIR/events.ndjson")
+
+step "compression limit: gzip -6 and zlib-rs level 6, one core each"
+start=$(now)
+gzip -6 -c "$RIG_DIR/events.ndjson" >"$RIG_DIR/gzip6.gz"
+gzip_seconds=$(python3 -c "print($(now) - $start)")
+gzip_bytes=$(stat -c %s "$RIG_DIR/gzip6.gz")
+"$BASELINE" zlib "$RIG_DIR/events.ndjson" 6 >"$RIG_DIR/zlib.json"
+zlib_seconds=$(json seconds <"$RIG_DIR/zlib.json")
+zlib_bytes=$(json compressed <"$RIG_DIR/zlib.json")
+rm -f "$RIG_DIR/events.ndjson"
+
+step "broker drain: a plain consumer reading to nowhere"
+"$BASELINE" drain "$KAFKA_BROKERS" "$TOPIC" "$PARTITIONS" "$EVENTS" >"$RIG_DIR/drain.json"
+drain_seconds=$(json seconds <"$RIG_DIR/drain.json")
+
+step "naive pipeline: consumer | gzip -6"
+start=$(now)
+"$BASELINE" drain "$KAFKA_BROKERS" "$TOPIC" "$PARTITIONS" "$EVENTS" --lines 2>/dev/null \
+  | gzip -6 >"$RIG_DIR/naive.gz"
+naive_seconds=$(python3 -c "print($(now) - $start)")
+naive_bytes=$(stat -c %s "$RIG_DIR/naive.gz")
+
+# Runs the archiver on topic $1 ($2 partitions, $3 events) with group $4 until everything is
+# committed: reads until every record is written to the buffers, then SIGUSR1 (upload now).
+# Sets read_seconds, archiver_seconds, cpu_seconds, read_rss_kb, peak_rss_kb, open_files.
+run_archiver() {
+  local topic=$1 partitions=$2 events=$3 group=$4 start waiter utime stime
+  start=$(now)
+  ARCHIVER_KAFKA_TOPIC=$topic ARCHIVER_KAFKA_GROUP_ID=$group \
+    ARCHIVER_BUFFER_DATA_DIR="$RIG_DIR/buffers-$group" \
+    "$BIN" run --config "$RIG_DIR/archiver.toml" >"$RIG_DIR/$group.log" 2>&1 &
+  ARCHIVER_PID=$!
+  "$BASELINE" wait-metric "$METRICS_PORT" archiver_records_written_total "$events" &
+  waiter=$!
+  wait -n "$waiter" "$ARCHIVER_PID" || true
+  if ! kill -0 "$ARCHIVER_PID" 2>/dev/null; then
+    echo "the archiver stopped:" >&2; tail -20 "$RIG_DIR/$group.log" >&2; exit 1
+  fi
+  read_seconds=$(python3 -c "print($(now) - $start)")
+  read_rss_kb=$(awk '/VmHWM/ {print $2}' "/proc/$ARCHIVER_PID/status")
+  open_files=$("$BASELINE" metric "$METRICS_PORT" archiver_open_files)
+  kill -USR1 "$ARCHIVER_PID"
+  "$BASELINE" committed "$KAFKA_BROKERS" "$topic" "$partitions" "$group" "$events" >/dev/null
+  archiver_seconds=$(python3 -c "print($(now) - $start)")
+  read -r utime stime < <(awk '{print $14, $15}' "/proc/$ARCHIVER_PID/stat")
+  cpu_seconds=$(python3 -c "import os; print(($utime + $stime) / os.sysconf('SC_CLK_TCK'))")
+  peak_rss_kb=$(awk '/VmHWM/ {print $2}' "/proc/$ARCHIVER_PID/status")
+  kill -TERM "$ARCHIVER_PID"
+  wait "$ARCHIVER_PID" || { echo "the archiver did not exit cleanly:" >&2; tail -20 "$RIG_DIR/$group.log" >&2; exit 1; }
+  ARCHIVER_PID=""
+}
+
+step "archiver: from start to everything uploaded and committed"
+run_archiver "$TOPIC" "$PARTITIONS" "$EVENTS" bench-archiver
+
+step "checking the bucket against the manifests and the committed offsets"
+ARCHIVER_KAFKA_TOPIC=$TOPIC "$BIN" verify --config "$RIG_DIR/archiver.toml" >"$RIG_DIR/verify.txt" 2>&1 || { cat "$RIG_DIR/verify.txt" >&2; exit 1; }
+archived_bytes=$(s3 s3 ls --recursive "s3://$BUCKET/segment-logs/" \
+  | awk '$4 !~ /^segment-logs\/_/ {sum += $3} END {print sum + 0}')
+objects=$(s3 s3 ls --recursive "s3://$BUCKET/segment-logs/" | awk '$4 !~ /^segment-logs\/_/' | wc -l)
+
+throughput_seconds=$archiver_seconds throughput_read=$read_seconds throughput_cpu=$cpu_seconds
+throughput_rss=$peak_rss_kb
+
+WIDE_TOPIC=segment-events-wide
+step "memory: $WIDE_PARTITIONS partitions x $SOURCES sources x $DAYS days, $WIDE_EVENTS events"
+"$TANSU_BIN" topic create "$WIDE_TOPIC" --partitions "$WIDE_PARTITIONS" --broker "tcp://$KAFKA_BROKERS" >/dev/null
+ARCHIVER_KAFKA_TOPIC=$WIDE_TOPIC "$BIN" produce --count "$WIDE_EVENTS" --sources "$SOURCES" \
+  --days "$DAYS" --start-day 2026-11-20 --seed "$SEED" >/dev/null
+run_archiver "$WIDE_TOPIC" "$WIDE_PARTITIONS" "$WIDE_EVENTS" bench-wide
+
+python3 - <<PY
+events, size = $EVENTS, $BYTES
+mb = size / 1e6
+rows = [
+    ("gzip -6, 1 core", $gzip_seconds, None, None, $gzip_bytes),
+    ("zlib-rs level 6 (archiver's backend), 1 core", $zlib_seconds, None, None, $zlib_bytes),
+    ("broker drain (plain consumer, no output)", $drain_seconds, None, None, None),
+    ("naive: consumer | gzip -6", $naive_seconds, None, None, $naive_bytes),
+    ("archiver: start to all committed", $throughput_seconds, $throughput_cpu, $throughput_rss, $archived_bytes),
+]
+print()
+print(f"kafka-s3-archiver benchmark: {events} events, {mb:.1f} MB NDJSON, $PARTITIONS partitions, "
+      f"$SOURCES sources x $DAYS days (produced in {$produce_seconds:.1f} s)")
+print("broker: tansu $TANSU_VERSION (memory); S3: Garage $GARAGE_VERSION (disk); "
+      f"{__import__('os').cpu_count()} cores")
+print()
+header = f"{'stage':<46} {'seconds':>8} {'MB/s':>7} {'events/s':>9} {'CPU-s/GB':>9} {'peak RSS MB':>12} {'output MB':>10}"
+print(header)
+print("-" * len(header))
+for name, seconds, cpu, rss, out in rows:
+    cells = [f"{name:<46}", f"{seconds:8.2f}", f"{mb / seconds:7.1f}", f"{events / seconds:9.0f}",
+             f"{cpu / (size / 1e9):9.1f}" if cpu is not None else f"{'':>9}",
+             f"{rss / 1024:12.0f}" if rss is not None else f"{'':>12}",
+             f"{out / 1e6:10.1f}" if out is not None else f"{'':>10}"]
+    print(" ".join(cells))
+print()
+print(f"archiver: read everything in {$throughput_read:.2f} s, then uploaded and committed the rest "
+      f"in {$throughput_seconds - $throughput_read:.2f} s; {$objects} objects")
+print(f"memory: {$WIDE_EVENTS} events over $WIDE_PARTITIONS partitions, {int(float('$open_files'))} files open "
+      f"at once; peak RSS {$read_rss_kb / 1024:.0f} MB with all of them open, {$peak_rss_kb / 1024:.0f} MB "
+      f"through sealing and uploading them (target <= 300 MB)")
+rate = lambda s: mb / s
+archiver = rate($throughput_seconds)
+gzip_limit = min(rate($drain_seconds), 2 * rate($gzip_seconds))
+zlib_limit = min(rate($drain_seconds), 2 * rate($zlib_seconds))
+print()
+print(f"ratios: archiver / min(drain, 2 x gzip -6) = {archiver / gzip_limit:.2f} (target >= 0.80; "
+      f"{archiver / zlib_limit:.2f} against zlib-rs); archiver / naive = "
+      f"{archiver / rate($naive_seconds):.2f} (target >= 1.00); archived size / gzip -6 size = "
+      f"{$archived_bytes / $gzip_bytes:.3f} (target <= 1.02)")
+PY
