@@ -424,6 +424,12 @@ pub fn create_consumer(
         // share of a pod's memory and buys nothing once the workers are the bottleneck.
         client.set("queued.max.messages.kbytes", "16384");
     }
+    if !config.kafka.properties.contains_key("queued.min.messages") {
+        // librdkafka keeps fetching a partition until it holds this many records (100,000 by
+        // default, per partition): with 64 partitions that overran the kilobyte cap above at
+        // start-up, the peak of the memory benchmark.
+        client.set("queued.min.messages", "10000");
+    }
     if !config.kafka.properties.contains_key("fetch.max.bytes") {
         // Queued records point into the fetch response that brought them, which stays in memory
         // until its last record is polled: with many partitions, librdkafka's 50 MB responses
