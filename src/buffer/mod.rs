@@ -29,12 +29,12 @@ pub use partition::{BufferSettings, PartitionBuffer, SealedBatch, SealedFile};
 
 /// Uncompressed bytes the whole process may hold staged in its open files (see
 /// `gzfile`): each file stages up to this divided by the open files, so a few hundred files get
-/// chunks of tens of kilobytes and twelve thousand (the memory benchmark) stay near 16 MB.
-pub const STAGING_BUDGET_BYTES: usize = 16 << 20;
+/// chunks of tens of kilobytes and twelve thousand (the memory benchmark) a few lines each.
+pub const STAGING_BUDGET_BYTES: usize = 32 << 20;
 
 /// Below this a chunk no longer keeps the compressor's cache warm long enough to matter, so the
 /// budget is exceeded rather than staging less.
-const MIN_STAGE_BYTES: usize = 2 << 10;
+const MIN_STAGE_BYTES: usize = 1 << 10;
 
 /// A command from the poll loop to the worker owning a partition.
 pub enum WorkerCommand {
