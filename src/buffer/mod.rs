@@ -533,3 +533,126 @@ pub fn rules_fingerprint(config: &Config) -> String {
     let rules = serde_json::to_vec(&(&config.routing, &config.s3.prefix)).expect("rules serialize");
     format!("{:08x}", crc32fast::hash(&rules))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::route::Destination;
+    use std::collections::HashSet;
+    use std::io::Read;
+    use std::sync::mpsc::sync_channel;
+
+    fn record(offset: i64, source: i64, day: i64) -> Record {
+        let payload = format!(
+            r#"{{"projectId":"s{source}","receivedAt":"2026-11-{day}T12:00:00Z","messageId":"m{offset}","pad":"{}"}}"#,
+            "x".repeat(3000)
+        );
+        Record {
+            offset,
+            timestamp_ms: Some(0),
+            key: None,
+            payload: Some(payload.into_bytes()),
+            headers: vec![],
+        }
+    }
+
+    /// Waits until the worker handled everything sent before (a revoke of a partition it does
+    /// not own answers once the commands queued ahead of it are done).
+    fn barrier(commands: &SyncSender<WorkerCommand>) {
+        let (reply, answer) = sync_channel(1);
+        commands
+            .send(WorkerCommand::Revoke {
+                partition: 999,
+                keep_local: true,
+                reply,
+            })
+            .unwrap();
+        answer.recv().unwrap();
+    }
+
+    #[test]
+    fn hundreds_of_files_share_a_few_compressors_and_keep_every_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = Config::default();
+        config.buffer.data_dir = dir.path().to_path_buf();
+        config.buffer.max_open_compressors = 8;
+        let (uploads, mut sealed) = tokio::sync::mpsc::unbounded_channel();
+        let metrics = Metrics::new();
+        let worker = Worker::new(
+            Arc::new(config),
+            1,
+            uploads,
+            metrics.clone(),
+            Arc::new(DiskUsage::default()),
+        );
+        let (commands, queue) = sync_channel(4);
+        let thread = std::thread::spawn(move || worker.run(queue));
+        let (reply, answer) = sync_channel(1);
+        commands
+            .send(WorkerCommand::Assign {
+                partition: 0,
+                epoch: 1,
+                committed: Committed::Nothing,
+                intent: None,
+                reply,
+            })
+            .unwrap();
+        answer.recv().unwrap().unwrap();
+
+        // 150 sources x 2 days, interleaved record by record: 300 files of ~120 KB each, so
+        // each compresses a few 64 KiB chunks, sharing 8 compressors.
+        let records: Vec<Record> = (0..12_000)
+            .map(|o| record(o, o % 150, 20 + (o / 150) % 2))
+            .collect();
+        let mut most_open = 0;
+        for chunk in records.chunks(500) {
+            commands
+                .send(WorkerCommand::Records {
+                    partition: 0,
+                    records: chunk.to_vec(),
+                })
+                .unwrap();
+            barrier(&commands);
+            most_open = most_open.max(metrics.open_compressors.get());
+            assert!(metrics.open_compressors.get() <= 8, "cap exceeded");
+        }
+        assert!(most_open > 0);
+        assert_eq!(metrics.open_files.get(), 300);
+
+        commands
+            .send(WorkerCommand::SealAll {
+                trigger: SealTrigger::Requested,
+            })
+            .unwrap();
+        barrier(&commands);
+        let job = sealed.try_recv().expect("one sealed batch");
+        assert_eq!((job.batch.start, job.batch.end), (0, 11_999));
+        assert_eq!(job.batch.files.len(), 300);
+        let mut seen = HashSet::new();
+        for file in &job.batch.files {
+            let mut text = String::new();
+            flate2::read::GzDecoder::new(std::fs::File::open(&file.path).unwrap())
+                .read_to_string(&mut text)
+                .unwrap();
+            assert_eq!(text.lines().count() as u64, file.records, "{:?}", file.path);
+            for line in text.lines() {
+                let event: serde_json::Value = serde_json::from_str(line).unwrap();
+                let Destination::Events { source, .. } = &file.destination else {
+                    panic!("no dead letters here: {:?}", file.destination);
+                };
+                assert_eq!(event["projectId"], source.as_str());
+                assert!(seen.insert(event["messageId"].as_str().unwrap().to_string()));
+            }
+        }
+        assert_eq!(
+            seen.len(),
+            12_000,
+            "every record once, cooled and reheated files included"
+        );
+
+        let (reply, answer) = sync_channel(1);
+        commands.send(WorkerCommand::Stop { reply }).unwrap();
+        answer.recv().unwrap();
+        thread.join().unwrap().unwrap();
+    }
+}
