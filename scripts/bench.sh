@@ -166,8 +166,8 @@ run_archiver() {
 step "archiver: from start to everything uploaded and committed"
 run_archiver "$TOPIC" "$PARTITIONS" "$EVENTS" bench-archiver
 
-step "checking the bucket against the manifests and the committed offsets"
-ARCHIVER_KAFKA_TOPIC=$TOPIC "$BIN" verify --config "$RIG_DIR/archiver.toml" >"$RIG_DIR/verify.txt" 2>&1 || { cat "$RIG_DIR/verify.txt" >&2; exit 1; }
+step "checking the bucket: manifests, committed offsets, every object decoded, every messageId once"
+ARCHIVER_KAFKA_TOPIC=$TOPIC "$BIN" verify --deep --config "$RIG_DIR/archiver.toml" >"$RIG_DIR/verify.txt" 2>&1 || { cat "$RIG_DIR/verify.txt" >&2; exit 1; }
 archived_bytes=$(s3 s3 ls --recursive "s3://$BUCKET/segment-logs/" \
   | awk '$4 !~ /^segment-logs\/_/ {sum += $3} END {print sum + 0}')
 objects=$(s3 s3 ls --recursive "s3://$BUCKET/segment-logs/" | awk '$4 !~ /^segment-logs\/_/' | wc -l)

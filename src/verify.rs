@@ -8,6 +8,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Read;
 
+use futures_util::{Stream, StreamExt};
 use serde::Serialize;
 
 use crate::config::Config;
@@ -15,6 +16,9 @@ use crate::consume::lag::{group_lag, LagError, PartitionLag};
 use crate::layout;
 use crate::upload::manifest::Manifest;
 use crate::upload::s3::S3Store;
+
+/// Objects downloaded at once by a check.
+const FETCH_CONCURRENCY: usize = 16;
 
 /// One problem found.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -86,8 +90,10 @@ pub async fn verify(config: &Config, deep: bool) -> Result<Report, VerifyError> 
 
     // Manifests, per partition, in offset order.
     let mut manifests: BTreeMap<i32, Vec<Manifest>> = BTreeMap::new();
-    for key in objects.keys().filter(|k| k.starts_with(&manifest_root)) {
-        let bytes = get(&store, key).await?;
+    let manifest_keys = objects.keys().filter(|k| k.starts_with(&manifest_root));
+    let mut fetched = fetch_in_order(&store, manifest_keys);
+    while let Some((key, bytes)) = fetched.next().await {
+        let bytes = bytes?;
         match serde_json::from_slice::<Manifest>(&bytes) {
             Ok(manifest) if manifest.topic == topic => manifests
                 .entry(manifest.partition)
@@ -255,8 +261,10 @@ async fn deep_check(
     let manifest_root = format!("{root}_manifests/{}/", config.kafka.topic);
     // Expected counts and CRCs, from the manifests once more.
     let mut expected: HashMap<String, (u64, String)> = HashMap::new();
-    for key in objects.keys().filter(|k| k.starts_with(&manifest_root)) {
-        if let Ok(manifest) = serde_json::from_slice::<Manifest>(&get(store, key).await?) {
+    let manifest_keys = objects.keys().filter(|k| k.starts_with(&manifest_root));
+    let mut fetched = fetch_in_order(store, manifest_keys);
+    while let Some((_, bytes)) = fetched.next().await {
+        if let Ok(manifest) = serde_json::from_slice::<Manifest>(&bytes?) {
             for file in manifest.files {
                 expected.insert(file.key, (file.records, file.crc32));
             }
@@ -268,8 +276,9 @@ async fn deep_check(
         .filter(|k| objects.contains_key(*k))
         .collect();
     keys.sort();
-    for key in keys {
-        let bytes = get(store, key).await?;
+    let mut fetched = fetch_in_order(store, keys);
+    while let Some((key, bytes)) = fetched.next().await {
+        let bytes = bytes?;
         let mut decoder = flate2::bufread::GzDecoder::new(&bytes[..]);
         let mut content = Vec::new();
         if let Err(err) = decoder.read_to_end(&mut content) {
@@ -325,6 +334,17 @@ async fn deep_check(
         }
     }
     Ok(())
+}
+
+/// Objects fetched a few at a time (one by one, a bucket of thousands of small objects took
+/// minutes), handed back in the order of `keys` so findings come out the same on every run.
+fn fetch_in_order<'a>(
+    store: &'a S3Store,
+    keys: impl IntoIterator<Item = &'a String> + 'a,
+) -> impl Stream<Item = (&'a String, Result<Vec<u8>, VerifyError>)> + 'a {
+    futures_util::stream::iter(keys)
+        .map(move |key| async move { (key, get(store, key).await) })
+        .buffered(FETCH_CONCURRENCY)
 }
 
 async fn list(store: &S3Store, prefix: &str) -> Result<BTreeMap<String, i64>, VerifyError> {
