@@ -5,7 +5,7 @@
 //!
 //! It only reads: it never deletes or rewrites anything.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::io::Read;
 
 use futures_util::{Stream, StreamExt};
@@ -116,7 +116,8 @@ pub async fn verify(config: &Config, deep: bool) -> Result<Report, VerifyError> 
         .expect("kafka lookup thread")?;
     let kafka: HashMap<i32, PartitionLag> = kafka.into_iter().map(|l| (l.partition, l)).collect();
 
-    let mut referenced = HashSet::new();
+    // Every object a manifest lists, with the line count and CRC32 it records.
+    let mut referenced: HashMap<String, (u64, String)> = HashMap::new();
     let mut partitions: Vec<i32> = manifests.keys().chain(kafka.keys()).copied().collect();
     partitions.sort_unstable();
     partitions.dedup();
@@ -197,7 +198,7 @@ pub async fn verify(config: &Config, deep: bool) -> Result<Report, VerifyError> 
             }
             summary.records += manifest.records;
             for file in &manifest.files {
-                referenced.insert(file.key.clone());
+                referenced.insert(file.key.clone(), (file.records, file.crc32.clone()));
                 if !objects.contains_key(&file.key) {
                     findings.push(finding(
                         "missing-object",
@@ -222,7 +223,7 @@ pub async fn verify(config: &Config, deep: bool) -> Result<Report, VerifyError> 
             && (!key[root.len()..].starts_with('_') || key.starts_with(&dead_letter_root));
         if ours {
             report.objects += 1;
-            if !referenced.contains(key) {
+            if !referenced.contains_key(key) {
                 findings.push(Finding {
                     kind: "extra-object",
                     partition: None,
@@ -252,27 +253,15 @@ pub async fn verify(config: &Config, deep: bool) -> Result<Report, VerifyError> 
 async fn deep_check(
     store: &S3Store,
     config: &Config,
-    referenced: &HashSet<String>,
+    referenced: &HashMap<String, (u64, String)>,
     objects: &BTreeMap<String, i64>,
     report: &mut Report,
     findings: &mut Vec<Finding>,
 ) -> Result<(), VerifyError> {
     let root = format!("{}{}/", config.s3.prefix, layout::ROOT);
-    let manifest_root = format!("{root}_manifests/{}/", config.kafka.topic);
-    // Expected counts and CRCs, from the manifests once more.
-    let mut expected: HashMap<String, (u64, String)> = HashMap::new();
-    let manifest_keys = objects.keys().filter(|k| k.starts_with(&manifest_root));
-    let mut fetched = fetch_in_order(store, manifest_keys);
-    while let Some((_, bytes)) = fetched.next().await {
-        if let Ok(manifest) = serde_json::from_slice::<Manifest>(&bytes?) {
-            for file in manifest.files {
-                expected.insert(file.key, (file.records, file.crc32));
-            }
-        }
-    }
     let mut seen: HashMap<String, String> = HashMap::new();
     let mut keys: Vec<&String> = referenced
-        .iter()
+        .keys()
         .filter(|k| objects.contains_key(*k))
         .collect();
     keys.sort();
@@ -301,7 +290,7 @@ async fn deep_check(
             .filter(|l| !l.is_empty())
             .collect();
         report.lines_checked += lines.len() as u64;
-        if let Some((records, crc)) = expected.get(key.as_str()) {
+        if let Some((records, crc)) = referenced.get(key.as_str()) {
             let actual_crc = format!("{:08x}", crc32fast::hash(&content));
             if *records != lines.len() as u64 || *crc != actual_crc {
                 findings.push(Finding {
