@@ -387,11 +387,37 @@ impl ConsumerContext for ArchiverContext {
 }
 
 /// Builds the consumer with the settings the archive's guarantees rely on.
+/// librdkafka settings the archiver changes unless `kafka.properties` sets them.
+const LIBRDKAFKA_DEFAULTS: &[(&str, &str)] = &[
+    // Feeds the lag metrics.
+    ("statistics.interval.ms", "5000"),
+    ("auto.offset.reset", "earliest"),
+    // What librdkafka prefetches ahead of the workers; its 64 MB default would be a large share
+    // of a pod's memory and buys nothing once the workers are the bottleneck.
+    ("queued.max.messages.kbytes", "16384"),
+    // librdkafka keeps fetching a partition until it holds this many records (100,000 by
+    // default, per partition): with 64 partitions that overran the kilobyte cap above at
+    // start-up, the peak of the memory benchmark.
+    ("queued.min.messages", "10000"),
+    // Queued records point into the fetch response that brought them, which stays in memory
+    // until its last record is polled: with many partitions, librdkafka's 50 MB responses held
+    // more than the queue itself.
+    ("fetch.max.bytes", "16777216"),
+    // Once the prefetch queue is full, librdkafka waits this long before fetching that
+    // partition again; its 1 s default left the workers starved after every full queue (reading
+    // took twice as long in `scripts/bench.sh`).
+    ("fetch.queue.backoff.ms", "20"),
+];
+
 pub fn create_consumer(
     config: &Config,
     context: ArchiverContext,
 ) -> Result<BaseConsumer<ArchiverContext>, ConsumeError> {
     let mut client = ClientConfig::new();
+    // Defaults first, so the operator's properties replace them.
+    for (key, value) in LIBRDKAFKA_DEFAULTS {
+        client.set(*key, *value);
+    }
     for (key, value) in &config.kafka.properties {
         client.set(key, value);
     }
@@ -407,48 +433,6 @@ pub fn create_consumer(
         )
         .set("enable.partition.eof", "false")
         .set("client.id", "kafka-s3-archiver");
-    if !config
-        .kafka
-        .properties
-        .contains_key("statistics.interval.ms")
-    {
-        // Feeds the lag metrics.
-        client.set("statistics.interval.ms", "5000");
-    }
-    if !config
-        .kafka
-        .properties
-        .contains_key("queued.max.messages.kbytes")
-    {
-        // What librdkafka prefetches ahead of the workers; its 64 MB default would be a large
-        // share of a pod's memory and buys nothing once the workers are the bottleneck.
-        client.set("queued.max.messages.kbytes", "16384");
-    }
-    if !config.kafka.properties.contains_key("queued.min.messages") {
-        // librdkafka keeps fetching a partition until it holds this many records (100,000 by
-        // default, per partition): with 64 partitions that overran the kilobyte cap above at
-        // start-up, the peak of the memory benchmark.
-        client.set("queued.min.messages", "10000");
-    }
-    if !config.kafka.properties.contains_key("fetch.max.bytes") {
-        // Queued records point into the fetch response that brought them, which stays in memory
-        // until its last record is polled: with many partitions, librdkafka's 50 MB responses
-        // held more than the queue itself.
-        client.set("fetch.max.bytes", "16777216");
-    }
-    if !config
-        .kafka
-        .properties
-        .contains_key("fetch.queue.backoff.ms")
-    {
-        // Once the prefetch queue is full, librdkafka waits this long before fetching that
-        // partition again; its 1 s default left the workers starved after every full queue
-        // (reading took twice as long in `scripts/bench.sh`).
-        client.set("fetch.queue.backoff.ms", "20");
-    }
-    if !config.kafka.properties.contains_key("auto.offset.reset") {
-        client.set("auto.offset.reset", "earliest");
-    }
     if !config.kafka.group_instance_id.is_empty() {
         client.set("group.instance.id", &config.kafka.group_instance_id);
     }

@@ -216,12 +216,15 @@ impl Shared {
     ) -> Result<(), UploadError> {
         let mut files = JoinSet::new();
         let batch = Arc::new(job.batch.clone());
-        for file in job.batch.files.clone() {
+        for index in 0..batch.files.len() {
             let this = Arc::clone(&self);
             let batch = Arc::clone(&batch);
             let epoch = job.epoch;
             let stop = stop.clone();
-            files.spawn(async move { this.upload_file(&batch, epoch, &file, &stop).await });
+            files.spawn(async move {
+                this.upload_file(&batch, epoch, &batch.files[index], &stop)
+                    .await
+            });
         }
         let mut outcome = Ok(());
         while let Some(result) = files.join_next().await {
