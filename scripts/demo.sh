@@ -67,13 +67,28 @@ wait "$ARCHIVER_PID"
 ARCHIVER_PID=""
 
 log "the bucket: aws s3 ls --recursive s3://$BUCKET"
-s3 s3 ls --recursive "s3://$BUCKET"
-count=$(s3 s3 ls --recursive "s3://$BUCKET" | awk '$4 ~ /\.gz$/ && $4 !~ /\/_/' | wc -l)
-first=$(s3 s3 ls --recursive "s3://$BUCKET" | awk '$4 ~ /\.gz$/ && $4 !~ /\/_/ {print $4; exit}')
+# The listing goes to a file first: piping awscli into a reader that stops early (`awk ... exit`,
+# `head`) makes it die of a broken pipe, which `set -o pipefail` turns into a failed demo.
+s3 s3 ls --recursive "s3://$BUCKET" >"$RIG_DIR/listing.txt"
+cat "$RIG_DIR/listing.txt"
+# Event objects: .gz keys outside the `_manifests` and `_dead-letter` folders.
+awk '$4 ~ /\.gz$/ && $4 !~ /\/_/ {print $4}' "$RIG_DIR/listing.txt" >"$RIG_DIR/event-objects.txt"
+count=$(wc -l <"$RIG_DIR/event-objects.txt")
+if ((count == 0)); then
+  echo "the bucket holds no event object; the end of the archiver's log:" >&2
+  tail -n 30 "$RIG_DIR/archiver.log" >&2
+  exit 1
+fi
+first=$(sed -n 1p "$RIG_DIR/event-objects.txt")
 log "$count event objects (and a manifest per batch under _manifests/); the first lines of s3://$BUCKET/$first, decompressed:"
 s3 s3 cp --only-show-errors "s3://$BUCKET/$first" "$RIG_DIR/first.gz"
 gzip -dc "$RIG_DIR/first.gz" >"$RIG_DIR/first.ndjson"
-head -n 3 "$RIG_DIR/first.ndjson"
+sed -n 1,3p "$RIG_DIR/first.ndjson"
 s3 s3 sync --only-show-errors "s3://$BUCKET" "$RIG_DIR/bucket"
-lines=$(find "$RIG_DIR/bucket" -name '*.gz' -exec gzip -dc {} + | wc -l)
+lines=$(find "$RIG_DIR/bucket/segment-logs" -path '*/_*' -prune -o -name '*.gz' -print0 \
+  | xargs -0 gzip -dc | wc -l)
 log "$lines events archived of $EVENTS produced"
+if ((lines != EVENTS)); then
+  echo "demo failed: the bucket holds $lines events, $EVENTS were produced (archiver log: $RIG_DIR/archiver.log)" >&2
+  exit 1
+fi

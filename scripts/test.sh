@@ -13,3 +13,8 @@ log "building the test tools (examples/mock_kafka.rs)"
 cargo build --examples
 log "running the test suite"
 cargo test --all-targets "$@"
+if (($# == 0)); then
+  # README command 1, which checks its own result: every event produced is in the bucket once.
+  log "running the demo (scripts/demo.sh)"
+  scripts/demo.sh
+fi
