@@ -112,6 +112,7 @@ fn error_code(name: &str) -> Result<RDKafkaRespErr, String> {
         "ILLEGAL_GENERATION" => RD_KAFKA_RESP_ERR_ILLEGAL_GENERATION,
         "UNKNOWN_MEMBER_ID" => RD_KAFKA_RESP_ERR_UNKNOWN_MEMBER_ID,
         "NOT_LEADER_FOR_PARTITION" => RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION,
+        "FENCED_INSTANCE_ID" => RD_KAFKA_RESP_ERR_FENCED_INSTANCE_ID,
         _ => return Err(format!("unknown error {name}")),
     })
 }

@@ -13,12 +13,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::buffer::{BufferError, DiskUsage, Worker};
 use crate::commit::Assignments;
-use crate::config::Config;
+use crate::config::{Config, UncommittedStart};
 use crate::consume::{create_consumer, ArchiverContext, ConsumeError, Fatal, PollLoop};
 use crate::metrics::Metrics;
 use crate::schedule::{Schedule, SystemClock, UploadNow};
 use crate::upload::s3::S3Store;
-use crate::upload::Uploader;
+use crate::upload::{newest_manifest_end, Uploader};
 
 /// Commands a buffer worker may have queued before the poll loop blocks on it. A command holds a
 /// poll round of one partition (up to 1000 records, about a megabyte of typical events). The one
@@ -113,7 +113,7 @@ pub async fn run(
     let uploader_stop = CancellationToken::new();
     let uploader = tokio::spawn(
         Uploader {
-            store,
+            store: store.clone(),
             prefix: config.s3.prefix.clone(),
             assignments: Arc::clone(&assignments),
             commits: commit_tx,
@@ -134,6 +134,19 @@ pub async fn run(
         metrics.clone(),
         Arc::clone(&fatal),
     );
+    let context = match config.kafka.uncommitted_start {
+        UncommittedStart::Bucket => {
+            let (store, runtime) = (store.clone(), tokio::runtime::Handle::current());
+            let (prefix, topic) = (config.s3.prefix.clone(), config.kafka.topic.clone());
+            // Called from the rebalance callback, on the poll thread (not an async one).
+            context.with_bucket_position(Box::new(move |partition| {
+                runtime
+                    .block_on(newest_manifest_end(&store, &prefix, &topic, partition))
+                    .map_err(|err| err.to_string())
+            }))
+        }
+        UncommittedStart::Reset => context,
+    };
     let consumer = create_consumer(&config, context)?;
     let poll_loop = PollLoop {
         consumer,
@@ -158,9 +171,11 @@ pub async fn run(
     let watcher = {
         let fatal = Arc::clone(&fatal);
         let shutdown = shutdown.clone();
+        let metrics = metrics.clone();
         tokio::spawn(async move {
             loop {
-                if fatal.get().is_some() {
+                if let Some(message) = fatal.get() {
+                    *metrics.health.fatal.lock().expect("fatal lock") = Some(message);
                     shutdown.cancel();
                     return;
                 }

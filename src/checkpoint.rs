@@ -127,8 +127,6 @@ pub enum Committed {
     Offset(i64),
     /// The group never committed this partition.
     Nothing,
-    /// The broker did not answer; local state cannot be checked against it.
-    Unknown,
 }
 
 /// Where a newly assigned partition starts. `seal_at` is set when the group's commit holds a
@@ -184,7 +182,6 @@ pub fn plan_recovery(
         ));
     }
     let committed = match committed {
-        Committed::Unknown => return from_committed("committed offset unknown".into()),
         Committed::Nothing => None,
         Committed::Offset(offset) => Some(offset),
     };
@@ -334,7 +331,6 @@ mod tests {
             (None, "events", 2, Committed::Offset(100)),
             (Some(checkpoint()), "events", 3, Committed::Offset(100)),
             (Some(checkpoint()), "other", 2, Committed::Offset(100)),
-            (Some(checkpoint()), "events", 2, Committed::Unknown),
             // Another consumer committed past what we buffered.
             (Some(checkpoint()), "events", 2, Committed::Offset(500)),
             // Committed inside a batch: its cut no longer matches.

@@ -44,6 +44,11 @@ pub struct KafkaConfig {
     /// intents live; `best-effort`: run at-least-once on such a broker, with a warning and a
     /// metric.
     pub exactly_once: ExactlyOnce,
+    /// Where a partition the group never committed starts. `bucket`: after the newest batch
+    /// manifest the bucket holds for it (a new `group.id` or expired offsets do not archive the
+    /// retained log a second time), or by `auto.offset.reset` when it holds none; `reset`:
+    /// always by `auto.offset.reset`.
+    pub uncommitted_start: UncommittedStart,
     /// Passed to librdkafka unchanged (security.protocol, sasl.*, ssl.*, fetch tuning).
     /// The archiver's own settings (auto commit off, assignment strategy) cannot be overridden.
     pub properties: BTreeMap<String, String>,
@@ -58,6 +63,7 @@ impl Default for KafkaConfig {
             group_instance_id: String::new(),
             session_timeout_ms: 45_000,
             exactly_once: ExactlyOnce::Required,
+            uncommitted_start: UncommittedStart::Bucket,
             properties: BTreeMap::new(),
         }
     }
@@ -69,6 +75,16 @@ impl Default for KafkaConfig {
 pub enum ExactlyOnce {
     Required,
     BestEffort,
+}
+
+/// Where a partition without a committed offset starts reading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UncommittedStart {
+    /// After the newest manifest in the bucket: the bucket is the source of truth.
+    Bucket,
+    /// Where librdkafka's `auto.offset.reset` says.
+    Reset,
 }
 
 /// How objects are labelled for readers that honour `Content-Encoding`.
@@ -104,6 +120,10 @@ pub struct S3Config {
     pub force_path_style: bool,
     pub content_label: ContentLabel,
     pub checksum: ChecksumMode,
+    /// Puts objects with `If-None-Match: *`, so that rewriting a key (a replay, a zombie, a
+    /// retried request) is noticed and an identical object left alone. Turn off for stores that
+    /// reject the header; those that ignore it (Garage 2.5) are harmless.
+    pub conditional_writes: bool,
     /// `STANDARD`, `STANDARD_IA`, `INTELLIGENT_TIERING`, ...; empty keeps the bucket default.
     pub storage_class: String,
     /// `AES256` (SSE-S3) or `aws:kms` (SSE-KMS); empty keeps the bucket default.
@@ -140,6 +160,7 @@ impl Default for S3Config {
             force_path_style: false,
             content_label: ContentLabel::Segment,
             checksum: ChecksumMode::Crc32c,
+            conditional_writes: true,
             storage_class: String::new(),
             server_side_encryption: String::new(),
             sse_kms_key_id: String::new(),
@@ -423,6 +444,31 @@ impl Config {
             "s3.multipart_threshold_bytes: must be at least s3.multipart_part_bytes".into(),
         );
         check(
+            self.s3.multipart_part_bytes <= S3_MAX_PUT_BYTES,
+            "s3.multipart_part_bytes: S3 takes parts of at most 5 GiB (5368709120)".into(),
+        );
+        let largest_object = self.max_object_bytes();
+        let largest_single_put =
+            largest_object.min(self.s3.multipart_threshold_bytes.saturating_sub(1));
+        check(
+            largest_single_put <= S3_MAX_PUT_BYTES,
+            format!(
+                "buffer.max_file_bytes: a file can reach {largest_single_put} bytes below \
+                 s3.multipart_threshold_bytes and go up in one PUT, but S3 takes at most 5 GiB in \
+                 one PUT: lower s3.multipart_threshold_bytes to 5 GiB or less"
+            ),
+        );
+        let parts = largest_object.div_ceil(self.s3.multipart_part_bytes.max(1));
+        check(
+            largest_object < self.s3.multipart_threshold_bytes || parts <= S3_MAX_PARTS,
+            format!(
+                "buffer.max_file_bytes: a file can reach {largest_object} bytes, {parts} parts of \
+                 s3.multipart_part_bytes ({}), but S3 takes at most 10,000 parts: raise \
+                 s3.multipart_part_bytes or lower buffer.max_file_bytes",
+                self.s3.multipart_part_bytes
+            ),
+        );
+        check(
             self.s3.concurrency >= 1,
             "s3.concurrency: must be at least 1".into(),
         );
@@ -663,6 +709,23 @@ fn remove_path(root: &mut toml::Table, segments: &[String]) -> bool {
     table.remove(last).is_some()
 }
 
+/// S3's limits on one object: one PUT takes at most 5 GiB, a multipart upload at most 10,000
+/// parts of at most 5 GiB each.
+const S3_MAX_PUT_BYTES: u64 = 5 << 30;
+const S3_MAX_PARTS: u64 = 10_000;
+
+impl Config {
+    /// The largest object a local file can become. The size cap is checked after each line, so
+    /// a file passes it by up to one line (the longest is a dead letter: the message in base64
+    /// inside its envelope); deflate can expand incompressible data slightly and every sync
+    /// flush adds a few bytes, bounded here by 1/64.
+    pub fn max_object_bytes(&self) -> u64 {
+        let longest_line = (self.routing.max_message_bytes as u64).div_ceil(3) * 4 + 4096;
+        let uncompressed = self.buffer.max_file_bytes.saturating_add(longest_line);
+        uncompressed.saturating_add(uncompressed / 64 + 1024)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -784,6 +847,32 @@ mod tests {
         assert!(is_secret_property("ssl.key.password"));
         assert!(is_secret_property("sasl.jaas.config"));
         assert!(!is_secret_property("bootstrap.servers"));
+    }
+
+    /// A file S3 cannot take (over 10,000 parts, or a single PUT over 5 GiB) would be retried
+    /// forever with its offsets held: refused at start instead, naming the limit.
+    #[test]
+    fn file_caps_beyond_what_s3_accepts_are_refused() {
+        // 16 MiB parts hold at most 156 GiB in 10,000 parts.
+        let err = load_str("[buffer]\nmax_file_bytes = 200000000000\n", &[], &[]).unwrap_err();
+        assert!(err.to_string().contains("10,000 parts"), "{err}");
+        // Objects below the multipart threshold go in one PUT, at most 5 GiB.
+        let err = load_str(
+            "[s3]\nmultipart_threshold_bytes = 6000000000\n[buffer]\nmax_file_bytes = 5500000000\n",
+            &[],
+            &[],
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("5 GiB"), "{err}");
+        let err = load_str(
+            "[s3]\nmultipart_part_bytes = 6000000000\nmultipart_threshold_bytes = 6000000000\n",
+            &[],
+            &[],
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("s3.multipart_part_bytes"), "{err}");
+        // The largest cap the defaults allow still loads.
+        load_str("[buffer]\nmax_file_bytes = 150000000000\nmax_batch_bytes = 150000000000\nmax_disk_bytes = 300000000000\n", &[], &[]).unwrap();
     }
 
     #[test]

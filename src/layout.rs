@@ -39,6 +39,16 @@ pub fn manifest_key(prefix: &str, topic: &str, partition: i32, start: i64, end: 
     )
 }
 
+/// The `[start, end]` a manifest key names, if it is one (the inverse of [`manifest_key`]).
+pub fn manifest_range(key: &str) -> Option<(i64, i64)> {
+    let name = key.rsplit('/').next()?.strip_suffix(".json")?;
+    let (start, end) = name.split_once('-')?;
+    if start.len() != 20 || end.len() != 20 {
+        return None;
+    }
+    Some((start.parse().ok()?, end.parse().ok()?))
+}
+
 /// The folder holding a partition's manifests.
 pub fn manifest_prefix(prefix: &str, topic: &str, partition: i32) -> String {
     format!("{prefix}{ROOT}/_manifests/{topic}/{partition}/")
@@ -87,6 +97,20 @@ mod tests {
         assert_eq!(
             manifest_key("", "events", 2, 100, 199),
             "segment-logs/_manifests/events/2/00000000000000000100-00000000000000000199.json"
+        );
+    }
+
+    #[test]
+    fn manifest_keys_name_their_range() {
+        let key = manifest_key("p/", "events", 2, 100, 199);
+        assert_eq!(manifest_range(&key), Some((100, 199)));
+        assert_eq!(
+            manifest_range("segment-logs/_manifests/events/2/notes.json"),
+            None
+        );
+        assert_eq!(
+            manifest_range("segment-logs/_manifests/events/2/1-2.json"),
+            None
         );
     }
 

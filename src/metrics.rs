@@ -35,6 +35,7 @@ pub struct Metrics {
     pub batches_replayed: IntCounter,
     pub exactly_once_degraded: IntGauge,
     pub objects_uploaded: IntCounter,
+    pub objects_already_present: IntCounter,
     pub upload_bytes: IntCounter,
     pub upload_duration: Histogram,
     pub upload_errors: IntCounterVec,
@@ -147,6 +148,10 @@ impl Metrics {
                 "1 when the broker drops commit metadata and the archive runs at-least-once",
             ),
             objects_uploaded: counter("objects_uploaded_total", "Objects put in S3"),
+            objects_already_present: counter(
+                "objects_already_present_total",
+                "Objects of replayed or retried batches found in S3 with the same lines, not rewritten",
+            ),
             upload_bytes: counter("upload_bytes_total", "Compressed bytes put in S3"),
             upload_duration,
             upload_errors: counter_vec(
@@ -277,6 +282,8 @@ pub struct Health {
     pub s3_failing: AtomicBool,
     /// Per assigned partition: Unix ms of the oldest record read but not yet in S3.
     pub oldest_pending_ms: Mutex<HashMap<i32, Option<i64>>>,
+    /// Why the process is stopping on an error it cannot get past; never ready again.
+    pub fatal: Mutex<Option<String>>,
 }
 
 /// How long the poll loop may go without a round before the process counts as stuck.
@@ -306,6 +313,9 @@ impl Health {
     /// Ready: alive, the brokers reachable, S3 accepting uploads.
     pub fn ready(&self) -> Result<(), Vec<String>> {
         let mut problems = Vec::new();
+        if let Some(fatal) = self.fatal.lock().expect("fatal lock").as_ref() {
+            problems.push(format!("stopping: {fatal}"));
+        }
         if let Err(problem) = self.alive() {
             problems.push(problem);
         }
@@ -444,6 +454,12 @@ mod tests {
         assert_eq!(status, "503 Service Unavailable");
         assert!(
             body.contains("no kafka broker reachable") && body.contains("s3 uploads are failing"),
+            "{body}"
+        );
+        *health.fatal.lock().unwrap() = Some("fatal kafka error (FencedInstanceId)".into());
+        let (_, _, body) = respond(&metrics, "/readyz");
+        assert!(
+            body.contains("stopping: fatal kafka error (FencedInstanceId)"),
             "{body}"
         );
         // A poll loop that stopped turning is not alive.

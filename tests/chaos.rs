@@ -106,7 +106,7 @@ fn chaos_leaves_every_event_in_the_bucket_exactly_once() {
             reset: 0.025,
             delay: 0.05,
             delay_ms: 400,
-            refuse_with: None,
+            ..FaultRates::default()
         },
         seed,
     );
@@ -315,7 +315,7 @@ fn chaos_on_tansu_restarts_on_the_same_volume_stay_exact() {
             reset: 0.03,
             delay: 0.05,
             delay_ms: 300,
-            refuse_with: None,
+            ..FaultRates::default()
         },
         seed,
     );

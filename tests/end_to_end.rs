@@ -339,3 +339,57 @@ fn a_broker_that_drops_commit_metadata_stops_exactly_once_with_a_clear_error() {
     .unwrap();
     assert!(checkpoint.contains("\"sealed\":[{"), "{checkpoint}");
 }
+
+/// A new `group.id` (or offsets expired by the broker) must not archive the retained log a
+/// second time: the group has no commit, but the bucket's manifests say how far the archive
+/// goes, and the new group resumes after them.
+#[test]
+fn a_group_without_offsets_resumes_after_the_bucket() {
+    let rig = Rig::start(2);
+    let schedule = [
+        ("ARCHIVER_SCHEDULE_INTERVAL_SECS", "2"),
+        ("ARCHIVER_SCHEDULE_OFFSET_SECS", "0"),
+    ];
+    let mut first = rig.archiver("first", &rig.dir.path().join("first-volume"), &schedule);
+    // Two waves, so the first group cuts at least two batches per partition.
+    rig.produce(2_000, 3, 2, 31);
+    rig.wait_committed(
+        &end_offsets(&rig.read_topic(2)),
+        Duration::from_secs(60),
+        &mut [&mut first],
+    );
+    rig.produce(2_000, 3, 2, 32);
+    rig.wait_committed(
+        &end_offsets(&rig.read_topic(2)),
+        Duration::from_secs(60),
+        &mut [&mut first],
+    );
+    assert!(first.terminate(Duration::from_secs(40)).success());
+
+    // The operator renames the group; new events arrive meanwhile.
+    rig.produce(1_000, 3, 2, 33);
+    let records = rig.read_topic(2);
+    let ends = end_offsets(&records);
+    let group = [("ARCHIVER_KAFKA_GROUP_ID", "archiver-renamed")];
+    let mut second = rig.archiver(
+        "second",
+        &rig.dir.path().join("second-volume"),
+        &[schedule[0], schedule[1], group[0]],
+    );
+    rig.wait_committed_in(
+        "archiver-renamed",
+        &ends,
+        Duration::from_secs(60),
+        &mut [&mut second],
+    );
+    assert!(second.terminate(Duration::from_secs(40)).success());
+    let resumed = log_events(
+        &second.log_text(),
+        "resuming after the newest manifest in the bucket",
+    );
+    assert_eq!(resumed.len(), 2, "{}", second.log_text());
+
+    let out = rig.dir.path().join("bucket");
+    rig.s3.download(&out);
+    assert_exactly_once(&archived_objects(&out, &rig.topic), &records, None);
+}

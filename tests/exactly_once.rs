@@ -6,6 +6,7 @@ mod support;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use support::s3_proxy::{FaultProxy, FaultRates};
 use support::*;
 
 /// An archiver records its batch intents but cannot reach S3, and dies; another one, on another
@@ -22,6 +23,10 @@ fn an_interrupted_batch_is_replayed_exactly_by_the_next_owner() {
             ("ARCHIVER_SCHEDULE_INTERVAL_SECS", "2"),
             ("ARCHIVER_SCHEDULE_OFFSET_SECS", "0"),
             ("ARCHIVER_S3_ENDPOINT_URL", &unreachable_s3),
+            // Without a commit the archiver would first ask the (unreachable) bucket where the
+            // archive ends, and stop rather than guess; this member is meant to get as far as
+            // recording intents.
+            ("ARCHIVER_KAFKA_UNCOMMITTED_START", "reset"),
         ],
     );
     // Wait until both partitions carry an intent in the group's commit.
@@ -150,4 +155,120 @@ fn an_interrupted_batch_is_replayed_exactly_by_the_next_owner() {
         .collect();
     assert!(kinds.contains(&"missing-object"), "{report:#}");
     assert!(kinds.contains(&"extra-object"), "{report:#}");
+}
+
+/// Two pods with the same `group.instance.id` (a copied StatefulSet, a stuck old pod): the broker
+/// fences one of them with FENCED_INSTANCE_ID, which librdkafka makes a fatal error. The fenced
+/// member must not hang on as a consumer that consumes nothing: it turns unready, names the
+/// cause and exits non-zero, so Kubernetes restarts it.
+#[test]
+fn a_fenced_static_member_exits_with_the_cause() {
+    let rig = Rig::start_mock(2);
+    rig.produce(1_000, 2, 1, 21);
+    let mut member = rig.archiver(
+        "fenced",
+        &rig.dir.path().join("volume"),
+        &[
+            ("ARCHIVER_KAFKA_GROUP_INSTANCE_ID", "archiver-0"),
+            ("ARCHIVER_SCHEDULE_INTERVAL_SECS", "2"),
+            ("ARCHIVER_SCHEDULE_OFFSET_SECS", "0"),
+        ],
+    );
+    let ends = end_offsets(&rig.read_topic(2));
+    rig.wait_committed(&ends, Duration::from_secs(60), &mut [&mut member]);
+    // What the coordinator answers a member whose instance id another member took over.
+    rig.broker
+        .control("errors Heartbeat FENCED_INSTANCE_ID 1000");
+    let status = member.wait_exit(Duration::from_secs(60));
+    let log = member.log_text();
+    assert!(
+        !status.success(),
+        "a fenced member must exit non-zero:\n{log}"
+    );
+    assert!(
+        log.contains("fatal kafka error") && log.contains("same group.instance.id"),
+        "the error must name the cause:\n{log}"
+    );
+    rig.broker.control("clear Heartbeat");
+}
+
+/// A replay puts the keys the interrupted upload already put. Objects that hold the same lines
+/// are left alone: rewriting them (other bytes, as flush points differ) would fire the bucket's
+/// `ObjectCreated` notifications again, and Snowpipe- or Lambda-style loaders would ingest them
+/// twice.
+#[test]
+fn a_replay_leaves_objects_already_in_the_bucket_alone() {
+    let rig = Rig::start_mock(2);
+    rig.produce(2_000, 3, 2, 41);
+    // Objects go up, manifests are refused: each batch stops between its objects and its
+    // manifest, with its intent recorded.
+    let proxy = FaultProxy::start(
+        rig.s3.port,
+        FaultRates {
+            refuse_with: Some("AccessDenied"),
+            refuse_only: Some("/_manifests/"),
+            ..FaultRates::default()
+        },
+        3,
+    );
+    let schedule = [
+        ("ARCHIVER_SCHEDULE_INTERVAL_SECS", "2"),
+        ("ARCHIVER_SCHEDULE_OFFSET_SECS", "0"),
+    ];
+    let proxied = proxy.endpoint();
+    let mut first = rig.archiver(
+        "first",
+        &rig.dir.path().join("first-volume"),
+        &[
+            schedule[0],
+            schedule[1],
+            ("ARCHIVER_S3_ENDPOINT_URL", &proxied),
+        ],
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let log = first.log_text();
+        let refused = |partition: i32| {
+            log.lines().any(|line| {
+                line.contains("s3 refused the request")
+                    && line.contains(&format!("_manifests/{}/{partition}/", rig.topic))
+            })
+        };
+        if refused(0) && refused(1) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no manifest refused yet:\n{log}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    first.kill9();
+    let uploaded: BTreeMap<String, (String, String)> = rig
+        .s3
+        .versions()
+        .into_iter()
+        .filter(|(key, _)| key.ends_with(".gz") && !key.contains("/_"))
+        .collect();
+    assert!(!uploaded.is_empty());
+    // S3's last-modified times have one-second resolution.
+    std::thread::sleep(Duration::from_millis(1_100));
+
+    let records = rig.read_topic(2);
+    let ends = end_offsets(&records);
+    let mut second = rig.archiver("second", &rig.dir.path().join("second-volume"), &schedule);
+    rig.wait_committed(&ends, Duration::from_secs(60), &mut [&mut second]);
+    let metrics = second.scrape();
+    assert!(second.terminate(Duration::from_secs(40)).success());
+    assert_eq!(
+        metrics["archiver_objects_already_present_total"],
+        uploaded.len() as f64,
+        "every object of the interrupted upload found in place"
+    );
+    let after = rig.s3.versions();
+    for (key, version) in &uploaded {
+        assert_eq!(after.get(key), Some(version), "{key} was rewritten");
+    }
+    let out = rig.dir.path().join("bucket");
+    rig.s3.download(&out);
+    assert_exactly_once(&archived_objects(&out, &rig.topic), &records, None);
+    let (clean, report) = rig.verify(true);
+    assert!(clean, "verify --deep found problems: {report:#}");
 }

@@ -10,7 +10,7 @@
 pub mod gzfile;
 pub mod partition;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender};
@@ -109,15 +109,22 @@ impl SealTrigger {
     }
 }
 
-/// Shared by all workers: what the local volume holds, for early sealing and pausing.
+/// Shared by all workers: what the local volume holds, for early sealing and pausing, and which
+/// partitions replay an intent (the poll loop never pauses those).
 #[derive(Debug, Default)]
 pub struct DiskUsage {
     bytes: AtomicU64,
+    replaying: std::sync::Mutex<HashSet<i32>>,
 }
 
 impl DiskUsage {
     pub fn get(&self) -> u64 {
         self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Partitions whose open batch replays a recorded intent.
+    pub fn replaying(&self) -> HashSet<i32> {
+        self.replaying.lock().expect("replaying lock").clone()
     }
 }
 
@@ -339,9 +346,11 @@ impl Worker {
         // `None` (nothing known locally) lets the consumer start at the committed offset.
         let resume_from = buffer.next_offset();
         for batch in buffer.sealed() {
+            // Sealed before a restart: its upload may have begun.
             let _ = self.uploads.send(UploadJob {
                 epoch,
                 batch: batch.clone(),
+                may_exist: true,
             });
         }
         self.hot_files += buffer.hot_files();
@@ -362,6 +371,11 @@ impl Worker {
             .remove(&partition);
         let io = |source| BufferError::Io { partition, source };
         self.hot_files -= buffer.hot_files();
+        self.disk
+            .replaying
+            .lock()
+            .expect("replaying lock")
+            .remove(&partition);
         if keep_local {
             buffer.checkpoint().map_err(io)?;
         } else {
@@ -385,7 +399,7 @@ impl Worker {
         for record in records {
             self.tick += 1;
             let (_, buffer) = self.partitions.get_mut(&partition).expect("checked above");
-            if buffer.replay_ends_before(record.offset) {
+            if buffer.replay_passed(record.offset) {
                 self.seal(partition, SealTrigger::Replay)?;
             }
             let (_, buffer) = self.partitions.get_mut(&partition).expect("checked above");
@@ -460,10 +474,12 @@ impl Worker {
             return Ok(());
         };
         let hot_before = buffer.hot_files();
+        let was_replaying = buffer.replaying();
         let sealed = buffer
             .seal()
             .map_err(|source| BufferError::Io { partition, source })?;
-        self.hot_files -= hot_before;
+        // A replay refuses to seal before its end and keeps its compressors.
+        self.hot_files -= hot_before - buffer.hot_files();
         if let Some(batch) = sealed {
             tracing::info!(
                 partition,
@@ -481,6 +497,8 @@ impl Worker {
             let _ = self.uploads.send(UploadJob {
                 epoch: *epoch,
                 batch,
+                // A replayed intent's objects may be up already, from the interrupted upload.
+                may_exist: was_replaying,
             });
         }
         Ok(())
@@ -521,8 +539,14 @@ impl Worker {
             .open_compressors
             .add(self.hot_files as i64 - previous_hot as i64);
         let mut oldest = self.metrics.health.oldest_pending_ms.lock().expect("lock");
+        let mut replaying = self.disk.replaying.lock().expect("replaying lock");
         for (&partition, (_, buffer)) in &self.partitions {
             oldest.insert(partition, buffer.oldest_pending_ms());
+            if buffer.replaying() {
+                replaying.insert(partition);
+            } else {
+                replaying.remove(&partition);
+            }
         }
     }
 }
@@ -568,6 +592,75 @@ mod tests {
             })
             .unwrap();
         answer.recv().unwrap();
+    }
+
+    /// A member replays an interrupted batch while the volume is past half its budget (other
+    /// partitions hold data that cannot be uploaded yet): the disk-pressure seal must not end
+    /// the replay before its recorded end.
+    #[test]
+    fn disk_pressure_never_cuts_a_replay_short() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = Config::default();
+        config.buffer.data_dir = dir.path().to_path_buf();
+        config.buffer.max_disk_bytes = 64 << 20;
+        let (uploads, mut sealed) = tokio::sync::mpsc::unbounded_channel();
+        let disk = Arc::new(DiskUsage::default());
+        // What the other workers' partitions hold, waiting for S3: past half the budget.
+        disk.bytes.store(40 << 20, Ordering::Relaxed);
+        let worker = Worker::new(Arc::new(config), 1, uploads, Metrics::new(), disk);
+        let (commands, queue) = sync_channel(4);
+        let thread = std::thread::spawn(move || worker.run(queue));
+        let (reply, answer) = sync_channel(1);
+        commands
+            .send(WorkerCommand::Assign {
+                partition: 1,
+                epoch: 1,
+                committed: Committed::Offset(0),
+                intent: Some(BatchIntent::new(0, 799, 256 << 20, "rules".into())),
+                reply,
+            })
+            .unwrap();
+        answer.recv().unwrap().unwrap();
+
+        // Half the batch, over a megabyte uncompressed: enough for a disk-pressure seal.
+        let records: Vec<Record> = (0..800).map(|o| record(o, o % 3, 20)).collect();
+        for chunk in records[..400].chunks(100) {
+            commands
+                .send(WorkerCommand::Records {
+                    partition: 1,
+                    records: chunk.to_vec(),
+                })
+                .unwrap();
+        }
+        barrier(&commands);
+        if let Ok(job) = sealed.try_recv() {
+            panic!(
+                "replay of [0, 799] sealed early as [{}, {}] holding {} records",
+                job.batch.start,
+                job.batch.end,
+                job.batch.records()
+            );
+        }
+        for chunk in records[400..].chunks(100) {
+            commands
+                .send(WorkerCommand::Records {
+                    partition: 1,
+                    records: chunk.to_vec(),
+                })
+                .unwrap();
+        }
+        barrier(&commands);
+        let job = sealed
+            .try_recv()
+            .expect("the replayed batch, sealed at its end");
+        assert_eq!(
+            (job.batch.start, job.batch.end, job.batch.records()),
+            (0, 799, 800)
+        );
+        let (reply, answer) = sync_channel(1);
+        commands.send(WorkerCommand::Stop { reply }).unwrap();
+        answer.recv().unwrap();
+        thread.join().unwrap().unwrap();
     }
 
     #[test]

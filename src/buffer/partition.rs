@@ -132,6 +132,9 @@ pub struct PartitionBuffer {
     next_offset: Option<i64>,
     /// Replaying a recorded intent: the open batch ends exactly here, and only here.
     seal_at: Option<i64>,
+    /// During a replay: Kafka delivered an offset past `seal_at`, so every record up to it was
+    /// read even if the batch's last offsets hold none (compaction, transaction markers).
+    replay_passed_end: bool,
     /// Bytes a file stages before compressing; the worker lowers it when it holds many files.
     stage_limit: usize,
 }
@@ -161,6 +164,7 @@ impl PartitionBuffer {
             sealed: Vec::new(),
             next_offset: start,
             seal_at: None,
+            replay_passed_end: false,
             stage_limit: MAX_STAGE_BYTES,
         })
     }
@@ -262,6 +266,7 @@ impl PartitionBuffer {
             sealed,
             next_offset: Some(checkpoint.next_offset),
             seal_at: None,
+            replay_passed_end: false,
             stage_limit: MAX_STAGE_BYTES,
         })
     }
@@ -374,6 +379,7 @@ impl PartitionBuffer {
     /// Makes the open batch end exactly at `end` (replay of a recorded intent).
     pub fn set_seal_at(&mut self, end: Option<i64>) {
         self.seal_at = end;
+        self.replay_passed_end = false;
     }
 
     /// Whether the open batch is the replay of an intent; only reaching its end seals it.
@@ -381,14 +387,21 @@ impl PartitionBuffer {
         self.seal_at.is_some()
     }
 
-    /// Whether the replayed batch must be sealed before a record at `offset` (a gap at its end).
-    pub fn replay_ends_before(&self, offset: i64) -> bool {
-        self.seal_at.is_some_and(|end| offset > end) && self.open.last_offset.is_some()
+    /// Kafka delivered `offset`: whether it lies past the replayed batch's end, which must then
+    /// be sealed before the record is appended (the batch's last offsets hold no record).
+    pub fn replay_passed(&mut self, offset: i64) -> bool {
+        if self.seal_at.is_some_and(|end| offset > end) {
+            self.replay_passed_end = true;
+        }
+        self.replay_passed_end && self.open.last_offset.is_some()
     }
 
-    /// Whether the replayed batch holds its last record.
+    /// Whether the replayed batch holds every record up to its recorded end.
     pub fn replay_complete(&self) -> bool {
-        self.seal_at.is_some() && self.open.last_offset >= self.seal_at
+        match self.seal_at {
+            Some(end) => self.replay_passed_end || self.open.last_offset >= Some(end),
+            None => false,
+        }
     }
 
     /// Whether the open batch reached its size cap and should be sealed now.
@@ -412,13 +425,20 @@ impl PartitionBuffer {
     }
 
     /// Closes the open batch: finishes every file (final block, trailer, fsync) and records the
-    /// sealed batch in the checkpoint before handing it out for upload. `None` if it is empty.
+    /// sealed batch in the checkpoint before handing it out for upload. `None` if it is empty,
+    /// or if it replays an intent and has not read every record up to its end yet: whatever asks
+    /// (schedule, size, disk pressure, an operator), ending a replay early would skip the rest of
+    /// its range as redelivered records.
     pub fn seal(&mut self) -> io::Result<Option<SealedBatch>> {
         let (Some(start), Some(last)) = (self.open.start, self.open.last_offset) else {
             return Ok(None);
         };
+        if self.seal_at.is_some() && !self.replay_complete() {
+            return Ok(None);
+        }
         // A replayed batch ends where its intent says, even if its last offsets hold no record.
         let end = self.seal_at.take().map_or(last, |end| end.max(last));
+        self.replay_passed_end = false;
         let open = std::mem::replace(&mut self.open, OpenBatch::empty(Some(end + 1)));
         self.next_offset = Some(self.next_offset.map_or(end + 1, |next| next.max(end + 1)));
         let mut files = Vec::with_capacity(open.files.len());
@@ -694,6 +714,54 @@ mod tests {
         let batch = buffer.seal().unwrap().unwrap();
         let lines: usize = batch.files.iter().map(|f| read_lines(&f.path).len()).sum();
         assert_eq!((batch.start, batch.end, lines), (200, 399, 200));
+    }
+
+    /// Whatever asks for a seal (disk pressure, the schedule, an operator), a replay of `[S, E]`
+    /// ends at `E` and holds every record up to it: ending early would skip `last+1..E` as
+    /// redelivered, a silent loss.
+    #[test]
+    fn a_replay_is_never_sealed_before_its_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let all = records();
+        let mut buffer =
+            PartitionBuffer::fresh(dir.path(), "t", 0, router(), SETTINGS, Some(100)).unwrap();
+        buffer.set_seal_at(Some(299));
+        for record in &all[..100] {
+            buffer.append(record, 0).unwrap().unwrap();
+        }
+        assert_eq!(
+            buffer.seal().unwrap(),
+            None,
+            "sealed a replay at offset 199 of 299"
+        );
+        assert!(buffer.replaying());
+        for record in &all[100..200] {
+            buffer.append(record, 0).unwrap().unwrap();
+        }
+        assert!(buffer.replay_complete());
+        let batch = buffer.seal().unwrap().unwrap();
+        assert_eq!((batch.start, batch.end, batch.records()), (100, 299, 200));
+        assert!(!buffer.replaying());
+    }
+
+    /// A replayed batch whose last offsets hold no record (compacted away, transaction markers)
+    /// ends when Kafka delivers an offset past its end, and not before.
+    #[test]
+    fn a_replay_with_a_gap_at_its_end_seals_once_the_log_passes_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let all = records();
+        let mut buffer =
+            PartitionBuffer::fresh(dir.path(), "t", 0, router(), SETTINGS, Some(100)).unwrap();
+        buffer.set_seal_at(Some(299));
+        for record in &all[..150] {
+            buffer.append(record, 0).unwrap().unwrap();
+        }
+        assert_eq!(buffer.seal().unwrap(), None);
+        assert!(!buffer.replay_passed(299));
+        assert!(buffer.replay_passed(305), "offset 305 lies past the end");
+        let batch = buffer.seal().unwrap().unwrap();
+        assert_eq!((batch.start, batch.end, batch.records()), (100, 299, 150));
+        assert_eq!(buffer.next_offset(), Some(300));
     }
 
     #[test]

@@ -31,7 +31,11 @@ use crate::config::ExactlyOnce;
 use crate::metrics::Metrics;
 use crate::route::Record;
 use crate::schedule::{Clock, Schedule, UploadNow};
+use backpressure::Backpressure;
+use committed::{CommittedEntry, CommittedOffsets};
 
+pub mod backpressure;
+pub mod committed;
 pub mod lag;
 
 /// Records handed to the workers per poll round, at most.
@@ -40,6 +44,10 @@ const MAX_RECORDS_PER_ROUND: usize = 1000;
 const POLL_WAIT: Duration = Duration::from_millis(100);
 /// Broker round trips in rebalance callbacks.
 const BROKER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an assignment keeps asking for the committed offsets before the member gives up and
+/// stops: well inside librdkafka's `max.poll.interval.ms` (5 minutes), long enough to ride out a
+/// coordinator moving or loading.
+const COMMITTED_PATIENCE: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConsumeError {
@@ -111,7 +119,13 @@ pub struct ArchiverContext {
     throttle: LogThrottle,
     /// The group's committed offset of each assigned partition, for the committed-lag metric.
     committed: std::sync::Mutex<HashMap<i32, i64>>,
+    /// Where the bucket says a partition's archive ends (its newest manifest), for partitions the
+    /// group never committed; `None` when `kafka.uncommitted_start = "reset"`.
+    bucket_position: Option<BucketPosition>,
 }
+
+/// Looks up the last offset the bucket holds for a partition (blocking).
+pub type BucketPosition = Box<dyn Fn(i32) -> Result<Option<i64>, String> + Send + Sync>;
 
 impl ArchiverContext {
     pub fn new(
@@ -130,7 +144,14 @@ impl ArchiverContext {
             shutting_down: AtomicBool::new(false),
             throttle: LogThrottle::default(),
             committed: std::sync::Mutex::new(HashMap::new()),
+            bucket_position: None,
         }
+    }
+
+    /// Partitions the group never committed start after what the bucket holds.
+    pub fn with_bucket_position(mut self, lookup: BucketPosition) -> ArchiverContext {
+        self.bucket_position = Some(lookup);
+        self
     }
 
     fn worker(&self, partition: i32) -> &SyncSender<WorkerCommand> {
@@ -147,14 +168,30 @@ impl ArchiverContext {
         if partitions.is_empty() || self.shutting_down.load(Ordering::SeqCst) {
             return;
         }
-        let mut committed = self.fetch_committed(consumer, tpl);
+        let mut committed = match self.fetch_committed(consumer, tpl, &partitions) {
+            Ok(committed) => committed,
+            Err(err) => {
+                self.fatal.raise(format!(
+                    "cannot read the group's committed offsets of partitions {partitions:?}: {err}; \
+                     stopping rather than planning their recovery on a guess"
+                ));
+                return;
+            }
+        };
+        if let Err(err) = self.start_uncommitted_after_the_bucket(&partitions, &mut committed) {
+            self.fatal.raise(format!(
+                "cannot read where the bucket's archive ends for partitions without a commit: \
+                 {err}; stopping rather than archiving their retained log a second time"
+            ));
+            return;
+        }
         let mut replies = Vec::new();
         for &partition in &partitions {
             let epoch = self.assignments.assign(partition);
             let (reply, answer) = sync_channel(1);
             let (committed, intent) = committed
                 .remove(&partition)
-                .unwrap_or((Committed::Unknown, None));
+                .expect("read_committed answers for every partition asked");
             if let Committed::Offset(offset) = committed {
                 self.committed
                     .lock()
@@ -225,35 +262,72 @@ impl ArchiverContext {
         tracing::info!(partitions = ?partitions, "partitions revoked");
     }
 
+    /// A partition without a commit (a new `group.id`, offsets expired) whose batches the bucket
+    /// already holds resumes after its newest manifest instead of the log's start.
+    fn start_uncommitted_after_the_bucket(
+        &self,
+        partitions: &[i32],
+        committed: &mut CommittedOffsets,
+    ) -> Result<(), String> {
+        let Some(lookup) = &self.bucket_position else {
+            return Ok(());
+        };
+        for &partition in partitions {
+            if !matches!(committed.get(&partition), Some((Committed::Nothing, _))) {
+                continue;
+            }
+            let end = committed::fetch_until_known(
+                "where the bucket's archive ends",
+                COMMITTED_PATIENCE,
+                Instant::now,
+                std::thread::sleep,
+                || lookup(partition),
+            )?;
+            if let Some(end) = end {
+                tracing::info!(
+                    partition,
+                    manifest_end = end,
+                    "the group has no commit for this partition: resuming after the newest manifest in the bucket"
+                );
+                committed.insert(partition, (Committed::Offset(end + 1), None));
+            }
+        }
+        Ok(())
+    }
+
+    /// The group's committed offset and intent of every partition in `tpl`, asked again until
+    /// the broker answered for each one.
     fn fetch_committed(
         &self,
         consumer: &BaseConsumer<Self>,
         tpl: &TopicPartitionList,
-    ) -> HashMap<i32, (Committed, Option<BatchIntent>)> {
-        for attempt in 1..=3 {
-            match consumer.committed_offsets(tpl.clone(), BROKER_TIMEOUT) {
-                Ok(list) => {
-                    return list
-                        .elements_for_topic(&self.topic)
-                        .iter()
-                        .map(|e| {
-                            let committed = match e.offset() {
-                                Offset::Offset(offset) => Committed::Offset(offset),
-                                _ => Committed::Nothing,
-                            };
-                            (
-                                e.partition(),
-                                (committed, BatchIntent::decode(e.metadata())),
-                            )
-                        })
-                        .collect();
-                }
-                Err(err) => {
-                    tracing::warn!(attempt, error = %err, "cannot fetch committed offsets");
-                }
-            }
-        }
-        HashMap::new()
+        partitions: &[i32],
+    ) -> Result<CommittedOffsets, String> {
+        let what = "the committed offsets";
+        committed::fetch_until_known(
+            what,
+            COMMITTED_PATIENCE,
+            Instant::now,
+            std::thread::sleep,
+            || {
+                let list = consumer
+                    .committed_offsets(tpl.clone(), BROKER_TIMEOUT)
+                    .map_err(|err| err.to_string())?;
+                let entries =
+                    list.elements_for_topic(&self.topic)
+                        .into_iter()
+                        .map(|e| CommittedEntry {
+                            partition: e.partition(),
+                            offset: match e.offset() {
+                                Offset::Offset(offset) => Some(offset),
+                                _ => None,
+                            },
+                            metadata: e.metadata().to_string(),
+                            error: e.error().err().map(|err| err.to_string()),
+                        });
+                committed::read_committed(partitions, entries)
+            },
+        )
     }
 }
 
@@ -441,6 +515,19 @@ pub fn create_consumer(
         .map_err(|err| ConsumeError::Create(config.redact(&err.to_string())))
 }
 
+/// The message for a fatal librdkafka error (the client is unusable after one), with what an
+/// operator can do about the common cause.
+fn fatal_kafka_error(code: rdkafka::types::RDKafkaErrorCode, reason: &str) -> String {
+    let hint = match code {
+        rdkafka::types::RDKafkaErrorCode::FencedInstanceId => {
+            "; another member of the group joined with the same group.instance.id \
+             (kafka.group_instance_id): each pod needs its own"
+        }
+        _ => "",
+    };
+    format!("fatal kafka error ({code:?}): {reason}{hint}")
+}
+
 /// Everything the poll loop works with besides the consumer.
 pub struct PollLoop {
     pub consumer: BaseConsumer<ArchiverContext>,
@@ -499,10 +586,13 @@ impl PollLoop {
         let mut pending = PendingCommits::default();
         let mut next_seal = self.schedule.next_after(self.clock.now());
         let mut next_checkpoint = Instant::now() + self.checkpoint_interval;
-        let mut paused = false;
+        let mut backpressure = Backpressure::new(self.max_disk_bytes);
         tracing::info!(topic = %self.topic, next_upload = %next_seal, "consuming");
 
         while !self.shutdown.is_cancelled() {
+            if let Some((code, reason)) = self.consumer.client().fatal_error() {
+                self.fatal.raise(fatal_kafka_error(code, &reason));
+            }
             if let Some(message) = self.fatal.get() {
                 return Err(ConsumeError::Fatal(message));
             }
@@ -524,7 +614,7 @@ impl PollLoop {
                 self.broadcast(|| WorkerCommand::Checkpoint)?;
                 next_checkpoint = Instant::now() + self.checkpoint_interval;
             }
-            paused = self.apply_backpressure(paused);
+            self.apply_backpressure(&mut backpressure);
             self.poll_round()?;
         }
 
@@ -717,36 +807,47 @@ impl PollLoop {
         }
     }
 
-    /// Pauses every assigned partition when the local disk budget is used up, resumes below 90%.
-    fn apply_backpressure(&self, paused: bool) -> bool {
+    /// Pauses the assigned partitions when the local disk budget is used up, resumes them below
+    /// 90 % (see `backpressure`); partitions replaying an intent read on.
+    fn apply_backpressure(&self, backpressure: &mut Backpressure) {
         let used = self.disk.get();
-        let should_pause = if paused {
-            used >= self.max_disk_bytes / 10 * 9
-        } else {
-            used >= self.max_disk_bytes
-        };
-        if should_pause == paused {
-            return paused;
+        if used < self.max_disk_bytes && !backpressure.over_budget() && backpressure.paused() == 0 {
+            return;
         }
-        let Ok(assignment) = self.consumer.assignment() else {
-            return paused;
-        };
-        if should_pause {
-            tracing::warn!(
-                buffered_bytes = used,
-                limit = self.max_disk_bytes,
-                "local disk budget used up: pausing partitions until uploads free space"
-            );
-            let _ = self.consumer.pause(&assignment);
-            self.metrics
-                .paused_partitions
-                .set(assignment.count() as i64);
-        } else {
-            tracing::info!(buffered_bytes = used, "resuming partitions");
-            let _ = self.consumer.resume(&assignment);
-            self.metrics.paused_partitions.set(0);
+        let was_over = backpressure.over_budget();
+        let change =
+            backpressure.plan(used, &self.assignments.partitions(), &self.disk.replaying());
+        if backpressure.over_budget() != was_over {
+            if backpressure.over_budget() {
+                tracing::warn!(
+                    buffered_bytes = used,
+                    limit = self.max_disk_bytes,
+                    "local disk budget used up: pausing partitions until uploads free space"
+                );
+            } else {
+                tracing::info!(buffered_bytes = used, "resuming partitions");
+            }
         }
-        should_pause
+        let list = |partitions: &[i32]| {
+            let mut tpl = TopicPartitionList::new();
+            for &partition in partitions {
+                tpl.add_partition(&self.topic, partition);
+            }
+            tpl
+        };
+        if !change.pause.is_empty() {
+            if let Err(err) = self.consumer.pause(&list(&change.pause)) {
+                tracing::warn!(error = %err, partitions = ?change.pause, "cannot pause partitions");
+            }
+        }
+        if !change.resume.is_empty() {
+            if let Err(err) = self.consumer.resume(&list(&change.resume)) {
+                tracing::warn!(error = %err, partitions = ?change.resume, "cannot resume partitions");
+            }
+        }
+        self.metrics
+            .paused_partitions
+            .set(backpressure.paused() as i64);
     }
 
     fn broadcast(&self, command: impl Fn() -> WorkerCommand) -> Result<(), ConsumeError> {

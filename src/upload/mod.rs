@@ -31,13 +31,35 @@ use crate::layout;
 use crate::metrics::Metrics;
 use manifest::Manifest;
 use retry::{Backoff, ErrorClass};
-use s3::{ObjectMetadata, S3Error, S3Store};
+use s3::{ObjectMetadata, PutOutcome, S3Error, S3Store};
+
+/// The last offset the bucket holds for a partition: the end of its newest batch manifest.
+/// Batches of a partition go up strictly in order and a manifest only after all of its objects,
+/// so every offset up to it is archived.
+pub async fn newest_manifest_end(
+    store: &S3Store,
+    prefix: &str,
+    topic: &str,
+    partition: i32,
+) -> Result<Option<i64>, S3Error> {
+    let keys = store
+        .list_keys(&layout::manifest_prefix(prefix, topic, partition))
+        .await?;
+    Ok(keys
+        .iter()
+        .filter_map(|key| layout::manifest_range(key))
+        .map(|(_, end)| end)
+        .max())
+}
 
 /// A sealed batch to upload, tagged with the assignment it was read under.
 #[derive(Debug, Clone)]
 pub struct UploadJob {
     pub epoch: u64,
     pub batch: SealedBatch,
+    /// Its objects may already be in the bucket (a replayed intent, a sealed batch resumed from
+    /// the local checkpoint): each is looked up before it is put.
+    pub may_exist: bool,
 }
 
 /// Why a batch was not uploaded.
@@ -168,7 +190,7 @@ impl Shared {
         let manifest = Manifest::for_batch(&u.prefix, &job.batch);
         let key = manifest.key(&u.prefix);
         let body = manifest.to_json();
-        self.with_retries(job.batch.partition, job.epoch, stop, || {
+        self.with_retries(job.batch.partition, job.epoch, stop, |_| {
             u.store.put_bytes(&key, body.clone(), "application/json")
         })
         .await
@@ -219,10 +241,10 @@ impl Shared {
         for index in 0..batch.files.len() {
             let this = Arc::clone(&self);
             let batch = Arc::clone(&batch);
-            let epoch = job.epoch;
+            let (epoch, may_exist) = (job.epoch, job.may_exist);
             let stop = stop.clone();
             files.spawn(async move {
-                this.upload_file(&batch, epoch, &batch.files[index], &stop)
+                this.upload_file(&batch, epoch, &batch.files[index], may_exist, &stop)
                     .await
             });
         }
@@ -247,6 +269,7 @@ impl Shared {
         batch: &SealedBatch,
         epoch: u64,
         file: &SealedFile,
+        may_exist: bool,
         stop: &CancellationToken,
     ) -> Result<(), UploadError> {
         let u = &self.uploader;
@@ -264,33 +287,58 @@ impl Shared {
             batch_end: batch.end,
             first_offset: file.first_offset,
             record_count: file.records,
+            content_crc32: file.stream.crc32,
         };
         let started = Instant::now();
-        self.with_retries(batch.partition, epoch, stop, || {
-            u.store
-                .put_file(&key, &file.path, file.stream.compressed_len, &metadata)
-        })
-        .await?;
-        u.metrics.objects_uploaded.inc();
-        u.metrics.upload_bytes.inc_by(file.stream.compressed_len);
-        u.metrics
-            .upload_duration
-            .observe(started.elapsed().as_secs_f64());
+        let still_ours = || u.assignments.is_current(batch.partition, epoch);
+        let outcome = self
+            .with_retries(batch.partition, epoch, stop, |attempt| {
+                // A failed attempt may still have written the object (a lost answer).
+                let may_exist = may_exist || attempt > 0;
+                u.store.put_file(
+                    &key,
+                    &file.path,
+                    file.stream.compressed_len,
+                    &metadata,
+                    may_exist,
+                    &still_ours,
+                )
+            })
+            .await?;
+        match outcome {
+            PutOutcome::Written => {
+                u.metrics.objects_uploaded.inc();
+                u.metrics.upload_bytes.inc_by(file.stream.compressed_len);
+                u.metrics
+                    .upload_duration
+                    .observe(started.elapsed().as_secs_f64());
+            }
+            PutOutcome::AlreadyPresent => {
+                tracing::debug!(key, "object already in the bucket with the same lines");
+                u.metrics.objects_already_present.inc();
+            }
+            PutOutcome::Abandoned => {
+                return Err(UploadError::NotOwner {
+                    partition: batch.partition,
+                })
+            }
+        }
         Ok(())
     }
 
-    /// Runs `request` under the concurrency limit until it succeeds, backing off with jitter
-    /// between attempts; gives up only when the partition is no longer ours or at shutdown.
-    async fn with_retries<F, Fut>(
+    /// Runs `request` (given the number of failed attempts so far) under the concurrency limit
+    /// until it succeeds, backing off with jitter between attempts; gives up only when the
+    /// partition is no longer ours or at shutdown.
+    async fn with_retries<T, F, Fut>(
         &self,
         partition: i32,
         epoch: u64,
         stop: &CancellationToken,
         request: F,
-    ) -> Result<(), UploadError>
+    ) -> Result<T, UploadError>
     where
-        F: Fn() -> Fut,
-        Fut: std::future::Future<Output = Result<(), S3Error>>,
+        F: Fn(u32) -> Fut,
+        Fut: std::future::Future<Output = Result<T, S3Error>>,
     {
         let u = &self.uploader;
         let mut backoff = Backoff::new(u.initial_backoff, u.max_backoff, fastrand::Rng::new());
@@ -303,14 +351,17 @@ impl Shared {
             }
             let result = {
                 let _permit = self.permits.acquire().await.expect("semaphore open");
-                request().await
+                request(backoff.attempts()).await
             };
-            let Err(err) = result else {
-                u.metrics
-                    .health
-                    .s3_failing
-                    .store(false, std::sync::atomic::Ordering::Relaxed);
-                return Ok(());
+            let err = match result {
+                Ok(value) => {
+                    u.metrics
+                        .health
+                        .s3_failing
+                        .store(false, std::sync::atomic::Ordering::Relaxed);
+                    return Ok(value);
+                }
+                Err(err) => err,
             };
             let delay = backoff.next_delay(err.class);
             if backoff.attempts() >= 3 {

@@ -77,13 +77,16 @@ pub struct ObjectMetadata {
     pub batch_end: i64,
     pub first_offset: i64,
     pub record_count: u64,
+    /// CRC32 of the uncompressed lines (the gzip trailer's): with `record_count`, what makes two
+    /// objects under one key the same content whatever bytes the compressor produced.
+    pub content_crc32: u32,
 }
 
 /// Version of the object layout and metadata, bumped on incompatible changes.
 pub const FORMAT_VERSION: &str = "1";
 
 impl ObjectMetadata {
-    fn pairs(&self) -> [(&'static str, String); 7] {
+    fn pairs(&self) -> [(&'static str, String); 8] {
         [
             ("topic", self.topic.clone()),
             ("partition", self.partition.to_string()),
@@ -91,10 +94,32 @@ impl ObjectMetadata {
             ("batch-end", self.batch_end.to_string()),
             ("first-offset", self.first_offset.to_string()),
             ("record-count", self.record_count.to_string()),
+            ("content-crc32", format!("{:08x}", self.content_crc32)),
             ("format-version", FORMAT_VERSION.to_string()),
         ]
     }
+
+    /// Whether an object's `x-amz-meta-*` say it holds the same lines as this one.
+    fn same_content(&self, present: &std::collections::HashMap<String, String>) -> bool {
+        present.get("record-count") == Some(&self.record_count.to_string())
+            && present.get("content-crc32") == Some(&format!("{:08x}", self.content_crc32))
+    }
 }
+
+/// What a put did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PutOutcome {
+    Written,
+    /// The key already held the same lines (an earlier upload of a replayed or retried batch):
+    /// left alone, so the bucket's change notifications do not fire a second time.
+    AlreadyPresent,
+    /// The partition stopped being this member's during a multipart upload, which was aborted
+    /// before it could complete: the new owner uploads the object.
+    Abandoned,
+}
+
+/// Asked between the parts of a multipart upload and before completing it.
+pub type StillOurs<'a> = &'a (dyn Fn() -> bool + Send + Sync);
 
 /// The bucket the archive writes to.
 #[derive(Clone)]
@@ -153,25 +178,89 @@ impl S3Store {
         &self.client
     }
 
-    /// Puts the local file `path` (`len` bytes) at `key`.
+    /// Puts the local file `path` (`len` bytes) at `key`, unless the key already holds the same
+    /// lines. `may_exist` (a replayed batch, a retried request) looks first; otherwise a
+    /// conditional put (`If-None-Match: *`, where `s3.conditional_writes` is on) finds out.
+    /// An object with the same key but other content is replaced: the batch being uploaded is
+    /// the one the group's intent names.
     pub async fn put_file(
         &self,
         key: &str,
         path: &Path,
         len: u64,
         metadata: &ObjectMetadata,
-    ) -> Result<(), S3Error> {
+        may_exist: bool,
+        still_ours: StillOurs<'_>,
+    ) -> Result<PutOutcome, S3Error> {
+        if may_exist && self.holds_same_content(key, metadata).await? {
+            return Ok(PutOutcome::AlreadyPresent);
+        }
+        let put =
+            |conditional| self.put_file_once(key, path, len, metadata, conditional, still_ours);
+        match put(self.config.conditional_writes).await {
+            Err(err) if err.code.as_deref() == Some("PreconditionFailed") => {
+                if self.holds_same_content(key, metadata).await? {
+                    return Ok(PutOutcome::AlreadyPresent);
+                }
+                tracing::warn!(
+                    key,
+                    "replacing an object that holds other lines than the batch being uploaded"
+                );
+                put(false).await
+            }
+            result => result,
+        }
+    }
+
+    /// Whether `key` exists with the same record count and content checksum.
+    async fn holds_same_content(
+        &self,
+        key: &str,
+        metadata: &ObjectMetadata,
+    ) -> Result<bool, S3Error> {
+        match self
+            .client
+            .head_object()
+            .bucket(&self.config.bucket)
+            .key(key)
+            .send()
+            .await
+        {
+            Ok(head) => Ok(head
+                .metadata()
+                .is_some_and(|present| metadata.same_content(present))),
+            Err(SdkError::ServiceError(service)) if service.raw().status().as_u16() == 404 => {
+                Ok(false)
+            }
+            Err(err) => Err(self.error("HeadObject", key, err)),
+        }
+    }
+
+    async fn put_file_once(
+        &self,
+        key: &str,
+        path: &Path,
+        len: u64,
+        metadata: &ObjectMetadata,
+        conditional: bool,
+        still_ours: StillOurs<'_>,
+    ) -> Result<PutOutcome, S3Error> {
         if len >= self.config.multipart_threshold_bytes {
-            return self.put_multipart(key, path, len, metadata).await;
+            return self
+                .put_multipart(key, path, len, metadata, conditional, still_ours)
+                .await;
         }
         let body = self.body(key, path, 0, len).await?;
-        let request = self
+        let mut request = self
             .client
             .put_object()
             .bucket(&self.config.bucket)
             .key(key)
             .content_length(len as i64)
             .body(body);
+        if conditional {
+            request = request.if_none_match("*");
+        }
         let mut request = with_object_options!(request, self.config, metadata);
         request = match self.config.checksum {
             ChecksumMode::Crc32c => request.checksum_algorithm(ChecksumAlgorithm::Crc32C),
@@ -181,7 +270,28 @@ impl S3Store {
             .send()
             .await
             .map_err(|err| self.error("PutObject", key, err))?;
-        Ok(())
+        Ok(PutOutcome::Written)
+    }
+
+    /// Every key under `prefix`, in S3's (lexicographic) order.
+    pub async fn list_keys(&self, prefix: &str) -> Result<Vec<String>, S3Error> {
+        let mut pages = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.config.bucket)
+            .prefix(prefix)
+            .into_paginator()
+            .send();
+        let mut keys = Vec::new();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|err| self.error("ListObjectsV2", prefix, err))?;
+            keys.extend(
+                page.contents()
+                    .iter()
+                    .filter_map(|o| o.key().map(str::to_string)),
+            );
+        }
+        Ok(keys)
     }
 
     /// Puts small in-memory bytes (manifests, probes) at `key`.
@@ -216,7 +326,9 @@ impl S3Store {
         path: &Path,
         len: u64,
         metadata: &ObjectMetadata,
-    ) -> Result<(), S3Error> {
+        conditional: bool,
+        still_ours: StillOurs<'_>,
+    ) -> Result<PutOutcome, S3Error> {
         let create = self
             .client
             .create_multipart_upload()
@@ -232,24 +344,24 @@ impl S3Store {
             .map_err(|err| self.error("CreateMultipartUpload", key, err))?;
         let upload_id = upload.upload_id().unwrap_or_default().to_string();
 
-        let result = self.upload_parts(key, path, len, &upload_id).await;
+        let result = self
+            .upload_parts(key, path, len, &upload_id, still_ours)
+            .await;
         let parts = match result {
-            Ok(parts) => parts,
+            // Completing after the partition moved would let a zombie publish an object the new
+            // owner may be writing too.
+            Ok(Some(parts)) if still_ours() => parts,
+            Ok(_) => {
+                self.abort_multipart(key, &upload_id).await;
+                return Ok(PutOutcome::Abandoned);
+            }
             Err(err) => {
-                // Best effort: an aborted upload leaves no billable parts behind. A lifecycle
-                // rule on incomplete uploads covers the case where this fails too.
-                let _ = self
-                    .client
-                    .abort_multipart_upload()
-                    .bucket(&self.config.bucket)
-                    .key(key)
-                    .upload_id(&upload_id)
-                    .send()
-                    .await;
+                self.abort_multipart(key, &upload_id).await;
                 return Err(err);
             }
         };
-        self.client
+        let mut complete = self
+            .client
             .complete_multipart_upload()
             .bucket(&self.config.bucket)
             .key(key)
@@ -258,11 +370,34 @@ impl S3Store {
                 CompletedMultipartUpload::builder()
                     .set_parts(Some(parts))
                     .build(),
-            )
+            );
+        if conditional {
+            complete = complete.if_none_match("*");
+        }
+        if let Err(err) = complete.send().await {
+            let err = self.error("CompleteMultipartUpload", key, err);
+            self.abort_multipart(key, &upload_id).await;
+            return Err(err);
+        }
+        Ok(PutOutcome::Written)
+    }
+
+    /// Best effort: an aborted upload leaves no billable parts behind. The next attempt starts
+    /// a new upload, so one that failed to complete is never left open; a lifecycle rule on
+    /// incomplete uploads covers the case where the abort fails too (README).
+    async fn abort_multipart(&self, key: &str, upload_id: &str) {
+        if let Err(err) = self
+            .client
+            .abort_multipart_upload()
+            .bucket(&self.config.bucket)
+            .key(key)
+            .upload_id(upload_id)
             .send()
             .await
-            .map_err(|err| self.error("CompleteMultipartUpload", key, err))?;
-        Ok(())
+        {
+            let err = self.error("AbortMultipartUpload", key, err);
+            tracing::warn!(error = %err, "cannot abort a multipart upload; a lifecycle rule on incomplete uploads removes its parts");
+        }
     }
 
     async fn upload_parts(
@@ -271,12 +406,16 @@ impl S3Store {
         path: &Path,
         len: u64,
         upload_id: &str,
-    ) -> Result<Vec<CompletedPart>, S3Error> {
+        still_ours: StillOurs<'_>,
+    ) -> Result<Option<Vec<CompletedPart>>, S3Error> {
         let part_size = self.config.multipart_part_bytes;
         let mut parts = Vec::new();
         let mut offset = 0;
         let mut number = 1;
         while offset < len {
+            if !still_ours() {
+                return Ok(None);
+            }
             let size = part_size.min(len - offset);
             let body = self.body(key, path, offset, size).await?;
             let mut request = self
@@ -308,7 +447,7 @@ impl S3Store {
             offset += size;
             number += 1;
         }
-        Ok(parts)
+        Ok(Some(parts))
     }
 
     async fn body(

@@ -380,6 +380,12 @@ impl S3Server {
 
     /// Every key in the bucket.
     pub fn keys(&self) -> Vec<String> {
+        self.versions().into_keys().collect()
+    }
+
+    /// Every key with its ETag and last-modified time: what changes when an object is
+    /// rewritten, even with the same bytes.
+    pub fn versions(&self) -> BTreeMap<String, (String, String)> {
         let output = self.aws(&[
             "s3api",
             "list-objects-v2",
@@ -389,17 +395,18 @@ impl S3Server {
             "json",
         ]);
         let listing: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap_or_default();
-        let mut keys: Vec<String> = listing["Contents"]
+        listing["Contents"]
             .as_array()
             .map(|items| {
                 items
                     .iter()
-                    .map(|i| i["Key"].as_str().unwrap().to_string())
+                    .map(|i| {
+                        let field = |name: &str| i[name].as_str().unwrap_or_default().to_string();
+                        (field("Key"), (field("ETag"), field("LastModified")))
+                    })
                     .collect()
             })
-            .unwrap_or_default();
-        keys.sort();
-        keys
+            .unwrap_or_default()
     }
 
     /// `aws s3 sync` of the whole bucket into `dir`.
@@ -662,7 +669,20 @@ impl Rig {
 
     /// The group's committed offsets with their metadata.
     pub fn committed_with_metadata(&self, partitions: u32) -> BTreeMap<i32, (Option<i64>, String)> {
-        let consumer: BaseConsumer = self.client().create().expect("consumer");
+        self.committed_in("archiver-test", partitions)
+    }
+
+    /// Another group's committed offsets with their metadata.
+    pub fn committed_in(
+        &self,
+        group: &str,
+        partitions: u32,
+    ) -> BTreeMap<i32, (Option<i64>, String)> {
+        let consumer: BaseConsumer = self
+            .client()
+            .set("group.id", group)
+            .create()
+            .expect("consumer");
         let mut tpl = TopicPartitionList::new();
         for partition in 0..partitions as i32 {
             tpl.add_partition(&self.topic, partition);
@@ -697,9 +717,24 @@ impl Rig {
         within: Duration,
         archivers: &mut [&mut Process],
     ) {
+        self.wait_committed_in("archiver-test", ends, within, archivers)
+    }
+
+    /// Waits until `group` committed `ends`.
+    pub fn wait_committed_in(
+        &self,
+        group: &str,
+        ends: &BTreeMap<i32, i64>,
+        within: Duration,
+        archivers: &mut [&mut Process],
+    ) {
         let deadline = Instant::now() + within;
         loop {
-            let committed = self.committed(ends.len() as u32);
+            let committed: BTreeMap<i32, Option<i64>> = self
+                .committed_in(group, ends.len() as u32)
+                .into_iter()
+                .map(|(partition, (offset, _))| (partition, offset))
+                .collect();
             let done = ends
                 .iter()
                 .all(|(p, end)| committed.get(p).copied().flatten() == Some(*end));

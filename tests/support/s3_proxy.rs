@@ -20,6 +20,8 @@ pub struct FaultRates {
     /// Refuse requests as S3 does for a denied action or an unknown key: `403` with this code
     /// (`AccessDenied`, `InvalidAccessKeyId`), for every request while set.
     pub refuse_with: Option<&'static str>,
+    /// Limits `refuse_with` to requests whose start line (method and path) contains this.
+    pub refuse_only: Option<&'static str>,
 }
 
 #[derive(Debug, Default)]
@@ -199,7 +201,12 @@ fn serve(
         let (fault, delay) = {
             let mut rng = rng.lock().unwrap();
             let roll = rng.f64();
-            let fault = if let Some(code) = rates.refuse_with {
+            let refused = rates.refuse_with.filter(|_| {
+                rates
+                    .refuse_only
+                    .is_none_or(|p| request.start_line.contains(p))
+            });
+            let fault = if let Some(code) = refused {
                 Fault::Refuse(code)
             } else if roll < rates.internal_error {
                 Fault::InternalError
