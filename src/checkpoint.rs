@@ -42,6 +42,37 @@ pub struct BatchState {
     /// Unix ms when its first record was read, for the oldest-unuploaded-record age.
     #[serde(default)]
     pub first_read_ms: Option<i64>,
+    /// Offsets of `[start, end]` that hold no record.
+    #[serde(default)]
+    pub gaps: Vec<Gap>,
+}
+
+/// A range of offsets inside a batch that holds no record, and why: each offset of a batch
+/// `[start, end]` is either a record in one of its files or in one of its gaps, so a batch
+/// accounts for every offset (`verify` checks it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Gap {
+    pub first: i64,
+    pub last: i64,
+    pub cause: GapCause,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum GapCause {
+    /// Kafka delivered no record there: compacted away, transaction markers, aborted
+    /// transactions.
+    NoRecord,
+    /// Deleted from the log (retention, DeleteRecords) before the archiver read it: lost to the
+    /// archive.
+    Deleted,
+}
+
+impl Gap {
+    /// How many offsets it spans (never zero: `first <= last`).
+    pub fn offsets(&self) -> u64 {
+        (self.last - self.first + 1) as u64
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -247,6 +278,7 @@ mod tests {
                 accepting: true,
             }],
             first_read_ms: None,
+            gaps: Vec::new(),
         }
     }
 

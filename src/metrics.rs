@@ -36,6 +36,8 @@ pub struct Metrics {
     pub exactly_once_degraded: IntGauge,
     pub objects_uploaded: IntCounter,
     pub objects_already_present: IntCounter,
+    pub offset_resets: IntCounter,
+    pub offsets_without_record: IntCounterVec,
     pub upload_bytes: IntCounter,
     pub upload_duration: Histogram,
     pub upload_errors: IntCounterVec,
@@ -148,6 +150,15 @@ impl Metrics {
                 "1 when the broker drops commit metadata and the archive runs at-least-once",
             ),
             objects_uploaded: counter("objects_uploaded_total", "Objects put in S3"),
+            offset_resets: counter(
+                "offset_resets_total",
+                "Assignments that had to read past a range Kafka deleted before it was archived",
+            ),
+            offsets_without_record: counter_vec(
+                "offsets_without_record_total",
+                "Offsets of sealed batches that hold no record: deleted before archiving, or none (compaction, transaction markers)",
+                &["cause"],
+            ),
             objects_already_present: counter(
                 "objects_already_present_total",
                 "Objects of replayed or retried batches found in S3 with the same lines, not rewritten",
@@ -229,6 +240,9 @@ impl Metrics {
         }
         for from in ["checkpoint", "committed"] {
             metrics.partitions_resumed.with_label_values(&[from]);
+        }
+        for cause in ["deleted", "no-record"] {
+            metrics.offsets_without_record.with_label_values(&[cause]);
         }
         #[cfg(target_os = "linux")]
         {

@@ -11,6 +11,7 @@ use std::io::Read;
 use futures_util::{Stream, StreamExt};
 use serde::Serialize;
 
+use crate::checkpoint::{Gap, GapCause};
 use crate::config::Config;
 use crate::consume::lag::{group_lag, LagError, PartitionLag};
 use crate::layout;
@@ -41,6 +42,8 @@ pub struct PartitionSummary {
     pub records: u64,
     pub committed: Option<i64>,
     pub end_offset: Option<i64>,
+    /// Offsets the manifests say held no record (compaction, transaction markers).
+    pub offsets_without_record: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -72,6 +75,47 @@ pub enum VerifyError {
     },
     #[error(transparent)]
     Kafka(#[from] LagError),
+}
+
+/// What one manifest says about itself: its files' counts add up to its own, and (version 2 on)
+/// its records and gaps account for every offset of `[start, end]`; offsets it holds only as a
+/// deleted gap were lost before they could be archived.
+pub fn manifest_findings(manifest: &Manifest) -> Vec<(&'static str, String)> {
+    let mut findings = Vec::new();
+    let range = format!("[{}, {}]", manifest.start, manifest.end);
+    let listed: u64 = manifest.files.iter().map(|f| f.records).sum();
+    if listed != manifest.records {
+        findings.push((
+            "count-mismatch",
+            format!(
+                "batch {range} says {} records, its files {listed}",
+                manifest.records
+            ),
+        ));
+    }
+    match manifest.unaccounted_offsets() {
+        Some(0) | None => {}
+        Some(unaccounted) => findings.push((
+            "unaccounted-offsets",
+            format!(
+                "batch {range} holds {} records and {} offsets known to hold none: {unaccounted} \
+                 offsets are in neither (records lost)",
+                manifest.records,
+                manifest.gaps.iter().map(Gap::offsets).sum::<u64>(),
+            ),
+        )),
+    }
+    for gap in manifest.deleted() {
+        findings.push((
+            "deleted-before-archived",
+            format!(
+                "offsets {}..{} were deleted from kafka (retention or DeleteRecords) before \
+                 they were archived",
+                gap.first, gap.last
+            ),
+        ));
+    }
+    findings
 }
 
 /// Runs every check; `Ok` carries the findings, `Err` means the check itself could not run.
@@ -186,16 +230,15 @@ pub async fn verify(config: &Config, deep: bool) -> Result<Report, VerifyError> 
             _ => {}
         }
         for manifest in &batches {
-            let listed: u64 = manifest.files.iter().map(|f| f.records).sum();
-            if listed != manifest.records {
-                findings.push(finding(
-                    "count-mismatch",
-                    format!(
-                        "batch [{}, {}] says {} records, its files {listed}",
-                        manifest.start, manifest.end, manifest.records
-                    ),
-                ));
+            for (kind, detail) in manifest_findings(manifest) {
+                findings.push(finding(kind, detail));
             }
+            summary.offsets_without_record += manifest
+                .gaps
+                .iter()
+                .filter(|g| g.cause == GapCause::NoRecord)
+                .map(Gap::offsets)
+                .sum::<u64>();
             summary.records += manifest.records;
             for file in &manifest.files {
                 referenced.insert(file.key.clone(), (file.records, file.crc32.clone()));
@@ -429,5 +472,83 @@ impl Report {
             }
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::upload::manifest::ManifestFile;
+
+    fn manifest(start: i64, end: i64, records: u64, gaps: Vec<Gap>) -> Manifest {
+        Manifest {
+            version: crate::upload::manifest::VERSION,
+            topic: "t".into(),
+            partition: 0,
+            start,
+            end,
+            records,
+            files: vec![ManifestFile {
+                key: "k".into(),
+                first_offset: start,
+                records,
+                uncompressed_bytes: 1,
+                compressed_bytes: 1,
+                crc32: "0".into(),
+            }],
+            gaps,
+        }
+    }
+
+    fn kinds(manifest: &Manifest) -> Vec<&'static str> {
+        manifest_findings(manifest)
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect()
+    }
+
+    #[test]
+    fn a_batch_whose_records_and_gaps_cover_it_is_clean() {
+        let gaps = vec![Gap {
+            first: 150,
+            last: 159,
+            cause: GapCause::NoRecord,
+        }];
+        assert!(kinds(&manifest(100, 199, 90, gaps)).is_empty());
+    }
+
+    /// A replay sealed early (the disk-pressure bug): the manifest claims `[0, 799]` but holds
+    /// 400 records and no gap.
+    #[test]
+    fn a_batch_short_of_records_is_a_loss() {
+        let findings = manifest_findings(&manifest(0, 799, 400, vec![]));
+        assert_eq!(findings.len(), 1);
+        assert_eq!(findings[0].0, "unaccounted-offsets");
+        assert!(
+            findings[0].1.contains("400 offsets are in neither"),
+            "{findings:?}"
+        );
+    }
+
+    #[test]
+    fn offsets_deleted_before_archiving_are_reported() {
+        let gaps = vec![Gap {
+            first: 0,
+            last: 49,
+            cause: GapCause::Deleted,
+        }];
+        let findings = manifest_findings(&manifest(0, 99, 50, gaps));
+        assert_eq!(findings.len(), 1);
+        assert_eq!(findings[0].0, "deleted-before-archived");
+        assert!(findings[0].1.contains("offsets 0..49"), "{findings:?}");
+    }
+
+    #[test]
+    fn version_one_manifests_recorded_no_gaps() {
+        let old = Manifest {
+            version: 1,
+            ..manifest(0, 99, 90, vec![])
+        };
+        assert!(kinds(&old).is_empty());
     }
 }

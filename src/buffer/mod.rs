@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use tokio::sync::mpsc::UnboundedSender;
 
-use crate::checkpoint::{self, plan_recovery, Committed, Recovery};
+use crate::checkpoint::{self, plan_recovery, Committed, GapCause, Recovery};
 use crate::commit::BatchIntent;
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -46,6 +46,9 @@ pub enum WorkerCommand {
         committed: Committed,
         /// The batch intent the group's commit holds, if any.
         intent: Option<BatchIntent>,
+        /// The log's first offset now, if the broker said: reading from below it means records
+        /// were deleted before they were archived.
+        log_start: Option<i64>,
         reply: SyncSender<Result<Option<i64>, BufferError>>,
     },
     /// Forget the partition. `keep_local` keeps its files and checkpoint for a restart on this
@@ -195,9 +198,10 @@ impl Worker {
                     epoch,
                     committed,
                     intent,
+                    log_start,
                     reply,
                 } => {
-                    let result = self.assign(partition, epoch, committed, intent);
+                    let result = self.assign(partition, epoch, committed, intent, log_start);
                     let failed = result.as_ref().err().map(|e| e.to_string());
                     let _ = reply.send(result);
                     if let Some(err) = failed {
@@ -256,6 +260,7 @@ impl Worker {
         epoch: u64,
         committed: Committed,
         intent: Option<BatchIntent>,
+        log_start: Option<i64>,
     ) -> Result<Option<i64>, BufferError> {
         let io = |source| BufferError::Io { partition, source };
         let router = Router::new(&self.config.routing, &self.topic, partition);
@@ -343,8 +348,23 @@ impl Worker {
             }
         };
         buffer.set_seal_at(seal_at);
+        buffer.set_log_start(log_start);
         // `None` (nothing known locally) lets the consumer start at the committed offset.
         let resume_from = buffer.next_offset();
+        if let (Some(from), Some(log_start)) = (resume_from, log_start) {
+            if from < log_start {
+                // Kafka will skip to its log start (auto.offset.reset): say so, count it, and
+                // let the batch's manifest record the lost range as a deleted gap.
+                tracing::error!(
+                    partition,
+                    first_lost = from,
+                    last_lost = log_start - 1,
+                    replaying = seal_at.is_some(),
+                    "records were deleted from kafka (retention or DeleteRecords) before they were archived"
+                );
+                self.metrics.offset_resets.inc();
+            }
+        }
         for batch in buffer.sealed() {
             // Sealed before a restart: its upload may have begun.
             let _ = self.uploads.send(UploadJob {
@@ -494,6 +514,16 @@ impl Worker {
                 .batches_sealed
                 .with_label_values(&[trigger.as_str()])
                 .inc();
+            for gap in &batch.gaps {
+                let cause = match gap.cause {
+                    GapCause::Deleted => "deleted",
+                    GapCause::NoRecord => "no-record",
+                };
+                self.metrics
+                    .offsets_without_record
+                    .with_label_values(&[cause])
+                    .inc_by(gap.offsets());
+            }
             let _ = self.uploads.send(UploadJob {
                 epoch: *epoch,
                 batch,
@@ -617,6 +647,7 @@ mod tests {
                 epoch: 1,
                 committed: Committed::Offset(0),
                 intent: Some(BatchIntent::new(0, 799, 256 << 20, "rules".into())),
+                log_start: None,
                 reply,
             })
             .unwrap();
@@ -663,6 +694,72 @@ mod tests {
         thread.join().unwrap().unwrap();
     }
 
+    /// The group committed 0 but retention moved the log's start to 300 while the partition
+    /// waited: the loss is counted at assignment and the sealed batch names it as a gap.
+    #[test]
+    fn records_deleted_before_they_were_read_are_counted_and_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = Config::default();
+        config.buffer.data_dir = dir.path().to_path_buf();
+        let (uploads, mut sealed) = tokio::sync::mpsc::unbounded_channel();
+        let metrics = Metrics::new();
+        let worker = Worker::new(
+            Arc::new(config),
+            1,
+            uploads,
+            metrics.clone(),
+            Arc::new(DiskUsage::default()),
+        );
+        let (commands, queue) = sync_channel(4);
+        let thread = std::thread::spawn(move || worker.run(queue));
+        let (reply, answer) = sync_channel(1);
+        commands
+            .send(WorkerCommand::Assign {
+                partition: 0,
+                epoch: 1,
+                committed: Committed::Offset(0),
+                intent: Some(BatchIntent::new(0, 399, 256 << 20, "rules".into())),
+                log_start: Some(300),
+                reply,
+            })
+            .unwrap();
+        assert_eq!(answer.recv().unwrap().unwrap(), Some(0));
+        assert_eq!(metrics.offset_resets.get(), 1);
+        // librdkafka resets to the log start: the replay reads 300..=399 and ends at 399.
+        let records: Vec<Record> = (300..400).map(|o| record(o, o % 3, 20)).collect();
+        commands
+            .send(WorkerCommand::Records {
+                partition: 0,
+                records,
+            })
+            .unwrap();
+        barrier(&commands);
+        let job = sealed.try_recv().expect("the replayed batch");
+        assert_eq!(
+            (job.batch.start, job.batch.end, job.batch.records()),
+            (0, 399, 100)
+        );
+        assert_eq!(
+            job.batch.gaps,
+            vec![crate::checkpoint::Gap {
+                first: 0,
+                last: 299,
+                cause: GapCause::Deleted
+            }]
+        );
+        assert_eq!(
+            metrics
+                .offsets_without_record
+                .with_label_values(&["deleted"])
+                .get(),
+            300
+        );
+        let (reply, answer) = sync_channel(1);
+        commands.send(WorkerCommand::Stop { reply }).unwrap();
+        answer.recv().unwrap();
+        thread.join().unwrap().unwrap();
+    }
+
     #[test]
     fn hundreds_of_files_share_a_few_compressors_and_keep_every_line() {
         let dir = tempfile::tempdir().unwrap();
@@ -687,6 +784,7 @@ mod tests {
                 epoch: 1,
                 committed: Committed::Nothing,
                 intent: None,
+                log_start: None,
                 reply,
             })
             .unwrap();

@@ -11,7 +11,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use crate::buffer::gzfile::{GzStreamFile, StreamState, MAX_STAGE_BYTES};
-use crate::checkpoint::{self, BatchState, Checkpoint, FileState};
+use crate::checkpoint::{self, BatchState, Checkpoint, FileState, Gap, GapCause};
 use crate::layout;
 use crate::route::{DeadLetterReason, Destination, Record, Router};
 
@@ -33,6 +33,8 @@ pub struct SealedBatch {
     pub files: Vec<SealedFile>,
     /// Unix ms when its first record was read.
     pub first_read_ms: Option<i64>,
+    /// Offsets of `[start, end]` that hold no record.
+    pub gaps: Vec<Gap>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,6 +72,7 @@ impl SealedBatch {
                 })
                 .collect(),
             first_read_ms: self.first_read_ms,
+            gaps: self.gaps.clone(),
         }
     }
 }
@@ -96,6 +99,8 @@ struct OpenBatch {
     uncompressed_bytes: u64,
     /// Unix ms when its first record was read.
     first_read_ms: Option<i64>,
+    /// Offsets between `start` and the last record that hold no record.
+    gaps: Vec<Gap>,
 }
 
 impl OpenBatch {
@@ -107,6 +112,7 @@ impl OpenBatch {
             accepting: HashMap::new(),
             uncompressed_bytes: 0,
             first_read_ms: None,
+            gaps: Vec::new(),
         }
     }
 }
@@ -137,6 +143,9 @@ pub struct PartitionBuffer {
     replay_passed_end: bool,
     /// Bytes a file stages before compressing; the worker lowers it when it holds many files.
     stage_limit: usize,
+    /// The log's first offset when the partition was assigned: offsets below it were deleted
+    /// (retention, DeleteRecords) before they could be read, and their gap says so.
+    log_start: Option<i64>,
 }
 
 impl PartitionBuffer {
@@ -166,6 +175,7 @@ impl PartitionBuffer {
             seal_at: None,
             replay_passed_end: false,
             stage_limit: MAX_STAGE_BYTES,
+            log_start: None,
         })
     }
 
@@ -217,6 +227,7 @@ impl PartitionBuffer {
                 end: batch.end,
                 files,
                 first_read_ms: batch.first_read_ms,
+                gaps: batch.gaps.clone(),
             });
         }
         let mut open = OpenBatch::empty(Some(checkpoint.next_offset));
@@ -224,6 +235,7 @@ impl PartitionBuffer {
             open.start = Some(batch.start);
             open.last_offset = Some(batch.end);
             open.first_read_ms = batch.first_read_ms;
+            open.gaps = batch.gaps.clone();
             for file in &batch.files {
                 let path = file_path(batch.start, file.first_offset);
                 let gz = GzStreamFile::resume(&path, settings.compression_level, file.stream)?;
@@ -268,6 +280,7 @@ impl PartitionBuffer {
             seal_at: None,
             replay_passed_end: false,
             stage_limit: MAX_STAGE_BYTES,
+            log_start: None,
         })
     }
 
@@ -313,6 +326,33 @@ impl PartitionBuffer {
         self.open.files.iter().filter(|f| f.gz.is_hot()).count()
     }
 
+    /// Where the log started when the partition was assigned (see `log_start`).
+    pub fn set_log_start(&mut self, log_start: Option<i64>) {
+        self.log_start = log_start;
+    }
+
+    /// Records that `[first, last]` holds no record: the part below the log start was deleted
+    /// before it was read, the rest held none (compaction, transaction markers).
+    fn record_gap(&mut self, first: i64, last: i64) {
+        let split = self
+            .log_start
+            .map_or(first, |start| start.clamp(first, last + 1));
+        if split > first {
+            self.open.gaps.push(Gap {
+                first,
+                last: split - 1,
+                cause: GapCause::Deleted,
+            });
+        }
+        if split <= last {
+            self.open.gaps.push(Gap {
+                first: split,
+                last,
+                cause: GapCause::NoRecord,
+            });
+        }
+    }
+
     /// Sets how many uncompressed bytes each file stages before compressing them as one chunk.
     pub fn set_stage_limit(&mut self, bytes: usize) {
         self.stage_limit = bytes;
@@ -326,6 +366,10 @@ impl PartitionBuffer {
         }
         let routed = self.router.route(record);
         let start = *self.open.start.get_or_insert(record.offset);
+        let expected = self.open.last_offset.map_or(start, |last| last + 1);
+        if record.offset > expected {
+            self.record_gap(expected, record.offset - 1);
+        }
         self.open
             .first_read_ms
             .get_or_insert_with(|| chrono::Utc::now().timestamp_millis());
@@ -439,6 +483,9 @@ impl PartitionBuffer {
         // A replayed batch ends where its intent says, even if its last offsets hold no record.
         let end = self.seal_at.take().map_or(last, |end| end.max(last));
         self.replay_passed_end = false;
+        if end > last {
+            self.record_gap(last + 1, end);
+        }
         let open = std::mem::replace(&mut self.open, OpenBatch::empty(Some(end + 1)));
         self.next_offset = Some(self.next_offset.map_or(end + 1, |next| next.max(end + 1)));
         let mut files = Vec::with_capacity(open.files.len());
@@ -460,6 +507,7 @@ impl PartitionBuffer {
             end,
             files,
             first_read_ms: open.first_read_ms,
+            gaps: open.gaps,
         };
         self.sealed.push(batch.clone());
         self.write_checkpoint()?;
@@ -529,6 +577,7 @@ impl PartitionBuffer {
                     })
                     .collect(),
                 first_read_ms: self.open.first_read_ms,
+                gaps: self.open.gaps.clone(),
             }),
             _ => None,
         };
@@ -762,6 +811,65 @@ mod tests {
         let batch = buffer.seal().unwrap().unwrap();
         assert_eq!((batch.start, batch.end, batch.records()), (100, 299, 150));
         assert_eq!(buffer.next_offset(), Some(300));
+        assert_eq!(
+            batch.gaps,
+            vec![Gap {
+                first: 250,
+                last: 299,
+                cause: GapCause::NoRecord
+            }]
+        );
+    }
+
+    /// Every offset of a batch is a record or in a gap: offsets deleted before the partition was
+    /// read (retention while a batch waited to be replayed), and offsets that held no record.
+    #[test]
+    fn a_batch_accounts_for_every_offset_with_its_gaps() {
+        let dir = tempfile::tempdir().unwrap();
+        let all = records();
+        let mut buffer =
+            PartitionBuffer::fresh(dir.path(), "t", 0, router(), SETTINGS, Some(100)).unwrap();
+        // The group committed 100, but the log now starts at 150.
+        buffer.set_log_start(Some(150));
+        for record in all.iter().filter(|r| (150..200).contains(&r.offset)) {
+            buffer.append(record, 0).unwrap().unwrap();
+        }
+        // 200..=204 compacted away.
+        for record in all.iter().filter(|r| (205..210).contains(&r.offset)) {
+            buffer.append(record, 0).unwrap().unwrap();
+        }
+        buffer.checkpoint().unwrap();
+        drop(buffer);
+        // The gaps survive a restart on the same volume.
+        let checkpoint = checkpoint::read(&layout::partition_dir(dir.path(), "t", 0))
+            .unwrap()
+            .unwrap();
+        let mut buffer =
+            PartitionBuffer::resume(dir.path(), router(), SETTINGS, checkpoint).unwrap();
+        let batch = buffer.seal().unwrap().unwrap();
+        assert_eq!(
+            batch.gaps,
+            vec![
+                Gap {
+                    first: 100,
+                    last: 149,
+                    cause: GapCause::Deleted
+                },
+                Gap {
+                    first: 200,
+                    last: 204,
+                    cause: GapCause::NoRecord
+                },
+            ]
+        );
+        let gaps: u64 = batch.gaps.iter().map(Gap::offsets).sum();
+        assert_eq!(
+            batch.records() + gaps,
+            (batch.end - batch.start + 1) as u64,
+            "[{}, {}]",
+            batch.start,
+            batch.end
+        );
     }
 
     #[test]

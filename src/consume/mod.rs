@@ -203,6 +203,7 @@ impl ArchiverContext {
                 epoch,
                 committed,
                 intent,
+                log_start: self.log_start(consumer, partition),
                 reply,
             };
             if self.worker(partition).send(command).is_err() {
@@ -260,6 +261,19 @@ impl ArchiverContext {
             .assigned_partitions
             .set(self.assignments.partitions().len() as i64);
         tracing::info!(partitions = ?partitions, "partitions revoked");
+    }
+
+    /// The partition's first offset in the log now, if the broker answers (a hint: without it
+    /// a deleted range is still recorded as a gap, only not known as deleted).
+    fn log_start(&self, consumer: &BaseConsumer<Self>, partition: i32) -> Option<i64> {
+        match consumer.fetch_watermarks(&self.topic, partition, BROKER_TIMEOUT) {
+            Ok((low, _)) if low >= 0 => Some(low),
+            Ok(_) => None,
+            Err(err) => {
+                tracing::warn!(partition, error = %err, "cannot read the log's first offset");
+                None
+            }
+        }
     }
 
     /// A partition without a commit (a new `group.id`, offsets expired) whose batches the bucket

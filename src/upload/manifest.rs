@@ -6,6 +6,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::buffer::SealedBatch;
+use crate::checkpoint::{Gap, GapCause};
 use crate::layout;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -18,6 +19,10 @@ pub struct Manifest {
     pub end: i64,
     pub records: u64,
     pub files: Vec<ManifestFile>,
+    /// Offsets of `[start, end]` that hold no record, and why (version 2 on): with `records`
+    /// they account for every offset of the batch.
+    #[serde(default)]
+    pub gaps: Vec<Gap>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -33,7 +38,8 @@ pub struct ManifestFile {
     pub crc32: String,
 }
 
-pub const VERSION: u32 = 1;
+/// 2: manifests list their gaps, and `verify` checks that they account for every offset.
+pub const VERSION: u32 = 2;
 
 impl Manifest {
     pub fn for_batch(prefix: &str, batch: &SealedBatch) -> Manifest {
@@ -62,7 +68,20 @@ impl Manifest {
                     crc32: format!("{:08x}", file.stream.crc32),
                 })
                 .collect(),
+            gaps: batch.gaps.clone(),
         }
+    }
+
+    /// Offsets of `[start, end]` neither in a file nor in a known gap: lost records. Only
+    /// meaningful from version 2, which records gaps.
+    pub fn unaccounted_offsets(&self) -> Option<i64> {
+        let gaps: u64 = self.gaps.iter().map(Gap::offsets).sum();
+        (self.version >= 2).then(|| self.end - self.start + 1 - self.records as i64 - gaps as i64)
+    }
+
+    /// Offsets Kafka deleted before they were archived.
+    pub fn deleted(&self) -> impl Iterator<Item = &Gap> {
+        self.gaps.iter().filter(|g| g.cause == GapCause::Deleted)
     }
 
     pub fn key(&self, prefix: &str) -> String {
