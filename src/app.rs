@@ -14,8 +14,10 @@ use tokio_util::sync::CancellationToken;
 use crate::buffer::{BufferError, DiskUsage, Worker};
 use crate::commit::Assignments;
 use crate::config::{Config, UncommittedStart};
+use crate::consume::replay_rules::RulesSource;
 use crate::consume::{create_consumer, ArchiverContext, ConsumeError, Fatal, PollLoop};
 use crate::metrics::Metrics;
+use crate::rules::{rules_key, CuttingRules};
 use crate::schedule::{Schedule, SystemClock, UploadNow};
 use crate::upload::s3::S3Store;
 use crate::upload::{newest_manifest_end, Uploader};
@@ -121,8 +123,7 @@ pub async fn run(
             concurrency: config.s3.concurrency,
             initial_backoff: Duration::from_millis(config.s3.retry_initial_backoff_ms),
             max_backoff: Duration::from_millis(config.s3.retry_max_backoff_ms),
-            max_file_bytes: config.buffer.max_file_bytes,
-            rules_fingerprint: crate::buffer::rules_fingerprint(&config),
+            rules: CuttingRules::of(&config),
         }
         .run(upload_rx, uploader_stop.clone()),
     );
@@ -146,6 +147,17 @@ pub async fn run(
             }))
         }
         UncommittedStart::Reset => context,
+    };
+    let context = {
+        let (store, runtime) = (store.clone(), tokio::runtime::Handle::current());
+        let prefix = config.s3.prefix.clone();
+        // Called from the rebalance callback, on the poll thread (not an async one).
+        let fetch = Box::new(move |hash: &str| {
+            runtime
+                .block_on(store.get_bytes(&rules_key(&prefix, hash)))
+                .map_err(|err| err.to_string())
+        });
+        context.with_rules_source(RulesSource::new(&config, fetch))
     };
     let consumer = create_consumer(&config, context)?;
     let poll_loop = PollLoop {
@@ -190,9 +202,11 @@ pub async fn run(
     let poll_result = tokio::task::spawn_blocking(move || poll_loop.run())
         .await
         .expect("poll loop thread panicked");
+    tracing::info!("kafka consumer closed; stopping the uploads");
 
     uploader_stop.cancel();
     let _ = uploader.await;
+    tracing::info!("uploads stopped");
     server_stop.cancel();
     if let Some(server) = server {
         let _ = server.await;

@@ -45,6 +45,10 @@ pub struct BatchState {
     /// Offsets of `[start, end]` that hold no record.
     #[serde(default)]
     pub gaps: Vec<Gap>,
+    /// Hash of the cutting rules its files are cut with (`rules`); empty when an earlier
+    /// release wrote the checkpoint.
+    #[serde(default)]
+    pub rules: String,
 }
 
 /// A range of offsets inside a batch that holds no record, and why: each offset of a batch
@@ -96,6 +100,11 @@ impl Checkpoint {
             sealed: Vec::new(),
             open: None,
         }
+    }
+
+    /// Every batch it holds, sealed ones first.
+    pub fn batches(&self) -> impl Iterator<Item = &BatchState> {
+        self.sealed.iter().chain(self.open.as_ref())
     }
 
     /// Where the earliest buffered batch starts, if anything is buffered.
@@ -279,6 +288,7 @@ mod tests {
             }],
             first_read_ms: None,
             gaps: Vec::new(),
+            rules: String::new(),
         }
     }
 
@@ -383,7 +393,7 @@ mod tests {
     }
 
     fn intent(start: i64, end: i64) -> BatchIntent {
-        BatchIntent::new(start, end, 1 << 20, "rules".into())
+        BatchIntent::new(start, end, "rules".into())
     }
 
     #[test]

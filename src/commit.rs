@@ -72,24 +72,31 @@ pub struct BatchIntent {
     pub v: u32,
     pub start: i64,
     pub end: i64,
-    /// File cut size the batch was cut with; a replay must cut the same way.
-    pub max_file_bytes: u64,
-    /// Fingerprint of the routing rules and key prefix; a replay under other rules may name
-    /// files differently, which is logged.
+    /// Version 2: the hash of the cutting rules the batch was cut with (`rules`), stored in the
+    /// bucket. Version 1 (earlier releases): a CRC32 fingerprint of the routing settings and
+    /// key prefix.
     pub rules: String,
+    /// Version 1 only: the file size cap the batch was cut with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_file_bytes: Option<u64>,
 }
 
 impl BatchIntent {
-    const VERSION: u32 = 1;
+    const VERSION: u32 = 2;
 
-    pub fn new(start: i64, end: i64, max_file_bytes: u64, rules: String) -> BatchIntent {
+    pub fn new(start: i64, end: i64, rules_hash: String) -> BatchIntent {
         BatchIntent {
             v: Self::VERSION,
             start,
             end,
-            max_file_bytes,
-            rules,
+            rules: rules_hash,
+            max_file_bytes: None,
         }
+    }
+
+    /// Whether an earlier release recorded it (rules as a fingerprint, not a hash).
+    pub fn is_legacy(&self) -> bool {
+        self.v == 1
     }
 
     pub fn encode(&self) -> String {
@@ -100,7 +107,13 @@ impl BatchIntent {
     pub fn decode(metadata: &str) -> Option<BatchIntent> {
         serde_json::from_str::<BatchIntent>(metadata)
             .ok()
-            .filter(|intent| intent.v == Self::VERSION && intent.start <= intent.end)
+            .filter(|intent| {
+                let known = match intent.v {
+                    1 => intent.max_file_bytes.is_some(),
+                    v => v == Self::VERSION,
+                };
+                known && intent.start <= intent.end
+            })
     }
 }
 
@@ -296,13 +309,21 @@ mod tests {
 
     #[test]
     fn intents_round_trip_and_foreign_metadata_is_ignored() {
-        let intent = BatchIntent::new(100, 199, 1 << 20, "abc".into());
+        let intent = BatchIntent::new(100, 199, "abc".into());
         assert_eq!(BatchIntent::decode(&intent.encode()), Some(intent));
+        // What earlier releases recorded is still understood.
+        let legacy = BatchIntent::decode(
+            r#"{"v":1,"start":1,"end":2,"max_file_bytes":1048576,"rules":"0a1b2c3d"}"#,
+        )
+        .unwrap();
+        assert!(legacy.is_legacy());
+        assert_eq!(legacy.max_file_bytes, Some(1 << 20));
         for foreign in [
             "",
             "hello",
             "{}",
-            r#"{"v":2,"start":1,"end":2,"max_file_bytes":1,"rules":""}"#,
+            r#"{"v":3,"start":1,"end":2,"rules":""}"#,
+            r#"{"v":1,"start":1,"end":2,"rules":""}"#,
         ] {
             assert_eq!(BatchIntent::decode(foreign), None, "{foreign}");
         }

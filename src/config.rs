@@ -177,7 +177,7 @@ impl Default for S3Config {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RoutingConfig {
     /// Where the source id comes from, first match wins: `header:NAME`, `field:NAME`,

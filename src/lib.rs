@@ -26,6 +26,7 @@ pub mod layout;
 pub mod metrics;
 pub mod produce;
 pub mod route;
+pub mod rules;
 pub mod schedule;
 pub mod upload;
 pub mod verify;

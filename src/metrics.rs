@@ -37,6 +37,7 @@ pub struct Metrics {
     pub objects_uploaded: IntCounter,
     pub objects_already_present: IntCounter,
     pub offset_resets: IntCounter,
+    pub partitions_held: IntGauge,
     pub offsets_without_record: IntCounterVec,
     pub upload_bytes: IntCounter,
     pub upload_duration: Histogram,
@@ -150,6 +151,10 @@ impl Metrics {
                 "1 when the broker drops commit metadata and the archive runs at-least-once",
             ),
             objects_uploaded: counter("objects_uploaded_total", "Objects put in S3"),
+            partitions_held: gauge(
+                "partitions_held",
+                "Assigned partitions this member does not read: their interrupted batch was cut under rules it cannot reproduce (see the log)",
+            ),
             offset_resets: counter(
                 "offset_resets_total",
                 "Assignments that had to read past a range Kafka deleted before it was archived",

@@ -14,6 +14,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::RoutingConfig;
 
+/// Version of what this module makes of a record. Bump it with any change that routes some
+/// record to another file or writes another line for it: a replay must be cut by the code that
+/// cut the interrupted batch, and members compare this number (see `rules`) before replaying.
+pub const ROUTING_CODE_VERSION: u32 = 1;
+
 /// One Kafka record, owned, as the poll loop hands it to the buffers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {

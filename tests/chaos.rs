@@ -1,8 +1,12 @@
 //! Chaos: up to three archivers in one group, killed with `kill -9` and restarted at random,
 //! scaled between one and three, one of them frozen past its session timeout and thawed (a
 //! zombie), S3 requests failed, reset and delayed by a proxy, the brokers taken down once —
-//! while events are produced. Once everything is caught up, every produced event must be in the
-//! bucket exactly once, and `verify --deep` must be clean.
+//! while events are produced. And what operators do: the local disk budget at its minimum (so
+//! pressure seals and pauses meet replays), a rolling change of cutting rules half way (members
+//! started after it cut smaller files into `date` folders, and replay the intents of the others
+//! with the others' rules), and one member fenced by the coordinator (`FENCED_INSTANCE_ID`, a
+//! fatal error: it must exit non-zero, and is restarted). Once everything is caught up, every
+//! produced event must be in the bucket exactly once, and `verify --deep` must be clean.
 //!
 //! Seeded: the seed is printed, and `CHAOS_SEED=N` replays the same choices. `CHAOS_SECONDS`
 //! (default 60, the CI setting; 150 for the full run) and `CHAOS_EVENTS` (default 200000) size it.
@@ -31,12 +35,22 @@ struct Fleet<'a> {
     slots: Vec<Option<Process>>,
     generation: usize,
     finished_logs: Vec<String>,
+    /// Members started from now on run the second set of cutting rules.
+    new_rules: bool,
+    /// Since when a member is to be fenced (and may exit by itself, once).
+    fencing: Option<Instant>,
+    fenced: usize,
 }
 
 impl Fleet<'_> {
     fn start(&mut self, slot: usize) {
         self.generation += 1;
         let data = self.rig.dir.path().join(format!("volume-{slot}"));
+        let (max_file_bytes, day_format) = if self.new_rules {
+            ("131072", "date")
+        } else {
+            ("262144", "epoch-ms")
+        };
         let process = self.rig.archiver(
             &format!("archiver-{slot}-{}", self.generation),
             &data,
@@ -45,8 +59,12 @@ impl Fleet<'_> {
                 ("ARCHIVER_SCHEDULE_INTERVAL_SECS", "3"),
                 ("ARCHIVER_SCHEDULE_OFFSET_SECS", "0"),
                 ("ARCHIVER_BUFFER_CHECKPOINT_INTERVAL_SECS", "1"),
-                ("ARCHIVER_BUFFER_MAX_BATCH_BYTES", "4194304"),
-                ("ARCHIVER_BUFFER_MAX_FILE_BYTES", "1048576"),
+                ("ARCHIVER_BUFFER_MAX_BATCH_BYTES", "524288"),
+                // The smallest budget the batch size allows (two batches): pressure seals and
+                // pauses happen, replays among them.
+                ("ARCHIVER_BUFFER_MAX_DISK_BYTES", "1048576"),
+                ("ARCHIVER_BUFFER_MAX_FILE_BYTES", max_file_bytes),
+                ("ARCHIVER_ROUTING_DAY_FORMAT", day_format),
                 ("ARCHIVER_S3_RETRY_INITIAL_BACKOFF_MS", "50"),
                 ("ARCHIVER_S3_RETRY_MAX_BACKOFF_MS", "1000"),
                 ("ARCHIVER_S3_REQUEST_TIMEOUT_SECS", "10"),
@@ -54,6 +72,23 @@ impl Fleet<'_> {
             ],
         );
         self.slots[slot] = Some(process);
+    }
+
+    /// Has the coordinator fence the next member to heartbeat (what it answers a member whose
+    /// group.instance.id another pod took); again if the one it hit was killed meanwhile.
+    fn fence(&mut self) {
+        if self.fenced > 0
+            || self
+                .fencing
+                .is_some_and(|since| since.elapsed() < Duration::from_secs(20))
+        {
+            return;
+        }
+        self.rig.broker.control("clear Heartbeat");
+        self.rig
+            .broker
+            .control("errors Heartbeat FENCED_INSTANCE_ID 1");
+        self.fencing = Some(Instant::now());
     }
 
     fn running(&self) -> Vec<usize> {
@@ -72,16 +107,28 @@ impl Fleet<'_> {
         }
     }
 
+    /// Panics if a member exited by itself, unless it is the fenced one: that one must have
+    /// stopped non-zero with the fatal error, and comes back like a restarted pod.
     fn assert_alive(&mut self) {
         for slot in 0..SLOTS {
-            if let Some(process) = &mut self.slots[slot] {
-                if let Ok(Some(status)) = process.child.try_wait() {
-                    panic!(
-                        "archiver {slot} exited by itself with {status}:\n{}",
-                        process.log_text()
-                    );
-                }
-            }
+            let Some(process) = &mut self.slots[slot] else {
+                continue;
+            };
+            let Ok(Some(status)) = process.child.try_wait() else {
+                continue;
+            };
+            let log = process.log_text();
+            let fenced =
+                self.fencing.is_some() && !status.success() && log.contains("fatal kafka error");
+            assert!(
+                fenced,
+                "archiver {slot} exited by itself with {status}:\n{log}"
+            );
+            self.fencing = None;
+            self.fenced += 1;
+            self.finished_logs.push(log);
+            self.slots[slot] = None;
+            self.start(slot);
         }
     }
 }
@@ -98,18 +145,15 @@ fn chaos_leaves_every_event_in_the_bucket_exactly_once() {
     // The mock cluster keeps at most 5 MB per partition: small events over 12 partitions keep
     // all 200k in the log.
     let rig = Rig::start_mock(12);
-    let proxy = FaultProxy::start(
-        rig.s3.port,
-        FaultRates {
-            internal_error: 0.025,
-            slow_down: 0.025,
-            reset: 0.025,
-            delay: 0.05,
-            delay_ms: 400,
-            ..FaultRates::default()
-        },
-        seed,
-    );
+    let faults = FaultRates {
+        internal_error: 0.025,
+        slow_down: 0.025,
+        reset: 0.025,
+        delay: 0.05,
+        delay_ms: 400,
+        ..FaultRates::default()
+    };
+    let proxy = FaultProxy::start(rig.s3.port, faults, seed);
     // Production spans most of the chaos window.
     let rate = (events * 10 / (seconds * 8)).max(1);
     let mut producer = rig.produce_in_background(events, rate, seed);
@@ -120,6 +164,9 @@ fn chaos_leaves_every_event_in_the_bucket_exactly_once() {
         slots: (0..SLOTS).map(|_| None).collect(),
         generation: 0,
         finished_logs: Vec::new(),
+        new_rules: false,
+        fencing: None,
+        fenced: 0,
     };
     fleet.start(0);
     fleet.start(1);
@@ -129,9 +176,40 @@ fn chaos_leaves_every_event_in_the_bucket_exactly_once() {
     let mut zombies = 0;
     let mut broker_restarted = false;
     let deadline = started + Duration::from_secs(seconds);
+    let rules_change = started + Duration::from_secs(seconds / 2);
+    let fence_at = started + Duration::from_secs(seconds / 3);
+    // An S3 outage: every request fails for twelve seconds, so buffers fill up to the budget.
+    let outage_at = started + Duration::from_secs(seconds * 2 / 3);
+    let mut outage = false;
     while Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(rng.u64(1_500..5_000)));
         fleet.assert_alive();
+        if !fleet.new_rules && Instant::now() >= rules_change {
+            // A rollout: every member is restarted, one at a time, with the new rules.
+            fleet.new_rules = true;
+            for slot in fleet.running() {
+                if zombie.is_some_and(|(z, _)| z == slot) {
+                    zombie = None;
+                }
+                fleet.kill9(slot);
+                fleet.start(slot);
+                std::thread::sleep(Duration::from_millis(1_500));
+            }
+            continue;
+        }
+        if Instant::now() >= fence_at {
+            fleet.fence();
+        }
+        if !outage && Instant::now() >= outage_at {
+            outage = true;
+            proxy.set_rates(FaultRates {
+                internal_error: 1.0,
+                ..faults
+            });
+            std::thread::sleep(Duration::from_secs(12));
+            proxy.set_rates(faults);
+            continue;
+        }
         if let Some((slot, since)) = zombie {
             if since.elapsed() > Duration::from_millis(SESSION_TIMEOUT_MS + 5_000) {
                 if let Some(process) = &fleet.slots[slot] {
@@ -181,6 +259,13 @@ fn chaos_leaves_every_event_in_the_bucket_exactly_once() {
     if !broker_restarted {
         restart_brokers(&rig);
     }
+    if !fleet.new_rules {
+        fleet.new_rules = true;
+        for slot in fleet.running() {
+            fleet.kill9(slot);
+            fleet.start(slot);
+        }
+    }
     if zombies == 0 {
         // Make sure the run had its zombie, even if the dice never asked for one.
         let running = fleet.running();
@@ -214,6 +299,14 @@ fn chaos_leaves_every_event_in_the_bucket_exactly_once() {
     for slot in fleet.stopped() {
         fleet.start(slot);
     }
+    // The fenced member has had time to heartbeat, fail and come back.
+    let fence_deadline = Instant::now() + Duration::from_secs(60);
+    while fleet.fenced == 0 && Instant::now() < fence_deadline {
+        fleet.fence();
+        std::thread::sleep(Duration::from_millis(500));
+        fleet.assert_alive();
+    }
+    assert_eq!(fleet.fenced, 1, "no member was fenced");
     let records = rig.read_topic(12);
     let ends = end_offsets(&records);
     let produced: i64 = ends.values().sum();
@@ -266,6 +359,25 @@ fn chaos_leaves_every_event_in_the_bucket_exactly_once() {
         ("scale_ups", scale_ups.to_string()),
         ("scale_downs", scale_downs.to_string()),
         ("zombies", zombies.to_string()),
+        ("fenced", fleet.fenced.to_string()),
+        (
+            "rules_replays",
+            logs.matches("the replay cuts with the rules its intent names")
+                .count()
+                .to_string(),
+        ),
+        (
+            "disk_pressure",
+            logs.matches("trigger=\"disk-pressure\"")
+                .count()
+                .to_string(),
+        ),
+        (
+            "paused",
+            logs.matches("local disk budget used up")
+                .count()
+                .to_string(),
+        ),
         ("broker_restarts", "1".to_string()),
         ("rebalance_events", rebalances.to_string()),
         ("batches_replayed", replays.to_string()),
@@ -278,6 +390,10 @@ fn chaos_leaves_every_event_in_the_bucket_exactly_once() {
     eprintln!("chaos summary: {summary:?}");
     if seconds >= 120 {
         assert!(kills >= 20, "only {kills} kills");
+        assert!(
+            logs.contains("local disk budget used up"),
+            "the disk budget was never reached"
+        );
     }
     assert!(
         faults * 100 >= requests * 5,

@@ -9,24 +9,31 @@ use std::time::{Duration, Instant};
 use support::s3_proxy::{FaultProxy, FaultRates};
 use support::*;
 
-/// An archiver records its batch intents but cannot reach S3, and dies; another one, on another
-/// volume, finds the intents and replays exactly those batches before going on.
+/// An archiver records its batch intents but cannot put a single object, and dies; another
+/// one, on another volume, finds the intents and replays exactly those batches before going on.
 #[test]
 fn an_interrupted_batch_is_replayed_exactly_by_the_next_owner() {
     let rig = Rig::start_mock(2);
     rig.produce(4_000, 4, 2, 11);
-    let unreachable_s3 = format!("http://127.0.0.1:{}", free_port());
+    // The bucket refuses every event object; the cutting rules (and the start-up probe) go in,
+    // so the member gets as far as recording its intents.
+    let proxy = FaultProxy::start(
+        rig.s3.port,
+        FaultRates {
+            refuse_with: Some("AccessDenied"),
+            refuse_only: Some(".gz"),
+            ..FaultRates::default()
+        },
+        5,
+    );
+    let refusing_s3 = proxy.endpoint();
     let mut first = rig.archiver(
         "first",
         &rig.dir.path().join("first-volume"),
         &[
             ("ARCHIVER_SCHEDULE_INTERVAL_SECS", "2"),
             ("ARCHIVER_SCHEDULE_OFFSET_SECS", "0"),
-            ("ARCHIVER_S3_ENDPOINT_URL", &unreachable_s3),
-            // Without a commit the archiver would first ask the (unreachable) bucket where the
-            // archive ends, and stop rather than guess; this member is meant to get as far as
-            // recording intents.
-            ("ARCHIVER_KAFKA_UNCOMMITTED_START", "reset"),
+            ("ARCHIVER_S3_ENDPOINT_URL", &refusing_s3),
         ],
     );
     // Wait until both partitions carry an intent in the group's commit.
@@ -206,7 +213,7 @@ fn a_replay_leaves_objects_already_in_the_bucket_alone() {
         rig.s3.port,
         FaultRates {
             refuse_with: Some("AccessDenied"),
-            refuse_only: Some("/_manifests/"),
+            refuse_only: Some("/_manifests/segment-events/"),
             ..FaultRates::default()
         },
         3,
@@ -269,6 +276,95 @@ fn a_replay_leaves_objects_already_in_the_bucket_alone() {
     let out = rig.dir.path().join("bucket");
     rig.s3.download(&out);
     assert_exactly_once(&archived_objects(&out, &rig.topic), &records, None);
+    let (clean, report) = rig.verify(true);
+    assert!(clean, "verify --deep found problems: {report:#}");
+}
+
+/// A rolling change of cutting rules: the member that recorded an intent cut small files into
+/// `epoch-ms` day folders, the member that replays it runs with large files and `date` folders.
+/// The replay cuts with the rules its intent names (stored in the bucket under their hash), so it
+/// writes exactly the interrupted upload's objects again, and only the batches after it follow
+/// the new rules.
+#[test]
+fn a_replay_cuts_with_the_rules_its_intent_was_recorded_under() {
+    let rig = Rig::start_mock(2);
+    rig.produce(2_000, 3, 2, 51);
+    let proxy = FaultProxy::start(
+        rig.s3.port,
+        FaultRates {
+            refuse_with: Some("AccessDenied"),
+            refuse_only: Some("/_manifests/segment-events/"),
+            ..FaultRates::default()
+        },
+        4,
+    );
+    let proxied = proxy.endpoint();
+    let mut first = rig.archiver(
+        "first",
+        &rig.dir.path().join("first-volume"),
+        &[
+            ("ARCHIVER_SCHEDULE_INTERVAL_SECS", "2"),
+            ("ARCHIVER_SCHEDULE_OFFSET_SECS", "0"),
+            ("ARCHIVER_S3_ENDPOINT_URL", &proxied),
+            ("ARCHIVER_BUFFER_MAX_FILE_BYTES", "20000"),
+        ],
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let log = first.log_text();
+        let refused = |partition: i32| {
+            log.lines().any(|line| {
+                line.contains("s3 refused the request")
+                    && line.contains(&format!("_manifests/{}/{partition}/", rig.topic))
+            })
+        };
+        if refused(0) && refused(1) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no manifest refused yet:\n{log}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    first.kill9();
+    let uploaded: BTreeMap<String, (String, String)> = rig
+        .s3
+        .versions()
+        .into_iter()
+        .filter(|(key, _)| key.ends_with(".gz") && !key.contains("/_"))
+        .collect();
+    assert!(uploaded.len() > 6, "small files: {uploaded:?}");
+
+    rig.produce(1_000, 3, 2, 52);
+    let records = rig.read_topic(2);
+    let ends = end_offsets(&records);
+    let mut second = rig.archiver(
+        "second",
+        &rig.dir.path().join("second-volume"),
+        &[
+            ("ARCHIVER_SCHEDULE_INTERVAL_SECS", "2"),
+            ("ARCHIVER_SCHEDULE_OFFSET_SECS", "0"),
+            ("ARCHIVER_BUFFER_MAX_FILE_BYTES", "1000000"),
+            ("ARCHIVER_ROUTING_DAY_FORMAT", "date"),
+        ],
+    );
+    rig.wait_committed(&ends, Duration::from_secs(60), &mut [&mut second]);
+    let metrics = second.scrape();
+    assert!(second.terminate(Duration::from_secs(40)).success());
+    // Every object of the interrupted upload was cut again exactly: found in place.
+    assert_eq!(
+        metrics["archiver_objects_already_present_total"],
+        uploaded.len() as f64
+    );
+    let out = rig.dir.path().join("bucket");
+    rig.s3.download(&out);
+    let objects = archived_objects(&out, &rig.topic);
+    assert_exactly_once(&objects, &records, None);
+    // The batches after the replay follow the new rules.
+    assert!(
+        objects
+            .iter()
+            .any(|o| o.day.len() == 10 && o.day.contains('-')),
+        "no object in a date folder"
+    );
     let (clean, report) = rig.verify(true);
     assert!(clean, "verify --deep found problems: {report:#}");
 }

@@ -23,6 +23,7 @@ use crate::commit::BatchIntent;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::route::{Record, Router};
+use crate::rules::CuttingRules;
 use crate::upload::UploadJob;
 
 pub use partition::{BufferSettings, PartitionBuffer, SealedBatch, SealedFile};
@@ -49,6 +50,9 @@ pub enum WorkerCommand {
         /// The log's first offset now, if the broker said: reading from below it means records
         /// were deleted before they were archived.
         log_start: Option<i64>,
+        /// The rules the intent's batch was cut with, when they are not this member's own (a
+        /// rolling change of settings or release): the replay cuts with them.
+        replay_rules: Option<Box<CuttingRules>>,
         reply: SyncSender<Result<Option<i64>, BufferError>>,
     },
     /// Forget the partition. `keep_local` keeps its files and checkpoint for a restart on this
@@ -148,8 +152,8 @@ pub struct Worker {
     hot_files: usize,
     /// Monotonic counter standing in for time in the coldest-file choice.
     tick: u64,
-    /// Fingerprint of the rules that decide file contents and names, recorded in intents.
-    rules_fingerprint: String,
+    /// Hash of the cutting rules this member cuts new batches with (`rules`).
+    own_rules: String,
     /// This worker's last contributions to the shared figures.
     disk_bytes: u64,
     reported_files: usize,
@@ -174,7 +178,7 @@ impl Worker {
             },
             max_hot_files: (config.buffer.max_open_compressors / worker_count).max(1),
             staging_budget: STAGING_BUDGET_BYTES / worker_count.max(1),
-            rules_fingerprint: rules_fingerprint(&config),
+            own_rules: CuttingRules::of(&config).hash(),
             config,
             partitions: HashMap::new(),
             uploads,
@@ -199,9 +203,11 @@ impl Worker {
                     committed,
                     intent,
                     log_start,
+                    replay_rules,
                     reply,
                 } => {
-                    let result = self.assign(partition, epoch, committed, intent, log_start);
+                    let result =
+                        self.assign(partition, epoch, committed, intent, log_start, replay_rules);
                     let failed = result.as_ref().err().map(|e| e.to_string());
                     let _ = reply.send(result);
                     if let Some(err) = failed {
@@ -261,9 +267,11 @@ impl Worker {
         committed: Committed,
         intent: Option<BatchIntent>,
         log_start: Option<i64>,
+        replay_rules: Option<Box<CuttingRules>>,
     ) -> Result<Option<i64>, BufferError> {
         let io = |source| BufferError::Io { partition, source };
         let router = Router::new(&self.config.routing, &self.topic, partition);
+        let replay_hash = replay_rules.as_ref().map(|rules| rules.hash());
         let dir = crate::layout::partition_dir(&self.data_dir, &self.topic, partition);
         let local = match checkpoint::read(&dir) {
             Ok(local) => local,
@@ -272,18 +280,17 @@ impl Worker {
                 None
             }
         };
-        if let Some(intent) = &intent {
-            if intent.rules != self.rules_fingerprint
-                || intent.max_file_bytes != self.settings.max_file_bytes
-            {
-                tracing::warn!(
-                    partition,
-                    start = intent.start,
-                    end = intent.end,
-                    "the batch to replay was cut under other routing rules or file size; its files may be named differently from the interrupted upload's"
-                );
+        // Local batches cut under rules that are neither this member's nor the replay's (the
+        // settings changed across a restart) cannot be continued: read again from the commit.
+        let local = local.filter(|checkpoint| {
+            let foreign = checkpoint.batches().find(|b| {
+                !b.rules.is_empty() && b.rules != self.own_rules && Some(&b.rules) != replay_hash.as_ref()
+            });
+            if let Some(batch) = foreign {
+                tracing::warn!(partition, start = batch.start, rules = %batch.rules, "local batches were cut under other rules; reading from the committed offset");
             }
-        }
+            foreign.is_none()
+        });
         let plan = plan_recovery(local, &self.topic, partition, committed, intent.as_ref());
         let (resumed, seal_at) = match plan {
             Recovery::FromCheckpoint {
@@ -347,6 +354,16 @@ impl Worker {
                 .map_err(io)?
             }
         };
+        buffer.set_rules(&self.own_rules);
+        if let (Some(_), Some(rules)) = (seal_at, replay_rules) {
+            tracing::info!(partition, rules = %rules.hash(), "the replay cuts with the rules its intent names");
+            let router = Router::new(&rules.routing, &self.topic, partition);
+            let settings = BufferSettings {
+                max_file_bytes: rules.max_file_bytes,
+                ..self.settings
+            };
+            buffer.replay_with(router, settings, rules.hash());
+        }
         buffer.set_seal_at(seal_at);
         buffer.set_log_start(log_start);
         // `None` (nothing known locally) lets the consumer start at the committed offset.
@@ -452,8 +469,10 @@ impl Worker {
         self.metrics.records_written.inc_by(written);
         self.metrics.bytes_written.inc_by(written_bytes);
         let (_, buffer) = self.partitions.get(&partition).expect("checked above");
+        // Worth shipping: a megabyte, or a quarter of a batch where batches are smaller.
+        let worth_sealing = (1 << 20).min(self.config.buffer.max_batch_bytes / 4);
         if self.disk.get() >= self.config.buffer.max_disk_bytes / 2
-            && buffer.open_bytes() >= (1 << 20)
+            && buffer.open_bytes() >= worth_sealing
         {
             // Past half the disk budget: ship what this partition holds so uploads free space
             // before the poll loop has to pause.
@@ -581,13 +600,6 @@ impl Worker {
     }
 }
 
-/// Fingerprint of everything that decides which file a record lands in and what the file is
-/// called: the routing rules and the key prefix.
-pub fn rules_fingerprint(config: &Config) -> String {
-    let rules = serde_json::to_vec(&(&config.routing, &config.s3.prefix)).expect("rules serialize");
-    format!("{:08x}", crc32fast::hash(&rules))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -646,8 +658,9 @@ mod tests {
                 partition: 1,
                 epoch: 1,
                 committed: Committed::Offset(0),
-                intent: Some(BatchIntent::new(0, 799, 256 << 20, "rules".into())),
+                intent: Some(BatchIntent::new(0, 799, "rules".into())),
                 log_start: None,
+                replay_rules: None,
                 reply,
             })
             .unwrap();
@@ -718,8 +731,9 @@ mod tests {
                 partition: 0,
                 epoch: 1,
                 committed: Committed::Offset(0),
-                intent: Some(BatchIntent::new(0, 399, 256 << 20, "rules".into())),
+                intent: Some(BatchIntent::new(0, 399, "rules".into())),
                 log_start: Some(300),
+                replay_rules: None,
                 reply,
             })
             .unwrap();
@@ -785,6 +799,7 @@ mod tests {
                 committed: Committed::Nothing,
                 intent: None,
                 log_start: None,
+                replay_rules: None,
                 reply,
             })
             .unwrap();

@@ -35,6 +35,8 @@ pub struct SealedBatch {
     pub first_read_ms: Option<i64>,
     /// Offsets of `[start, end]` that hold no record.
     pub gaps: Vec<Gap>,
+    /// Hash of the cutting rules it was cut with, named in its intent.
+    pub rules: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -73,6 +75,7 @@ impl SealedBatch {
                 .collect(),
             first_read_ms: self.first_read_ms,
             gaps: self.gaps.clone(),
+            rules: self.rules.clone(),
         }
     }
 }
@@ -146,6 +149,11 @@ pub struct PartitionBuffer {
     /// The log's first offset when the partition was assigned: offsets below it were deleted
     /// (retention, DeleteRecords) before they could be read, and their gap says so.
     log_start: Option<i64>,
+    /// Hash of the cutting rules the open batch is cut with (`rules`).
+    rules: String,
+    /// While a replay cuts with the rules its intent names: this member's own router,
+    /// settings and rules, restored once the replayed batch is sealed.
+    after_replay: Option<(Router, BufferSettings, String)>,
 }
 
 impl PartitionBuffer {
@@ -176,6 +184,8 @@ impl PartitionBuffer {
             replay_passed_end: false,
             stage_limit: MAX_STAGE_BYTES,
             log_start: None,
+            rules: String::new(),
+            after_replay: None,
         })
     }
 
@@ -228,6 +238,7 @@ impl PartitionBuffer {
                 files,
                 first_read_ms: batch.first_read_ms,
                 gaps: batch.gaps.clone(),
+                rules: batch.rules.clone(),
             });
         }
         let mut open = OpenBatch::empty(Some(checkpoint.next_offset));
@@ -281,7 +292,31 @@ impl PartitionBuffer {
             replay_passed_end: false,
             stage_limit: MAX_STAGE_BYTES,
             log_start: None,
+            rules: checkpoint.open.map(|b| b.rules).unwrap_or_default(),
+            after_replay: None,
         })
+    }
+
+    /// Labels the open batch, and batches a checkpoint of an earlier release left unlabelled,
+    /// with the hash of the rules this member cuts with.
+    pub fn set_rules(&mut self, hash: &str) {
+        self.rules = hash.to_string();
+        for batch in &mut self.sealed {
+            if batch.rules.is_empty() {
+                batch.rules = hash.to_string();
+            }
+        }
+    }
+
+    /// Cuts the open batch (a replay) with the rules its intent names; the batches after it go
+    /// back to the current ones.
+    pub fn replay_with(&mut self, router: Router, settings: BufferSettings, hash: String) {
+        let own = (
+            std::mem::replace(&mut self.router, router),
+            std::mem::replace(&mut self.settings, settings),
+            std::mem::replace(&mut self.rules, hash),
+        );
+        self.after_replay = Some(own);
     }
 
     pub fn partition(&self) -> i32 {
@@ -508,7 +543,13 @@ impl PartitionBuffer {
             files,
             first_read_ms: open.first_read_ms,
             gaps: open.gaps,
+            rules: self.rules.clone(),
         };
+        if let Some((router, settings, rules)) = self.after_replay.take() {
+            self.router = router;
+            self.settings = settings;
+            self.rules = rules;
+        }
         self.sealed.push(batch.clone());
         self.write_checkpoint()?;
         Ok(Some(batch))
@@ -578,6 +619,7 @@ impl PartitionBuffer {
                     .collect(),
                 first_read_ms: self.open.first_read_ms,
                 gaps: self.open.gaps.clone(),
+                rules: self.rules.clone(),
             }),
             _ => None,
         };

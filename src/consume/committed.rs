@@ -105,7 +105,7 @@ mod tests {
 
     #[test]
     fn an_unanswered_partition_is_not_taken_for_an_uncommitted_one() {
-        let intent = BatchIntent::new(100, 199, 1 << 20, "abc".into());
+        let intent = BatchIntent::new(100, 199, "abc".into());
         let read = read_committed(
             &[0, 1],
             [entry(0, Some(100), &intent.encode()), entry(1, None, "")],

@@ -33,10 +33,12 @@ use crate::route::Record;
 use crate::schedule::{Clock, Schedule, UploadNow};
 use backpressure::Backpressure;
 use committed::{CommittedEntry, CommittedOffsets};
+use replay_rules::{ReplayRules, RulesSource};
 
 pub mod backpressure;
 pub mod committed;
 pub mod lag;
+pub mod replay_rules;
 
 /// Records handed to the workers per poll round, at most.
 const MAX_RECORDS_PER_ROUND: usize = 1000;
@@ -122,6 +124,20 @@ pub struct ArchiverContext {
     /// Where the bucket says a partition's archive ends (its newest manifest), for partitions the
     /// group never committed; `None` when `kafka.uncommitted_start = "reset"`.
     bucket_position: Option<BucketPosition>,
+    /// Checks an intent's cutting rules before its replay; `None` replays every intent with the
+    /// member's own rules.
+    rules_source: Option<RulesSource>,
+    /// Partitions whose intent this member cannot replay, with the reason: assigned but paused,
+    /// never read.
+    held: std::sync::Mutex<HashMap<i32, String>>,
+}
+
+/// Why a partition is not set up.
+enum Hold {
+    /// Held: assigned, paused, never read (reported and counted).
+    Partition,
+    /// The member stops (a fatal error was raised).
+    Stop,
 }
 
 /// Looks up the last offset the bucket holds for a partition (blocking).
@@ -145,6 +161,60 @@ impl ArchiverContext {
             throttle: LogThrottle::default(),
             committed: std::sync::Mutex::new(HashMap::new()),
             bucket_position: None,
+            rules_source: None,
+            held: std::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Intents cut under other rules are replayed with those rules, or held.
+    pub fn with_rules_source(mut self, source: RulesSource) -> ArchiverContext {
+        self.rules_source = Some(source);
+        self
+    }
+
+    /// Partitions held this assignment, to pause once it is applied.
+    fn held_partitions(&self) -> Vec<i32> {
+        self.held
+            .lock()
+            .expect("held lock")
+            .keys()
+            .copied()
+            .collect()
+    }
+
+    /// The rules `intent`'s replay cuts with (`None`: the member's own); `Err` when the
+    /// partition is held or the member must stop, both already reported.
+    fn replay_rules_for(
+        &self,
+        partition: i32,
+        intent: Option<&BatchIntent>,
+    ) -> Result<Option<Box<crate::rules::CuttingRules>>, Hold> {
+        let (Some(intent), Some(source)) = (intent, &self.rules_source) else {
+            return Ok(None);
+        };
+        match source.resolve(intent, COMMITTED_PATIENCE, Instant::now, std::thread::sleep) {
+            Ok(ReplayRules::Own) => Ok(None),
+            Ok(ReplayRules::Theirs(rules)) => Ok(Some(Box::new(rules))),
+            Ok(ReplayRules::Hold(reason)) => {
+                tracing::error!(
+                    partition,
+                    start = intent.start,
+                    end = intent.end,
+                    %reason,
+                    "holding the partition: its interrupted batch cannot be replayed by this member"
+                );
+                let mut held = self.held.lock().expect("held lock");
+                held.insert(partition, reason);
+                self.metrics.partitions_held.set(held.len() as i64);
+                Err(Hold::Partition)
+            }
+            Err(err) => {
+                self.fatal.raise(format!(
+                    "cannot read the cutting rules of partition {partition}'s interrupted batch: \
+                     {err}; stopping rather than replaying it with other rules"
+                ));
+                Err(Hold::Stop)
+            }
         }
     }
 
@@ -187,11 +257,16 @@ impl ArchiverContext {
         }
         let mut replies = Vec::new();
         for &partition in &partitions {
-            let epoch = self.assignments.assign(partition);
-            let (reply, answer) = sync_channel(1);
             let (committed, intent) = committed
                 .remove(&partition)
                 .expect("read_committed answers for every partition asked");
+            let replay_rules = match self.replay_rules_for(partition, intent.as_ref()) {
+                Ok(rules) => rules,
+                Err(Hold::Partition) => continue,
+                Err(Hold::Stop) => return,
+            };
+            let epoch = self.assignments.assign(partition);
+            let (reply, answer) = sync_channel(1);
             if let Committed::Offset(offset) = committed {
                 self.committed
                     .lock()
@@ -204,6 +279,7 @@ impl ArchiverContext {
                 committed,
                 intent,
                 log_start: self.log_start(consumer, partition),
+                replay_rules,
                 reply,
             };
             if self.worker(partition).send(command).is_err() {
@@ -239,6 +315,11 @@ impl ArchiverContext {
         let mut replies = Vec::new();
         for &partition in &partitions {
             self.assignments.revoke(partition);
+            {
+                let mut held = self.held.lock().expect("held lock");
+                held.remove(&partition);
+                self.metrics.partitions_held.set(held.len() as i64);
+            }
             self.committed.lock().expect("lock").remove(&partition);
             self.metrics.forget_partition(partition);
             if keep_local {
@@ -450,6 +531,17 @@ impl ConsumerContext for ArchiverContext {
                     self.fatal
                         .raise(format!("cannot apply partition assignment: {err}"));
                 }
+                let held = self.held_partitions();
+                if !held.is_empty() {
+                    let mut list = TopicPartitionList::new();
+                    for partition in held {
+                        list.add_partition(&self.topic, partition);
+                    }
+                    if let Err(err) = consumer.pause(&list) {
+                        self.fatal
+                            .raise(format!("cannot pause the held partitions: {err}"));
+                    }
+                }
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 self.metrics.rebalances.with_label_values(&["revoke"]).inc();
@@ -582,8 +674,16 @@ impl PollLoop {
                 let _ = answer.recv();
             }
         }
+        let fatal = self.fatal.get();
+        if let Some((code, _)) = self.consumer.client().fatal_error() {
+            // librdkafka's own fatal state: closing the client waits for a group that will
+            // never answer (seen: rd_kafka_destroy hanging after FENCED_INSTANCE_ID). Nothing
+            // is left to commit, and the process exits right after: leave the client be.
+            tracing::info!(code = ?code, "not closing the kafka client after its fatal error");
+            std::mem::forget(self.consumer);
+        }
         result?;
-        if let Some(message) = self.fatal.get() {
+        if let Some(message) = fatal {
             return Err(ConsumeError::Fatal(message));
         }
         tracing::info!("consumer closing");

@@ -17,6 +17,7 @@ pub mod retry;
 pub mod s3;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -29,6 +30,7 @@ use crate::buffer::{SealedBatch, SealedFile};
 use crate::commit::{Assignments, BatchIntent, CommitRequest, CommitResult};
 use crate::layout;
 use crate::metrics::Metrics;
+use crate::rules::{rules_key, CuttingRules};
 use manifest::Manifest;
 use retry::{Backoff, ErrorClass};
 use s3::{ObjectMetadata, PutOutcome, S3Error, S3Store};
@@ -80,9 +82,9 @@ pub struct Uploader {
     pub concurrency: usize,
     pub initial_backoff: Duration,
     pub max_backoff: Duration,
-    /// Cutting rules recorded in each intent.
-    pub max_file_bytes: u64,
-    pub rules_fingerprint: String,
+    /// The rules this member cuts with, stored in the bucket before the first intent that
+    /// names their hash.
+    pub rules: CuttingRules,
 }
 
 impl Uploader {
@@ -90,6 +92,8 @@ impl Uploader {
     pub async fn run(self, mut jobs: UnboundedReceiver<UploadJob>, stop: CancellationToken) {
         let shared = Arc::new(Shared {
             permits: Semaphore::new(self.concurrency),
+            rules_hash: self.rules.hash(),
+            rules_stored: AtomicBool::new(false),
             uploader: self,
         });
         let mut partitions: HashMap<i32, UnboundedSender<UploadJob>> = HashMap::new();
@@ -125,6 +129,9 @@ impl Uploader {
 struct Shared {
     uploader: Uploader,
     permits: Semaphore,
+    rules_hash: String,
+    /// Whether this member's rules are in the bucket yet.
+    rules_stored: AtomicBool,
 }
 
 impl Shared {
@@ -203,12 +210,19 @@ impl Shared {
         stop: &CancellationToken,
     ) -> Result<(), UploadError> {
         let u = &self.uploader;
-        let intent = BatchIntent::new(
-            job.batch.start,
-            job.batch.end,
-            u.max_file_bytes,
-            u.rules_fingerprint.clone(),
-        );
+        let (partition, epoch) = (job.batch.partition, job.epoch);
+        // The rules an intent names must be in the bucket first: the next owner reads them
+        // there to replay the batch. A replay names the rules of the intent it fetched them for.
+        if job.batch.rules == self.rules_hash && !self.rules_stored.load(Ordering::Relaxed) {
+            let key = rules_key(&u.prefix, &self.rules_hash);
+            let body = u.rules.to_json();
+            self.with_retries(partition, epoch, stop, |_| {
+                u.store.put_bytes(&key, body.clone(), "application/json")
+            })
+            .await?;
+            self.rules_stored.store(true, Ordering::Relaxed);
+        }
+        let intent = BatchIntent::new(job.batch.start, job.batch.end, job.batch.rules.clone());
         let (reply, answer) = tokio::sync::oneshot::channel();
         let request = CommitRequest {
             partition: job.batch.partition,

@@ -273,6 +273,33 @@ impl S3Store {
         Ok(PutOutcome::Written)
     }
 
+    /// The object at `key`, or `None` if there is none.
+    pub async fn get_bytes(&self, key: &str) -> Result<Option<Vec<u8>>, S3Error> {
+        let object = match self
+            .client
+            .get_object()
+            .bucket(&self.config.bucket)
+            .key(key)
+            .send()
+            .await
+        {
+            Ok(object) => object,
+            Err(SdkError::ServiceError(service)) if service.raw().status().as_u16() == 404 => {
+                return Ok(None)
+            }
+            Err(err) => return Err(self.error("GetObject", key, err)),
+        };
+        let body = object.body.collect().await.map_err(|err| S3Error {
+            operation: "GetObject",
+            bucket: self.config.bucket.clone(),
+            key: key.to_string(),
+            class: ErrorClass::Transient,
+            code: None,
+            message: err.to_string(),
+        })?;
+        Ok(Some(body.into_bytes().to_vec()))
+    }
+
     /// Every key under `prefix`, in S3's (lexicographic) order.
     pub async fn list_keys(&self, prefix: &str) -> Result<Vec<String>, S3Error> {
         let mut pages = self
