@@ -12,8 +12,9 @@ use std::io::Write;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use kafka_s3_archiver::buffer::{BufferSettings, PartitionBuffer};
 use kafka_s3_archiver::config::RoutingConfig;
+use kafka_s3_archiver::pipeline::Record;
 use kafka_s3_archiver::produce::{EventGenerator, GeneratorSettings};
-use kafka_s3_archiver::route::{Record, Router};
+use kafka_s3_archiver::route::Router;
 
 fn events() -> Vec<Record> {
     let mut generator = EventGenerator::new(GeneratorSettings {

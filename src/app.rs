@@ -11,12 +11,13 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::buffer::{BufferError, DiskUsage, Worker};
+use crate::buffer::{DiskUsage, Worker};
 use crate::commit::Assignments;
 use crate::config::{Config, UncommittedStart};
 use crate::consume::replay_rules::RulesSource;
 use crate::consume::{create_consumer, ArchiverContext, ConsumeError, Fatal, PollLoop};
 use crate::metrics::Metrics;
+use crate::pipeline::BufferError;
 use crate::rules::{rules_key, CuttingRules};
 use crate::schedule::{Schedule, SystemClock, UploadNow};
 use crate::upload::s3::S3Store;

@@ -12,12 +12,21 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::buffer::gzfile::StreamState;
-use crate::commit::BatchIntent;
-use crate::route::Destination;
+use crate::layout::Destination;
 
 const FILE_NAME: &str = "checkpoint.json";
 const FORMAT_VERSION: u32 = 1;
+
+/// The durable state of a file at its last sync-flush: enough to truncate and continue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamState {
+    /// Bytes of the file that hold a valid, byte-aligned deflate prefix (header included).
+    pub compressed_len: u64,
+    /// CRC32 of all uncompressed bytes so far.
+    pub crc32: u32,
+    /// Uncompressed bytes so far.
+    pub uncompressed_len: u64,
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Checkpoint {
@@ -189,7 +198,8 @@ pub enum Recovery {
 
 /// Decides where a newly assigned partition starts, in this order of precedence:
 ///
-/// 1. an intent in the group's commit (`intent`, recorded at the committed offset): the batch it
+/// 1. an intent in the group's commit (`intent`: its `[start, end]`, recorded at the committed
+///    offset): the batch it
 ///    names is replayed first, from the local checkpoint when that holds exactly this batch (or
 ///    its beginning), from Kafka otherwise;
 /// 2. the local checkpoint, when it continues exactly where the committed offset stands;
@@ -202,11 +212,9 @@ pub fn plan_recovery(
     topic: &str,
     partition: i32,
     committed: Committed,
-    intent: Option<&BatchIntent>,
+    intent: Option<(i64, i64)>,
 ) -> Recovery {
-    let replay = intent
-        .filter(|intent| committed == Committed::Offset(intent.start))
-        .map(|intent| (intent.start, intent.end));
+    let replay = intent.filter(|&(start, _)| committed == Committed::Offset(start));
     let seal_at = replay.map(|(_, end)| end);
     let from_committed = |reason: String| Recovery::FromCommitted { reason, seal_at };
     let Some(mut checkpoint) = checkpoint else {
@@ -392,8 +400,8 @@ mod tests {
         }
     }
 
-    fn intent(start: i64, end: i64) -> BatchIntent {
-        BatchIntent::new(start, end, "rules".into())
+    fn intent(start: i64, end: i64) -> (i64, i64) {
+        (start, end)
     }
 
     #[test]
@@ -404,7 +412,7 @@ mod tests {
             "events",
             2,
             Committed::Offset(100),
-            Some(&intent(100, 199)),
+            Some(intent(100, 199)),
         );
         assert_eq!(plan, resumed(checkpoint(), None));
 
@@ -419,7 +427,7 @@ mod tests {
             "events",
             2,
             Committed::Offset(300),
-            Some(&intent(300, 349)),
+            Some(intent(300, 349)),
         );
         assert_eq!(plan, resumed(open_only, Some(349)));
     }
@@ -432,7 +440,7 @@ mod tests {
             // Local open batch already read past the intent's end.
             (Committed::Offset(300), intent(300, 320)),
         ] {
-            let plan = plan_recovery(Some(checkpoint()), "events", 2, committed, Some(&intent));
+            let plan = plan_recovery(Some(checkpoint()), "events", 2, committed, Some(intent));
             assert_eq!(
                 plan,
                 Recovery::FromCommitted {
@@ -440,7 +448,7 @@ mod tests {
                         Recovery::FromCommitted { reason, .. } => reason.clone(),
                         other => panic!("{other:?}"),
                     },
-                    seal_at: Some(intent.end)
+                    seal_at: Some(intent.1)
                 }
             );
         }
@@ -450,7 +458,7 @@ mod tests {
             "events",
             2,
             Committed::Offset(100),
-            Some(&intent(100, 150)),
+            Some(intent(100, 150)),
         );
         assert!(matches!(
             plan,
@@ -465,7 +473,7 @@ mod tests {
             "events",
             2,
             Committed::Offset(200),
-            Some(&intent(100, 150)),
+            Some(intent(100, 150)),
         );
         assert!(matches!(
             plan,

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
+use crate::pipeline::{CommitRequest, CommitResult};
 
 /// Which partitions this member owns right now, and since which assignment.
 #[derive(Debug, Default)]
@@ -58,83 +58,6 @@ impl Assignments {
         partitions.sort_unstable();
         partitions
     }
-}
-
-/// The intent recorded before a batch's upload, as committed-offset metadata of its first
-/// offset: "batch `[start, end]` is being uploaded, cut with these rules". A member assigned a
-/// partition whose commit carries one replays exactly that range first, producing the same files
-/// under the same keys, so an upload interrupted anywhere is finished, never duplicated.
-///
-/// Recording it is a commit, fenced by the group generation: a member that lost the partition
-/// without knowing it (a zombie) cannot record one, so it cannot start a batch of its own.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BatchIntent {
-    pub v: u32,
-    pub start: i64,
-    pub end: i64,
-    /// Version 2: the hash of the cutting rules the batch was cut with (`rules`), stored in the
-    /// bucket. Version 1 (earlier releases): a CRC32 fingerprint of the routing settings and
-    /// key prefix.
-    pub rules: String,
-    /// Version 1 only: the file size cap the batch was cut with.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_file_bytes: Option<u64>,
-}
-
-impl BatchIntent {
-    const VERSION: u32 = 2;
-
-    pub fn new(start: i64, end: i64, rules_hash: String) -> BatchIntent {
-        BatchIntent {
-            v: Self::VERSION,
-            start,
-            end,
-            rules: rules_hash,
-            max_file_bytes: None,
-        }
-    }
-
-    /// Whether an earlier release recorded it (rules as a fingerprint, not a hash).
-    pub fn is_legacy(&self) -> bool {
-        self.v == 1
-    }
-
-    pub fn encode(&self) -> String {
-        serde_json::to_string(self).expect("intent serializes")
-    }
-
-    /// The intent in a commit's metadata; `None` for empty or foreign metadata.
-    pub fn decode(metadata: &str) -> Option<BatchIntent> {
-        serde_json::from_str::<BatchIntent>(metadata)
-            .ok()
-            .filter(|intent| {
-                let known = match intent.v {
-                    1 => intent.max_file_bytes.is_some(),
-                    v => v == Self::VERSION,
-                };
-                known && intent.start <= intent.end
-            })
-    }
-}
-
-/// A commit the uploader asks the poll thread for: an intent (`metadata` set, at the batch's
-/// start) before uploading, or the completion (`end + 1`, no metadata) after.
-#[derive(Debug)]
-pub struct CommitRequest {
-    pub partition: i32,
-    pub epoch: u64,
-    pub next_offset: i64,
-    pub metadata: String,
-    /// Told the outcome; the uploader waits for it before uploading an intent's batch.
-    pub reply: Option<tokio::sync::oneshot::Sender<CommitResult>>,
-}
-
-/// What became of a commit request.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CommitResult {
-    Committed,
-    /// The partition is no longer ours under that epoch: the new owner replays the batch.
-    NotOwner,
 }
 
 /// Commits waiting for the broker, per partition. Requests of one partition arrive in batch
@@ -304,28 +227,6 @@ mod tests {
             epoch,
             next_offset,
             metadata: metadata.to_string(),
-        }
-    }
-
-    #[test]
-    fn intents_round_trip_and_foreign_metadata_is_ignored() {
-        let intent = BatchIntent::new(100, 199, "abc".into());
-        assert_eq!(BatchIntent::decode(&intent.encode()), Some(intent));
-        // What earlier releases recorded is still understood.
-        let legacy = BatchIntent::decode(
-            r#"{"v":1,"start":1,"end":2,"max_file_bytes":1048576,"rules":"0a1b2c3d"}"#,
-        )
-        .unwrap();
-        assert!(legacy.is_legacy());
-        assert_eq!(legacy.max_file_bytes, Some(1 << 20));
-        for foreign in [
-            "",
-            "hello",
-            "{}",
-            r#"{"v":3,"start":1,"end":2,"rules":""}"#,
-            r#"{"v":1,"start":1,"end":2,"rules":""}"#,
-        ] {
-            assert_eq!(BatchIntent::decode(foreign), None, "{foreign}");
         }
     }
 

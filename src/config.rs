@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::route::{DayFormat, SourceRule};
+use crate::layout::{DayFormat, SourceRule};
 
 /// Everything the archiver needs to run; one struct per stage of the data path.
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
@@ -510,7 +510,7 @@ impl Config {
             }
         }
         for (write_key, source) in &self.routing.write_keys {
-            if let Err(reason) = crate::route::check_source_id(source) {
+            if let Err(reason) = crate::layout::check_source_id(source) {
                 problems.push(format!(
                     "routing.write_keys.{write_key}: source id {source:?} {reason}"
                 ));

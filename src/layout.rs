@@ -1,9 +1,119 @@
-//! Layout: where things live, in the bucket and on the local volume. Every name is a pure
-//! function of topic, partition, destination and offsets, so a replay rewrites the same keys.
+//! Layout: where things live, in the bucket and on the local volume — the destination of a
+//! record (its source and received-day folder, or the dead letter), the rules that may name a
+//! source, and every key and path. Every name is a pure function of topic, partition,
+//! destination and offsets, so a replay rewrites the same keys.
 
 use std::path::{Path, PathBuf};
 
-use crate::route::Destination;
+use chrono::NaiveDate;
+use serde::{Deserialize, Serialize};
+
+/// Which file of a batch a record belongs to.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Destination {
+    Events {
+        source: String,
+        day: String,
+    },
+    /// Dead letters are grouped by the day of their Kafka timestamp (`unknown` without one).
+    DeadLetter {
+        day: String,
+    },
+}
+
+impl Destination {
+    /// The folder of this destination under `{prefix}segment-logs/`.
+    pub fn folder(&self, topic: &str) -> String {
+        match self {
+            Destination::Events { source, day } => format!("{source}/{day}"),
+            Destination::DeadLetter { day } => format!("_dead-letter/{topic}/{day}"),
+        }
+    }
+}
+
+/// How the received-day folder is named.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DayFormat {
+    /// Milliseconds since the epoch of UTC midnight (`1432684800000`), Segment's own.
+    EpochMs,
+    /// `2015-05-27`.
+    Date,
+    /// `day=2015-05-27`, for Hive-style partition discovery.
+    Hive,
+}
+
+impl DayFormat {
+    pub fn format(self, day: NaiveDate) -> String {
+        match self {
+            DayFormat::EpochMs => {
+                let midnight = day.and_hms_opt(0, 0, 0).expect("midnight exists");
+                (midnight.and_utc().timestamp() * 1000).to_string()
+            }
+            DayFormat::Date => day.format("%Y-%m-%d").to_string(),
+            DayFormat::Hive => day.format("day=%Y-%m-%d").to_string(),
+        }
+    }
+}
+
+/// One step of the source-id chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourceRule {
+    Header(String),
+    Field(String),
+    /// Reads this field and maps its value through `routing.write_keys`.
+    WriteKey(String),
+    Static(String),
+}
+
+impl SourceRule {
+    pub fn parse(rule: &str) -> Result<SourceRule, String> {
+        let (kind, arg) = rule.split_once(':').ok_or_else(|| {
+            format!("{rule:?} must be header:NAME, field:NAME, write-key:FIELD or static:ID")
+        })?;
+        if arg.is_empty() {
+            return Err(format!("{rule:?} names nothing after ':'"));
+        }
+        match kind {
+            "header" => Ok(SourceRule::Header(arg.into())),
+            "field" => Ok(SourceRule::Field(arg.into())),
+            "write-key" => Ok(SourceRule::WriteKey(arg.into())),
+            "static" => match check_source_id(arg) {
+                Ok(()) => Ok(SourceRule::Static(arg.into())),
+                Err(reason) => Err(format!("{rule:?}: source id {reason}")),
+            },
+            _ => Err(format!(
+                "{rule:?}: unknown kind {kind:?} (header, field, write-key, static)"
+            )),
+        }
+    }
+}
+
+/// Longest source id accepted as a folder name.
+pub const MAX_SOURCE_ID_LEN: usize = 128;
+
+/// A source id becomes a folder under `segment-logs/`: it must not escape it, hide as a
+/// `_`-prefixed folder, or make a key S3 rejects. Allowed: 1-128 of `[A-Za-z0-9._-]`, not
+/// starting with `_` or `.`.
+pub fn check_source_id(id: &str) -> Result<(), &'static str> {
+    if id.is_empty() {
+        return Err("is empty");
+    }
+    if id.len() > MAX_SOURCE_ID_LEN {
+        return Err("is longer than 128 characters");
+    }
+    if id.starts_with('_') || id.starts_with('.') {
+        return Err("starts with '_' or '.'");
+    }
+    if !id
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    {
+        return Err("has characters outside [A-Za-z0-9._-]");
+    }
+    Ok(())
+}
 
 /// The folder every object lives under, after the optional prefix.
 pub const ROOT: &str = "segment-logs";

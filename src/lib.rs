@@ -2,7 +2,8 @@
 //! newline-delimited JSON under `segment-logs/{source-id}/{received-day}/`, committing offsets
 //! only once the files holding them are in S3.
 //!
-//! A record's way through the modules, in order:
+//! A record's way through the modules, in order; every message between them is defined in
+//! [`pipeline`]:
 //!
 //! - [`consume`]: the rdkafka poll loop (a blocking thread) and its rebalance callbacks;
 //! - [`route`]: record → `(source, day)` file or dead letter, a pure function;
@@ -12,7 +13,7 @@
 //! - [`commit`]: uploaded batches to committed offsets, fenced by assignment epochs.
 //!
 //! Around them: [`config`], [`schedule`] (when batches are sealed), [`layout`] (every key and
-//! path), [`metrics`], [`produce`] (a load generator), [`verify`] (checks the bucket against manifests and
+//! path, and the destination types), [`rules`] (the cutting rules a replay reproduces), [`metrics`], [`produce`] (a load generator), [`verify`] (checks the bucket against manifests and
 //! commits) and [`app`] (wiring and shutdown).
 
 pub mod app;
@@ -24,6 +25,7 @@ pub mod config;
 pub mod consume;
 pub mod layout;
 pub mod metrics;
+pub mod pipeline;
 pub mod produce;
 pub mod route;
 pub mod rules;

@@ -79,6 +79,9 @@ enum Command {
         /// Small events with only the fields routing needs.
         #[arg(long)]
         minimal: bool,
+        /// How the producer compresses its batches: none, gzip, snappy, lz4 or zstd.
+        #[arg(long, default_value = "none")]
+        compression: String,
     },
     /// Check the configuration, the brokers, the topic, the group and the bucket (a probe object
     /// is written and deleted); one line per check, non-zero exit on any failure.
@@ -156,6 +159,7 @@ fn real_main() -> anyhow::Result<ExitCode> {
             near_midnight,
             seed,
             minimal,
+            compression,
         } => {
             let config = config.load()?;
             let start_day = start_day.unwrap_or_else(|| {
@@ -174,6 +178,7 @@ fn real_main() -> anyhow::Result<ExitCode> {
                 topic: config.kafka.topic.clone(),
                 count,
                 rate,
+                compression,
                 properties: config.kafka.properties.clone().into_iter().collect(),
             };
             eprintln!(

@@ -224,6 +224,8 @@ pub struct ProduceSettings {
     pub count: u64,
     /// Events per second; 0 for as fast as the broker takes them.
     pub rate: u64,
+    /// librdkafka's `compression.type` for the produced batches.
+    pub compression: String,
     /// Extra librdkafka properties (security settings).
     pub properties: Vec<(String, String)>,
 }
@@ -296,7 +298,7 @@ pub fn produce(
         .set("bootstrap.servers", &settings.brokers)
         .set("linger.ms", "20")
         .set("batch.size", "1000000")
-        .set("compression.type", "none")
+        .set("compression.type", &settings.compression)
         .set("message.timeout.ms", "120000")
         .create_with_context(CountingContext(Arc::clone(&counter)))
         .map_err(|err| {
@@ -359,7 +361,9 @@ pub fn produce(
 mod tests {
     use super::*;
     use crate::config::RoutingConfig;
-    use crate::route::{Destination, Record, Router};
+    use crate::layout::Destination;
+    use crate::pipeline::Record;
+    use crate::route::Router;
 
     fn generator(seed: u64) -> EventGenerator {
         EventGenerator::new(GeneratorSettings {

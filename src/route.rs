@@ -2,117 +2,21 @@
 //! or the dead letter with a bounded reason — and produces the exact line to store.
 //!
 //! This is a pure function of the record and the routing config. Replaying the same offsets
-//! therefore produces the same files and keys, which the exactly-once protocol relies on.
+//! therefore produces the same files and keys, which the exactly-once protocol relies on. A
+//! change here that routes some record elsewhere or writes another line for it must bump
+//! [`crate::rules::ROUTING_CODE_VERSION`].
 
 use std::borrow::Cow;
 use std::fmt;
 
 use base64::Engine as _;
-use chrono::{DateTime, NaiveDate, Utc};
+use chrono::{DateTime, Utc};
 use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, Visitor};
 use serde::{Deserialize, Serialize};
 
 use crate::config::RoutingConfig;
-
-/// Version of what this module makes of a record. Bump it with any change that routes some
-/// record to another file or writes another line for it: a replay must be cut by the code that
-/// cut the interrupted batch, and members compare this number (see `rules`) before replaying.
-pub const ROUTING_CODE_VERSION: u32 = 1;
-
-/// One Kafka record, owned, as the poll loop hands it to the buffers.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Record {
-    pub offset: i64,
-    /// Kafka record timestamp in ms, when the broker or producer set one.
-    pub timestamp_ms: Option<i64>,
-    pub key: Option<Vec<u8>>,
-    /// `None` is a tombstone.
-    pub payload: Option<Vec<u8>>,
-    pub headers: Vec<(String, Option<Vec<u8>>)>,
-}
-
-/// How the received-day folder is named.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum DayFormat {
-    /// Milliseconds since the epoch of UTC midnight (`1432684800000`), Segment's own.
-    EpochMs,
-    /// `2015-05-27`.
-    Date,
-    /// `day=2015-05-27`, for Hive-style partition discovery.
-    Hive,
-}
-
-impl DayFormat {
-    pub fn format(self, day: NaiveDate) -> String {
-        match self {
-            DayFormat::EpochMs => {
-                let midnight = day.and_hms_opt(0, 0, 0).expect("midnight exists");
-                (midnight.and_utc().timestamp() * 1000).to_string()
-            }
-            DayFormat::Date => day.format("%Y-%m-%d").to_string(),
-            DayFormat::Hive => day.format("day=%Y-%m-%d").to_string(),
-        }
-    }
-}
-
-/// One step of the source-id chain.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SourceRule {
-    Header(String),
-    Field(String),
-    /// Reads this field and maps its value through `routing.write_keys`.
-    WriteKey(String),
-    Static(String),
-}
-
-impl SourceRule {
-    pub fn parse(rule: &str) -> Result<SourceRule, String> {
-        let (kind, arg) = rule.split_once(':').ok_or_else(|| {
-            format!("{rule:?} must be header:NAME, field:NAME, write-key:FIELD or static:ID")
-        })?;
-        if arg.is_empty() {
-            return Err(format!("{rule:?} names nothing after ':'"));
-        }
-        match kind {
-            "header" => Ok(SourceRule::Header(arg.into())),
-            "field" => Ok(SourceRule::Field(arg.into())),
-            "write-key" => Ok(SourceRule::WriteKey(arg.into())),
-            "static" => match check_source_id(arg) {
-                Ok(()) => Ok(SourceRule::Static(arg.into())),
-                Err(reason) => Err(format!("{rule:?}: source id {reason}")),
-            },
-            _ => Err(format!(
-                "{rule:?}: unknown kind {kind:?} (header, field, write-key, static)"
-            )),
-        }
-    }
-}
-
-/// Longest source id accepted as a folder name.
-pub const MAX_SOURCE_ID_LEN: usize = 128;
-
-/// A source id becomes a folder under `segment-logs/`: it must not escape it, hide as a
-/// `_`-prefixed folder, or make a key S3 rejects. Allowed: 1-128 of `[A-Za-z0-9._-]`, not
-/// starting with `_` or `.`.
-pub fn check_source_id(id: &str) -> Result<(), &'static str> {
-    if id.is_empty() {
-        return Err("is empty");
-    }
-    if id.len() > MAX_SOURCE_ID_LEN {
-        return Err("is longer than 128 characters");
-    }
-    if id.starts_with('_') || id.starts_with('.') {
-        return Err("starts with '_' or '.'");
-    }
-    if !id
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-    {
-        return Err("has characters outside [A-Za-z0-9._-]");
-    }
-    Ok(())
-}
+use crate::layout::{check_source_id, DayFormat, Destination, SourceRule};
+use crate::pipeline::Record;
 
 /// Why a record went to the dead letter. The set is closed so the metric label stays bounded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -168,30 +72,6 @@ impl DeadLetterReason {
 impl fmt::Display for DeadLetterReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
-    }
-}
-
-/// Which file of a batch a record belongs to.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "kebab-case")]
-pub enum Destination {
-    Events {
-        source: String,
-        day: String,
-    },
-    /// Dead letters are grouped by the day of their Kafka timestamp (`unknown` without one).
-    DeadLetter {
-        day: String,
-    },
-}
-
-impl Destination {
-    /// The folder of this destination under `{prefix}segment-logs/`.
-    pub fn folder(&self, topic: &str) -> String {
-        match self {
-            Destination::Events { source, day } => format!("{source}/{day}"),
-            Destination::DeadLetter { day } => format!("_dead-letter/{topic}/{day}"),
-        }
     }
 }
 
@@ -598,6 +478,7 @@ impl<'de> Deserialize<'de> for FieldValueSeed<'de> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use chrono::NaiveDate;
 
     fn record(payload: &[u8]) -> Record {
         Record {

@@ -13,7 +13,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{Config, RoutingConfig};
 use crate::layout;
-use crate::route::{SourceRule, ROUTING_CODE_VERSION};
+use crate::layout::SourceRule;
+
+/// Version of what `route.rs` makes of a record. Bump it with any change there that routes some
+/// record to another file or writes another line for it: a replay must be cut by the code that
+/// cut the interrupted batch, and members compare this number before replaying.
+pub const ROUTING_CODE_VERSION: u32 = 1;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -94,7 +99,7 @@ pub enum RulesError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::route::DayFormat;
+    use crate::layout::DayFormat;
 
     #[test]
     fn the_hash_names_the_content() {

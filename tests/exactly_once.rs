@@ -17,15 +17,7 @@ fn an_interrupted_batch_is_replayed_exactly_by_the_next_owner() {
     rig.produce(4_000, 4, 2, 11);
     // The bucket refuses every event object; the cutting rules (and the start-up probe) go in,
     // so the member gets as far as recording its intents.
-    let proxy = FaultProxy::start(
-        rig.s3.port,
-        FaultRates {
-            refuse_with: Some("AccessDenied"),
-            refuse_only: Some(".gz"),
-            ..FaultRates::default()
-        },
-        5,
-    );
+    let proxy = refusing(&rig, ".gz", 5);
     let refusing_s3 = proxy.endpoint();
     let mut first = rig.archiver(
         "first",
@@ -209,15 +201,7 @@ fn a_replay_leaves_objects_already_in_the_bucket_alone() {
     rig.produce(2_000, 3, 2, 41);
     // Objects go up, manifests are refused: each batch stops between its objects and its
     // manifest, with its intent recorded.
-    let proxy = FaultProxy::start(
-        rig.s3.port,
-        FaultRates {
-            refuse_with: Some("AccessDenied"),
-            refuse_only: Some("/_manifests/segment-events/"),
-            ..FaultRates::default()
-        },
-        3,
-    );
+    let proxy = refusing(&rig, "/_manifests/segment-events/", 3);
     let schedule = [
         ("ARCHIVER_SCHEDULE_INTERVAL_SECS", "2"),
         ("ARCHIVER_SCHEDULE_OFFSET_SECS", "0"),
@@ -232,21 +216,7 @@ fn a_replay_leaves_objects_already_in_the_bucket_alone() {
             ("ARCHIVER_S3_ENDPOINT_URL", &proxied),
         ],
     );
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let log = first.log_text();
-        let refused = |partition: i32| {
-            log.lines().any(|line| {
-                line.contains("s3 refused the request")
-                    && line.contains(&format!("_manifests/{}/{partition}/", rig.topic))
-            })
-        };
-        if refused(0) && refused(1) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "no manifest refused yet:\n{log}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_manifests_refused(&rig, &first);
     first.kill9();
     let uploaded: BTreeMap<String, (String, String)> = rig
         .s3
@@ -289,15 +259,7 @@ fn a_replay_leaves_objects_already_in_the_bucket_alone() {
 fn a_replay_cuts_with_the_rules_its_intent_was_recorded_under() {
     let rig = Rig::start_mock(2);
     rig.produce(2_000, 3, 2, 51);
-    let proxy = FaultProxy::start(
-        rig.s3.port,
-        FaultRates {
-            refuse_with: Some("AccessDenied"),
-            refuse_only: Some("/_manifests/segment-events/"),
-            ..FaultRates::default()
-        },
-        4,
-    );
+    let proxy = refusing(&rig, "/_manifests/segment-events/", 4);
     let proxied = proxy.endpoint();
     let mut first = rig.archiver(
         "first",
@@ -309,21 +271,7 @@ fn a_replay_cuts_with_the_rules_its_intent_was_recorded_under() {
             ("ARCHIVER_BUFFER_MAX_FILE_BYTES", "20000"),
         ],
     );
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let log = first.log_text();
-        let refused = |partition: i32| {
-            log.lines().any(|line| {
-                line.contains("s3 refused the request")
-                    && line.contains(&format!("_manifests/{}/{partition}/", rig.topic))
-            })
-        };
-        if refused(0) && refused(1) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "no manifest refused yet:\n{log}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_manifests_refused(&rig, &first);
     first.kill9();
     let uploaded: BTreeMap<String, (String, String)> = rig
         .s3
@@ -367,4 +315,38 @@ fn a_replay_cuts_with_the_rules_its_intent_was_recorded_under() {
     );
     let (clean, report) = rig.verify(true);
     assert!(clean, "verify --deep found problems: {report:#}");
+}
+
+/// Waits until `archiver` has put a batch's objects on both partitions and had its manifest
+/// refused: each batch stopped between its objects and its manifest, its intent recorded.
+fn wait_manifests_refused(rig: &Rig, archiver: &Process) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let log = archiver.log_text();
+        let refused = |partition: i32| {
+            log.lines().any(|line| {
+                line.contains("s3 refused the request")
+                    && line.contains(&format!("_manifests/{}/{partition}/", rig.topic))
+            })
+        };
+        if refused(0) && refused(1) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "no manifest refused yet:\n{log}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A proxy in front of the rig's S3 server that answers `403 AccessDenied` to every request
+/// whose method and path contain `only`, and forwards the rest.
+fn refusing(rig: &Rig, only: &'static str, seed: u64) -> FaultProxy {
+    FaultProxy::start(
+        rig.s3.port,
+        FaultRates {
+            refuse_with: Some("AccessDenied"),
+            refuse_only: Some(only),
+            ..FaultRates::default()
+        },
+        seed,
+    )
 }

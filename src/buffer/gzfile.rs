@@ -22,7 +22,8 @@ use std::io::{self, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use flate2::{Compress, Compression, FlushCompress, Status};
-use serde::{Deserialize, Serialize};
+
+use crate::checkpoint::StreamState;
 
 /// gzip header: magic, deflate, no flags, mtime 0 (so replays produce identical bytes), no extra
 /// flags, OS unknown.
@@ -34,17 +35,6 @@ const WRITE_CHUNK: usize = 32 << 10;
 /// The most a file stages before compressing, whatever the caller allows: beyond this the cache
 /// is already warm and more would only hold memory.
 pub const MAX_STAGE_BYTES: usize = 64 << 10;
-
-/// The durable state of a file at its last sync-flush: enough to truncate and continue.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StreamState {
-    /// Bytes of the file that hold a valid, byte-aligned deflate prefix (header included).
-    pub compressed_len: u64,
-    /// CRC32 of all uncompressed bytes so far.
-    pub crc32: u32,
-    /// Uncompressed bytes so far.
-    pub uncompressed_len: u64,
-}
 
 /// A gzip file open for appending.
 pub struct GzStreamFile {

@@ -13,20 +13,19 @@ pub mod partition;
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender};
+use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::checkpoint::{self, plan_recovery, Committed, GapCause, Recovery};
-use crate::commit::BatchIntent;
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::route::{Record, Router};
+use crate::pipeline::{BatchIntent, BufferError, Record, SealTrigger, UploadJob, WorkerCommand};
+use crate::route::Router;
 use crate::rules::CuttingRules;
-use crate::upload::UploadJob;
 
-pub use partition::{BufferSettings, PartitionBuffer, SealedBatch, SealedFile};
+pub use partition::{BufferSettings, PartitionBuffer};
 
 /// Uncompressed bytes the whole process may hold staged in its open files (see
 /// `gzfile`): each file stages up to this divided by the open files, so a few hundred files get
@@ -36,85 +35,6 @@ pub const STAGING_BUDGET_BYTES: usize = 32 << 20;
 /// Below this a chunk no longer keeps the compressor's cache warm long enough to matter, so the
 /// budget is exceeded rather than staging less.
 const MIN_STAGE_BYTES: usize = 1 << 10;
-
-/// A command from the poll loop to the worker owning a partition.
-pub enum WorkerCommand {
-    /// Restore or start the partition; replies with the offset to read from, or `None` to let
-    /// the consumer use the committed offset.
-    Assign {
-        partition: i32,
-        epoch: u64,
-        committed: Committed,
-        /// The batch intent the group's commit holds, if any.
-        intent: Option<BatchIntent>,
-        /// The log's first offset now, if the broker said: reading from below it means records
-        /// were deleted before they were archived.
-        log_start: Option<i64>,
-        /// The rules the intent's batch was cut with, when they are not this member's own (a
-        /// rolling change of settings or release): the replay cuts with them.
-        replay_rules: Option<Box<CuttingRules>>,
-        reply: SyncSender<Result<Option<i64>, BufferError>>,
-    },
-    /// Forget the partition. `keep_local` keeps its files and checkpoint for a restart on this
-    /// volume (shutdown); otherwise they are deleted, as the new owner replays from the commit.
-    Revoke {
-        partition: i32,
-        keep_local: bool,
-        reply: SyncSender<()>,
-    },
-    Records {
-        partition: i32,
-        records: Vec<Record>,
-    },
-    /// The schedule fired, or an operator asked: seal every non-empty open batch.
-    SealAll {
-        trigger: SealTrigger,
-    },
-    Checkpoint,
-    /// The group committed `next_offset` for this partition.
-    Committed {
-        partition: i32,
-        next_offset: i64,
-    },
-    /// Checkpoint everything and exit.
-    Stop {
-        reply: SyncSender<()>,
-    },
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum BufferError {
-    #[error("local buffer i/o failed for partition {partition}: {source}")]
-    Io {
-        partition: i32,
-        source: std::io::Error,
-    },
-    #[error("buffer worker panicked (a bug): see the log above")]
-    Panicked,
-}
-
-/// Why a batch was sealed; a metric label.
-#[derive(Debug, Clone, Copy)]
-pub enum SealTrigger {
-    Schedule,
-    /// An operator asked for an upload now (SIGUSR1).
-    Requested,
-    BatchSize,
-    DiskPressure,
-    Replay,
-}
-
-impl SealTrigger {
-    fn as_str(self) -> &'static str {
-        match self {
-            SealTrigger::Schedule => "schedule",
-            SealTrigger::Requested => "requested",
-            SealTrigger::BatchSize => "batch-size",
-            SealTrigger::DiskPressure => "disk-pressure",
-            SealTrigger::Replay => "replay",
-        }
-    }
-}
 
 /// Shared by all workers: what the local volume holds, for early sealing and pausing, and which
 /// partitions replay an intent (the poll loop never pauses those).
@@ -291,7 +211,8 @@ impl Worker {
             }
             foreign.is_none()
         });
-        let plan = plan_recovery(local, &self.topic, partition, committed, intent.as_ref());
+        let recorded = intent.as_ref().map(|i| (i.start, i.end));
+        let plan = plan_recovery(local, &self.topic, partition, committed, recorded);
         let (resumed, seal_at) = match plan {
             Recovery::FromCheckpoint {
                 checkpoint,
@@ -603,10 +524,10 @@ impl Worker {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::route::Destination;
+    use crate::layout::Destination;
     use std::collections::HashSet;
     use std::io::Read;
-    use std::sync::mpsc::sync_channel;
+    use std::sync::mpsc::{sync_channel, SyncSender};
 
     fn record(offset: i64, source: i64, day: i64) -> Record {
         let payload = format!(
@@ -622,18 +543,89 @@ mod tests {
         }
     }
 
-    /// Waits until the worker handled everything sent before (a revoke of a partition it does
-    /// not own answers once the commands queued ahead of it are done).
-    fn barrier(commands: &SyncSender<WorkerCommand>) {
-        let (reply, answer) = sync_channel(1);
-        commands
-            .send(WorkerCommand::Revoke {
-                partition: 999,
-                keep_local: true,
-                reply,
-            })
-            .unwrap();
-        answer.recv().unwrap();
+    /// A worker on its own thread, over a fresh data directory, as the poll loop drives it.
+    struct TestWorker {
+        commands: SyncSender<WorkerCommand>,
+        sealed: tokio::sync::mpsc::UnboundedReceiver<UploadJob>,
+        metrics: Metrics,
+        thread: std::thread::JoinHandle<Result<(), BufferError>>,
+        _dir: tempfile::TempDir,
+    }
+
+    impl TestWorker {
+        fn start(configure: impl FnOnce(&mut Config), disk: Arc<DiskUsage>) -> TestWorker {
+            let dir = tempfile::tempdir().unwrap();
+            let mut config = Config::default();
+            config.buffer.data_dir = dir.path().to_path_buf();
+            configure(&mut config);
+            let (uploads, sealed) = tokio::sync::mpsc::unbounded_channel();
+            let metrics = Metrics::new();
+            let worker = Worker::new(Arc::new(config), 1, uploads, metrics.clone(), disk);
+            let (commands, queue) = sync_channel(4);
+            let thread = std::thread::spawn(move || worker.run(queue));
+            TestWorker {
+                commands,
+                sealed,
+                metrics,
+                thread,
+                _dir: dir,
+            }
+        }
+
+        /// Assigns `partition`; the offset the worker says to read from.
+        fn assign(
+            &self,
+            partition: i32,
+            committed: Committed,
+            intent: Option<BatchIntent>,
+            log_start: Option<i64>,
+        ) -> Option<i64> {
+            let (reply, answer) = sync_channel(1);
+            self.commands
+                .send(WorkerCommand::Assign {
+                    partition,
+                    epoch: 1,
+                    committed,
+                    intent,
+                    log_start,
+                    replay_rules: None,
+                    reply,
+                })
+                .unwrap();
+            answer.recv().unwrap().unwrap()
+        }
+
+        fn records(&self, partition: i32, records: &[Record]) {
+            for chunk in records.chunks(100) {
+                self.commands
+                    .send(WorkerCommand::Records {
+                        partition,
+                        records: chunk.to_vec(),
+                    })
+                    .unwrap();
+            }
+        }
+
+        /// Waits until the worker handled everything sent before (a revoke of a partition it
+        /// does not own answers once the commands queued ahead of it are done).
+        fn barrier(&self) {
+            let (reply, answer) = sync_channel(1);
+            self.commands
+                .send(WorkerCommand::Revoke {
+                    partition: 999,
+                    keep_local: true,
+                    reply,
+                })
+                .unwrap();
+            answer.recv().unwrap();
+        }
+
+        fn stop(self) {
+            let (reply, answer) = sync_channel(1);
+            self.commands.send(WorkerCommand::Stop { reply }).unwrap();
+            answer.recv().unwrap();
+            self.thread.join().unwrap().unwrap();
+        }
     }
 
     /// A member replays an interrupted batch while the volume is past half its budget (other
@@ -641,43 +633,18 @@ mod tests {
     /// the replay before its recorded end.
     #[test]
     fn disk_pressure_never_cuts_a_replay_short() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut config = Config::default();
-        config.buffer.data_dir = dir.path().to_path_buf();
-        config.buffer.max_disk_bytes = 64 << 20;
-        let (uploads, mut sealed) = tokio::sync::mpsc::unbounded_channel();
         let disk = Arc::new(DiskUsage::default());
         // What the other workers' partitions hold, waiting for S3: past half the budget.
         disk.bytes.store(40 << 20, Ordering::Relaxed);
-        let worker = Worker::new(Arc::new(config), 1, uploads, Metrics::new(), disk);
-        let (commands, queue) = sync_channel(4);
-        let thread = std::thread::spawn(move || worker.run(queue));
-        let (reply, answer) = sync_channel(1);
-        commands
-            .send(WorkerCommand::Assign {
-                partition: 1,
-                epoch: 1,
-                committed: Committed::Offset(0),
-                intent: Some(BatchIntent::new(0, 799, "rules".into())),
-                log_start: None,
-                replay_rules: None,
-                reply,
-            })
-            .unwrap();
-        answer.recv().unwrap().unwrap();
+        let mut worker = TestWorker::start(|c| c.buffer.max_disk_bytes = 64 << 20, disk);
+        let intent = BatchIntent::new(0, 799, "rules".into());
+        worker.assign(1, Committed::Offset(0), Some(intent), None);
 
         // Half the batch, over a megabyte uncompressed: enough for a disk-pressure seal.
         let records: Vec<Record> = (0..800).map(|o| record(o, o % 3, 20)).collect();
-        for chunk in records[..400].chunks(100) {
-            commands
-                .send(WorkerCommand::Records {
-                    partition: 1,
-                    records: chunk.to_vec(),
-                })
-                .unwrap();
-        }
-        barrier(&commands);
-        if let Ok(job) = sealed.try_recv() {
+        worker.records(1, &records[..400]);
+        worker.barrier();
+        if let Ok(job) = worker.sealed.try_recv() {
             panic!(
                 "replay of [0, 799] sealed early as [{}, {}] holding {} records",
                 job.batch.start,
@@ -685,70 +652,35 @@ mod tests {
                 job.batch.records()
             );
         }
-        for chunk in records[400..].chunks(100) {
-            commands
-                .send(WorkerCommand::Records {
-                    partition: 1,
-                    records: chunk.to_vec(),
-                })
-                .unwrap();
-        }
-        barrier(&commands);
-        let job = sealed
+        worker.records(1, &records[400..]);
+        worker.barrier();
+        let job = worker
+            .sealed
             .try_recv()
             .expect("the replayed batch, sealed at its end");
         assert_eq!(
             (job.batch.start, job.batch.end, job.batch.records()),
             (0, 799, 800)
         );
-        let (reply, answer) = sync_channel(1);
-        commands.send(WorkerCommand::Stop { reply }).unwrap();
-        answer.recv().unwrap();
-        thread.join().unwrap().unwrap();
+        worker.stop();
     }
 
     /// The group committed 0 but retention moved the log's start to 300 while the partition
     /// waited: the loss is counted at assignment and the sealed batch names it as a gap.
     #[test]
     fn records_deleted_before_they_were_read_are_counted_and_recorded() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut config = Config::default();
-        config.buffer.data_dir = dir.path().to_path_buf();
-        let (uploads, mut sealed) = tokio::sync::mpsc::unbounded_channel();
-        let metrics = Metrics::new();
-        let worker = Worker::new(
-            Arc::new(config),
-            1,
-            uploads,
-            metrics.clone(),
-            Arc::new(DiskUsage::default()),
+        let mut worker = TestWorker::start(|_| {}, Arc::new(DiskUsage::default()));
+        let intent = BatchIntent::new(0, 399, "rules".into());
+        assert_eq!(
+            worker.assign(0, Committed::Offset(0), Some(intent), Some(300)),
+            Some(0)
         );
-        let (commands, queue) = sync_channel(4);
-        let thread = std::thread::spawn(move || worker.run(queue));
-        let (reply, answer) = sync_channel(1);
-        commands
-            .send(WorkerCommand::Assign {
-                partition: 0,
-                epoch: 1,
-                committed: Committed::Offset(0),
-                intent: Some(BatchIntent::new(0, 399, "rules".into())),
-                log_start: Some(300),
-                replay_rules: None,
-                reply,
-            })
-            .unwrap();
-        assert_eq!(answer.recv().unwrap().unwrap(), Some(0));
-        assert_eq!(metrics.offset_resets.get(), 1);
+        assert_eq!(worker.metrics.offset_resets.get(), 1);
         // librdkafka resets to the log start: the replay reads 300..=399 and ends at 399.
         let records: Vec<Record> = (300..400).map(|o| record(o, o % 3, 20)).collect();
-        commands
-            .send(WorkerCommand::Records {
-                partition: 0,
-                records,
-            })
-            .unwrap();
-        barrier(&commands);
-        let job = sealed.try_recv().expect("the replayed batch");
+        worker.records(0, &records);
+        worker.barrier();
+        let job = worker.sealed.try_recv().expect("the replayed batch");
         assert_eq!(
             (job.batch.start, job.batch.end, job.batch.records()),
             (0, 399, 100)
@@ -761,49 +693,22 @@ mod tests {
                 cause: GapCause::Deleted
             }]
         );
-        assert_eq!(
-            metrics
-                .offsets_without_record
-                .with_label_values(&["deleted"])
-                .get(),
-            300
-        );
-        let (reply, answer) = sync_channel(1);
-        commands.send(WorkerCommand::Stop { reply }).unwrap();
-        answer.recv().unwrap();
-        thread.join().unwrap().unwrap();
+        let deleted = worker
+            .metrics
+            .offsets_without_record
+            .with_label_values(&["deleted"]);
+        assert_eq!(deleted.get(), 300);
+        worker.stop();
     }
 
     #[test]
     fn hundreds_of_files_share_a_few_compressors_and_keep_every_line() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut config = Config::default();
-        config.buffer.data_dir = dir.path().to_path_buf();
-        config.buffer.max_open_compressors = 8;
-        let (uploads, mut sealed) = tokio::sync::mpsc::unbounded_channel();
-        let metrics = Metrics::new();
-        let worker = Worker::new(
-            Arc::new(config),
-            1,
-            uploads,
-            metrics.clone(),
+        let mut worker = TestWorker::start(
+            |c| c.buffer.max_open_compressors = 8,
             Arc::new(DiskUsage::default()),
         );
-        let (commands, queue) = sync_channel(4);
-        let thread = std::thread::spawn(move || worker.run(queue));
-        let (reply, answer) = sync_channel(1);
-        commands
-            .send(WorkerCommand::Assign {
-                partition: 0,
-                epoch: 1,
-                committed: Committed::Nothing,
-                intent: None,
-                log_start: None,
-                replay_rules: None,
-                reply,
-            })
-            .unwrap();
-        answer.recv().unwrap().unwrap();
+        worker.assign(0, Committed::Nothing, None, None);
+        let metrics = worker.metrics.clone();
 
         // 150 sources x 2 days, interleaved record by record: 300 files of ~120 KB each, so
         // each compresses a few 64 KiB chunks, sharing 8 compressors.
@@ -812,26 +717,28 @@ mod tests {
             .collect();
         let mut most_open = 0;
         for chunk in records.chunks(500) {
-            commands
+            worker
+                .commands
                 .send(WorkerCommand::Records {
                     partition: 0,
                     records: chunk.to_vec(),
                 })
                 .unwrap();
-            barrier(&commands);
+            worker.barrier();
             most_open = most_open.max(metrics.open_compressors.get());
             assert!(metrics.open_compressors.get() <= 8, "cap exceeded");
         }
         assert!(most_open > 0);
         assert_eq!(metrics.open_files.get(), 300);
 
-        commands
+        worker
+            .commands
             .send(WorkerCommand::SealAll {
                 trigger: SealTrigger::Requested,
             })
             .unwrap();
-        barrier(&commands);
-        let job = sealed.try_recv().expect("one sealed batch");
+        worker.barrier();
+        let job = worker.sealed.try_recv().expect("one sealed batch");
         assert_eq!((job.batch.start, job.batch.end), (0, 11_999));
         assert_eq!(job.batch.files.len(), 300);
         let mut seen = HashSet::new();
@@ -856,9 +763,6 @@ mod tests {
             "every record once, cooled and reheated files included"
         );
 
-        let (reply, answer) = sync_channel(1);
-        commands.send(WorkerCommand::Stop { reply }).unwrap();
-        answer.recv().unwrap();
-        thread.join().unwrap().unwrap();
+        worker.stop();
     }
 }

@@ -10,10 +10,12 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use crate::buffer::gzfile::{GzStreamFile, StreamState, MAX_STAGE_BYTES};
+use crate::buffer::gzfile::{GzStreamFile, MAX_STAGE_BYTES};
 use crate::checkpoint::{self, BatchState, Checkpoint, FileState, Gap, GapCause};
 use crate::layout;
-use crate::route::{DeadLetterReason, Destination, Record, Router};
+use crate::layout::Destination;
+use crate::pipeline::{Record, SealedBatch, SealedFile};
+use crate::route::{DeadLetterReason, Router};
 
 /// Cutting rules and compression settings, the same for every partition.
 #[derive(Debug, Clone, Copy)]
@@ -21,63 +23,6 @@ pub struct BufferSettings {
     pub compression_level: u32,
     pub max_file_bytes: u64,
     pub max_batch_bytes: u64,
-}
-
-/// A batch closed to new records, on its way to S3.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SealedBatch {
-    pub topic: String,
-    pub partition: i32,
-    pub start: i64,
-    pub end: i64,
-    pub files: Vec<SealedFile>,
-    /// Unix ms when its first record was read.
-    pub first_read_ms: Option<i64>,
-    /// Offsets of `[start, end]` that hold no record.
-    pub gaps: Vec<Gap>,
-    /// Hash of the cutting rules it was cut with, named in its intent.
-    pub rules: String,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SealedFile {
-    pub destination: Destination,
-    pub first_offset: i64,
-    pub records: u64,
-    pub path: PathBuf,
-    /// The finished object: its length, CRC32 and uncompressed size.
-    pub stream: StreamState,
-}
-
-impl SealedBatch {
-    pub fn records(&self) -> u64 {
-        self.files.iter().map(|f| f.records).sum()
-    }
-
-    pub fn compressed_bytes(&self) -> u64 {
-        self.files.iter().map(|f| f.stream.compressed_len).sum()
-    }
-
-    fn state(&self) -> BatchState {
-        BatchState {
-            start: self.start,
-            end: self.end,
-            files: self
-                .files
-                .iter()
-                .map(|f| FileState {
-                    destination: f.destination.clone(),
-                    first_offset: f.first_offset,
-                    records: f.records,
-                    stream: f.stream,
-                    accepting: false,
-                })
-                .collect(),
-            first_read_ms: self.first_read_ms,
-            gaps: self.gaps.clone(),
-            rules: self.rules.clone(),
-        }
-    }
 }
 
 struct OpenFile {

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use crate::checkpoint::Committed;
-use crate::commit::BatchIntent;
+use crate::pipeline::BatchIntent;
 
 /// One partition of an OffsetFetch answer, as the broker gave it.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -23,13 +23,13 @@ use rdkafka::types::RDKafkaRespErr;
 use rdkafka::ClientContext;
 use tokio_util::sync::CancellationToken;
 
-use crate::buffer::{DiskUsage, SealTrigger, WorkerCommand};
+use crate::buffer::DiskUsage;
 use crate::checkpoint::Committed;
-use crate::commit::{Assignments, BatchIntent, CommitOutcome, CommitRequest, PendingCommits};
+use crate::commit::{Assignments, CommitOutcome, PendingCommits};
 use crate::config::Config;
 use crate::config::ExactlyOnce;
 use crate::metrics::Metrics;
-use crate::route::Record;
+use crate::pipeline::{worker_for, BatchIntent, CommitRequest, Record, SealTrigger, WorkerCommand};
 use crate::schedule::{Clock, Schedule, UploadNow};
 use backpressure::Backpressure;
 use committed::{CommittedEntry, CommittedOffsets};
@@ -225,7 +225,7 @@ impl ArchiverContext {
     }
 
     fn worker(&self, partition: i32) -> &SyncSender<WorkerCommand> {
-        &self.workers[partition as usize % self.workers.len()]
+        worker_for(&self.workers, partition)
     }
 
     /// Sets up each newly assigned partition and writes the offset to start from into `tpl`.
@@ -531,6 +531,12 @@ impl ConsumerContext for ArchiverContext {
                     self.fatal
                         .raise(format!("cannot apply partition assignment: {err}"));
                 }
+                // librdkafka keeps a partition's pause across its revocation: one paused for the
+                // disk budget, revoked and assigned back would never be read again (seen in the
+                // chaos test). Whatever is assigned starts unpaused; backpressure pauses it anew.
+                if let Err(err) = consumer.resume(tpl) {
+                    tracing::warn!(error = %err, "cannot resume the newly assigned partitions");
+                }
                 let held = self.held_partitions();
                 if !held.is_empty() {
                     let mut list = TopicPartitionList::new();
@@ -805,7 +811,7 @@ impl PollLoop {
             }
         }
         for (partition, records) in by_partition {
-            let worker = &self.workers[partition as usize % self.workers.len()];
+            let worker = worker_for(&self.workers, partition);
             // Blocks when the worker is behind: backpressure on reading, never a lost record.
             worker
                 .send(WorkerCommand::Records { partition, records })
@@ -862,7 +868,7 @@ impl PollLoop {
                         intent_end = intent.as_ref().map(|i| i.end),
                         "offset committed"
                     );
-                    let worker = &self.workers[attempt.partition as usize % self.workers.len()];
+                    let worker = worker_for(&self.workers, attempt.partition);
                     let _ = worker.send(WorkerCommand::Committed {
                         partition: attempt.partition,
                         next_offset: attempt.next_offset,

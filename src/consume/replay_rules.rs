@@ -6,9 +6,9 @@
 
 use std::time::{Duration, Instant};
 
-use crate::commit::BatchIntent;
 use crate::config::Config;
 use crate::consume::committed::fetch_until_known;
+use crate::pipeline::BatchIntent;
 use crate::rules::{legacy_fingerprint, CuttingRules, RulesError};
 
 /// Fetches the stored rules with a hash from the bucket (blocking); `Ok(None)` when absent.
@@ -85,7 +85,8 @@ impl RulesSource {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::route::{DayFormat, ROUTING_CODE_VERSION};
+    use crate::layout::DayFormat;
+    use crate::rules::ROUTING_CODE_VERSION;
     use std::collections::HashMap;
     use std::sync::{Arc, Mutex};
 

@@ -5,9 +5,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::buffer::SealedBatch;
 use crate::checkpoint::{Gap, GapCause};
 use crate::layout;
+use crate::pipeline::SealedBatch;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Manifest {

@@ -26,10 +26,12 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::buffer::{SealedBatch, SealedFile};
-use crate::commit::{Assignments, BatchIntent, CommitRequest, CommitResult};
+use crate::commit::Assignments;
 use crate::layout;
 use crate::metrics::Metrics;
+use crate::pipeline::{
+    BatchIntent, CommitRequest, CommitResult, SealedBatch, SealedFile, UploadJob,
+};
 use crate::rules::{rules_key, CuttingRules};
 use manifest::Manifest;
 use retry::{Backoff, ErrorClass};
@@ -52,16 +54,6 @@ pub async fn newest_manifest_end(
         .filter_map(|key| layout::manifest_range(key))
         .map(|(_, end)| end)
         .max())
-}
-
-/// A sealed batch to upload, tagged with the assignment it was read under.
-#[derive(Debug, Clone)]
-pub struct UploadJob {
-    pub epoch: u64,
-    pub batch: SealedBatch,
-    /// Its objects may already be in the bucket (a replayed intent, a sealed batch resumed from
-    /// the local checkpoint): each is looked up before it is put.
-    pub may_exist: bool,
 }
 
 /// Why a batch was not uploaded.

@@ -614,6 +614,18 @@ impl Rig {
 
     /// Runs `kafka-s3-archiver produce`.
     pub fn produce(&self, count: u64, sources: usize, days: u32, seed: u64) {
+        self.produce_compressed(count, sources, days, seed, "none");
+    }
+
+    /// Runs `kafka-s3-archiver produce` with the producer compressing its batches with `codec`.
+    pub fn produce_compressed(
+        &self,
+        count: u64,
+        sources: usize,
+        days: u32,
+        seed: u64,
+        codec: &str,
+    ) {
         run_ok(
             Command::new(ARCHIVER)
                 .args(["produce", "--count", &count.to_string()])
@@ -625,6 +637,11 @@ impl Rig {
                 ])
                 .args(["--start-day", "2026-11-20", "--near-midnight", "0.2"])
                 .args(["--seed", &seed.to_string()])
+                .args(if codec == "none" {
+                    vec![]
+                } else {
+                    vec!["--compression", codec]
+                })
                 .env("ARCHIVER_KAFKA_BROKERS", self.broker.bootstrap())
                 .env("ARCHIVER_KAFKA_TOPIC", &self.topic),
         );

@@ -1,0 +1,289 @@
+//! The pipeline: every message that crosses a thread or task boundary, in the order a record
+//! meets them. This file is the whole contract between the stages (as one event type is the
+//! contract of Quickwit's Kafka source): each stage imports it and what lies downstream of it.
+//!
+//! 1. [`Record`]: the poll loop (`consume`) reads it from Kafka and hands it, inside a
+//!    [`WorkerCommand`], to the buffer worker [`worker_for`] its partition;
+//! 2. [`WorkerCommand`]: what the poll loop asks of a buffer worker (`buffer`): set up or forget a
+//!    partition (with its [`BatchIntent`] to replay), records, seal, checkpoint, committed;
+//! 3. [`UploadJob`]: a [`SealedBatch`] of local files, sealed for a [`SealTrigger`], on its way to
+//!    the uploader (`upload`);
+//! 4. [`CommitRequest`]: the uploader asks the poll thread to commit an intent (before the
+//!    objects) or a completion (after them), and hears back a [`CommitResult`] (`commit`).
+
+use std::path::PathBuf;
+use std::sync::mpsc::SyncSender;
+
+use serde::{Deserialize, Serialize};
+
+use crate::checkpoint::{BatchState, Committed, FileState, Gap, StreamState};
+use crate::layout::Destination;
+use crate::rules::CuttingRules;
+
+/// The buffer worker that owns `partition`, of `workers`: always the same one, so a partition's
+/// records and commands stay in order.
+pub fn worker_for<T>(workers: &[T], partition: i32) -> &T {
+    &workers[partition as usize % workers.len()]
+}
+
+/// One Kafka record, owned, as the poll loop hands it to the buffers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub offset: i64,
+    /// Kafka record timestamp in ms, when the broker or producer set one.
+    pub timestamp_ms: Option<i64>,
+    pub key: Option<Vec<u8>>,
+    /// `None` is a tombstone.
+    pub payload: Option<Vec<u8>>,
+    pub headers: Vec<(String, Option<Vec<u8>>)>,
+}
+
+/// A command from the poll loop to the worker owning a partition.
+pub enum WorkerCommand {
+    /// Restore or start the partition; replies with the offset to read from, or `None` to let
+    /// the consumer use the committed offset.
+    Assign {
+        partition: i32,
+        epoch: u64,
+        committed: Committed,
+        /// The batch intent the group's commit holds, if any.
+        intent: Option<BatchIntent>,
+        /// The log's first offset now, if the broker said: reading from below it means records
+        /// were deleted before they were archived.
+        log_start: Option<i64>,
+        /// The rules the intent's batch was cut with, when they are not this member's own (a
+        /// rolling change of settings or release): the replay cuts with them.
+        replay_rules: Option<Box<CuttingRules>>,
+        reply: SyncSender<Result<Option<i64>, BufferError>>,
+    },
+    /// Forget the partition. `keep_local` keeps its files and checkpoint for a restart on this
+    /// volume (shutdown); otherwise they are deleted, as the new owner replays from the commit.
+    Revoke {
+        partition: i32,
+        keep_local: bool,
+        reply: SyncSender<()>,
+    },
+    Records {
+        partition: i32,
+        records: Vec<Record>,
+    },
+    /// The schedule fired, or an operator asked: seal every non-empty open batch.
+    SealAll {
+        trigger: SealTrigger,
+    },
+    Checkpoint,
+    /// The group committed `next_offset` for this partition.
+    Committed {
+        partition: i32,
+        next_offset: i64,
+    },
+    /// Checkpoint everything and exit.
+    Stop {
+        reply: SyncSender<()>,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BufferError {
+    #[error("local buffer i/o failed for partition {partition}: {source}")]
+    Io {
+        partition: i32,
+        source: std::io::Error,
+    },
+    #[error("buffer worker panicked (a bug): see the log above")]
+    Panicked,
+}
+
+/// Why a batch was sealed; a metric label.
+#[derive(Debug, Clone, Copy)]
+pub enum SealTrigger {
+    Schedule,
+    /// An operator asked for an upload now (SIGUSR1).
+    Requested,
+    BatchSize,
+    DiskPressure,
+    Replay,
+}
+
+impl SealTrigger {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SealTrigger::Schedule => "schedule",
+            SealTrigger::Requested => "requested",
+            SealTrigger::BatchSize => "batch-size",
+            SealTrigger::DiskPressure => "disk-pressure",
+            SealTrigger::Replay => "replay",
+        }
+    }
+}
+
+/// A batch closed to new records, on its way to S3.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SealedBatch {
+    pub topic: String,
+    pub partition: i32,
+    pub start: i64,
+    pub end: i64,
+    pub files: Vec<SealedFile>,
+    /// Unix ms when its first record was read.
+    pub first_read_ms: Option<i64>,
+    /// Offsets of `[start, end]` that hold no record.
+    pub gaps: Vec<Gap>,
+    /// Hash of the cutting rules it was cut with, named in its intent.
+    pub rules: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SealedFile {
+    pub destination: Destination,
+    pub first_offset: i64,
+    pub records: u64,
+    pub path: PathBuf,
+    /// The finished object: its length, CRC32 and uncompressed size.
+    pub stream: StreamState,
+}
+
+impl SealedBatch {
+    pub fn records(&self) -> u64 {
+        self.files.iter().map(|f| f.records).sum()
+    }
+
+    pub fn compressed_bytes(&self) -> u64 {
+        self.files.iter().map(|f| f.stream.compressed_len).sum()
+    }
+
+    pub fn state(&self) -> BatchState {
+        BatchState {
+            start: self.start,
+            end: self.end,
+            files: self
+                .files
+                .iter()
+                .map(|f| FileState {
+                    destination: f.destination.clone(),
+                    first_offset: f.first_offset,
+                    records: f.records,
+                    stream: f.stream,
+                    accepting: false,
+                })
+                .collect(),
+            first_read_ms: self.first_read_ms,
+            gaps: self.gaps.clone(),
+            rules: self.rules.clone(),
+        }
+    }
+}
+
+/// A sealed batch to upload, tagged with the assignment it was read under.
+#[derive(Debug, Clone)]
+pub struct UploadJob {
+    pub epoch: u64,
+    pub batch: SealedBatch,
+    /// Its objects may already be in the bucket (a replayed intent, a sealed batch resumed from
+    /// the local checkpoint): each is looked up before it is put.
+    pub may_exist: bool,
+}
+
+/// The intent recorded before a batch's upload, as committed-offset metadata of its first
+/// offset: "batch `[start, end]` is being uploaded, cut with these rules". A member assigned a
+/// partition whose commit carries one replays exactly that range first, producing the same files
+/// under the same keys, so an upload interrupted anywhere is finished, never duplicated.
+///
+/// Recording it is a commit, fenced by the group generation: a member that lost the partition
+/// without knowing it (a zombie) cannot record one, so it cannot start a batch of its own.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchIntent {
+    pub v: u32,
+    pub start: i64,
+    pub end: i64,
+    /// Version 2: the hash of the cutting rules the batch was cut with (`rules`), stored in the
+    /// bucket. Version 1 (earlier releases): a CRC32 fingerprint of the routing settings and
+    /// key prefix.
+    pub rules: String,
+    /// Version 1 only: the file size cap the batch was cut with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_file_bytes: Option<u64>,
+}
+
+impl BatchIntent {
+    const VERSION: u32 = 2;
+
+    pub fn new(start: i64, end: i64, rules_hash: String) -> BatchIntent {
+        BatchIntent {
+            v: Self::VERSION,
+            start,
+            end,
+            rules: rules_hash,
+            max_file_bytes: None,
+        }
+    }
+
+    /// Whether an earlier release recorded it (rules as a fingerprint, not a hash).
+    pub fn is_legacy(&self) -> bool {
+        self.v == 1
+    }
+
+    pub fn encode(&self) -> String {
+        serde_json::to_string(self).expect("intent serializes")
+    }
+
+    /// The intent in a commit's metadata; `None` for empty or foreign metadata.
+    pub fn decode(metadata: &str) -> Option<BatchIntent> {
+        serde_json::from_str::<BatchIntent>(metadata)
+            .ok()
+            .filter(|intent| {
+                let known = match intent.v {
+                    1 => intent.max_file_bytes.is_some(),
+                    v => v == Self::VERSION,
+                };
+                known && intent.start <= intent.end
+            })
+    }
+}
+
+/// A commit the uploader asks the poll thread for: an intent (`metadata` set, at the batch's
+/// start) before uploading, or the completion (`end + 1`, no metadata) after.
+#[derive(Debug)]
+pub struct CommitRequest {
+    pub partition: i32,
+    pub epoch: u64,
+    pub next_offset: i64,
+    pub metadata: String,
+    /// Told the outcome; the uploader waits for it before uploading an intent's batch.
+    pub reply: Option<tokio::sync::oneshot::Sender<CommitResult>>,
+}
+
+/// What became of a commit request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CommitResult {
+    Committed,
+    /// The partition is no longer ours under that epoch: the new owner replays the batch.
+    NotOwner,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn intents_round_trip_and_foreign_metadata_is_ignored() {
+        let intent = BatchIntent::new(100, 199, "abc".into());
+        assert_eq!(BatchIntent::decode(&intent.encode()), Some(intent));
+        // What earlier releases recorded is still understood.
+        let legacy = BatchIntent::decode(
+            r#"{"v":1,"start":1,"end":2,"max_file_bytes":1048576,"rules":"0a1b2c3d"}"#,
+        )
+        .unwrap();
+        assert!(legacy.is_legacy());
+        assert_eq!(legacy.max_file_bytes, Some(1 << 20));
+        for foreign in [
+            "",
+            "hello",
+            "{}",
+            r#"{"v":3,"start":1,"end":2,"rules":""}"#,
+            r#"{"v":1,"start":1,"end":2,"rules":""}"#,
+        ] {
+            assert_eq!(BatchIntent::decode(foreign), None, "{foreign}");
+        }
+    }
+}
