@@ -113,6 +113,7 @@ fn error_code(name: &str) -> Result<RDKafkaRespErr, String> {
         "UNKNOWN_MEMBER_ID" => RD_KAFKA_RESP_ERR_UNKNOWN_MEMBER_ID,
         "NOT_LEADER_FOR_PARTITION" => RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION,
         "FENCED_INSTANCE_ID" => RD_KAFKA_RESP_ERR_FENCED_INSTANCE_ID,
+        "INVALID_SESSION_TIMEOUT" => RD_KAFKA_RESP_ERR_INVALID_SESSION_TIMEOUT,
         _ => return Err(format!("unknown error {name}")),
     })
 }

@@ -37,6 +37,7 @@ pub struct Metrics {
     pub objects_uploaded: IntCounter,
     pub objects_already_present: IntCounter,
     pub offset_resets: IntCounter,
+    pub consume_errors: IntCounterVec,
     pub partitions_held: IntGauge,
     pub offsets_without_record: IntCounterVec,
     pub upload_bytes: IntCounter,
@@ -155,6 +156,11 @@ impl Metrics {
                 "partitions_held",
                 "Assigned partitions this member does not read: their interrupted batch was cut under rules it cannot reproduce (see the log)",
             ),
+            consume_errors: counter_vec(
+                "consume_errors_total",
+                "Errors the kafka consumer reported, by kind (a permanent one stops the archiver)",
+                &["kind"],
+            ),
             offset_resets: counter(
                 "offset_resets_total",
                 "Assignments that had to read past a range Kafka deleted before it was archived",
@@ -245,6 +251,9 @@ impl Metrics {
         }
         for from in ["checkpoint", "committed"] {
             metrics.partitions_resumed.with_label_values(&[from]);
+        }
+        for kind in ["transient", "permanent"] {
+            metrics.consume_errors.with_label_values(&[kind]);
         }
         for cause in ["deleted", "no-record"] {
             metrics.offsets_without_record.with_label_values(&[cause]);

@@ -627,6 +627,35 @@ pub fn create_consumer(
         .map_err(|err| ConsumeError::Create(config.redact(&err.to_string())))
 }
 
+/// Consumer errors that no retry gets past — a setting the broker refuses, a permission it
+/// denies, a batch this build cannot decode — with what the operator can do. librdkafka reports
+/// them and tries again every few seconds; the archiver stops instead (readiness off, a clear
+/// error, a restart by Kubernetes once the cause is fixed).
+fn permanent_consume_error(code: rdkafka::types::RDKafkaErrorCode) -> Option<&'static str> {
+    use rdkafka::types::RDKafkaErrorCode as Code;
+    Some(match code {
+        Code::InvalidSessionTimeout => {
+            "kafka.session_timeout_ms is outside what the broker allows \
+             (group.min.session.timeout.ms to group.max.session.timeout.ms)"
+        }
+        Code::GroupAuthorizationFailed => {
+            "the broker denies this consumer group: allow Read on the group (kafka.group_id)"
+        }
+        Code::TopicAuthorizationFailed => {
+            "the broker denies the topic: allow Read and Describe on kafka.topic"
+        }
+        Code::InvalidGroupId => "the broker refuses kafka.group_id",
+        Code::InconsistentGroupProtocol => {
+            "other members of this group use another assignment strategy; the archiver needs \
+             cooperative-sticky, so give it a group of its own"
+        }
+        Code::NotImplemented | Code::UnsupportedCompressionType => {
+            "a record batch uses a compression codec this build cannot decode"
+        }
+        _ => return None,
+    })
+}
+
 /// The message for a fatal librdkafka error (the client is unusable after one), with what an
 /// operator can do about the common cause.
 fn fatal_kafka_error(code: rdkafka::types::RDKafkaErrorCode, reason: &str) -> String {
@@ -803,6 +832,22 @@ impl PollLoop {
                         });
                 }
                 Err(err) => {
+                    if let Some(cause) = err.rdkafka_error_code().and_then(permanent_consume_error)
+                    {
+                        self.metrics
+                            .consume_errors
+                            .with_label_values(&["permanent"])
+                            .inc();
+                        // Retrying would only repeat it every few seconds, forever.
+                        self.fatal.raise(format!(
+                            "kafka consumer error the archiver cannot get past: {err}; {cause}"
+                        ));
+                        break;
+                    }
+                    self.metrics
+                        .consume_errors
+                        .with_label_values(&["transient"])
+                        .inc();
                     if self.consumer.context().throttle.allow(&err.to_string()) {
                         tracing::warn!(error = %err, "kafka poll error (repeats within 10s not logged)");
                     }
@@ -993,6 +1038,22 @@ mod tests {
             Metrics::new(),
             Arc::new(Fatal::default()),
         )
+    }
+
+    #[test]
+    fn errors_no_retry_gets_past_are_told_apart() {
+        use rdkafka::types::RDKafkaErrorCode as Code;
+        let hint = permanent_consume_error(Code::InvalidSessionTimeout).unwrap();
+        assert!(hint.contains("kafka.session_timeout_ms"), "{hint}");
+        assert!(permanent_consume_error(Code::TopicAuthorizationFailed).is_some());
+        for transient in [
+            Code::AllBrokersDown,
+            Code::RequestTimedOut,
+            Code::NotCoordinator,
+            Code::RebalanceInProgress,
+        ] {
+            assert_eq!(permanent_consume_error(transient), None, "{transient:?}");
+        }
     }
 
     #[test]
