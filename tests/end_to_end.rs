@@ -383,15 +383,14 @@ fn a_group_without_offsets_resumes_after_the_bucket() {
         &mut [&mut second],
     );
     assert!(second.terminate(Duration::from_secs(40)).success());
+    let out = rig.dir.path().join("bucket");
+    rig.s3.download(&out);
+    assert_exactly_once(&archived_objects(&out, &rig.topic), &records, None);
     let resumed = log_events(
         &second.log_text(),
         "resuming after the newest manifest in the bucket",
     );
     assert_eq!(resumed.len(), 2, "{}", second.log_text());
-
-    let out = rig.dir.path().join("bucket");
-    rig.s3.download(&out);
-    assert_exactly_once(&archived_objects(&out, &rig.topic), &records, None);
 }
 
 /// Producers compress their batches with every codec Kafka has; the archive is the same.
