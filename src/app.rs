@@ -140,11 +140,11 @@ pub async fn run(
         UncommittedStart::Bucket => {
             let (store, runtime) = (store.clone(), tokio::runtime::Handle::current());
             let (prefix, topic) = (config.s3.prefix.clone(), config.kafka.topic.clone());
-            // Called from the rebalance callback, on the poll thread (not an async one).
             context.with_bucket_position(Box::new(move |partition| {
-                runtime
-                    .block_on(newest_manifest_end(&store, &prefix, &topic, partition))
-                    .map_err(|err| err.to_string())
+                on_poll_thread(
+                    &runtime,
+                    newest_manifest_end(&store, &prefix, &topic, partition),
+                )
             }))
         }
         UncommittedStart::Reset => context,
@@ -152,11 +152,8 @@ pub async fn run(
     let context = {
         let (store, runtime) = (store.clone(), tokio::runtime::Handle::current());
         let prefix = config.s3.prefix.clone();
-        // Called from the rebalance callback, on the poll thread (not an async one).
         let fetch = Box::new(move |hash: &str| {
-            runtime
-                .block_on(store.get_bytes(&rules_key(&prefix, hash)))
-                .map_err(|err| err.to_string())
+            on_poll_thread(&runtime, store.get_bytes(&rules_key(&prefix, hash)))
         });
         context.with_rules_source(RulesSource::new(&config, fetch))
     };
@@ -234,4 +231,13 @@ pub async fn run(
         "archiver stopped"
     );
     Ok(())
+}
+
+/// Runs an S3 lookup to its end for the rebalance callback, which runs on the poll thread (a
+/// plain thread, where waiting is allowed, unlike on the async executor's).
+fn on_poll_thread<T>(
+    runtime: &tokio::runtime::Handle,
+    lookup: impl std::future::Future<Output = Result<T, crate::upload::s3::S3Error>>,
+) -> Result<T, String> {
+    runtime.block_on(lookup).map_err(|err| err.to_string())
 }

@@ -81,6 +81,16 @@ pub enum GapCause {
     Deleted,
 }
 
+impl GapCause {
+    /// Its name in manifests and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GapCause::NoRecord => "no-record",
+            GapCause::Deleted => "deleted",
+        }
+    }
+}
+
 impl Gap {
     /// How many offsets it spans (never zero: `first <= last`).
     pub fn offsets(&self) -> u64 {

@@ -380,27 +380,12 @@ fn fetch_in_order<'a>(
 }
 
 async fn list(store: &S3Store, prefix: &str) -> Result<BTreeMap<String, i64>, VerifyError> {
-    let mut pages = store
-        .client()
-        .list_objects_v2()
-        .bucket(store.bucket())
-        .prefix(prefix)
-        .into_paginator()
-        .send();
-    let mut objects = BTreeMap::new();
-    while let Some(page) = pages.next().await {
-        let page = page.map_err(|err| VerifyError::List {
-            bucket: store.bucket().to_string(),
-            prefix: prefix.to_string(),
-            message: aws_sdk_s3::error::DisplayErrorContext(&err).to_string(),
-        })?;
-        for object in page.contents() {
-            if let Some(key) = object.key() {
-                objects.insert(key.to_string(), object.size().unwrap_or_default());
-            }
-        }
-    }
-    Ok(objects)
+    let objects = store.list(prefix).await.map_err(|err| VerifyError::List {
+        bucket: store.bucket().to_string(),
+        prefix: prefix.to_string(),
+        message: err.message,
+    })?;
+    Ok(objects.into_iter().collect())
 }
 
 async fn get(store: &S3Store, key: &str) -> Result<Vec<u8>, VerifyError> {
@@ -409,20 +394,11 @@ async fn get(store: &S3Store, key: &str) -> Result<Vec<u8>, VerifyError> {
         key: key.to_string(),
         message,
     };
-    let object = store
-        .client()
-        .get_object()
-        .bucket(store.bucket())
-        .key(key)
-        .send()
-        .await
-        .map_err(|err| fail(aws_sdk_s3::error::DisplayErrorContext(&err).to_string()))?;
-    let body = object
-        .body
-        .collect()
-        .await
-        .map_err(|err| fail(err.to_string()))?;
-    Ok(body.into_bytes().to_vec())
+    match store.get_bytes(key).await {
+        Ok(Some(bytes)) => Ok(bytes),
+        Ok(None) => Err(fail("no such key".into())),
+        Err(err) => Err(fail(err.message)),
+    }
 }
 
 impl Report {

@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use tokio::sync::mpsc::UnboundedSender;
 
-use crate::checkpoint::{self, plan_recovery, Committed, GapCause, Recovery};
+use crate::checkpoint::{self, plan_recovery, Committed, Recovery};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::pipeline::{BatchIntent, BufferError, Record, SealTrigger, UploadJob, WorkerCommand};
@@ -276,14 +276,14 @@ impl Worker {
             }
         };
         buffer.set_rules(&self.own_rules);
-        if let (Some(_), Some(rules)) = (seal_at, replay_rules) {
-            tracing::info!(partition, rules = %rules.hash(), "the replay cuts with the rules its intent names");
+        if let (Some(_), Some(rules), Some(hash)) = (seal_at, replay_rules, replay_hash) {
+            tracing::info!(partition, rules = %hash, "the replay cuts with the rules its intent names");
             let router = Router::new(&rules.routing, &self.topic, partition);
             let settings = BufferSettings {
                 max_file_bytes: rules.max_file_bytes,
                 ..self.settings
             };
-            buffer.replay_with(router, settings, rules.hash());
+            buffer.replay_with(router, settings, hash);
         }
         buffer.set_seal_at(seal_at);
         buffer.set_log_start(log_start);
@@ -455,13 +455,9 @@ impl Worker {
                 .with_label_values(&[trigger.as_str()])
                 .inc();
             for gap in &batch.gaps {
-                let cause = match gap.cause {
-                    GapCause::Deleted => "deleted",
-                    GapCause::NoRecord => "no-record",
-                };
                 self.metrics
                     .offsets_without_record
-                    .with_label_values(&[cause])
+                    .with_label_values(&[gap.cause.as_str()])
                     .inc_by(gap.offsets());
             }
             let _ = self.uploads.send(UploadJob {
@@ -524,6 +520,7 @@ impl Worker {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::checkpoint::GapCause;
     use crate::layout::Destination;
     use std::collections::HashSet;
     use std::io::Read;

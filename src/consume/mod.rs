@@ -127,9 +127,9 @@ pub struct ArchiverContext {
     /// Checks an intent's cutting rules before its replay; `None` replays every intent with the
     /// member's own rules.
     rules_source: Option<RulesSource>,
-    /// Partitions whose intent this member cannot replay, with the reason: assigned but paused,
-    /// never read.
-    held: std::sync::Mutex<HashMap<i32, String>>,
+    /// Partitions whose intent this member cannot replay (the reason is logged): assigned but
+    /// paused, never read.
+    held: std::sync::Mutex<std::collections::HashSet<i32>>,
 }
 
 /// Why a partition is not set up.
@@ -162,7 +162,7 @@ impl ArchiverContext {
             committed: std::sync::Mutex::new(HashMap::new()),
             bucket_position: None,
             rules_source: None,
-            held: std::sync::Mutex::new(HashMap::new()),
+            held: std::sync::Mutex::default(),
         }
     }
 
@@ -177,7 +177,7 @@ impl ArchiverContext {
         self.held
             .lock()
             .expect("held lock")
-            .keys()
+            .iter()
             .copied()
             .collect()
     }
@@ -204,7 +204,7 @@ impl ArchiverContext {
                     "holding the partition: its interrupted batch cannot be replayed by this member"
                 );
                 let mut held = self.held.lock().expect("held lock");
-                held.insert(partition, reason);
+                held.insert(partition);
                 self.metrics.partitions_held.set(held.len() as i64);
                 Err(Hold::Partition)
             }

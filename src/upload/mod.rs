@@ -46,12 +46,12 @@ pub async fn newest_manifest_end(
     topic: &str,
     partition: i32,
 ) -> Result<Option<i64>, S3Error> {
-    let keys = store
-        .list_keys(&layout::manifest_prefix(prefix, topic, partition))
+    let manifests = store
+        .list(&layout::manifest_prefix(prefix, topic, partition))
         .await?;
-    Ok(keys
+    Ok(manifests
         .iter()
-        .filter_map(|key| layout::manifest_range(key))
+        .filter_map(|(key, _)| layout::manifest_range(key))
         .map(|(_, end)| end)
         .max())
 }

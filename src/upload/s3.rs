@@ -300,8 +300,8 @@ impl S3Store {
         Ok(Some(body.into_bytes().to_vec()))
     }
 
-    /// Every key under `prefix`, in S3's (lexicographic) order.
-    pub async fn list_keys(&self, prefix: &str) -> Result<Vec<String>, S3Error> {
+    /// Every object under `prefix` with its size, in S3's (lexicographic) order.
+    pub async fn list(&self, prefix: &str) -> Result<Vec<(String, i64)>, S3Error> {
         let mut pages = self
             .client
             .list_objects_v2()
@@ -309,16 +309,15 @@ impl S3Store {
             .prefix(prefix)
             .into_paginator()
             .send();
-        let mut keys = Vec::new();
+        let mut objects = Vec::new();
         while let Some(page) = pages.next().await {
             let page = page.map_err(|err| self.error("ListObjectsV2", prefix, err))?;
-            keys.extend(
-                page.contents()
-                    .iter()
-                    .filter_map(|o| o.key().map(str::to_string)),
-            );
+            objects.extend(page.contents().iter().filter_map(|object| {
+                let key = object.key()?.to_string();
+                Some((key, object.size().unwrap_or_default()))
+            }));
         }
-        Ok(keys)
+        Ok(objects)
     }
 
     /// Puts small in-memory bytes (manifests, probes) at `key`.
