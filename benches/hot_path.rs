@@ -80,6 +80,8 @@ fn hot_path(c: &mut Criterion) {
         compression_level: 6,
         max_file_bytes: 256 << 20,
         max_batch_bytes: 1 << 30,
+        codec: kafka_s3_archiver::layout::Codec::Gzip,
+        zstd_level: 3,
     };
     for (name, stage_limit) in [
         ("route + compress into 200 files + seal", None),

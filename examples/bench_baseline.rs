@@ -12,7 +12,8 @@
 //!   measures).
 //! - `metric PORT NAME`: prints the series NAME on 127.0.0.1:PORT/metrics.
 //! - `zlib FILE LEVEL`: the archiver's own deflate backend (flate2 on zlib-rs) compressing FILE
-//!   as one gzip stream on one core, for the compression limit beside `gzip -6`.
+//!   as one gzip stream on one core, for the compression limit beside `gzip -6`; its wall and
+//!   CPU seconds.
 
 use std::io::{BufWriter, Read, Write};
 use std::time::Instant;
@@ -169,6 +170,7 @@ fn zlib(path: &str, level: u32) {
         .and_then(|mut f| f.read_to_end(&mut input))
         .expect("read input");
     let started = Instant::now();
+    let cpu_before = process_cpu_seconds();
     let mut encoder = flate2::write::GzEncoder::new(
         Vec::with_capacity(input.len() / 4),
         flate2::Compression::new(level),
@@ -176,8 +178,22 @@ fn zlib(path: &str, level: u32) {
     encoder.write_all(&input).expect("compress");
     let compressed = encoder.finish().expect("compress").len();
     let seconds = started.elapsed().as_secs_f64();
+    let cpu_seconds = process_cpu_seconds() - cpu_before;
     println!(
-        r#"{{"bytes":{},"compressed":{compressed},"seconds":{seconds:.3}}}"#,
+        r#"{{"bytes":{},"compressed":{compressed},"seconds":{seconds:.3},"cpu_seconds":{cpu_seconds:.3}}}"#,
         input.len()
     );
+}
+
+/// User and system CPU time of this process so far (Linux: `/proc/self/stat`, in clock ticks of
+/// 1/100 s, the kernel's USER_HZ on every Linux the bench runs on).
+fn process_cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").expect("read /proc/self/stat");
+    // The command name (field 2) may hold spaces; fields after its closing parenthesis do not.
+    let after_name = &stat[stat.rfind(')').expect("stat has the command name") + 2..];
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line, 12 and 13 after the name.
+    let ticks: u64 =
+        fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
+    ticks as f64 / 100.0
 }

@@ -14,9 +14,11 @@ DAYS="${3:-2}"
 TOPIC=segment-events
 BUCKET=segment-archive
 
-ensure_tools
+start_installs ensure_tansu
+ensure_python_tools
 log "building kafka-s3-archiver"
 cargo build --quiet
+finish_installs
 BIN="${CARGO_TARGET_DIR:-target}/debug/kafka-s3-archiver"
 
 RIG_DIR="$(mktemp -d -t kafka-s3-archiver-demo.XXXXXX)"

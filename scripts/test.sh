@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
 # README command 2: installs and locates the servers and tools the tests need (tansu, moto,
-# awscli, prometheus, promtool, docker-compose, kubernetes-validate), then
-# runs the whole suite: unit tests beside the code, end-to-end tests under tests/ that start
-# their own servers on free ports.
+# s3s-fs, awscli, prometheus, promtool, docker-compose, zstd, kubernetes-validate, duckdb, zstandard,
+# aws-msk-iam-sasl-signer-python), then runs the whole suite: unit tests beside the code,
+# end-to-end tests under tests/ that start their own servers on free ports.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib/rig.sh
 
-ensure_tools
+start_installs ensure_tansu ensure_s3s_fs
+ensure_python_tools
 ensure_ops_tools
 log "building the test tools (examples/mock_kafka.rs)"
 cargo build --examples
+finish_installs
 log "running the test suite"
 cargo test --all-targets "$@"
 if (($# == 0)); then

@@ -12,14 +12,16 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::buffer::{DiskUsage, Worker};
-use crate::commit::Assignments;
+use crate::commit::{Assignments, MetadataCheck};
 use crate::config::{Config, UncommittedStart};
+use crate::consume::backpressure::Backpressure;
 use crate::consume::replay_rules::RulesSource;
-use crate::consume::{create_consumer, ArchiverContext, ConsumeError, Fatal, PollLoop};
+use crate::consume::{create_consumer, ArchiverContext, ConsumeError, PollLoop};
+use crate::kafka_client::Auth;
 use crate::metrics::Metrics;
-use crate::pipeline::BufferError;
+use crate::pipeline::{BufferError, Fatal};
 use crate::rules::{rules_key, CuttingRules};
-use crate::schedule::{Schedule, SystemClock, UploadNow};
+use crate::schedule::{Cadence, Schedule, SystemClock, UploadNow};
 use crate::upload::s3::S3Store;
 use crate::upload::{newest_manifest_end, Uploader};
 
@@ -157,6 +159,7 @@ pub async fn run(
         });
         context.with_rules_source(RulesSource::new(&config, fetch))
     };
+    let context = context.with_auth(Auth::for_config(&config.kafka));
     let consumer = create_consumer(&config, context)?;
     let poll_loop = PollLoop {
         consumer,
@@ -165,17 +168,19 @@ pub async fn run(
         commits: commit_rx,
         assignments,
         disk,
-        max_disk_bytes: config.buffer.max_disk_bytes,
-        schedule: Schedule::new(config.schedule.interval_secs, config.schedule.offset_secs),
-        upload_now,
-        checkpoint_interval: Duration::from_secs(config.buffer.checkpoint_interval_secs),
-        clock: Arc::new(SystemClock),
+        backpressure: Backpressure::new(config.buffer.max_disk_bytes),
+        cadence: Cadence::new(
+            Schedule::new(config.schedule.interval_secs, config.schedule.offset_secs),
+            Arc::new(SystemClock),
+            upload_now,
+            Duration::from_secs(config.buffer.checkpoint_interval_secs),
+            std::time::Instant::now(),
+        ),
+        metadata: MetadataCheck::new(config.kafka.exactly_once),
         metrics: metrics.clone(),
         fatal: Arc::clone(&fatal),
         shutdown: shutdown.clone(),
         grace: Duration::from_secs(config.shutdown.grace_secs),
-        exactly_once: config.kafka.exactly_once,
-        metadata_checked: std::cell::Cell::new(false),
     };
     // A fatal error anywhere must also stop the poll loop.
     let watcher = {
@@ -183,15 +188,11 @@ pub async fn run(
         let shutdown = shutdown.clone();
         let metrics = metrics.clone();
         tokio::spawn(async move {
-            loop {
-                if let Some(message) = fatal.get() {
-                    *metrics.health.fatal.lock().expect("fatal lock") = Some(message);
+            tokio::select! {
+                _ = shutdown.cancelled() => {}
+                _ = fatal.raised() => {
+                    *metrics.health.fatal.lock().expect("fatal lock") = fatal.get();
                     shutdown.cancel();
-                    return;
-                }
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(Duration::from_millis(200)) => {}
                 }
             }
         })

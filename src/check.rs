@@ -9,11 +9,12 @@
 
 use std::time::Duration;
 
-use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::Consumer;
+use rdkafka::types::RDKafkaErrorCode;
 use serde::Serialize;
 
 use crate::config::Config;
+use crate::kafka_client::inspector;
 use crate::layout;
 use crate::upload::s3::S3Store;
 
@@ -110,18 +111,7 @@ pub async fn preflight(config: &Config) -> Result<Vec<CheckResult>, CheckError> 
 
 fn kafka_checks(config: &Config) -> Vec<CheckResult> {
     let brokers = &config.kafka.brokers;
-    let mut client = ClientConfig::new();
-    for (key, value) in &config.kafka.properties {
-        client.set(key, value);
-    }
-    let consumer: BaseConsumer = match client
-        .set("bootstrap.servers", brokers)
-        .set("group.id", &config.kafka.group_id)
-        .set("enable.auto.commit", "false")
-        // A wrong address must fail this check, not hang it.
-        .set("socket.connection.setup.timeout.ms", "8000")
-        .create()
-    {
+    let consumer = match inspector(&config.kafka) {
         Ok(consumer) => consumer,
         Err(err) => {
             return vec![CheckResult::fail(
@@ -201,10 +191,20 @@ fn kafka_checks(config: &Config) -> Vec<CheckResult> {
             }
             // Only a refusal is the operator's to fix; a broker that cannot list groups
             // (librdkafka's mock cluster, some proxies) proves nothing either way.
-            Err(err) if err.to_string().contains("Authorization") => CheckResult::fail(
-                "group",
-                format!("not authorized for consumer group {group} (check the ACLs): {err}"),
-            ),
+            Err(err)
+                if matches!(
+                    err.rdkafka_error_code(),
+                    Some(
+                        RDKafkaErrorCode::GroupAuthorizationFailed
+                            | RDKafkaErrorCode::ClusterAuthorizationFailed
+                    )
+                ) =>
+            {
+                CheckResult::fail(
+                    "group",
+                    format!("not authorized for consumer group {group} (check the ACLs): {err}"),
+                )
+            }
             Err(err) => CheckResult {
                 name: "group",
                 status: Status::Unavailable,
@@ -232,7 +232,7 @@ async fn s3_check(config: &Config) -> CheckResult {
         let Err(err) = store.put_bytes(&key, body.clone(), "text/plain").await else {
             break;
         };
-        let transient = err.class == crate::upload::retry::ErrorClass::Transient;
+        let transient = err.class == crate::retry::ErrorClass::Transient;
         if transient && attempt < 4 {
             tokio::time::sleep(Duration::from_millis(250 * attempt)).await;
             continue;

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::layout::Codec;
 use crate::layout::Destination;
 
 const FILE_NAME: &str = "checkpoint.json";
@@ -107,6 +108,9 @@ pub struct FileState {
     pub stream: StreamState,
     /// Whether later records of its destination still go to this file (it was not cut).
     pub accepting: bool,
+    /// How a sealed file is compressed (open files are always gzip).
+    #[serde(default, skip_serializing_if = "Codec::is_gzip")]
+    pub codec: Codec,
 }
 
 impl Checkpoint {
@@ -303,6 +307,7 @@ mod tests {
                     uncompressed_len: 1000,
                 },
                 accepting: true,
+                codec: Codec::Gzip,
             }],
             first_read_ms: None,
             gaps: Vec::new(),

@@ -5,13 +5,18 @@
 //! (the partition was revoked, maybe reassigned, meanwhile) is never committed: the new owner
 //! replays it. Kafka itself fences members of older group generations; the epoch also fences this
 //! member's own stale work, which the broker cannot tell apart.
+//!
+//! The first intent committed is read back ([`MetadataCheck`]): a broker that drops commit
+//! metadata cannot carry the exactly-once protocol.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use crate::config::ExactlyOnce;
 use crate::pipeline::{CommitRequest, CommitResult};
+use crate::retry::{Backoff, ErrorClass, NoJitter};
 
 /// Which partitions this member owns right now, and since which assignment.
 #[derive(Debug, Default)]
@@ -75,8 +80,13 @@ struct Pending {
     next_offset: i64,
     metadata: String,
     replies: Vec<tokio::sync::oneshot::Sender<CommitResult>>,
-    attempts: u32,
+    backoff: Backoff<NoJitter>,
     not_before: Instant,
+}
+
+/// Commit retries: 100 ms doubling to 5 s, well inside a session timeout.
+fn commit_backoff() -> Backoff<NoJitter> {
+    Backoff::new(Duration::from_millis(100), Duration::from_secs(5), NoJitter)
 }
 
 /// One commit as the poll thread sends it to the broker.
@@ -93,7 +103,12 @@ pub struct CommitAttempt {
 pub enum CommitOutcome {
     Committed(CommitAttempt),
     Stale(CommitAttempt),
-    Retry,
+    /// Failed `attempts` times so far, the last with `error`; retried after a backoff.
+    Retry {
+        attempt: CommitAttempt,
+        attempts: u32,
+        error: String,
+    },
 }
 
 fn answer(replies: Vec<tokio::sync::oneshot::Sender<CommitResult>>, result: CommitResult) {
@@ -117,13 +132,13 @@ impl PendingCommits {
             next_offset,
             metadata: metadata.clone(),
             replies: Vec::new(),
-            attempts: 0,
+            backoff: commit_backoff(),
             not_before: now,
         });
         if pending.epoch != epoch {
             answer(std::mem::take(&mut pending.replies), CommitResult::NotOwner);
             pending.epoch = epoch;
-            pending.attempts = 0;
+            pending.backoff = commit_backoff();
             pending.not_before = now;
         }
         if next_offset >= pending.next_offset {
@@ -137,7 +152,7 @@ impl PendingCommits {
         self.pending.is_empty()
     }
 
-    /// Tries every due commit with `commit`; failed ones back off (100 ms doubling to 5 s) and
+    /// Tries every due commit with `commit`; failed ones back off (`commit_backoff`) and
     /// are retried until they go through or the partition is no longer ours.
     pub fn run(
         &mut self,
@@ -173,19 +188,13 @@ impl PendingCommits {
                     outcomes.push(CommitOutcome::Committed(attempt));
                 }
                 Err(error) => {
-                    pending.attempts += 1;
-                    let delay = Duration::from_millis(100)
-                        .saturating_mul(2u32.saturating_pow(pending.attempts.min(6)))
-                        .min(Duration::from_secs(5));
+                    let delay = pending.backoff.next_delay(ErrorClass::Transient);
                     pending.not_before = now + delay;
-                    tracing::warn!(
-                        partition,
-                        next_offset = attempt.next_offset,
-                        attempts = pending.attempts,
-                        %error,
-                        "offset commit failed, will retry"
-                    );
-                    outcomes.push(CommitOutcome::Retry);
+                    outcomes.push(CommitOutcome::Retry {
+                        attempt,
+                        attempts: pending.backoff.attempts(),
+                        error,
+                    });
                 }
             }
         }
@@ -193,9 +202,105 @@ impl PendingCommits {
     }
 }
 
+/// Whether the broker keeps offset-commit metadata, where intents live, learned once from the
+/// first intent read back; until then no upload goes ahead on an intent.
+#[derive(Debug)]
+pub struct MetadataCheck {
+    policy: ExactlyOnce,
+    known: bool,
+}
+
+/// What the read-back of an intent means for the upload waiting on it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MetadataVerdict {
+    /// The broker keeps intents (or this was settled before): upload.
+    Kept,
+    /// `best-effort`: the broker drops intents; upload, at least once.
+    Degraded,
+    /// Not read back this time: retry the commit, upload nothing yet.
+    Unknown,
+    /// `required` and the broker drops intents: the member stops, with this message.
+    Refused(String),
+}
+
+impl MetadataCheck {
+    pub fn new(policy: ExactlyOnce) -> MetadataCheck {
+        MetadataCheck {
+            policy,
+            known: false,
+        }
+    }
+
+    /// Whether the next intent must be read back.
+    pub fn needed(&self) -> bool {
+        !self.known
+    }
+
+    /// Judges what the broker answered for the intent `written`.
+    pub fn judge(
+        &mut self,
+        written: &str,
+        read_back: Result<Option<String>, String>,
+    ) -> MetadataVerdict {
+        let read_back = match read_back {
+            Ok(read_back) => read_back,
+            Err(error) => {
+                tracing::warn!(%error, "cannot read the intent back yet; will retry");
+                return MetadataVerdict::Unknown;
+            }
+        };
+        if read_back.as_deref() == Some(written) {
+            self.known = true;
+            tracing::info!("the broker keeps offset-commit metadata: exactly-once batches are on");
+            return MetadataVerdict::Kept;
+        }
+        match self.policy {
+            ExactlyOnce::Required => MetadataVerdict::Refused(
+                "the kafka broker dropped the metadata of an offset commit (read back empty), so \
+                 batch intents cannot be recorded and exactly-once delivery is impossible with it; \
+                 use a broker that keeps commit metadata, or set kafka.exactly_once = \"best-effort\" \
+                 to run at-least-once"
+                    .into(),
+            ),
+            ExactlyOnce::BestEffort => {
+                self.known = true;
+                MetadataVerdict::Degraded
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_first_intent_read_back_decides_whether_exactly_once_holds() {
+        let mut check = MetadataCheck::new(ExactlyOnce::Required);
+        assert!(check.needed());
+        assert_eq!(
+            check.judge("intent", Err("coordinator loading".into())),
+            MetadataVerdict::Unknown
+        );
+        assert!(check.needed());
+        assert_eq!(
+            check.judge("intent", Ok(Some("intent".into()))),
+            MetadataVerdict::Kept
+        );
+        assert!(!check.needed());
+
+        let mut check = MetadataCheck::new(ExactlyOnce::Required);
+        let MetadataVerdict::Refused(message) = check.judge("intent", Ok(Some(String::new())))
+        else {
+            panic!("a broker that drops intents is refused under `required`");
+        };
+        assert!(message.contains("kafka.exactly_once"), "{message}");
+        assert!(check.needed());
+
+        let mut check = MetadataCheck::new(ExactlyOnce::BestEffort);
+        assert_eq!(check.judge("intent", Ok(None)), MetadataVerdict::Degraded);
+        assert!(!check.needed());
+    }
 
     #[test]
     fn epochs_fence_work_of_an_earlier_assignment() {
@@ -282,7 +387,11 @@ mod tests {
         let fail = |_: &CommitAttempt| Err("REBALANCE_IN_PROGRESS".to_string());
         assert_eq!(
             pending.run(now, |_, _| true, fail),
-            vec![CommitOutcome::Retry]
+            vec![CommitOutcome::Retry {
+                attempt: attempt(0, 1, 10, ""),
+                attempts: 1,
+                error: "REBALANCE_IN_PROGRESS".into()
+            }]
         );
         // Not due again right away.
         assert_eq!(pending.run(now, |_, _| true, fail), vec![]);

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::layout::{DayFormat, SourceRule};
+use crate::layout::{Codec, DayFormat, SourceRule};
 
 /// Everything the archiver needs to run; one struct per stage of the data path.
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
@@ -23,6 +23,7 @@ pub struct Config {
     pub schedule: ScheduleConfig,
     pub shutdown: ShutdownConfig,
     pub metrics: MetricsConfig,
+    pub output: OutputConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -49,8 +50,16 @@ pub struct KafkaConfig {
     /// retained log a second time), or by `auto.offset.reset` when it holds none; `reset`:
     /// always by `auto.offset.reset`.
     pub uncommitted_start: UncommittedStart,
+    /// `aws-msk-iam`: SASL OAUTHBEARER with AWS MSK IAM tokens, signed with the credentials of
+    /// the SDK's default chain (the same as S3's: IRSA on EKS); `none`: whatever
+    /// `kafka.properties` sets up.
+    pub auth: KafkaAuth,
+    /// Region of the MSK cluster, for `aws-msk-iam`; empty means `s3.region`.
+    pub aws_region: String,
     /// Passed to librdkafka unchanged (security.protocol, sasl.*, ssl.*, fetch tuning).
     /// The archiver's own settings (auto commit off, assignment strategy) cannot be overridden.
+    /// Booleans and numbers are taken as librdkafka spells them (`false`, `5000`).
+    #[serde(deserialize_with = "scalars_as_strings")]
     pub properties: BTreeMap<String, String>,
 }
 
@@ -64,9 +73,49 @@ impl Default for KafkaConfig {
             session_timeout_ms: 45_000,
             exactly_once: ExactlyOnce::Required,
             uncommitted_start: UncommittedStart::Bucket,
+            auth: KafkaAuth::None,
+            aws_region: String::new(),
             properties: BTreeMap::new(),
         }
     }
+}
+
+/// librdkafka takes every property as a string; a flag or a file that writes `false` or `5000`
+/// means the same.
+fn scalars_as_strings<'de, D>(deserializer: D) -> Result<BTreeMap<String, String>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Scalar {
+        Text(String),
+        Flag(bool),
+        Integer(i64),
+        Float(f64),
+    }
+    let map = BTreeMap::<String, Scalar>::deserialize(deserializer)?;
+    Ok(map
+        .into_iter()
+        .map(|(key, value)| {
+            let value = match value {
+                Scalar::Text(text) => text,
+                Scalar::Flag(flag) => flag.to_string(),
+                Scalar::Integer(number) => number.to_string(),
+                Scalar::Float(number) => number.to_string(),
+            };
+            (key, value)
+        })
+        .collect())
+}
+
+/// How the Kafka clients authenticate, beyond what `kafka.properties` sets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum KafkaAuth {
+    None,
+    /// AWS MSK with IAM access control.
+    AwsMskIam,
 }
 
 /// What to do on a broker that cannot carry the exactly-once protocol.
@@ -107,6 +156,92 @@ pub enum ChecksumMode {
     ContentMd5,
 }
 
+/// An S3 object option with a fixed set of values, spelled as S3 spells them; the empty string
+/// (the default) sends nothing, so the bucket's own default applies. Anything else is refused
+/// at start with the values S3 takes.
+macro_rules! s3_option {
+    ($(#[$doc:meta])* $name:ident { $($variant:ident = $value:literal,)+ }) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+        #[serde(try_from = "String", into = "String")]
+        pub enum $name {
+            #[default]
+            BucketDefault,
+            $($variant,)+
+        }
+
+        impl $name {
+            /// The value S3 takes, or `None` for the bucket's default.
+            pub fn as_s3(self) -> Option<&'static str> {
+                match self {
+                    $name::BucketDefault => None,
+                    $($name::$variant => Some($value),)+
+                }
+            }
+        }
+
+        impl TryFrom<String> for $name {
+            type Error = String;
+
+            fn try_from(value: String) -> Result<$name, String> {
+                match value.as_str() {
+                    "" => Ok($name::BucketDefault),
+                    $($value => Ok($name::$variant),)+
+                    other => Err(format!(
+                        "{other:?} is not one of {} (or \"\" for the bucket's default)",
+                        [$($value),+].join(", ")
+                    )),
+                }
+            }
+        }
+
+        impl From<$name> for String {
+            fn from(value: $name) -> String {
+                value.as_s3().unwrap_or_default().to_string()
+            }
+        }
+    };
+}
+
+s3_option!(
+    /// `x-amz-storage-class` of every object.
+    StorageClass {
+        Standard = "STANDARD",
+        ReducedRedundancy = "REDUCED_REDUNDANCY",
+        StandardIa = "STANDARD_IA",
+        OnezoneIa = "ONEZONE_IA",
+        IntelligentTiering = "INTELLIGENT_TIERING",
+        Glacier = "GLACIER",
+        GlacierIr = "GLACIER_IR",
+        DeepArchive = "DEEP_ARCHIVE",
+        ExpressOnezone = "EXPRESS_ONEZONE",
+        Outposts = "OUTPOSTS",
+        Snow = "SNOW",
+    }
+);
+
+s3_option!(
+    /// `x-amz-server-side-encryption` of every object.
+    Encryption {
+        Aes256 = "AES256",
+        AwsKms = "aws:kms",
+        AwsKmsDsse = "aws:kms:dsse",
+    }
+);
+
+s3_option!(
+    /// `x-amz-acl` of every object (a canned ACL).
+    CannedAcl {
+        Private = "private",
+        PublicRead = "public-read",
+        PublicReadWrite = "public-read-write",
+        AuthenticatedRead = "authenticated-read",
+        AwsExecRead = "aws-exec-read",
+        BucketOwnerRead = "bucket-owner-read",
+        BucketOwnerFullControl = "bucket-owner-full-control",
+    }
+);
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct S3Config {
@@ -125,20 +260,22 @@ pub struct S3Config {
     /// reject the header; those that ignore it (Garage 2.5) are harmless.
     pub conditional_writes: bool,
     /// `STANDARD`, `STANDARD_IA`, `INTELLIGENT_TIERING`, ...; empty keeps the bucket default.
-    pub storage_class: String,
-    /// `AES256` (SSE-S3) or `aws:kms` (SSE-KMS); empty keeps the bucket default.
-    pub server_side_encryption: String,
+    pub storage_class: StorageClass,
+    /// `AES256` (SSE-S3), `aws:kms` (SSE-KMS) or `aws:kms:dsse`; empty keeps the bucket default.
+    pub server_side_encryption: Encryption,
     /// KMS key id or ARN for `aws:kms`.
     pub sse_kms_key_id: String,
-    /// Canned ACL such as `bucket-owner-full-control` for cross-account buckets.
-    pub acl: String,
+    /// Canned ACL such as `bucket-owner-full-control` for cross-account buckets; empty sends
+    /// none.
+    pub acl: CannedAcl,
     /// Role to assume on top of the default credential chain; empty for none.
     pub assume_role_arn: String,
     /// External id required by the role's trust policy.
     pub assume_role_external_id: String,
     /// Objects at or above this size go up as multipart uploads.
     pub multipart_threshold_bytes: u64,
-    /// Part size of multipart uploads (S3 requires at least 5 MiB).
+    /// Part size of multipart uploads (S3 requires at least 5 MiB). A part in flight is held in
+    /// memory, so uploads hold at most `concurrency` × this.
     pub multipart_part_bytes: u64,
     /// Requests in flight at once across all partitions.
     pub concurrency: usize,
@@ -161,10 +298,10 @@ impl Default for S3Config {
             content_label: ContentLabel::Segment,
             checksum: ChecksumMode::Crc32c,
             conditional_writes: true,
-            storage_class: String::new(),
-            server_side_encryption: String::new(),
+            storage_class: StorageClass::BucketDefault,
+            server_side_encryption: Encryption::BucketDefault,
             sse_kms_key_id: String::new(),
-            acl: String::new(),
+            acl: CannedAcl::BucketDefault,
             assume_role_arn: String::new(),
             assume_role_external_id: String::new(),
             multipart_threshold_bytes: 64 << 20,
@@ -182,7 +319,7 @@ impl Default for S3Config {
 pub struct RoutingConfig {
     /// Where the source id comes from, first match wins: `header:NAME`, `field:NAME`,
     /// `write-key:FIELD` (looked up in `write_keys`), `static:ID`.
-    pub source: Vec<String>,
+    pub source: Vec<SourceRule>,
     /// `writeKey` → source id, for `write-key:` rules.
     pub write_keys: BTreeMap<String, String>,
     /// Top-level field holding the ISO-8601 time the event was received.
@@ -201,7 +338,10 @@ pub struct RoutingConfig {
 impl Default for RoutingConfig {
     fn default() -> Self {
         Self {
-            source: vec!["header:source-id".into(), "field:projectId".into()],
+            source: vec![
+                SourceRule::Header("source-id".into()),
+                SourceRule::Field("projectId".into()),
+            ],
             write_keys: BTreeMap::new(),
             received_at_field: "receivedAt".into(),
             fallback_to_kafka_timestamp: false,
@@ -209,16 +349,6 @@ impl Default for RoutingConfig {
             max_message_bytes: 1 << 20,
             max_json_depth: 64,
         }
-    }
-}
-
-impl RoutingConfig {
-    /// The parsed source chain; only valid after [`Config::validate`].
-    pub fn source_rules(&self) -> Vec<SourceRule> {
-        self.source
-            .iter()
-            .filter_map(|rule| SourceRule::parse(rule).ok())
-            .collect()
     }
 }
 
@@ -295,6 +425,25 @@ impl Default for ShutdownConfig {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+pub struct OutputConfig {
+    /// `gzip`: one gzip member per object, `.gz`, as Segment writes them; `zstd`: one zstd
+    /// frame per object, `.zst`, `Content-Type: application/zstd` (smaller, faster to read).
+    pub compression: Codec,
+    /// zstd level, 1-19, for `zstd` objects (gzip's level is `buffer.compression_level`).
+    pub zstd_level: i32,
+}
+
+impl Default for OutputConfig {
+    fn default() -> Self {
+        Self {
+            compression: Codec::Gzip,
+            zstd_level: 3,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct MetricsConfig {
     /// Address of the `/metrics`, `/healthz` and `/readyz` server; empty turns it off.
     pub listen: String,
@@ -318,7 +467,7 @@ pub struct ConfigError {
 const ENV_PREFIX: &str = "ARCHIVER_";
 /// Top-level tables of the config file, which `ARCHIVER_{SECTION}_{KEY}` variables address.
 const SECTIONS: &[&str] = &[
-    "kafka", "s3", "routing", "buffer", "schedule", "shutdown", "metrics",
+    "kafka", "s3", "routing", "buffer", "schedule", "shutdown", "metrics", "output",
 ];
 
 impl Config {
@@ -367,15 +516,21 @@ impl Config {
         }
         for assignment in overrides {
             match assignment.split_once('=') {
-                Some((path, value)) => {
-                    let parts: Vec<&str> = path.trim().split('.').collect();
-                    set_path(&mut root, &parts, value.trim());
-                }
+                Some((path, value)) => match key_path(path.trim()) {
+                    Ok(parts) => {
+                        let parts: Vec<&str> = parts.iter().map(String::as_str).collect();
+                        set_path(&mut root, &parts, value.trim());
+                    }
+                    Err(problem) => problems.push(format!("--set {assignment}: {problem}")),
+                },
                 None => problems.push(format!("--set {assignment}: expected section.key=value")),
             }
         }
-        let config = deserialize_collecting(root, &mut problems);
-        if let Some(config) = &config {
+        let mut config = deserialize_collecting(root, &mut problems);
+        if let Some(config) = &mut config {
+            if config.kafka.aws_region.is_empty() {
+                config.kafka.aws_region = config.s3.region.clone();
+            }
             config.validate_into(&mut problems);
         }
         match config {
@@ -406,6 +561,18 @@ impl Config {
             !self.kafka.group_id.is_empty(),
             "kafka.group_id: must not be empty".into(),
         );
+        if self.kafka.auth == KafkaAuth::AwsMskIam {
+            for key in ["sasl.mechanism", "sasl.mechanisms"] {
+                if let Some(mechanism) = self.kafka.properties.get(key) {
+                    check(
+                        mechanism.eq_ignore_ascii_case("OAUTHBEARER"),
+                        format!(
+                            "kafka.properties.{key}: {mechanism:?} conflicts with kafka.auth = \"aws-msk-iam\", which authenticates with OAUTHBEARER"
+                        ),
+                    );
+                }
+            }
+        }
         for key in self.kafka.properties.keys() {
             check(
                 !RESERVED_KAFKA_PROPERTIES.contains(&key.as_str()),
@@ -479,22 +646,22 @@ impl Config {
                 .into(),
         );
         check(
+            (1..=19).contains(&self.output.zstd_level),
+            format!(
+                "output.zstd_level: {} must be 1 to 19",
+                self.output.zstd_level
+            ),
+        );
+        check(
             self.s3.request_timeout_secs >= 1,
             "s3.request_timeout_secs: must be at least 1".into(),
         );
         check(
-            matches!(
-                self.s3.server_side_encryption.as_str(),
-                "" | "AES256" | "aws:kms" | "aws:kms:dsse"
-            ),
-            format!(
-                "s3.server_side_encryption: {:?} must be AES256, aws:kms or aws:kms:dsse",
-                self.s3.server_side_encryption
-            ),
-        );
-        check(
             self.s3.sse_kms_key_id.is_empty()
-                || self.s3.server_side_encryption.starts_with("aws:kms"),
+                || matches!(
+                    self.s3.server_side_encryption,
+                    Encryption::AwsKms | Encryption::AwsKmsDsse
+                ),
             "s3.sse_kms_key_id: needs s3.server_side_encryption = \"aws:kms\"".into(),
         );
         check(
@@ -503,11 +670,6 @@ impl Config {
         );
         if self.routing.source.is_empty() {
             problems.push("routing.source: needs at least one rule".into());
-        }
-        for rule in &self.routing.source {
-            if let Err(problem) = SourceRule::parse(rule) {
-                problems.push(format!("routing.source: {problem}"));
-            }
         }
         for (write_key, source) in &self.routing.write_keys {
             if let Err(reason) = crate::layout::check_source_id(source) {
@@ -637,6 +799,29 @@ fn is_valid_topic(topic: &str) -> bool {
 
 /// Sets `parts` in the TOML tree to `raw`, read as a TOML value when it parses as one
 /// (numbers, booleans, arrays) and as a string otherwise.
+/// Splits a dotted key as TOML writes it: `kafka.properties."sasl.mechanism"` is three keys,
+/// the last one quoted because librdkafka's property names hold dots.
+fn key_path(path: &str) -> Result<Vec<String>, String> {
+    let mut parts = vec![String::new()];
+    let mut quoted = false;
+    for c in path.chars() {
+        match c {
+            '"' => quoted = !quoted,
+            '.' if !quoted => parts.push(String::new()),
+            c => parts.last_mut().expect("never empty").push(c),
+        }
+    }
+    if quoted {
+        return Err("a quote in the key is not closed".into());
+    }
+    if parts.iter().any(String::is_empty) {
+        return Err(
+            "expected section.key=value (quote keys holding dots: section.table.\"a.b\")".into(),
+        );
+    }
+    Ok(parts)
+}
+
 fn set_path(root: &mut toml::Table, parts: &[&str], raw: &str) {
     let value = format!("v = {raw}")
         .parse::<toml::Table>()
@@ -670,7 +855,9 @@ fn deserialize_collecting(mut root: toml::Table, problems: &mut Vec<String>) -> 
                 let mut segments: Vec<String> = path
                     .split('.')
                     .filter(|s| !s.is_empty() && *s != "?")
-                    .map(str::to_string)
+                    // A bad element of a list (`routing.source[1]`) takes the list with it, so
+                    // that the rest of the file is still checked.
+                    .map(|s| s.split('[').next().unwrap_or(s).to_string())
                     .collect();
                 // For an unknown field the path names its table; the field is in the message.
                 if let Some(unknown) = message
@@ -814,6 +1001,106 @@ mod tests {
         ] {
             assert!(text.contains(expected), "{expected} missing from:\n{text}");
         }
+    }
+
+    #[test]
+    fn enumerated_values_are_parsed_and_a_wrong_one_is_named_with_the_choices() {
+        let config = load_str(
+            "[s3]\nstorage_class = \"STANDARD_IA\"\nserver_side_encryption = \"aws:kms\"\nsse_kms_key_id = \"k\"\nacl = \"bucket-owner-full-control\"\n[routing]\nsource = [\"field:projectId\", \"static:web\"]\n",
+            &[],
+            &[],
+        )
+        .unwrap();
+        assert_eq!(config.s3.storage_class, StorageClass::StandardIa);
+        assert_eq!(config.s3.server_side_encryption, Encryption::AwsKms);
+        assert_eq!(config.s3.acl, CannedAcl::BucketOwnerFullControl);
+        assert_eq!(config.s3.acl.as_s3(), Some("bucket-owner-full-control"));
+        assert_eq!(
+            config.routing.source,
+            [
+                SourceRule::Field("projectId".into()),
+                SourceRule::Static("web".into())
+            ]
+        );
+        assert_eq!(StorageClass::default().as_s3(), None);
+
+        let err = load_str(
+            "[s3]\nstorage_class = \"STANDARD-IA\"\nacl = \"owner\"\n[routing]\nsource = [\"field:projectId\", \"column:x\"]\n[buffer]\ncompression_level = 12\n",
+            &[],
+            &[],
+        )
+        .unwrap_err();
+        let text = err.to_string();
+        for expected in [
+            "s3.storage_class: \"STANDARD-IA\" is not one of STANDARD, REDUCED_REDUNDANCY, STANDARD_IA",
+            "s3.acl: \"owner\" is not one of private,",
+            "routing.source: \"column:x\": unknown kind \"column\"",
+            // Checked although the list above was wrong.
+            "buffer.compression_level",
+        ] {
+            assert!(text.contains(expected), "{expected} missing from:\n{text}");
+        }
+    }
+
+    #[test]
+    fn msk_iam_takes_the_s3_region_unless_told_and_refuses_another_sasl_mechanism() {
+        let config = load_str(
+            "[kafka]\nauth = \"aws-msk-iam\"\n[s3]\nregion = \"eu-west-1\"\n",
+            &[],
+            &[],
+        )
+        .unwrap();
+        assert_eq!(config.kafka.aws_region, "eu-west-1");
+        let config = load_str(
+            "[kafka]\nauth = \"aws-msk-iam\"\naws_region = \"us-west-2\"\n",
+            &[],
+            &[],
+        )
+        .unwrap();
+        assert_eq!(config.kafka.aws_region, "us-west-2");
+        let err = load_str(
+            "[kafka]\nauth = \"aws-msk-iam\"\n[kafka.properties]\n\"sasl.mechanism\" = \"SCRAM-SHA-512\"\n",
+            &[],
+            &[],
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("conflicts with kafka.auth"),
+            "{err}"
+        );
+        let err = load_str("[kafka]\nauth = \"iam\"\n", &[], &[]).unwrap_err();
+        assert!(err.to_string().contains("kafka.auth"), "{err}");
+    }
+
+    #[test]
+    fn a_flag_can_set_a_librdkafka_property_whose_name_holds_dots() {
+        let config = load_str(
+            "",
+            &[],
+            &[
+                "kafka.properties.\"api.version.request\"=false",
+                "kafka.properties.\"sasl.jaas.config\"=a=b",
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            config
+                .kafka
+                .properties
+                .get("api.version.request")
+                .map(String::as_str),
+            Some("false")
+        );
+        assert_eq!(
+            config
+                .kafka
+                .properties
+                .get("sasl.jaas.config")
+                .map(String::as_str),
+            Some("a=b")
+        );
+        let err = load_str("", &[], &["kafka.properties.\"open=1"]).unwrap_err();
+        assert!(err.to_string().contains("not closed"), "{err}");
     }
 
     #[test]

@@ -57,8 +57,10 @@ impl DayFormat {
     }
 }
 
-/// One step of the source-id chain.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One step of the source-id chain, written `kind:argument` in the configuration (and in the
+/// cutting rules stored in the bucket, whose hash depends on that spelling).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub enum SourceRule {
     Header(String),
     Field(String),
@@ -90,6 +92,32 @@ impl SourceRule {
     }
 }
 
+impl std::fmt::Display for SourceRule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (kind, argument) = match self {
+            SourceRule::Header(name) => ("header", name),
+            SourceRule::Field(name) => ("field", name),
+            SourceRule::WriteKey(field) => ("write-key", field),
+            SourceRule::Static(id) => ("static", id),
+        };
+        write!(f, "{kind}:{argument}")
+    }
+}
+
+impl TryFrom<String> for SourceRule {
+    type Error = String;
+
+    fn try_from(rule: String) -> Result<SourceRule, String> {
+        SourceRule::parse(&rule)
+    }
+}
+
+impl From<SourceRule> for String {
+    fn from(rule: SourceRule) -> String {
+        rule.to_string()
+    }
+}
+
 /// Longest source id accepted as a folder name.
 pub const MAX_SOURCE_ID_LEN: usize = 128;
 
@@ -115,11 +143,47 @@ pub fn check_source_id(id: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
+/// How an object is compressed: what its key ends with and how readers open it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Codec {
+    /// One gzip member, as Segment writes its logs (`.gz`).
+    #[default]
+    Gzip,
+    /// One zstd frame (`.zst`).
+    Zstd,
+}
+
+impl Codec {
+    pub fn extension(self) -> &'static str {
+        match self {
+            Codec::Gzip => ".gz",
+            Codec::Zstd => ".zst",
+        }
+    }
+
+    pub fn is_gzip(&self) -> bool {
+        *self == Codec::Gzip
+    }
+
+    /// The codec a key's extension names, if any.
+    pub fn of_key(key: &str) -> Option<Codec> {
+        if key.ends_with(".gz") {
+            Some(Codec::Gzip)
+        } else if key.ends_with(".zst") {
+            Some(Codec::Zstd)
+        } else {
+            None
+        }
+    }
+}
+
 /// The folder every object lives under, after the optional prefix.
 pub const ROOT: &str = "segment-logs";
 
 /// Object key of the file whose first record is `first_offset`:
-/// `{prefix}segment-logs/{source}/{day}/{topic}-{partition}-{first_offset:020}.gz`.
+/// `{prefix}segment-logs/{source}/{day}/{topic}-{partition}-{first_offset:020}.gz` (`.zst` for
+/// zstd objects).
 /// Each offset lives in exactly one file, so keys never collide across batches.
 pub fn object_key(
     prefix: &str,
@@ -127,17 +191,21 @@ pub fn object_key(
     partition: i32,
     destination: &Destination,
     first_offset: i64,
+    codec: Codec,
 ) -> String {
     format!(
         "{prefix}{ROOT}/{}/{}",
         destination.folder(topic),
-        object_name(topic, partition, first_offset)
+        object_name(topic, partition, first_offset, codec)
     )
 }
 
 /// File name part of a key; also the local file name inside a batch directory.
-pub fn object_name(topic: &str, partition: i32, first_offset: i64) -> String {
-    format!("{topic}-{partition}-{first_offset:020}.gz")
+pub fn object_name(topic: &str, partition: i32, first_offset: i64, codec: Codec) -> String {
+    format!(
+        "{topic}-{partition}-{first_offset:020}{}",
+        codec.extension()
+    )
 }
 
 /// Where the manifest of batch `[start, end]` goes:
@@ -185,7 +253,7 @@ mod tests {
             day: "1432684800000".into(),
         };
         assert_eq!(
-            object_key("", "events", 3, &events, 42),
+            object_key("", "events", 3, &events, 42, Codec::Gzip),
             "segment-logs/src1/1432684800000/events-3-00000000000000000042.gz"
         );
         assert_eq!(
@@ -196,7 +264,8 @@ mod tests {
                 &Destination::DeadLetter {
                     day: "2015-05-27".into()
                 },
-                7
+                7,
+                Codec::Gzip
             ),
             "team/segment-logs/_dead-letter/events/2015-05-27/events-0-00000000000000000007.gz"
         );
@@ -227,6 +296,13 @@ mod tests {
     #[test]
     fn keys_sort_by_offset() {
         let d = Destination::DeadLetter { day: "x".into() };
-        assert!(object_key("", "t", 1, &d, 9) < object_key("", "t", 1, &d, 10));
+        assert!(
+            object_key("", "t", 1, &d, 9, Codec::Gzip)
+                < object_key("", "t", 1, &d, 10, Codec::Gzip)
+        );
+        assert_eq!(
+            object_name("t", 1, 9, Codec::Zstd),
+            "t-1-00000000000000000009.zst"
+        );
     }
 }

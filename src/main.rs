@@ -16,6 +16,8 @@ use kafka_s3_archiver::config::Config;
 use kafka_s3_archiver::consume::lag::group_lag;
 use kafka_s3_archiver::metrics::Metrics;
 use kafka_s3_archiver::produce::{self, EventGenerator, GeneratorSettings, ProduceSettings};
+use kafka_s3_archiver::restore::{self, plan::Selection, Progress, RestoreOptions};
+use kafka_s3_archiver::route::DeadLetterReason;
 use kafka_s3_archiver::schedule::UploadNow;
 
 #[derive(Parser)]
@@ -98,6 +100,46 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Send archived events (or dead letters) back into a Kafka topic, one message per line,
+    /// exactly once in total: run it again with the same arguments to resume where it stopped.
+    Restore {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Topic to send to (it must exist).
+        #[arg(long)]
+        topic: String,
+        /// A source id to restore (repeatable; default: every source).
+        #[arg(long = "source", value_name = "ID")]
+        sources: Vec<String>,
+        /// First received-day: a date (2026-11-20) or a day folder as the archive names it.
+        #[arg(long, value_name = "DAY")]
+        from: String,
+        /// Last received-day, inclusive.
+        #[arg(long, value_name = "DAY")]
+        to: String,
+        /// Send the original records of dead letters instead of events.
+        #[arg(long)]
+        dead_letter: bool,
+        /// With --dead-letter: only records dead-lettered for this reason (repeatable).
+        #[arg(long = "reason", value_name = "REASON")]
+        reasons: Vec<String>,
+        /// Event field that keys a message, first present wins (repeatable).
+        #[arg(long = "key-field", value_name = "FIELD",
+              default_values_t = ["anonymousId", "userId", "messageId"].map(String::from))]
+        key_fields: Vec<String>,
+        /// Events per second at most (0: as fast as the broker takes them).
+        #[arg(long, default_value_t = 0)]
+        rate: u64,
+        /// Megabytes sent but not yet acknowledged, at most.
+        #[arg(long, default_value_t = 64)]
+        max_in_flight_mb: u64,
+        /// Print the objects, bytes and events a run would send; send nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Skip and count objects that are not valid gzip and lines that are not JSON.
+        #[arg(long)]
+        skip_corrupt: bool,
+    },
     /// Show the group's committed offsets against the topic's high watermarks.
     Lag {
         #[command(flatten)]
@@ -174,18 +216,16 @@ fn real_main() -> anyhow::Result<ExitCode> {
                 minimal,
             });
             let settings = ProduceSettings {
-                brokers: config.kafka.brokers.clone(),
-                topic: config.kafka.topic.clone(),
+                kafka: config.kafka.clone(),
                 count,
                 rate,
                 compression,
-                properties: config.kafka.properties.clone().into_iter().collect(),
             };
             eprintln!(
                 "producing {count} events for {} sources over {days} days from {start_day} to {} at {}",
                 generator.sources().len(),
-                settings.topic,
-                settings.brokers
+                settings.kafka.topic,
+                settings.kafka.brokers
             );
             let summary = produce::produce(&settings, &mut generator, |sent, acked| {
                 eprintln!("  sent {sent}, acknowledged {acked}");
@@ -199,6 +239,91 @@ fn real_main() -> anyhow::Result<ExitCode> {
                 summary.events as f64 / secs,
                 summary.bytes as f64 / 1e6 / secs
             );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Restore {
+            config,
+            topic,
+            sources,
+            from,
+            to,
+            dead_letter,
+            reasons,
+            key_fields,
+            rate,
+            max_in_flight_mb,
+            dry_run,
+            skip_corrupt,
+        } => {
+            let config = config.load()?;
+            let day = |flag: &str, text: &str| {
+                restore::plan::parse_day(text).with_context(|| {
+                    format!("--{flag} {text:?}: expected a date (2026-11-20) or a day folder of the archive (1763596800000, day=2026-11-20)")
+                })
+            };
+            let (from, to) = (day("from", &from)?, day("to", &to)?);
+            anyhow::ensure!(from <= to, "--from {from} is after --to {to}");
+            let known: Vec<&str> = DeadLetterReason::ALL.iter().map(|r| r.as_str()).collect();
+            for reason in &reasons {
+                anyhow::ensure!(
+                    known.contains(&reason.as_str()),
+                    "--reason {reason:?}: not a dead-letter reason ({})",
+                    known.join(", ")
+                );
+            }
+            anyhow::ensure!(
+                dead_letter || reasons.is_empty(),
+                "--reason selects dead letters: add --dead-letter"
+            );
+            let options = RestoreOptions {
+                selection: Selection {
+                    archived_topic: config.kafka.topic.clone(),
+                    sources: sources.into_iter().collect(),
+                    from,
+                    to,
+                    dead_letter,
+                    reasons: reasons.into_iter().collect(),
+                },
+                target_topic: topic,
+                key_fields,
+                rate,
+                max_in_flight_bytes: max_in_flight_mb.max(1) << 20,
+                dry_run,
+                skip_corrupt,
+            };
+            let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
+            let runtime = tokio::runtime::Runtime::new().context("start async runtime")?;
+            let summary = runtime.block_on(restore::restore(&config, &options, move |p| {
+                show_progress(p, terminal)
+            }))?;
+            if terminal {
+                eprintln!();
+            }
+            let secs = summary.elapsed.as_secs_f64().max(1e-9);
+            let mb = summary.sent_bytes as f64 / 1e6;
+            if dry_run {
+                println!(
+                    "dry run of restore {}: would send {} events ({mb:.1} MB) from {} objects ({:.1} MB compressed); {} already sent by earlier runs",
+                    summary.run,
+                    summary.sent,
+                    summary.objects,
+                    summary.object_bytes as f64 / 1e6,
+                    summary.already_sent
+                );
+            } else {
+                println!(
+                    "restore {}: sent {} events ({mb:.1} MB) from {} objects in {secs:.1}s: {:.0} events/s, {:.1} MB/s; {} already sent by earlier runs",
+                    summary.run,
+                    summary.sent,
+                    summary.objects,
+                    summary.sent as f64 / secs,
+                    mb / secs,
+                    summary.already_sent
+                );
+            }
+            if summary.corrupt > 0 {
+                println!("skipped as corrupt: {}", summary.corrupt);
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Check(args) => {
@@ -270,6 +395,40 @@ fn real_main() -> anyhow::Result<ExitCode> {
                 std::thread::sleep(Duration::from_millis(500));
             }
         }
+    }
+}
+
+/// A restore's progress: a bar redrawn in place on a terminal, a log line otherwise.
+fn show_progress(progress: &Progress, terminal: bool) {
+    let secs = progress.elapsed.as_secs_f64().max(1e-3);
+    let eta = progress
+        .eta()
+        .map_or("-".to_string(), |eta| format!("{}s", eta.as_secs()));
+    let share = if progress.compressed_total == 0 {
+        1.0
+    } else {
+        progress.compressed_read as f64 / progress.compressed_total as f64
+    };
+    if terminal {
+        let filled = (share * 30.0).round() as usize;
+        eprint!(
+            "\r[{}{}] {}/{} objects, {} events, {:.1} MB/s, ETA {eta}   ",
+            "#".repeat(filled.min(30)),
+            " ".repeat(30 - filled.min(30)),
+            progress.objects_done,
+            progress.objects,
+            progress.sent,
+            progress.sent_bytes as f64 / 1e6 / secs,
+        );
+    } else {
+        tracing::info!(
+            objects_done = progress.objects_done,
+            objects = progress.objects,
+            events_sent = progress.sent,
+            mb_per_sec = format!("{:.1}", progress.sent_bytes as f64 / 1e6 / secs),
+            eta = %eta,
+            "restoring"
+        );
     }
 }
 

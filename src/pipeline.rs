@@ -10,6 +10,9 @@
 //!    the uploader (`upload`);
 //! 4. [`CommitRequest`]: the uploader asks the poll thread to commit an intent (before the
 //!    objects) or a completion (after them), and hears back a [`CommitResult`] (`commit`).
+//!
+//! Beside them, [`Fatal`]: any stage raises it when it cannot go on, and every other stage
+//! stops.
 
 use std::path::PathBuf;
 use std::sync::mpsc::SyncSender;
@@ -17,8 +20,39 @@ use std::sync::mpsc::SyncSender;
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{BatchState, Committed, FileState, Gap, StreamState};
-use crate::layout::Destination;
+use crate::layout::{Codec, Destination};
 use crate::rules::CuttingRules;
+
+/// A condition no stage can get past (a fatal Kafka error, a refused join, a broken local disk):
+/// raised once by whichever thread meets it, with the message the operator reads, and a
+/// cancellation that async tasks await and blocking loops check.
+#[derive(Debug, Default)]
+pub struct Fatal {
+    message: std::sync::Mutex<Option<String>>,
+    raised: tokio_util::sync::CancellationToken,
+}
+
+impl Fatal {
+    /// Records the first cause (later ones are consequences) and cancels.
+    pub fn raise(&self, message: String) {
+        let mut slot = self.message.lock().expect("fatal lock");
+        if slot.is_none() {
+            tracing::error!(error = %message, "stopping");
+            *slot = Some(message);
+            self.raised.cancel();
+        }
+    }
+
+    /// The cause, once raised.
+    pub fn get(&self) -> Option<String> {
+        self.message.lock().expect("fatal lock").clone()
+    }
+
+    /// Completes once raised.
+    pub async fn raised(&self) {
+        self.raised.cancelled().await
+    }
+}
 
 /// The buffer worker that owns `partition`, of `workers`: always the same one, so a partition's
 /// records and commands stay in order.
@@ -95,7 +129,7 @@ pub enum BufferError {
 }
 
 /// Why a batch was sealed; a metric label.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SealTrigger {
     Schedule,
     /// An operator asked for an upload now (SIGUSR1).
@@ -141,6 +175,7 @@ pub struct SealedFile {
     pub path: PathBuf,
     /// The finished object: its length, CRC32 and uncompressed size.
     pub stream: StreamState,
+    pub codec: Codec,
 }
 
 impl SealedBatch {
@@ -165,6 +200,7 @@ impl SealedBatch {
                     records: f.records,
                     stream: f.stream,
                     accepting: false,
+                    codec: f.codec,
                 })
                 .collect(),
             first_read_ms: self.first_read_ms,

@@ -2,15 +2,15 @@
 //! group, alias) for demos, tests and benchmarks. Seeded, so the same flags give the same events.
 
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, NaiveDate, TimeZone, Utc};
-use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
-use rdkafka::ClientContext;
+use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
+
+use crate::config::KafkaConfig;
+use crate::kafka_client::{client_config, Auth, ClientRole, Deliveries, ProducerCounting};
 
 /// What to generate.
 #[derive(Debug, Clone)]
@@ -219,15 +219,13 @@ fn uuid_like(rng: &mut fastrand::Rng) -> String {
 /// Where and how fast to produce.
 #[derive(Debug, Clone)]
 pub struct ProduceSettings {
-    pub brokers: String,
-    pub topic: String,
+    /// Brokers, topic and security settings, as the archiver reads them.
+    pub kafka: KafkaConfig,
     pub count: u64,
     /// Events per second; 0 for as fast as the broker takes them.
     pub rate: u64,
     /// librdkafka's `compression.type` for the produced batches.
     pub compression: String,
-    /// Extra librdkafka properties (security settings).
-    pub properties: Vec<(String, String)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -244,37 +242,6 @@ pub enum ProduceError {
     Send(#[source] KafkaError),
 }
 
-/// Counts deliveries as the broker acknowledges them.
-#[derive(Default)]
-struct DeliveryCounter {
-    delivered: AtomicU64,
-    failed: AtomicU64,
-    first_error: std::sync::Mutex<Option<String>>,
-}
-
-struct CountingContext(Arc<DeliveryCounter>);
-
-impl ClientContext for CountingContext {}
-
-impl ProducerContext for CountingContext {
-    type DeliveryOpaque = ();
-    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
-        match result {
-            Ok(_) => {
-                self.0.delivered.fetch_add(1, Ordering::Relaxed);
-            }
-            Err((err, _)) => {
-                self.0.failed.fetch_add(1, Ordering::Relaxed);
-                self.0
-                    .first_error
-                    .lock()
-                    .expect("lock")
-                    .get_or_insert_with(|| err.to_string());
-            }
-        }
-    }
-}
-
 /// Summary of a produce run.
 #[derive(Debug, Clone)]
 pub struct ProduceSummary {
@@ -289,22 +256,23 @@ pub fn produce(
     generator: &mut EventGenerator,
     mut progress: impl FnMut(u64, u64),
 ) -> Result<ProduceSummary, ProduceError> {
-    let counter = Arc::new(DeliveryCounter::default());
-    let mut config = ClientConfig::new();
-    for (key, value) in &settings.properties {
-        config.set(key, value);
-    }
-    let producer: ThreadedProducer<CountingContext> = config
-        .set("bootstrap.servers", &settings.brokers)
-        .set("linger.ms", "20")
-        .set("batch.size", "1000000")
-        .set("compression.type", &settings.compression)
-        .set("message.timeout.ms", "120000")
-        .create_with_context(CountingContext(Arc::clone(&counter)))
-        .map_err(|err| {
-            let properties = settings.properties.iter().map(|(k, v)| (k, v));
-            ProduceError::Create(crate::config::redact_secrets(&err.to_string(), properties))
-        })?;
+    let counter = Arc::new(Deliveries::default());
+    let producer: ThreadedProducer<ProducerCounting> = client_config(
+        &settings.kafka,
+        ClientRole::Producer {
+            compression: &settings.compression,
+        },
+    )
+    .create_with_context(ProducerCounting {
+        deliveries: Arc::clone(&counter),
+        auth: Auth::for_config(&settings.kafka),
+    })
+    .map_err(|err| {
+        ProduceError::Create(crate::config::redact_secrets(
+            &err.to_string(),
+            &settings.kafka.properties,
+        ))
+    })?;
 
     let started = Instant::now();
     let mut last_report = Instant::now();
@@ -318,7 +286,9 @@ pub fn produce(
         }
         let (key, payload) = generator.next_event();
         bytes += payload.len() as u64;
-        let mut record = BaseRecord::to(&settings.topic).key(&key).payload(&payload);
+        let mut record = BaseRecord::to(&settings.kafka.topic)
+            .key(&key)
+            .payload(&payload);
         loop {
             match producer.send(record) {
                 Ok(()) => break,
@@ -330,24 +300,19 @@ pub fn produce(
             }
         }
         if last_report.elapsed() >= Duration::from_secs(1) {
-            progress(sent + 1, counter.delivered.load(Ordering::Relaxed));
+            progress(sent + 1, counter.delivered());
             last_report = Instant::now();
         }
     }
     producer
         .flush(Duration::from_secs(120))
         .map_err(ProduceError::Send)?;
-    let failed = counter.failed.load(Ordering::Relaxed);
+    let failed = counter.failed();
     if failed > 0 {
         return Err(ProduceError::Delivery {
             failed,
             total: settings.count,
-            first: counter
-                .first_error
-                .lock()
-                .expect("lock")
-                .clone()
-                .unwrap_or_default(),
+            first: counter.first_error(),
         });
     }
     Ok(ProduceSummary {

@@ -1,11 +1,16 @@
 //! Schedule: when batches are sealed for upload — every `interval` aligned to UTC midnight plus
 //! an offset (hourly at minute 40 by default, as Segment copies its logs) — and the clock it
 //! reads, injectable so the schedule is tested without sleeping. An operator can also ask for an
-//! upload now (SIGUSR1 in the binary), ahead of the schedule.
+//! upload now (SIGUSR1 in the binary), ahead of the schedule. [`Cadence`] turns both, and the
+//! checkpoint interval, into what falls due on each turn of the poll loop.
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, TimeZone, Utc};
+
+use crate::pipeline::SealTrigger;
 
 /// A request to seal and upload every open batch now rather than at the next scheduled time:
 /// before draining a node, to check a pipeline end to end without waiting for the hour, or to
@@ -66,9 +71,115 @@ impl Schedule {
     }
 }
 
+/// What falls due on the poll thread, for every buffer worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Due {
+    Seal(SealTrigger),
+    Checkpoint,
+}
+
+/// The timed work of the poll loop: the scheduled seal (wall clock, injectable), a seal an
+/// operator asked for, and the checkpoint every `checkpoint_interval` (monotonic time, passed in).
+pub struct Cadence {
+    schedule: Schedule,
+    clock: Arc<dyn Clock>,
+    upload_now: Arc<UploadNow>,
+    checkpoint_interval: Duration,
+    next_seal: DateTime<Utc>,
+    next_checkpoint: Instant,
+}
+
+impl Cadence {
+    pub fn new(
+        schedule: Schedule,
+        clock: Arc<dyn Clock>,
+        upload_now: Arc<UploadNow>,
+        checkpoint_interval: Duration,
+        started: Instant,
+    ) -> Cadence {
+        Cadence {
+            next_seal: schedule.next_after(clock.now()),
+            next_checkpoint: started + checkpoint_interval,
+            schedule,
+            clock,
+            upload_now,
+            checkpoint_interval,
+        }
+    }
+
+    /// When the next scheduled seal is.
+    pub fn next_seal(&self) -> DateTime<Utc> {
+        self.next_seal
+    }
+
+    /// What is due at monotonic time `now`, in the order to send it: a seal goes before the
+    /// checkpoint, so the checkpoint records the sealed batch.
+    pub fn due(&mut self, now: Instant) -> Vec<Due> {
+        let mut due = Vec::new();
+        let wall = self.clock.now();
+        if wall >= self.next_seal {
+            due.push(Due::Seal(SealTrigger::Schedule));
+            self.next_seal = self.schedule.next_after(wall);
+        }
+        if self.upload_now.take() {
+            tracing::info!("upload requested: sealing every open batch");
+            due.push(Due::Seal(SealTrigger::Requested));
+        }
+        if now >= self.next_checkpoint {
+            due.push(Due::Checkpoint);
+            self.next_checkpoint = now + self.checkpoint_interval;
+        }
+        due
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A wall clock the test moves.
+    struct Manual(std::sync::Mutex<DateTime<Utc>>);
+    impl Clock for Manual {
+        fn now(&self) -> DateTime<Utc> {
+            *self.0.lock().unwrap()
+        }
+    }
+
+    #[test]
+    fn the_cadence_seals_on_schedule_on_request_and_checkpoints_on_its_interval() {
+        let clock = Arc::new(Manual(std::sync::Mutex::new(at("2026-11-25T10:39:58Z"))));
+        let upload_now = Arc::new(UploadNow::default());
+        let start = Instant::now();
+        let mut cadence = Cadence::new(
+            Schedule::new(3600, 2400),
+            clock.clone(),
+            upload_now.clone(),
+            Duration::from_secs(10),
+            start,
+        );
+        assert_eq!(cadence.next_seal(), at("2026-11-25T10:40:00Z"));
+        assert_eq!(cadence.due(start), vec![]);
+        *clock.0.lock().unwrap() = at("2026-11-25T10:40:00Z");
+        assert_eq!(
+            cadence.due(start + Duration::from_secs(10)),
+            vec![Due::Seal(SealTrigger::Schedule), Due::Checkpoint]
+        );
+        assert_eq!(cadence.next_seal(), at("2026-11-25T11:40:00Z"));
+        // Nothing again until the next slot and the next interval.
+        assert_eq!(cadence.due(start + Duration::from_secs(19)), vec![]);
+        upload_now.request();
+        assert_eq!(
+            cadence.due(start + Duration::from_secs(20)),
+            vec![Due::Seal(SealTrigger::Requested), Due::Checkpoint]
+        );
+        // A clock that jumped hours ahead seals once, then waits for the next slot after it.
+        *clock.0.lock().unwrap() = at("2026-11-25T15:00:00Z");
+        assert_eq!(
+            cadence.due(start + Duration::from_secs(21)),
+            vec![Due::Seal(SealTrigger::Schedule)]
+        );
+        assert_eq!(cadence.next_seal(), at("2026-11-25T15:40:00Z"));
+    }
 
     #[test]
     fn upload_requests_merge_until_taken() {

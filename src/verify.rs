@@ -3,7 +3,9 @@
 //! partition. `deep` also downloads and decompresses every object (as one gzip member), checks
 //! its line count and CRC32 against the manifest, and looks for duplicate `messageId`s.
 //!
-//! It only reads: it never deletes or rewrites anything.
+//! It only reads: it never deletes or rewrites anything. The judging is pure ([`analyze`],
+//! [`inspect_object`]), fed by the listing, the manifests and the group's offsets; objects are
+//! decompressed on blocking threads.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Read;
@@ -15,6 +17,7 @@ use crate::checkpoint::{Gap, GapCause};
 use crate::config::Config;
 use crate::consume::lag::{group_lag, LagError, PartitionLag};
 use crate::layout;
+use crate::layout::Codec;
 use crate::upload::manifest::Manifest;
 use crate::upload::s3::S3Store;
 
@@ -151,8 +154,6 @@ pub async fn verify(config: &Config, deep: bool) -> Result<Report, VerifyError> 
             }),
         }
     }
-    report.manifests = manifests.values().map(Vec::len).sum();
-
     // rdkafka calls block: keep them off the async threads.
     let kafka_config = config.clone();
     let kafka = tokio::task::spawn_blocking(move || group_lag(&kafka_config))
@@ -160,6 +161,45 @@ pub async fn verify(config: &Config, deep: bool) -> Result<Report, VerifyError> 
         .expect("kafka lookup thread")?;
     let kafka: HashMap<i32, PartitionLag> = kafka.into_iter().map(|l| (l.partition, l)).collect();
 
+    let referenced = analyze(
+        &topic,
+        &root,
+        &objects,
+        manifests,
+        &kafka,
+        &mut report,
+        &mut findings,
+    );
+
+    if deep {
+        deep_check(
+            &store,
+            config,
+            &referenced,
+            &objects,
+            &mut report,
+            &mut findings,
+        )
+        .await?;
+    }
+    report.findings = findings;
+    Ok(report)
+}
+
+/// Judges what the bucket holds (`objects`, `manifests` per partition) against what the group
+/// committed (`kafka`): the summary per partition into `report`, every problem into `findings`.
+/// Returns each object a manifest lists, with the line count and CRC32 it records. Pure: the
+/// downloads happen before, the deep check after.
+pub fn analyze(
+    topic: &str,
+    root: &str,
+    objects: &BTreeMap<String, i64>,
+    mut manifests: BTreeMap<i32, Vec<Manifest>>,
+    kafka: &HashMap<i32, PartitionLag>,
+    report: &mut Report,
+    findings: &mut Vec<Finding>,
+) -> HashMap<String, (u64, String)> {
+    report.manifests = manifests.values().map(Vec::len).sum();
     // Every object a manifest lists, with the line count and CRC32 it records.
     let mut referenced: HashMap<String, (u64, String)> = HashMap::new();
     let mut partitions: Vec<i32> = manifests.keys().chain(kafka.keys()).copied().collect();
@@ -261,7 +301,7 @@ pub async fn verify(config: &Config, deep: bool) -> Result<Report, VerifyError> 
     let marker = format!("/{topic}-");
     let dead_letter_root = format!("{root}_dead-letter/{topic}/");
     for key in objects.keys() {
-        let ours = key.ends_with(".gz")
+        let ours = Codec::of_key(key).is_some()
             && (key.contains(&marker))
             && (!key[root.len()..].starts_with('_') || key.starts_with(&dead_letter_root));
         if ours {
@@ -275,20 +315,7 @@ pub async fn verify(config: &Config, deep: bool) -> Result<Report, VerifyError> 
             }
         }
     }
-
-    if deep {
-        deep_check(
-            &store,
-            config,
-            &referenced,
-            &objects,
-            &mut report,
-            &mut findings,
-        )
-        .await?;
-    }
-    report.findings = findings;
-    Ok(report)
+    referenced
 }
 
 /// Downloads every referenced object: it must be one gzip member whose lines match the
@@ -311,52 +338,19 @@ async fn deep_check(
     let mut fetched = fetch_in_order(store, keys);
     while let Some((key, bytes)) = fetched.next().await {
         let bytes = bytes?;
-        let mut decoder = flate2::bufread::GzDecoder::new(&bytes[..]);
-        let mut content = Vec::new();
-        if let Err(err) = decoder.read_to_end(&mut content) {
-            findings.push(Finding {
-                kind: "corrupt-object",
-                partition: None,
-                detail: format!("{key}: not a valid gzip member: {err}"),
-            });
-            continue;
-        }
-        if !decoder.into_inner().is_empty() {
-            findings.push(Finding {
-                kind: "corrupt-object",
-                partition: None,
-                detail: format!("{key}: bytes follow the first gzip member"),
-            });
-        }
-        let lines: Vec<&[u8]> = content
-            .split(|&b| b == b'\n')
-            .filter(|l| !l.is_empty())
-            .collect();
-        report.lines_checked += lines.len() as u64;
-        if let Some((records, crc)) = referenced.get(key.as_str()) {
-            let actual_crc = format!("{:08x}", crc32fast::hash(&content));
-            if *records != lines.len() as u64 || *crc != actual_crc {
-                findings.push(Finding {
-                    kind: "count-mismatch",
-                    partition: None,
-                    detail: format!(
-                        "{key}: manifest says {records} lines (crc32 {crc}), object has {} (crc32 {actual_crc})",
-                        lines.len()
-                    ),
-                });
-            }
-        }
-        if key.starts_with(&format!("{root}_")) {
-            continue; // dead letters carry no messageId of their own
-        }
-        for line in lines {
-            let Ok(event) = serde_json::from_slice::<serde_json::Value>(line) else {
-                continue;
-            };
-            let Some(id) = event.get("messageId").and_then(|v| v.as_str()) else {
-                continue;
-            };
-            if let Some(first) = seen.insert(id.to_string(), key.clone()) {
+        let expected = referenced.get(key.as_str()).cloned();
+        let dead_letter = key.starts_with(&format!("{root}_"));
+        let owned_key = key.clone();
+        // Decompressing and parsing a large object is seconds of CPU: not on the async threads.
+        let checked = tokio::task::spawn_blocking(move || {
+            inspect_object(&owned_key, &bytes, expected, dead_letter)
+        })
+        .await
+        .expect("object check thread");
+        report.lines_checked += checked.lines;
+        findings.extend(checked.findings);
+        for id in checked.message_ids {
+            if let Some(first) = seen.insert(id.clone(), key.clone()) {
                 findings.push(Finding {
                     kind: "duplicate-message-id",
                     partition: None,
@@ -366,6 +360,101 @@ async fn deep_check(
         }
     }
     Ok(())
+}
+
+/// What one downloaded object holds.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ObjectCheck {
+    pub lines: u64,
+    pub findings: Vec<Finding>,
+    /// `messageId`s of its events (dead letters carry none of their own).
+    pub message_ids: Vec<String>,
+}
+
+/// An object's lines, decoded as its key's extension says: exactly the first gzip member or
+/// zstd frame (what a reader that stops there gets), and whether bytes follow it.
+fn decode_object(key: &str, bytes: &[u8]) -> Result<(Vec<u8>, bool), String> {
+    let mut content = Vec::new();
+    match Codec::of_key(key) {
+        Some(Codec::Zstd) => {
+            let frame = zstd::zstd_safe::find_frame_compressed_size(bytes).map_err(|code| {
+                format!(
+                    "not a valid zstd frame ({})",
+                    zstd::zstd_safe::get_error_name(code)
+                )
+            })?;
+            zstd::stream::read::Decoder::new(&bytes[..frame])
+                .and_then(|decoder| decoder.single_frame().read_to_end(&mut content))
+                .map_err(|err| format!("not a valid zstd frame: {err}"))?;
+            Ok((content, frame < bytes.len()))
+        }
+        _ => {
+            let mut decoder = flate2::bufread::GzDecoder::new(bytes);
+            decoder
+                .read_to_end(&mut content)
+                .map_err(|err| format!("not a valid gzip member: {err}"))?;
+            Ok((content, !decoder.into_inner().is_empty()))
+        }
+    }
+}
+
+/// Checks an object's bytes: exactly one gzip member, with the line count and CRC32 its manifest
+/// records (`expected`); collects its events' `messageId`s.
+pub fn inspect_object(
+    key: &str,
+    bytes: &[u8],
+    expected: Option<(u64, String)>,
+    dead_letter: bool,
+) -> ObjectCheck {
+    let mut check = ObjectCheck::default();
+    let (content, trailing) = match decode_object(key, bytes) {
+        Ok(decoded) => decoded,
+        Err(err) => {
+            check.findings.push(Finding {
+                kind: "corrupt-object",
+                partition: None,
+                detail: format!("{key}: {err}"),
+            });
+            return check;
+        }
+    };
+    if trailing {
+        check.findings.push(Finding {
+            kind: "corrupt-object",
+            partition: None,
+            detail: format!("{key}: bytes follow the first gzip member or zstd frame"),
+        });
+    }
+    let lines: Vec<&[u8]> = content
+        .split(|&b| b == b'\n')
+        .filter(|l| !l.is_empty())
+        .collect();
+    check.lines = lines.len() as u64;
+    if let Some((records, crc)) = expected {
+        let actual_crc = format!("{:08x}", crc32fast::hash(&content));
+        if records != check.lines || crc != actual_crc {
+            check.findings.push(Finding {
+                kind: "count-mismatch",
+                partition: None,
+                detail: format!(
+                    "{key}: manifest says {records} lines (crc32 {crc}), object has {} (crc32 {actual_crc})",
+                    check.lines
+                ),
+            });
+        }
+    }
+    if dead_letter {
+        return check;
+    }
+    for line in lines {
+        let Ok(event) = serde_json::from_slice::<serde_json::Value>(line) else {
+            continue;
+        };
+        if let Some(id) = event.get("messageId").and_then(|v| v.as_str()) {
+            check.message_ids.push(id.to_string());
+        }
+    }
+    check
 }
 
 /// Objects fetched a few at a time (one by one, a bucket of thousands of small objects took
@@ -526,5 +615,123 @@ mod tests {
             ..manifest(0, 99, 90, vec![])
         };
         assert!(kinds(&old).is_empty());
+    }
+
+    fn object_of(start: i64, end: i64) -> Manifest {
+        let mut manifest = manifest(start, end, (end - start + 1) as u64, Vec::new());
+        manifest.files[0].key = format!("segment-logs/web/1/t-0-{start:020}.gz");
+        manifest
+    }
+
+    fn lag(low: i64, end: i64, committed: Option<i64>) -> HashMap<i32, PartitionLag> {
+        [(
+            0,
+            PartitionLag {
+                partition: 0,
+                low_watermark: low,
+                high_watermark: end,
+                end_offset: end,
+                committed,
+            },
+        )]
+        .into()
+    }
+
+    /// Runs the analysis; the finding kinds it reports.
+    fn analyzed(
+        manifests: Vec<Manifest>,
+        objects: &[&str],
+        kafka: &HashMap<i32, PartitionLag>,
+    ) -> (Report, Vec<&'static str>) {
+        let objects: BTreeMap<String, i64> = objects.iter().map(|k| (k.to_string(), 1)).collect();
+        let mut report = Report::default();
+        let mut findings = Vec::new();
+        let manifests = BTreeMap::from([(0, manifests)]);
+        analyze(
+            "t",
+            "segment-logs/",
+            &objects,
+            manifests,
+            kafka,
+            &mut report,
+            &mut findings,
+        );
+        (report, findings.iter().map(|f| f.kind).collect())
+    }
+
+    #[test]
+    fn contiguous_committed_batches_whose_objects_are_all_there_are_clean() {
+        let batches = vec![object_of(100, 199), object_of(0, 99)];
+        let keys = [
+            "segment-logs/web/1/t-0-00000000000000000000.gz",
+            "segment-logs/web/1/t-0-00000000000000000100.gz",
+        ];
+        let (report, kinds) = analyzed(batches, &keys, &lag(0, 200, Some(200)));
+        assert_eq!(kinds, Vec::<&str>::new());
+        assert_eq!(report.records, 200);
+        assert_eq!(report.objects, 2);
+        assert_eq!(report.partitions[0].first_offset, Some(0));
+        assert_eq!(report.partitions[0].last_offset, Some(199));
+    }
+
+    #[test]
+    fn gaps_overlaps_missing_and_extra_objects_and_uncommitted_batches_are_found() {
+        let keys = [
+            "segment-logs/web/1/t-0-00000000000000000010.gz",
+            "segment-logs/web/1/t-0-00000000000000000150.gz",
+            "segment-logs/web/1/t-0-00000000000000099999.gz",
+        ];
+        let batches = vec![object_of(10, 99), object_of(150, 199), object_of(190, 249)];
+        let (_, kinds) = analyzed(batches, &keys, &lag(0, 300, Some(200)));
+        assert_eq!(
+            kinds,
+            [
+                "gap",               // 0..9: in Kafka, in no manifest
+                "gap",               // 100..149
+                "overlap",           // [150, 199] and [190, 249]
+                "uncommitted-batch", // manifests reach 249, the group committed 200
+                "missing-object",    // batch [190, 249]'s object
+                "extra-object",      // 99999 is in no manifest
+            ]
+        );
+        // The group committed past the last manifest: offsets were committed unarchived.
+        let (_, kinds) = analyzed(
+            vec![object_of(0, 99)],
+            &["segment-logs/web/1/t-0-00000000000000000000.gz"],
+            &lag(0, 300, Some(300)),
+        );
+        assert_eq!(kinds, ["gap"]);
+    }
+
+    fn gzip(text: &str) -> Vec<u8> {
+        use std::io::Write as _;
+        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        encoder.write_all(text.as_bytes()).unwrap();
+        encoder.finish().unwrap()
+    }
+
+    #[test]
+    fn an_object_is_checked_against_its_manifest_line() {
+        let text = "{\"messageId\":\"a\"}\n{\"messageId\":\"b\"}\n";
+        let crc = format!("{:08x}", crc32fast::hash(text.as_bytes()));
+        let good = inspect_object("k", &gzip(text), Some((2, crc.clone())), false);
+        assert_eq!(good.lines, 2);
+        assert_eq!(good.findings, []);
+        assert_eq!(good.message_ids, ["a", "b"]);
+
+        let short = inspect_object("k", &gzip(text), Some((3, crc.clone())), false);
+        assert_eq!(short.findings[0].kind, "count-mismatch");
+
+        let mut two_members = gzip(text);
+        two_members.extend(gzip(text));
+        let trailing = inspect_object("k", &two_members, None, false);
+        assert_eq!(trailing.findings[0].kind, "corrupt-object");
+
+        let corrupt = inspect_object("k", b"not gzip", Some((2, crc)), false);
+        assert_eq!(corrupt.findings[0].kind, "corrupt-object");
+        assert_eq!(corrupt.lines, 0);
+
+        let dead = inspect_object("k", &gzip(text), None, true);
+        assert!(dead.message_ids.is_empty());
     }
 }

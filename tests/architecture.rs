@@ -104,3 +104,34 @@ fn the_pipeline_imports_no_stage() {
         .collect();
     assert!(imported.is_empty(), "pipeline.rs imports {imported:?}");
 }
+
+/// The stages that run as their own threads or tasks, in the order a record meets them. Each
+/// imports only what lies downstream of it; `route` (the pure function the buffer workers call
+/// on each record) and `checkpoint` (the state they persist, which sealed batches carry on)
+/// import no stage at all.
+#[test]
+fn no_stage_imports_one_upstream_of_it() {
+    let graph = module_imports();
+    let stages = ["consume", "buffer", "upload", "commit"];
+    for (position, stage) in stages.iter().enumerate() {
+        let upstream: Vec<&String> = graph[*stage]
+            .iter()
+            .filter(|m| stages[..position].contains(&m.as_str()))
+            .collect();
+        assert!(upstream.is_empty(), "{stage} imports {upstream:?}");
+    }
+    for library in [
+        "route",
+        "checkpoint",
+        "layout",
+        "rules",
+        "retry",
+        "schedule",
+    ] {
+        let imported: Vec<&String> = graph[library]
+            .iter()
+            .filter(|m| stages.contains(&m.as_str()) || *m == "app")
+            .collect();
+        assert!(imported.is_empty(), "{library} imports {imported:?}");
+    }
+}

@@ -70,7 +70,7 @@ fn archives_every_event_exactly_once_in_the_segment_layout() {
     // Batches were cut by the schedule: at least two per partition.
     let log = archiver.log_text();
     // tansu drops commit metadata; the archiver said so and went on at-least-once.
-    assert!(log.contains("drops offset-commit metadata"), "{log}");
+    assert_eq!(metrics["archiver_exactly_once_degraded"], 1.0, "{log}");
     let sealed = log_events(&log, "batch sealed");
     for partition in 0..4 {
         let batches = sealed
@@ -171,9 +171,15 @@ fn the_size_caps_cut_files_and_seal_batches_early_and_sigusr1_uploads_the_rest()
         );
         std::thread::sleep(Duration::from_millis(500));
     };
-    let by_size = log_events(&archiver.log_text(), "batch sealed");
-    assert!(by_size.len() >= 4, "{}", archiver.log_text());
-    assert!(by_size.iter().all(|e| e["trigger"] == "batch-size"));
+    let sealed = |metrics: &BTreeMap<String, f64>, trigger: &str| {
+        metrics[&format!("archiver_batches_sealed_total{{trigger=\"{trigger}\"}}")]
+    };
+    let metrics = archiver.scrape();
+    let by_size = sealed(&metrics, "batch-size");
+    assert!(by_size >= 4.0, "{}", archiver.log_text());
+    for other in ["schedule", "requested", "disk-pressure"] {
+        assert_eq!(sealed(&metrics, other), 0.0, "{other}");
+    }
     assert!(committed < end, "the remainder is below the batch cap");
 
     // The rest waits for tomorrow's schedule, unless an operator asks for it now.
@@ -188,12 +194,16 @@ fn the_size_caps_cut_files_and_seal_batches_early_and_sigusr1_uploads_the_rest()
         Duration::from_secs(60),
         &mut [&mut archiver],
     );
+    let metrics = archiver.scrape();
+    assert_eq!(
+        sealed(&metrics, "requested"),
+        1.0,
+        "{}",
+        archiver.log_text()
+    );
+    assert_eq!(sealed(&metrics, "batch-size"), by_size);
     let status = archiver.terminate(Duration::from_secs(40));
     assert!(status.success(), "{}", archiver.log_text());
-    let log = archiver.log_text();
-    let sealed = log_events(&log, "batch sealed");
-    assert_eq!(sealed.len(), by_size.len() + 1, "{log}");
-    assert_eq!(sealed.last().unwrap()["trigger"], "requested", "{log}");
 
     let out = rig.dir.path().join("bucket");
     rig.s3.download(&out);
@@ -217,7 +227,10 @@ fn the_size_caps_cut_files_and_seal_batches_early_and_sigusr1_uploads_the_rest()
 
 #[test]
 fn a_killed_archiver_resumes_from_its_local_checkpoint() {
-    let rig = Rig::start(2);
+    // The mock cluster, not tansu: tansu 0.6 answers a fetch from the middle of a record batch
+    // with the next batch, so a checkpoint that falls inside a batch (as it may) would lose the
+    // rest of that batch in the broker's answer, not in the archiver.
+    let rig = Rig::start_mock(2);
     let data = rig.dir.path().join("data");
     let no_uploads = [
         ("ARCHIVER_SCHEDULE_INTERVAL_SECS", "86400"),
@@ -225,7 +238,8 @@ fn a_killed_archiver_resumes_from_its_local_checkpoint() {
         ("ARCHIVER_BUFFER_CHECKPOINT_INTERVAL_SECS", "1"),
     ];
     let mut first = rig.archiver("first", &data, &no_uploads);
-    rig.produce(6_000, 4, 2, 4);
+    // The mock keeps up to 5 MB per partition: 6,000 events (~5.5 MB) over two partitions.
+    rig.produce(4_000, 4, 2, 4);
     let wave = end_offsets(&rig.read_topic(2));
     let checkpointed = |partition: i32| -> Option<i64> {
         let path = data
@@ -245,7 +259,7 @@ fn a_killed_archiver_resumes_from_its_local_checkpoint() {
         std::thread::sleep(Duration::from_millis(200));
     }
     // More records arrive, and the process dies between two checkpoints.
-    rig.produce(3_000, 4, 2, 5);
+    rig.produce(2_000, 4, 2, 5);
     std::thread::sleep(Duration::from_millis(400));
     first.kill9();
     assert_eq!(

@@ -13,11 +13,21 @@ use support::*;
 /// one, on another volume, finds the intents and replays exactly those batches before going on.
 #[test]
 fn an_interrupted_batch_is_replayed_exactly_by_the_next_owner() {
+    interrupted_batches_are_replayed_exactly("gzip", ".gz");
+}
+
+/// The same with zstd objects: one frame each, replayed exactly, checked by `verify --deep`.
+#[test]
+fn an_interrupted_batch_of_zstd_objects_is_replayed_exactly_by_the_next_owner() {
+    interrupted_batches_are_replayed_exactly("zstd", ".zst");
+}
+
+fn interrupted_batches_are_replayed_exactly(compression: &str, extension: &'static str) {
     let rig = Rig::start_mock(2);
     rig.produce(4_000, 4, 2, 11);
     // The bucket refuses every event object; the cutting rules (and the start-up probe) go in,
     // so the member gets as far as recording its intents.
-    let proxy = refusing(&rig, ".gz", 5);
+    let proxy = refusing(&rig, extension, 5);
     let refusing_s3 = proxy.endpoint();
     let mut first = rig.archiver(
         "first",
@@ -26,6 +36,7 @@ fn an_interrupted_batch_is_replayed_exactly_by_the_next_owner() {
             ("ARCHIVER_SCHEDULE_INTERVAL_SECS", "2"),
             ("ARCHIVER_SCHEDULE_OFFSET_SECS", "0"),
             ("ARCHIVER_S3_ENDPOINT_URL", &refusing_s3),
+            ("ARCHIVER_OUTPUT_COMPRESSION", compression),
         ],
     );
     // Wait until both partitions carry an intent in the group's commit.
@@ -68,6 +79,7 @@ fn an_interrupted_batch_is_replayed_exactly_by_the_next_owner() {
         &[
             ("ARCHIVER_SCHEDULE_INTERVAL_SECS", "2"),
             ("ARCHIVER_SCHEDULE_OFFSET_SECS", "0"),
+            ("ARCHIVER_OUTPUT_COMPRESSION", compression),
         ],
     );
     rig.wait_committed(&ends, Duration::from_secs(120), &mut [&mut second]);
@@ -116,7 +128,9 @@ fn an_interrupted_batch_is_replayed_exactly_by_the_next_owner() {
 
     let out = rig.dir.path().join("bucket");
     rig.s3.download(&out);
-    assert_exactly_once(&archived_objects(&out, &rig.topic), &records, None);
+    let objects = archived_objects(&out, &rig.topic);
+    assert!(objects.iter().all(|o| o.key.ends_with(extension)));
+    assert_exactly_once(&objects, &records, None);
 
     let (clean, report) = rig.verify(true);
     assert!(clean, "verify --deep found problems: {report:#}");
@@ -128,14 +142,14 @@ fn an_interrupted_batch_is_replayed_exactly_by_the_next_owner() {
         .s3
         .keys()
         .into_iter()
-        .find(|k| k.ends_with(".gz") && !k.contains("/_"))
+        .find(|k| k.ends_with(extension) && !k.contains("/_"))
         .unwrap();
     rig.s3
         .aws(&["s3", "rm", &format!("s3://{BUCKET}/{victim}")]);
-    let stray = out.join("stray.gz");
+    let stray = out.join(format!("stray{extension}"));
     std::fs::copy(out.join(&victim), &stray).unwrap();
     let stray_key = format!(
-        "segment-logs/src/2026-01-01/{}-0-00000000000000999999.gz",
+        "segment-logs/src/2026-01-01/{}-0-00000000000000999999{extension}",
         rig.topic
     );
     rig.s3.aws(&[
@@ -368,4 +382,60 @@ fn a_join_the_broker_refuses_for_good_stops_the_member_with_the_cause() {
         "{log}"
     );
     rig.broker.control("clear JoinGroup");
+}
+
+/// A batch whose compressed bytes do not decompress: librdkafka reports it and fetches it again
+/// every few seconds, forever. The member stops instead, with the partition, the offset and the
+/// cause, and nothing after the batch is committed — whether it read records before the batch
+/// in the same run or starts right at it (a restart: librdkafka knows no position yet).
+#[test]
+fn a_batch_that_does_not_decode_stops_the_member_naming_partition_and_offset() {
+    let rig = Rig::start_mock(1);
+    rig.produce(200, 2, 1, 23);
+    rig.archive_to_the_end("before", 1, &[]);
+    let offset = raw_batch::append_batch(
+        &rig.broker.bootstrap(),
+        &rig.topic,
+        0,
+        raw_batch::GZIP,
+        3,
+        b"these bytes are not gzip",
+    );
+    assert_eq!(
+        offset, 200,
+        "the damaged batch follows the 200 good records"
+    );
+    rig.produce(50, 2, 1, 24);
+
+    let runs = [
+        // The group's member, restarted: it starts at the committed offset, the damaged batch.
+        ("restarted", vec![]),
+        // Another group, reading the log from its start into another prefix: 200 records first.
+        (
+            "from-the-start",
+            vec![
+                ("ARCHIVER_KAFKA_GROUP_ID", "archiver-from-the-start"),
+                ("ARCHIVER_KAFKA_UNCOMMITTED_START", "reset"),
+                ("ARCHIVER_S3_PREFIX", "again/"),
+            ],
+        ),
+    ];
+    for (name, settings) in runs {
+        let mut member = rig.archiver(name, &rig.dir.path().join(name), &settings);
+        let status = member.wait_exit(Duration::from_secs(60));
+        let log = member.log_text();
+        assert!(!status.success(), "{name}: the member must stop:\n{log}");
+        assert!(
+            log.contains("cannot get past on partition 0 at offset 200")
+                && log.contains("Invalid compressed data")
+                && log.contains("--reset-offsets"),
+            "{name}: the error must name the partition, the offset and the cause:\n{log}"
+        );
+    }
+    let committed = rig.committed(1);
+    assert_eq!(
+        committed[&0],
+        Some(200),
+        "nothing past the damaged batch may be committed"
+    );
 }

@@ -1,55 +1,109 @@
 # Shared by scripts/demo.sh, scripts/test.sh and .ci/run: installs the real servers the project
 # runs against (cached between runs) and starts them on free local ports.
 #
-# tansu (Kafka-protocol broker) is built from crates.io once (~11 min cold on 2 cores) into
-# $KSA_TOOLS_DIR; moto (S3 API server) and awscli come from PyPI into a venv there, unless the
-# machine already has working ones.
+# tansu (Kafka-protocol broker) is built from crates.io once (~10.5 min cold on 2 cores) into
+# $KSA_TOOLS_DIR; moto (S3 API server, pinned) comes from PyPI into a venv there, and awscli too
+# unless the machine already has a working one.
 
 KSA_TOOLS_DIR="${KSA_TOOLS_DIR:-$HOME/.cache/kafka-s3-archiver/tools}"
 TANSU_VERSION="0.6.0"
 
 log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 
-ensure_tansu() {
-  local root="$KSA_TOOLS_DIR/tansu-$TANSU_VERSION"
-  if [[ ! -x "$root/bin/tansu" ]]; then
-    log "installing tansu $TANSU_VERSION (Kafka-protocol broker; about 11 minutes the first time)"
+# Installs CRATE@VERSION from crates.io once into $KSA_TOOLS_DIR/CRATE-VERSION and exports VAR
+# as its binary (named like the crate). WHAT says what it is and how long the first build takes;
+# the remaining arguments go to cargo install.
+cargo_tool() { # CRATE VERSION VAR WHAT [cargo install arguments...]
+  local crate=$1 version=$2 var=$3 what=$4
+  shift 4
+  local root="$KSA_TOOLS_DIR/$crate-$version"
+  if [[ ! -x "$root/bin/$crate" ]]; then
+    log "installing $crate $version ($what)"
     mkdir -p "$root"
-    cargo install "tansu@$TANSU_VERSION" --locked --features dynostore,libsql --root "$root" >&2
+    cargo install "$crate@$version" --locked --root "$root" "$@" >&2
   fi
-  export TANSU_BIN="$root/bin/tansu"
+  export "$var=$root/bin/$crate"
 }
 
+# Only the storage engine the rig uses: memory:// is tansu's object-store engine (dynostore)
+# over an in-memory store. libsql, postgres and the lake features would only add build time.
+ensure_tansu() {
+  cargo_tool tansu "$TANSU_VERSION" TANSU_BIN \
+    "Kafka-protocol broker; about 10 minutes the first time" --features dynostore
+}
+
+# moto is pinned and always the rig's own: the S3 answers the tests check depend on its version
+# (moto 5.2.1, found preinstalled on machines here, answers CompleteMultipartUpload with an XML
+# root the AWS SDK refuses). awscli is whatever the machine has, else the venv's.
+MOTO_VERSION=5.2.5
+
 ensure_python_tools() {
-  if command -v moto_server >/dev/null 2>&1 && moto_server --help >/dev/null 2>&1 \
-    && command -v aws >/dev/null 2>&1 && aws --version >/dev/null 2>&1; then
-    MOTO_SERVER="$(command -v moto_server)"
+  local venv="$KSA_TOOLS_DIR/pyenv"
+  if [[ ! -x "$venv/bin/moto_server" ]] \
+    || [[ "$("$venv/bin/pip" show moto 2>/dev/null | sed -n 's/^Version: //p')" != "$MOTO_VERSION" ]]; then
+    log "installing moto $MOTO_VERSION (S3 API server) into $venv"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install --quiet "moto[server]==$MOTO_VERSION" >&2
+  fi
+  MOTO_SERVER="$venv/bin/moto_server"
+  if command -v aws >/dev/null 2>&1 && aws --version >/dev/null 2>&1; then
     AWS_CLI="$(command -v aws)"
   else
-    local venv="$KSA_TOOLS_DIR/pyenv"
-    if [[ ! -x "$venv/bin/moto_server" || ! -x "$venv/bin/aws" ]]; then
-      log "installing moto (S3 API server) and awscli into $venv"
-      python3 -m venv "$venv"
-      "$venv/bin/pip" install --quiet "moto[server]" awscli >&2
+    if [[ ! -x "$venv/bin/aws" ]]; then
+      log "installing awscli into $venv"
+      "$venv/bin/pip" install --quiet awscli >&2
     fi
-    MOTO_SERVER="$venv/bin/moto_server"
     AWS_CLI="$venv/bin/aws"
   fi
   export MOTO_SERVER AWS_CLI
 }
 
-ensure_tools() {
-  ensure_tansu
-  ensure_python_tools
+# s3s-fs: a second S3 implementation for the tests, one that verifies CRC32C trailers and
+# supports If-None-Match (moto checks neither). Later versions need a newer rustc.
+S3S_FS_VERSION="0.14.1"
+
+ensure_s3s_fs() {
+  cargo_tool s3s-fs "$S3S_FS_VERSION" S3S_FS_BIN \
+    "S3 API server on a directory; about 2 minutes the first time" --features binary
+}
+
+# On a fresh machine the broker's cold build and the archiver's overlap: each has long stretches
+# that keep one core busy (build scripts, the final link). Starts the given installers (e.g.
+# ensure_tansu) in the background; finish_installs waits for them and sets their variables.
+start_installs() {
+  INSTALLERS=("$@")
+  INSTALL_PIDS=()
+  local installer
+  for installer in "$@"; do
+    "$installer" >/dev/null &
+    INSTALL_PIDS+=($!)
+  done
+}
+
+finish_installs() {
+  local pid installer
+  for pid in "${INSTALL_PIDS[@]}"; do
+    wait "$pid" || { echo "installing a server failed (see its output above)" >&2; exit 1; }
+  done
+  # Already installed now: each call only sets its variables.
+  for installer in "${INSTALLERS[@]}"; do
+    "$installer"
+  done
 }
 
 # Prometheus and promtool (alert rules, the scrape test), docker-compose (validates
 # docker-compose.yml offline) from Debian; kubernetes-validate from PyPI.
+DUCKDB_VERSION=1.1.3
+ZSTANDARD_VERSION=0.23.0
+MSK_SIGNER_VERSION=1.0.1
+
 ensure_ops_tools() {
   local missing=()
   command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
   command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
   command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
+  # tests/zstd_objects.rs reads zstd objects with the zstd CLI.
+  command -v zstd >/dev/null 2>&1 || missing+=(zstd)
   if ((${#missing[@]})); then
     log "installing ${missing[*]} from Debian"
     local sudo=""
@@ -63,10 +117,32 @@ ensure_ops_tools() {
     python3 -m venv "$venv"
     "$venv/bin/pip" install --quiet kubernetes-validate pyyaml >&2
   fi
+  # A real query engine reads the bucket (tests/query_engine.rs) and zstd objects with Python's
+  # zstandard (tests/zstd_objects.rs); AWS's reference MSK IAM signer checks the archiver's
+  # tokens (tests/msk_iam.rs).
+  if ! "$venv/bin/python" -c "import duckdb, zstandard, aws_msk_iam_sasl_signer" 2>/dev/null; then
+    log "installing duckdb, zstandard and aws-msk-iam-sasl-signer-python into $venv"
+    "$venv/bin/pip" install --quiet "duckdb==$DUCKDB_VERSION" "zstandard==$ZSTANDARD_VERSION" \
+      "aws-msk-iam-sasl-signer-python==$MSK_SIGNER_VERSION" >&2
+  fi
   export PROMETHEUS_BIN="$(command -v prometheus)"
   export PROMTOOL_BIN="$(command -v promtool)"
   export DOCKER_COMPOSE_BIN="$(command -v docker-compose)"
+  export ZSTD_BIN="$(command -v zstd)"
   export OPS_PYTHON="$venv/bin/python"
+}
+
+# matplotlib for the chart of `scripts/bench.sh --scaling` (bench only).
+MATPLOTLIB_VERSION=3.9.2
+
+ensure_chart_tools() {
+  local venv="$KSA_TOOLS_DIR/chart-venv"
+  if ! "$venv/bin/python" -c "import matplotlib" 2>/dev/null; then
+    log "installing matplotlib $MATPLOTLIB_VERSION into $venv"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install --quiet "matplotlib==$MATPLOTLIB_VERSION" >&2
+  fi
+  export CHART_PYTHON="$venv/bin/python"
 }
 
 free_port() {
@@ -112,13 +188,8 @@ GARAGE_VERSION="2.5.0"
 # Garage: a disk-backed S3 server, for benchmarks that move gigabytes (moto keeps everything in
 # memory). AGPL-3.0, so it is only ever run as a separate server, never linked.
 ensure_garage() {
-  local root="$KSA_TOOLS_DIR/garage-$GARAGE_VERSION"
-  if [[ ! -x "$root/bin/garage" ]]; then
-    log "installing garage $GARAGE_VERSION (disk-backed S3 server; about 10 minutes the first time)"
-    mkdir -p "$root"
-    cargo install "garage@$GARAGE_VERSION" --locked --root "$root" >&2
-  fi
-  export GARAGE_BIN="$root/bin/garage"
+  cargo_tool garage "$GARAGE_VERSION" GARAGE_BIN \
+    "disk-backed S3 server; about 10 minutes the first time"
 }
 
 # Starts a single-node Garage with its data under $1 and creates bucket $2 with a key of ours;

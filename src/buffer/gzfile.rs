@@ -14,9 +14,14 @@
 //! partition compressed at a tenth of plain gzip's speed (`benches/hot_path.rs`). Chunks keep
 //! one compressor's state warm for tens of kilobytes at a time.
 //!
+//! Files heat and cool all the time (a worker has hundreds of files and tens of compressors), so
+//! a cooled file's compressor is reset and kept for the next file that heats on the same thread,
+//! instead of allocating and zeroing ~300 KB of fresh deflate state each time.
+//!
 //! All of this is blocking file I/O: it runs on the buffer worker threads, never on the async
 //! executor.
 
+use std::cell::RefCell;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -61,8 +66,63 @@ pub struct GzStreamFile {
 
 struct Hot {
     file: File,
-    compressor: Compress,
+    compressor: PooledCompressor,
     out: Vec<u8>,
+}
+
+/// Spare compressors kept per thread (~300 KB each, idle): a worker's share of the default
+/// `buffer.max_open_compressors` (64 over two workers). Idle spares are memory outside that
+/// budget, so their number stays that small; a file that heats when none is spare makes one.
+const MAX_SPARE_COMPRESSORS: usize = 32;
+
+thread_local! {
+    /// Reset compressors of files that cooled or finished on this thread, with their level.
+    static SPARE_COMPRESSORS: RefCell<Vec<(u32, Compress)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A raw-deflate compressor taken from this thread's spares (or made), given back reset when
+/// dropped.
+struct PooledCompressor {
+    level: u32,
+    inner: Option<Compress>,
+}
+
+impl PooledCompressor {
+    fn take(level: Compression) -> PooledCompressor {
+        let spare = SPARE_COMPRESSORS
+            .try_with(|spares| {
+                let mut spares = spares.borrow_mut();
+                let index = spares.iter().position(|(l, _)| *l == level.level())?;
+                Some(spares.swap_remove(index).1)
+            })
+            .ok()
+            .flatten();
+        PooledCompressor {
+            level: level.level(),
+            // Raw deflate: the gzip header and trailer are ours, so streams can be continued.
+            inner: Some(spare.unwrap_or_else(|| Compress::new(level, false))),
+        }
+    }
+
+    fn get(&mut self) -> &mut Compress {
+        self.inner.as_mut().expect("only taken on drop")
+    }
+}
+
+impl Drop for PooledCompressor {
+    fn drop(&mut self) {
+        let Some(mut compressor) = self.inner.take() else {
+            return;
+        };
+        compressor.reset();
+        // At thread exit the spares may be gone already; the compressor is then simply freed.
+        let _ = SPARE_COMPRESSORS.try_with(|spares| {
+            let mut spares = spares.borrow_mut();
+            if spares.len() < MAX_SPARE_COMPRESSORS {
+                spares.push((self.level, compressor));
+            }
+        });
+    }
 }
 
 impl GzStreamFile {
@@ -254,37 +314,35 @@ impl GzStreamFile {
 }
 
 impl Hot {
-    fn new(file: File, level: Compression) -> Hot {
-        Hot {
-            file,
-            // Raw deflate: the gzip header and trailer are ours, so streams can be continued.
-            compressor: Compress::new(level, false),
-            out: Vec::new(),
-        }
-    }
-
     fn reopen(path: &Path, compressed_len: u64, level: Compression) -> io::Result<Hot> {
         let mut file = OpenOptions::new().write(true).open(path)?;
-        // Anything past the last flush point is from a compressor that no longer exists.
-        file.set_len(compressed_len)?;
-        file.seek(SeekFrom::End(0))?;
-        Ok(Hot::new(file, level))
+        // Anything past the last flush point is from a compressor that no longer exists (a
+        // file cools only after writing everything out, so usually there is nothing).
+        if file.metadata()?.len() != compressed_len {
+            file.set_len(compressed_len)?;
+        }
+        file.seek(SeekFrom::Start(compressed_len))?;
+        Ok(Hot {
+            file,
+            compressor: PooledCompressor::take(level),
+            out: Vec::new(),
+        })
     }
 
     /// Runs the compressor over `input` with `flush`, appending to `out`; returns bytes produced.
     fn compress(&mut self, mut input: &[u8], flush: FlushCompress) -> io::Result<u64> {
-        let start_out = self.compressor.total_out();
+        let compressor = self.compressor.get();
+        let start_out = compressor.total_out();
         loop {
             if self.out.capacity() - self.out.len() < 1024 {
                 // Deflate output rarely exceeds a quarter of its input on event JSON.
                 self.out.reserve((input.len() / 4).clamp(4096, WRITE_CHUNK));
             }
-            let before_in = self.compressor.total_in();
-            let status = self
-                .compressor
+            let before_in = compressor.total_in();
+            let status = compressor
                 .compress_vec(input, &mut self.out, flush)
                 .map_err(io::Error::other)?;
-            let consumed = (self.compressor.total_in() - before_in) as usize;
+            let consumed = (compressor.total_in() - before_in) as usize;
             input = &input[consumed..];
             let room_left = self.out.len() < self.out.capacity();
             let done = match flush {
@@ -295,7 +353,7 @@ impl Hot {
                 break;
             }
         }
-        Ok(self.compressor.total_out() - start_out)
+        Ok(compressor.total_out() - start_out)
     }
 
     /// Writes the gathered output; returns whether there was any.
@@ -457,6 +515,41 @@ mod tests {
         expected.push(b'\n');
         file.finish().unwrap();
         assert_eq!(decode_single_member(&path), expected);
+    }
+
+    fn spare_compressors() -> usize {
+        SPARE_COMPRESSORS.with(|spares| spares.borrow().len())
+    }
+
+    #[test]
+    fn a_cooled_files_compressor_serves_the_next_file_and_both_stay_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = [dir.path().join("a.gz"), dir.path().join("b.gz")];
+        let mut files: Vec<GzStreamFile> = paths
+            .iter()
+            .map(|path| GzStreamFile::create(path, 6).unwrap())
+            .collect();
+        let mut expected = [Vec::new(), Vec::new()];
+        let spares_before = spare_compressors();
+        for round in 0..20u32 {
+            let which = (round % 2) as usize;
+            for line in lines(round * 100..round * 100 + 100) {
+                files[which].append_line(&line, STAGE).unwrap();
+                expected[which].extend_from_slice(&line);
+                expected[which].push(b'\n');
+            }
+            assert!(files[which].is_hot());
+            files[which].cool().unwrap();
+            assert_eq!(
+                spare_compressors(),
+                spares_before + 1,
+                "the cooled compressor waits for the next file, which takes it"
+            );
+        }
+        for (file, (path, expected)) in files.into_iter().zip(paths.iter().zip(&expected)) {
+            file.finish().unwrap();
+            assert_eq!(&decode_single_member(path), expected);
+        }
     }
 
     #[test]

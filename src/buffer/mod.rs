@@ -9,6 +9,7 @@
 
 pub mod gzfile;
 pub mod partition;
+pub mod zstd_object;
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -20,6 +21,7 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use crate::checkpoint::{self, plan_recovery, Committed, Recovery};
 use crate::config::Config;
+use crate::metrics::events::{BatchReplayed, BatchSealed, RecordsDeletedBeforeArchived};
 use crate::metrics::Metrics;
 use crate::pipeline::{BatchIntent, BufferError, Record, SealTrigger, UploadJob, WorkerCommand};
 use crate::route::Router;
@@ -95,6 +97,8 @@ impl Worker {
                 compression_level: config.buffer.compression_level,
                 max_file_bytes: config.buffer.max_file_bytes,
                 max_batch_bytes: config.buffer.max_batch_bytes,
+                codec: config.output.compression,
+                zstd_level: config.output.zstd_level,
             },
             max_hot_files: (config.buffer.max_open_compressors / worker_count).max(1),
             staging_budget: STAGING_BUDGET_BYTES / worker_count.max(1),
@@ -250,8 +254,11 @@ impl Worker {
             }
         };
         if let Some(end) = seal_at {
-            tracing::info!(partition, start = ?intent.as_ref().map(|i| i.start), end, "replaying the batch an interrupted upload recorded");
-            self.metrics.batches_replayed.inc();
+            self.metrics.emit(BatchReplayed {
+                partition,
+                start: intent.as_ref().map(|i| i.start),
+                end,
+            });
         }
         let mut buffer = match resumed {
             Some(buffer) => buffer,
@@ -281,6 +288,7 @@ impl Worker {
             let router = Router::new(&rules.routing, &self.topic, partition);
             let settings = BufferSettings {
                 max_file_bytes: rules.max_file_bytes,
+                codec: rules.compression,
                 ..self.settings
             };
             buffer.replay_with(router, settings, hash);
@@ -293,14 +301,12 @@ impl Worker {
             if from < log_start {
                 // Kafka will skip to its log start (auto.offset.reset): say so, count it, and
                 // let the batch's manifest record the lost range as a deleted gap.
-                tracing::error!(
+                self.metrics.emit(RecordsDeletedBeforeArchived {
                     partition,
-                    first_lost = from,
-                    last_lost = log_start - 1,
-                    replaying = seal_at.is_some(),
-                    "records were deleted from kafka (retention or DeleteRecords) before they were archived"
-                );
-                self.metrics.offset_resets.inc();
+                    first_lost: from,
+                    last_lost: log_start - 1,
+                    replaying: seal_at.is_some(),
+                });
             }
         }
         for batch in buffer.sealed() {
@@ -441,25 +447,15 @@ impl Worker {
         // A replay refuses to seal before its end and keeps its compressors.
         self.hot_files -= hot_before - buffer.hot_files();
         if let Some(batch) = sealed {
-            tracing::info!(
+            self.metrics.emit(BatchSealed {
                 partition,
-                start = batch.start,
-                end = batch.end,
-                files = batch.files.len(),
-                records = batch.records(),
-                trigger = trigger.as_str(),
-                "batch sealed"
-            );
-            self.metrics
-                .batches_sealed
-                .with_label_values(&[trigger.as_str()])
-                .inc();
-            for gap in &batch.gaps {
-                self.metrics
-                    .offsets_without_record
-                    .with_label_values(&[gap.cause.as_str()])
-                    .inc_by(gap.offsets());
-            }
+                start: batch.start,
+                end: batch.end,
+                files: batch.files.len(),
+                records: batch.records(),
+                trigger,
+                gaps: &batch.gaps,
+            });
             let _ = self.uploads.send(UploadJob {
                 epoch: *epoch,
                 batch,

@@ -11,9 +11,10 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use crate::buffer::gzfile::{GzStreamFile, MAX_STAGE_BYTES};
+use crate::buffer::zstd_object;
 use crate::checkpoint::{self, BatchState, Checkpoint, FileState, Gap, GapCause};
 use crate::layout;
-use crate::layout::Destination;
+use crate::layout::{Codec, Destination};
 use crate::pipeline::{Record, SealedBatch, SealedFile};
 use crate::route::{DeadLetterReason, Router};
 
@@ -23,6 +24,9 @@ pub struct BufferSettings {
     pub compression_level: u32,
     pub max_file_bytes: u64,
     pub max_batch_bytes: u64,
+    /// How sealed files become objects (`output.compression`); part of the cutting rules.
+    pub codec: Codec,
+    pub zstd_level: i32,
 }
 
 struct OpenFile {
@@ -149,13 +153,15 @@ impl PartitionBuffer {
                 &checkpoint.topic,
                 checkpoint.partition,
                 first_offset,
+                Codec::Gzip,
             ))
         };
         let mut sealed = Vec::new();
         for batch in &checkpoint.sealed {
             let mut files = Vec::new();
             for file in &batch.files {
-                let path = file_path(batch.start, file.first_offset);
+                let path = file_path(batch.start, file.first_offset)
+                    .with_extension(&file.codec.extension()[1..]);
                 let len = fs::metadata(&path)?.len();
                 if len != file.stream.compressed_len {
                     return Err(io::Error::new(
@@ -173,6 +179,7 @@ impl PartitionBuffer {
                     records: file.records,
                     path,
                     stream: file.stream,
+                    codec: file.codec,
                 });
             }
             sealed.push(SealedBatch {
@@ -358,10 +365,12 @@ impl PartitionBuffer {
             None => {
                 let batch_dir = layout::batch_dir(&self.dir, start);
                 fs::create_dir_all(&batch_dir)?;
+                // Local files are gzip whatever the objects become (see `zstd_object`).
                 let path = batch_dir.join(layout::object_name(
                     &self.topic,
                     self.partition,
                     record.offset,
+                    Codec::Gzip,
                 ));
                 let gz = GzStreamFile::create(&path, self.settings.compression_level)?;
                 self.open.files.push(OpenFile {
@@ -470,14 +479,25 @@ impl PartitionBuffer {
         self.next_offset = Some(self.next_offset.map_or(end + 1, |next| next.max(end + 1)));
         let mut files = Vec::with_capacity(open.files.len());
         for file in open.files {
-            let path = file.gz.path().to_path_buf();
-            let stream = file.gz.finish()?;
+            let mut path = file.gz.path().to_path_buf();
+            let mut stream = file.gz.finish()?;
+            if self.settings.codec == Codec::Zstd {
+                let zst = path.with_extension("zst");
+                stream.compressed_len = zstd_object::transcode(
+                    &path,
+                    &zst,
+                    self.settings.zstd_level,
+                    stream.uncompressed_len,
+                )?;
+                path = zst;
+            }
             files.push(SealedFile {
                 destination: file.destination,
                 first_offset: file.first_offset,
                 records: file.records,
                 path,
                 stream,
+                codec: self.settings.codec,
             });
         }
         let batch = SealedBatch {
@@ -560,6 +580,7 @@ impl PartitionBuffer {
                         records: f.records,
                         stream: f.gz.state(),
                         accepting: f.accepting,
+                        codec: Codec::Gzip,
                     })
                     .collect(),
                 first_read_ms: self.open.first_read_ms,
@@ -591,6 +612,8 @@ mod tests {
         compression_level: 6,
         max_file_bytes: 2_000,
         max_batch_bytes: 1 << 30,
+        codec: Codec::Gzip,
+        zstd_level: 3,
     };
 
     fn event(offset: i64, source: &str, day: u32) -> Record {

@@ -32,6 +32,10 @@ impl Backpressure {
         }
     }
 
+    pub fn max_disk_bytes(&self) -> u64 {
+        self.max_disk_bytes
+    }
+
     pub fn over_budget(&self) -> bool {
         self.over_budget
     }

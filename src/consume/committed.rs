@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use crate::checkpoint::Committed;
 use crate::pipeline::BatchIntent;
+use crate::retry::{Backoff, ErrorClass, NoJitter};
 
 /// One partition of an OffsetFetch answer, as the broker gave it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,21 +73,19 @@ pub fn fetch_until_known<T>(
     mut fetch: impl FnMut() -> Result<T, String>,
 ) -> Result<T, String> {
     let deadline = now() + patience;
-    let mut delay = Duration::from_millis(100);
-    let mut attempts = 0u32;
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5), NoJitter);
     loop {
-        attempts += 1;
         let error = match fetch() {
             Ok(value) => return Ok(value),
             Err(error) => error,
         };
+        let attempts = backoff.attempts() + 1;
         let left = deadline.saturating_duration_since(now());
         if left.is_zero() {
             return Err(format!("{error} (after {attempts} attempts)"));
         }
         tracing::warn!(attempts, %error, "cannot read {what} yet, retrying");
-        sleep(delay.min(left));
-        delay = (delay * 2).min(Duration::from_secs(5));
+        sleep(backoff.next_delay(ErrorClass::Transient).min(left));
     }
 }
 

@@ -4,12 +4,12 @@
 
 use std::time::Duration;
 
-use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::Consumer;
 use rdkafka::error::KafkaError;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
 use crate::config::Config;
+use crate::kafka_client::{inspector, Inspector};
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -48,16 +48,7 @@ pub fn group_lag(config: &Config) -> Result<Vec<PartitionLag>, LagError> {
         brokers: config.kafka.brokers.clone(),
         message: config.redact(&source.to_string()),
     };
-    let mut client = ClientConfig::new();
-    for (key, value) in &config.kafka.properties {
-        client.set(key, value);
-    }
-    let consumer: BaseConsumer = client
-        .set("bootstrap.servers", &config.kafka.brokers)
-        .set("group.id", &config.kafka.group_id)
-        .set("enable.auto.commit", "false")
-        .create()
-        .map_err(connect)?;
+    let consumer = inspector(&config.kafka).map_err(connect)?;
     let topic = &config.kafka.topic;
     let metadata = consumer
         .fetch_metadata(Some(topic), TIMEOUT)
@@ -110,7 +101,7 @@ pub fn group_lag(config: &Config) -> Result<Vec<PartitionLag>, LagError> {
 /// Reads from just before each high watermark to the end, so the end offset is what a consumer
 /// actually gets rather than what the broker reports.
 fn read_end_offsets(
-    consumer: &BaseConsumer,
+    consumer: &Inspector,
     topic: &str,
     partitions: &[i32],
     watermarks: &[(i64, i64)],

@@ -60,6 +60,7 @@ impl Manifest {
                         batch.partition,
                         &file.destination,
                         file.first_offset,
+                        file.codec,
                     ),
                     first_offset: file.first_offset,
                     records: file.records,

@@ -13,7 +13,6 @@
 //! a batch never leaves the local disk before its commit.
 
 pub mod manifest;
-pub mod retry;
 pub mod s3;
 
 use std::collections::HashMap;
@@ -28,13 +27,16 @@ use tokio_util::sync::CancellationToken;
 
 use crate::commit::Assignments;
 use crate::layout;
+use crate::metrics::events::{
+    BatchUploaded, ObjectAlreadyPresent, ObjectUploaded, S3RequestFailed,
+};
 use crate::metrics::Metrics;
 use crate::pipeline::{
     BatchIntent, CommitRequest, CommitResult, SealedBatch, SealedFile, UploadJob,
 };
+use crate::retry::Backoff;
 use crate::rules::{rules_key, CuttingRules};
 use manifest::Manifest;
-use retry::{Backoff, ErrorClass};
 use s3::{ObjectMetadata, PutOutcome, S3Error, S3Store};
 
 /// The last offset the bucket holds for a partition: the end of its newest batch manifest.
@@ -150,18 +152,13 @@ impl Shared {
             u.metrics.uploads_in_flight.dec();
             match result {
                 Ok(()) => {
-                    u.metrics.batches_uploaded.inc();
-                    u.metrics
-                        .last_upload_timestamp
-                        .set(chrono::Utc::now().timestamp());
-                    tracing::info!(
+                    u.metrics.emit(BatchUploaded {
                         partition,
-                        start = job.batch.start,
-                        end = job.batch.end,
-                        objects = job.batch.files.len(),
-                        records = job.batch.records(),
-                        "batch uploaded"
-                    );
+                        start: job.batch.start,
+                        end: job.batch.end,
+                        objects: job.batch.files.len(),
+                        records: job.batch.records(),
+                    });
                     let _ = u.commits.send(CommitRequest {
                         partition,
                         epoch: job.epoch,
@@ -285,6 +282,7 @@ impl Shared {
             batch.partition,
             &file.destination,
             file.first_offset,
+            file.codec,
         );
         let metadata = ObjectMetadata {
             topic: batch.topic.clone(),
@@ -294,6 +292,7 @@ impl Shared {
             first_offset: file.first_offset,
             record_count: file.records,
             content_crc32: file.stream.crc32,
+            codec: file.codec,
         };
         let started = Instant::now();
         let still_ours = || u.assignments.is_current(batch.partition, epoch);
@@ -312,17 +311,12 @@ impl Shared {
             })
             .await?;
         match outcome {
-            PutOutcome::Written => {
-                u.metrics.objects_uploaded.inc();
-                u.metrics.upload_bytes.inc_by(file.stream.compressed_len);
-                u.metrics
-                    .upload_duration
-                    .observe(started.elapsed().as_secs_f64());
-            }
-            PutOutcome::AlreadyPresent => {
-                tracing::debug!(key, "object already in the bucket with the same lines");
-                u.metrics.objects_already_present.inc();
-            }
+            PutOutcome::Written => u.metrics.emit(ObjectUploaded {
+                key: &key,
+                bytes: file.stream.compressed_len,
+                took: started.elapsed(),
+            }),
+            PutOutcome::AlreadyPresent => u.metrics.emit(ObjectAlreadyPresent { key: &key }),
             PutOutcome::Abandoned => {
                 return Err(UploadError::NotOwner {
                     partition: batch.partition,
@@ -386,25 +380,12 @@ impl Shared {
     }
 
     fn report(&self, err: &S3Error, attempts: u32, delay: Duration) {
-        let u = &self.uploader;
-        u.metrics
-            .upload_errors
-            .with_label_values(&[err.class.as_str()])
-            .inc();
-        match err.class {
-            ErrorClass::Transient => tracing::warn!(
-                error = %err,
-                attempts,
-                retry_in_ms = delay.as_millis() as u64,
-                "s3 request failed, retrying"
-            ),
-            ErrorClass::Permanent => tracing::error!(
-                error = %err,
-                code = err.code.as_deref().unwrap_or(""),
-                attempts,
-                retry_in_ms = delay.as_millis() as u64,
-                "s3 refused the request; the batch stays on disk and its offsets uncommitted until this is fixed"
-            ),
-        }
+        self.uploader.metrics.emit(S3RequestFailed {
+            error: err,
+            class: err.class,
+            code: err.code.as_deref(),
+            attempts,
+            retry_in: delay,
+        });
     }
 }

@@ -1,5 +1,5 @@
-//! The S3 client and request building: one object from a local file (single PUT, or multipart
-//! above a threshold, streaming from disk), with checksum, metadata and the operator's object
+//! The S3 client and request building: one object from a local file (single PUT streamed from
+//! disk, or multipart above a threshold, every part read from the one file opened for it), with checksum, metadata and the operator's object
 //! options. One attempt per call; the retry policy lives in the uploader.
 
 use std::path::Path;
@@ -18,7 +18,8 @@ use aws_sdk_s3::Client;
 use base64::Engine as _;
 
 use crate::config::{ChecksumMode, ContentLabel, S3Config};
-use crate::upload::retry::ErrorClass;
+use crate::layout::Codec;
+use crate::retry::ErrorClass;
 
 /// Applies the operator's object options (storage class, encryption, canned ACL) and, with
 /// `labels`, the metadata and content labels, to a PutObject or CreateMultipartUpload builder:
@@ -26,19 +27,17 @@ use crate::upload::retry::ErrorClass;
 macro_rules! with_object_options {
     ($request:expr, $config:expr) => {{
         let mut request = $request;
-        if !$config.storage_class.is_empty() {
-            request = request.storage_class(StorageClass::from($config.storage_class.as_str()));
+        if let Some(class) = $config.storage_class.as_s3() {
+            request = request.storage_class(StorageClass::from(class));
         }
-        if !$config.server_side_encryption.is_empty() {
-            request = request.server_side_encryption(ServerSideEncryption::from(
-                $config.server_side_encryption.as_str(),
-            ));
+        if let Some(encryption) = $config.server_side_encryption.as_s3() {
+            request = request.server_side_encryption(ServerSideEncryption::from(encryption));
         }
         if !$config.sse_kms_key_id.is_empty() {
             request = request.ssekms_key_id(&$config.sse_kms_key_id);
         }
-        if !$config.acl.is_empty() {
-            request = request.acl(ObjectCannedAcl::from($config.acl.as_str()));
+        if let Some(acl) = $config.acl.as_s3() {
+            request = request.acl(ObjectCannedAcl::from(acl));
         }
         request
     }};
@@ -47,9 +46,12 @@ macro_rules! with_object_options {
         for (name, value) in $metadata.pairs() {
             request = request.metadata(name, value);
         }
-        match $config.content_label {
-            ContentLabel::Segment => request.content_type("text/plain").content_encoding("gzip"),
-            ContentLabel::Gzip => request.content_type("application/gzip"),
+        match ($metadata.codec, $config.content_label) {
+            (Codec::Zstd, _) => request.content_type("application/zstd"),
+            (Codec::Gzip, ContentLabel::Segment) => {
+                request.content_type("text/plain").content_encoding("gzip")
+            }
+            (Codec::Gzip, ContentLabel::Gzip) => request.content_type("application/gzip"),
         }
     }};
 }
@@ -80,6 +82,8 @@ pub struct ObjectMetadata {
     /// CRC32 of the uncompressed lines (the gzip trailer's): with `record_count`, what makes two
     /// objects under one key the same content whatever bytes the compressor produced.
     pub content_crc32: u32,
+    /// zstd objects are labelled `application/zstd` whatever `s3.content_label` says.
+    pub codec: Codec,
 }
 
 /// Version of the object layout and metadata, bumped on incompatible changes.
@@ -273,6 +277,19 @@ impl S3Store {
         Ok(PutOutcome::Written)
     }
 
+    /// The body of the object at `key`, to read as it arrives (never whole in memory).
+    pub async fn get_stream(&self, key: &str) -> Result<ByteStream, S3Error> {
+        let object = self
+            .client
+            .get_object()
+            .bucket(&self.config.bucket)
+            .key(key)
+            .send()
+            .await
+            .map_err(|err| self.error("GetObject", key, err))?;
+        Ok(object.body)
+    }
+
     /// The object at `key`, or `None` if there is none.
     pub async fn get_bytes(&self, key: &str) -> Result<Option<Vec<u8>>, S3Error> {
         let object = match self
@@ -355,6 +372,16 @@ impl S3Store {
         conditional: bool,
         still_ours: StillOurs<'_>,
     ) -> Result<PutOutcome, S3Error> {
+        // One open file for every part: should the path be replaced meanwhile (the partition
+        // revoked and assigned again re-creates its batch directory), the parts still come
+        // from the file that was sealed.
+        let opened = path.to_path_buf();
+        let file = tokio::task::spawn_blocking(move || std::fs::File::open(opened))
+            .await
+            .map_err(std::io::Error::other)
+            .and_then(|r| r)
+            .map_err(|err| self.local_error(key, path, err))?;
+        let file = std::sync::Arc::new(file);
         let create = self
             .client
             .create_multipart_upload()
@@ -371,7 +398,7 @@ impl S3Store {
         let upload_id = upload.upload_id().unwrap_or_default().to_string();
 
         let result = self
-            .upload_parts(key, path, len, &upload_id, still_ours)
+            .upload_parts(key, path, &file, len, &upload_id, still_ours)
             .await;
         let parts = match result {
             // Completing after the partition moved would let a zombie publish an object the new
@@ -430,6 +457,7 @@ impl S3Store {
         &self,
         key: &str,
         path: &Path,
+        file: &std::sync::Arc<std::fs::File>,
         len: u64,
         upload_id: &str,
         still_ours: StillOurs<'_>,
@@ -443,7 +471,7 @@ impl S3Store {
                 return Ok(None);
             }
             let size = part_size.min(len - offset);
-            let body = self.body(key, path, offset, size).await?;
+            let (body, md5) = self.read_part(key, path, file, offset, size).await?;
             let mut request = self
                 .client
                 .upload_part()
@@ -452,12 +480,10 @@ impl S3Store {
                 .upload_id(upload_id)
                 .part_number(number)
                 .content_length(size as i64)
-                .body(body);
-            request = match self.config.checksum {
-                ChecksumMode::Crc32c => request.checksum_algorithm(ChecksumAlgorithm::Crc32C),
-                ChecksumMode::ContentMd5 => {
-                    request.content_md5(self.md5(key, path, offset, size).await?)
-                }
+                .body(ByteStream::from(body));
+            request = match md5 {
+                None => request.checksum_algorithm(ChecksumAlgorithm::Crc32C),
+                Some(md5) => request.content_md5(md5),
             };
             let output = request
                 .send()
@@ -476,6 +502,33 @@ impl S3Store {
         Ok(Some(parts))
     }
 
+    /// One part of an open file, read into memory on a blocking thread (a part in flight costs
+    /// its size in memory: at most `s3.concurrency` × `s3.multipart_part_bytes`), with its MD5
+    /// when that is the checksum mode. In memory, the SDK can sign and resend it; a stream from
+    /// an open file could not be rewound.
+    async fn read_part(
+        &self,
+        key: &str,
+        path: &Path,
+        file: &std::sync::Arc<std::fs::File>,
+        offset: u64,
+        len: u64,
+    ) -> Result<(Vec<u8>, Option<String>), S3Error> {
+        use std::os::unix::fs::FileExt as _;
+        let file = file.clone();
+        let with_md5 = self.config.checksum == ChecksumMode::ContentMd5;
+        tokio::task::spawn_blocking(move || -> std::io::Result<_> {
+            let mut part = vec![0; len as usize];
+            file.read_exact_at(&mut part, offset)?;
+            let md5 = with_md5.then(|| md5_base64(&part));
+            Ok((part, md5))
+        })
+        .await
+        .map_err(std::io::Error::other)
+        .and_then(|r| r)
+        .map_err(|err| self.local_error(key, path, err))
+    }
+
     async fn body(
         &self,
         key: &str,
@@ -489,14 +542,7 @@ impl S3Store {
             .length(Length::Exact(len))
             .build()
             .await
-            .map_err(|err| S3Error {
-                operation: "ReadLocalFile",
-                bucket: self.config.bucket.clone(),
-                key: key.to_string(),
-                class: ErrorClass::Permanent,
-                code: None,
-                message: format!("{}: {err}", path.display()),
-            })
+            .map_err(|err| self.local_error(key, path, err))
     }
 
     /// MD5 of a file range, computed on a blocking thread.
@@ -524,14 +570,19 @@ impl S3Store {
         .await
         .map_err(std::io::Error::other)
         .and_then(|r| r);
-        digest.map_err(|err| S3Error {
+        digest.map_err(|err| self.local_error(key, path, err))
+    }
+
+    /// The local file of an upload cannot be read: not the store's fault, and not worth a retry.
+    fn local_error(&self, key: &str, path: &Path, err: impl std::fmt::Display) -> S3Error {
+        S3Error {
             operation: "ReadLocalFile",
             bucket: self.config.bucket.clone(),
             key: key.to_string(),
             class: ErrorClass::Permanent,
             code: None,
             message: format!("{}: {err}", path.display()),
-        })
+        }
     }
 
     fn error<E>(&self, operation: &'static str, key: &str, err: SdkError<E>) -> S3Error

@@ -15,6 +15,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::route::DeadLetterReason;
 
+pub mod events;
+
 /// Handles to every series; cheap to clone (each is an `Arc` inside).
 #[derive(Clone)]
 pub struct Metrics {

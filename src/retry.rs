@@ -1,7 +1,9 @@
-//! Retry policy: exponential backoff with full jitter, and the split between transient errors
-//! (throttling, 5xx, timeouts, resets: retry soon) and permanent ones (denied, missing bucket, bad
-//! credentials: an operator must act, so retry slowly and say why). Nothing is ever given up:
-//! a batch that cannot be uploaded stays on disk with its offsets uncommitted.
+//! The one retry policy of the archiver — S3 requests, offset commits, reads of the committed
+//! offsets: exponential backoff, with full jitter where many clients fail together, and the split
+//! between transient errors (throttling, 5xx, timeouts, resets: retry soon) and permanent ones
+//! (denied, missing bucket, bad credentials: an operator must act, so retry slowly and say why).
+//! Uploads never give up: a batch that cannot be uploaded stays on disk with its offsets
+//! uncommitted.
 //!
 //! The random source is injected, so delays are tested without sleeping.
 
@@ -34,9 +36,21 @@ impl Jitter for fastrand::Rng {
     }
 }
 
+/// Always the top of the range: for retries of one client on one thread (offset commits, reads
+/// of the committed offsets), which no other client's retries line up with.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoJitter;
+
+impl Jitter for NoJitter {
+    fn unit(&mut self) -> f64 {
+        1.0
+    }
+}
+
 /// Delays between attempts: attempt `n` waits a uniform random time in
 /// `[0, min(max, initial * 2^n)]` ("full jitter"), so clients that failed together do not retry
 /// together. Permanent errors wait the maximum: there is no point hammering a denied bucket.
+#[derive(Debug)]
 pub struct Backoff<J: Jitter> {
     initial: Duration,
     max: Duration,

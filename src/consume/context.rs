@@ -1,0 +1,596 @@
+//! The consumer's context: the rebalance callbacks, which run inside `poll` on the poll thread.
+//! They talk to the buffer workers and wait for their answer before the assignment changes (as
+//! Quickwit's Kafka source does): an assigned partition starts where its local checkpoint, its
+//! committed intent or the bucket says; a revoked one drops its in-flight batch before another
+//! member can read it. Also librdkafka's logs, statistics and errors.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{sync_channel, SyncSender};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, RebalanceProtocol};
+use rdkafka::error::KafkaError;
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::types::RDKafkaRespErr;
+use rdkafka::ClientContext;
+
+use super::committed::{self, CommittedEntry, CommittedOffsets};
+use super::replay_rules::{ReplayRules, RulesSource};
+use super::BROKER_TIMEOUT;
+use crate::checkpoint::Committed;
+use crate::commit::Assignments;
+use crate::kafka_client::Auth;
+use crate::metrics::events::PartitionHeld;
+use crate::metrics::Metrics;
+use crate::pipeline::{worker_for, BatchIntent, Fatal, WorkerCommand};
+
+/// How long an assignment keeps asking for the committed offsets before the member gives up and
+/// stops: well inside librdkafka's `max.poll.interval.ms` (5 minutes), long enough to ride out a
+/// coordinator moving or loading.
+const COMMITTED_PATIENCE: Duration = Duration::from_secs(60);
+
+/// Lets the same message through once per interval: a broker that is down makes librdkafka
+/// report the same error every few milliseconds.
+#[derive(Debug, Default)]
+struct LogThrottle {
+    last: std::sync::Mutex<HashMap<String, Instant>>,
+}
+
+impl LogThrottle {
+    const INTERVAL: Duration = Duration::from_secs(10);
+
+    fn allow(&self, message: &str) -> bool {
+        let mut last = self.last.lock().expect("throttle lock");
+        let now = Instant::now();
+        match last.get(message) {
+            Some(at) if now.duration_since(*at) < Self::INTERVAL => false,
+            _ => {
+                last.insert(message.to_string(), now);
+                true
+            }
+        }
+    }
+}
+
+/// State the rebalance callbacks need; lives inside the consumer.
+pub struct ArchiverContext {
+    topic: String,
+    workers: Vec<SyncSender<WorkerCommand>>,
+    assignments: Arc<Assignments>,
+    metrics: Metrics,
+    fatal: Arc<Fatal>,
+    /// Where OAUTHBEARER tokens come from (`kafka.auth`).
+    auth: Auth,
+    /// Set once the workers stopped: revocations during close keep local files for a restart.
+    shutting_down: AtomicBool,
+    throttle: LogThrottle,
+    /// The group's committed offset of each assigned partition, for the committed-lag metric.
+    committed: std::sync::Mutex<HashMap<i32, i64>>,
+    /// Where the bucket says a partition's archive ends (its newest manifest), for partitions the
+    /// group never committed; `None` when `kafka.uncommitted_start = "reset"`.
+    bucket_position: Option<BucketPosition>,
+    /// Checks an intent's cutting rules before its replay; `None` replays every intent with the
+    /// member's own rules.
+    rules_source: Option<RulesSource>,
+    /// Partitions whose intent this member cannot replay (the reason is logged): assigned but
+    /// paused, never read.
+    held: std::sync::Mutex<std::collections::HashSet<i32>>,
+    /// librdkafka's text of the last client error: rdkafka passes it here, just before `poll`
+    /// returns the same error with its code only, and it names the offset that failed.
+    last_error: std::sync::Mutex<Option<(rdkafka::types::RDKafkaErrorCode, String)>>,
+    /// Where each assigned partition started reading: librdkafka knows no position before the
+    /// first record, and a batch that cannot be read right after a restart is there.
+    starts: std::sync::Mutex<HashMap<i32, i64>>,
+}
+
+/// Why a partition is not set up.
+enum Hold {
+    /// Held: assigned, paused, never read (reported and counted).
+    Partition,
+    /// The member stops (a fatal error was raised).
+    Stop,
+}
+
+/// Looks up the last offset the bucket holds for a partition (blocking).
+pub type BucketPosition = Box<dyn Fn(i32) -> Result<Option<i64>, String> + Send + Sync>;
+
+impl ArchiverContext {
+    pub fn new(
+        topic: String,
+        workers: Vec<SyncSender<WorkerCommand>>,
+        assignments: Arc<Assignments>,
+        metrics: Metrics,
+        fatal: Arc<Fatal>,
+    ) -> ArchiverContext {
+        ArchiverContext {
+            topic,
+            workers,
+            assignments,
+            metrics,
+            fatal,
+            auth: Auth::default(),
+            shutting_down: AtomicBool::new(false),
+            throttle: LogThrottle::default(),
+            committed: std::sync::Mutex::new(HashMap::new()),
+            bucket_position: None,
+            rules_source: None,
+            held: std::sync::Mutex::default(),
+            last_error: std::sync::Mutex::default(),
+            starts: std::sync::Mutex::default(),
+        }
+    }
+
+    /// From now on (the workers stopped, the consumer closing) a revocation keeps local files:
+    /// they are resumed by the next run on this volume, or discarded then if another member
+    /// moved on.
+    pub(super) fn keep_local_files_on_revoke(&self) {
+        self.shutting_down.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether `message` may be logged now (see [`LogThrottle`]).
+    pub(super) fn log_allowed(&self, message: &str) -> bool {
+        self.throttle.allow(message)
+    }
+
+    /// librdkafka's text for the error `poll` just returned with `code`, if it gave one.
+    pub(super) fn take_error_text(&self, code: rdkafka::types::RDKafkaErrorCode) -> Option<String> {
+        let mut last = self.last_error.lock().expect("last error lock");
+        match last.take() {
+            Some((last_code, text)) if last_code == code => Some(text),
+            _ => None,
+        }
+    }
+
+    /// The offset `partition` started reading at when it was assigned, if known.
+    pub(super) fn start_offset(&self, partition: i32) -> Option<i64> {
+        self.starts
+            .lock()
+            .expect("starts lock")
+            .get(&partition)
+            .copied()
+    }
+
+    /// The group committed `next_offset` for `partition` (for the committed-lag metric).
+    pub(super) fn note_committed(&self, partition: i32, next_offset: i64) {
+        self.committed
+            .lock()
+            .expect("lock")
+            .insert(partition, next_offset);
+    }
+
+    /// Tokens for a broker that asks for them (`kafka.auth`).
+    pub fn with_auth(mut self, auth: Auth) -> ArchiverContext {
+        self.auth = auth;
+        self
+    }
+
+    /// Intents cut under other rules are replayed with those rules, or held.
+    pub fn with_rules_source(mut self, source: RulesSource) -> ArchiverContext {
+        self.rules_source = Some(source);
+        self
+    }
+
+    /// Partitions held this assignment, to pause once it is applied.
+    fn held_partitions(&self) -> Vec<i32> {
+        self.held
+            .lock()
+            .expect("held lock")
+            .iter()
+            .copied()
+            .collect()
+    }
+
+    /// The rules `intent`'s replay cuts with (`None`: the member's own); `Err` when the
+    /// partition is held or the member must stop, both already reported.
+    fn replay_rules_for(
+        &self,
+        partition: i32,
+        intent: Option<&BatchIntent>,
+    ) -> Result<Option<Box<crate::rules::CuttingRules>>, Hold> {
+        let (Some(intent), Some(source)) = (intent, &self.rules_source) else {
+            return Ok(None);
+        };
+        match source.resolve(intent, COMMITTED_PATIENCE, Instant::now, std::thread::sleep) {
+            Ok(ReplayRules::Own) => Ok(None),
+            Ok(ReplayRules::Theirs(rules)) => Ok(Some(Box::new(rules))),
+            Ok(ReplayRules::Hold(reason)) => {
+                let mut held = self.held.lock().expect("held lock");
+                held.insert(partition);
+                self.metrics.emit(PartitionHeld {
+                    partition,
+                    start: intent.start,
+                    end: intent.end,
+                    reason: &reason,
+                    held: held.len(),
+                });
+                Err(Hold::Partition)
+            }
+            Err(err) => {
+                self.fatal.raise(format!(
+                    "cannot read the cutting rules of partition {partition}'s interrupted batch: \
+                     {err}; stopping rather than replaying it with other rules"
+                ));
+                Err(Hold::Stop)
+            }
+        }
+    }
+
+    /// Partitions the group never committed start after what the bucket holds.
+    pub fn with_bucket_position(mut self, lookup: BucketPosition) -> ArchiverContext {
+        self.bucket_position = Some(lookup);
+        self
+    }
+
+    fn worker(&self, partition: i32) -> &SyncSender<WorkerCommand> {
+        worker_for(&self.workers, partition)
+    }
+
+    /// Sets up each newly assigned partition and writes the offset to start from into `tpl`.
+    fn on_assign(&self, consumer: &BaseConsumer<Self>, tpl: &mut TopicPartitionList) {
+        let partitions: Vec<i32> = tpl
+            .elements_for_topic(&self.topic)
+            .iter()
+            .map(|e| e.partition())
+            .collect();
+        if partitions.is_empty() || self.shutting_down.load(Ordering::SeqCst) {
+            return;
+        }
+        let mut committed = match self.fetch_committed(consumer, tpl, &partitions) {
+            Ok(committed) => committed,
+            Err(err) => {
+                self.fatal.raise(format!(
+                    "cannot read the group's committed offsets of partitions {partitions:?}: {err}; \
+                     stopping rather than planning their recovery on a guess"
+                ));
+                return;
+            }
+        };
+        if let Err(err) = self.start_uncommitted_after_the_bucket(&partitions, &mut committed) {
+            self.fatal.raise(format!(
+                "cannot read where the bucket's archive ends for partitions without a commit: \
+                 {err}; stopping rather than archiving their retained log a second time"
+            ));
+            return;
+        }
+        let mut replies = Vec::new();
+        for &partition in &partitions {
+            let (committed, intent) = committed
+                .remove(&partition)
+                .expect("read_committed answers for every partition asked");
+            let replay_rules = match self.replay_rules_for(partition, intent.as_ref()) {
+                Ok(rules) => rules,
+                Err(Hold::Partition) => continue,
+                Err(Hold::Stop) => return,
+            };
+            let epoch = self.assignments.assign(partition);
+            let (reply, answer) = sync_channel(1);
+            if let Committed::Offset(offset) = committed {
+                self.committed
+                    .lock()
+                    .expect("lock")
+                    .insert(partition, offset);
+                self.starts
+                    .lock()
+                    .expect("starts lock")
+                    .insert(partition, offset);
+            }
+            let command = WorkerCommand::Assign {
+                partition,
+                epoch,
+                committed,
+                intent,
+                log_start: self.log_start(consumer, partition),
+                replay_rules,
+                reply,
+            };
+            if self.worker(partition).send(command).is_err() {
+                self.fatal.raise("buffer worker stopped".into());
+                return;
+            }
+            replies.push((partition, answer));
+        }
+        for (partition, answer) in replies {
+            match answer.recv() {
+                Ok(Ok(Some(offset))) => {
+                    let _ =
+                        tpl.set_partition_offset(&self.topic, partition, Offset::Offset(offset));
+                    self.starts
+                        .lock()
+                        .expect("starts lock")
+                        .insert(partition, offset);
+                }
+                Ok(Ok(None)) => {}
+                Ok(Err(err)) => self.fatal.raise(err.to_string()),
+                Err(_) => self.fatal.raise("buffer worker stopped".into()),
+            }
+        }
+        self.metrics
+            .assigned_partitions
+            .set(self.assignments.partitions().len() as i64);
+        tracing::info!(partitions = ?partitions, "partitions assigned");
+    }
+
+    fn on_revoke(&self, tpl: &TopicPartitionList) {
+        let keep_local = self.shutting_down.load(Ordering::SeqCst);
+        let partitions: Vec<i32> = tpl
+            .elements_for_topic(&self.topic)
+            .iter()
+            .map(|e| e.partition())
+            .collect();
+        let mut replies = Vec::new();
+        for &partition in &partitions {
+            self.assignments.revoke(partition);
+            {
+                let mut held = self.held.lock().expect("held lock");
+                held.remove(&partition);
+                self.metrics.partitions_held.set(held.len() as i64);
+            }
+            self.committed.lock().expect("lock").remove(&partition);
+            self.starts.lock().expect("starts lock").remove(&partition);
+            self.metrics.forget_partition(partition);
+            if keep_local {
+                continue;
+            }
+            let (reply, answer) = sync_channel(1);
+            let command = WorkerCommand::Revoke {
+                partition,
+                keep_local,
+                reply,
+            };
+            if self.worker(partition).send(command).is_ok() {
+                replies.push(answer);
+            }
+        }
+        for answer in replies {
+            let _ = answer.recv();
+        }
+        self.metrics
+            .assigned_partitions
+            .set(self.assignments.partitions().len() as i64);
+        tracing::info!(partitions = ?partitions, "partitions revoked");
+    }
+
+    /// The partition's first offset in the log now, if the broker answers (a hint: without it
+    /// a deleted range is still recorded as a gap, only not known as deleted).
+    fn log_start(&self, consumer: &BaseConsumer<Self>, partition: i32) -> Option<i64> {
+        match consumer.fetch_watermarks(&self.topic, partition, BROKER_TIMEOUT) {
+            Ok((low, _)) if low >= 0 => Some(low),
+            Ok(_) => None,
+            Err(err) => {
+                tracing::warn!(partition, error = %err, "cannot read the log's first offset");
+                None
+            }
+        }
+    }
+
+    /// A partition without a commit (a new `group.id`, offsets expired) whose batches the bucket
+    /// already holds resumes after its newest manifest instead of the log's start.
+    fn start_uncommitted_after_the_bucket(
+        &self,
+        partitions: &[i32],
+        committed: &mut CommittedOffsets,
+    ) -> Result<(), String> {
+        let Some(lookup) = &self.bucket_position else {
+            return Ok(());
+        };
+        for &partition in partitions {
+            if !matches!(committed.get(&partition), Some((Committed::Nothing, _))) {
+                continue;
+            }
+            let end = committed::fetch_until_known(
+                "where the bucket's archive ends",
+                COMMITTED_PATIENCE,
+                Instant::now,
+                std::thread::sleep,
+                || lookup(partition),
+            )?;
+            if let Some(end) = end {
+                tracing::info!(
+                    partition,
+                    manifest_end = end,
+                    "the group has no commit for this partition: resuming after the newest manifest in the bucket"
+                );
+                committed.insert(partition, (Committed::Offset(end + 1), None));
+            }
+        }
+        Ok(())
+    }
+
+    /// The group's committed offset and intent of every partition in `tpl`, asked again until
+    /// the broker answered for each one.
+    fn fetch_committed(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        tpl: &TopicPartitionList,
+        partitions: &[i32],
+    ) -> Result<CommittedOffsets, String> {
+        let what = "the committed offsets";
+        committed::fetch_until_known(
+            what,
+            COMMITTED_PATIENCE,
+            Instant::now,
+            std::thread::sleep,
+            || {
+                let list = consumer
+                    .committed_offsets(tpl.clone(), BROKER_TIMEOUT)
+                    .map_err(|err| err.to_string())?;
+                let entries =
+                    list.elements_for_topic(&self.topic)
+                        .into_iter()
+                        .map(|e| CommittedEntry {
+                            partition: e.partition(),
+                            offset: match e.offset() {
+                                Offset::Offset(offset) => Some(offset),
+                                _ => None,
+                            },
+                            metadata: e.metadata().to_string(),
+                            error: e.error().err().map(|err| err.to_string()),
+                        });
+                committed::read_committed(partitions, entries)
+            },
+        )
+    }
+}
+
+impl ClientContext for ArchiverContext {
+    const ENABLE_REFRESH_OAUTH_TOKEN: bool = true;
+
+    /// A fresh token for the broker (`kafka.auth = "aws-msk-iam"`); librdkafka asks before the
+    /// current one expires.
+    fn generate_oauth_token(
+        &self,
+        _config: Option<&str>,
+    ) -> Result<rdkafka::client::OAuthToken, Box<dyn std::error::Error>> {
+        self.auth.token()
+    }
+
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        match level {
+            RDKafkaLogLevel::Emerg
+            | RDKafkaLogLevel::Alert
+            | RDKafkaLogLevel::Critical
+            | RDKafkaLogLevel::Error => {
+                tracing::error!(target: "librdkafka", facility = fac, "{message}")
+            }
+            RDKafkaLogLevel::Warning => {
+                tracing::warn!(target: "librdkafka", facility = fac, "{message}")
+            }
+            RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
+                tracing::info!(target: "librdkafka", facility = fac, "{message}")
+            }
+            RDKafkaLogLevel::Debug => {
+                tracing::debug!(target: "librdkafka", facility = fac, "{message}")
+            }
+        }
+    }
+
+    /// librdkafka's statistics (every few seconds): per-partition lag for the metrics.
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        if statistics
+            .brokers
+            .values()
+            .any(|broker| broker.state == "UP")
+        {
+            self.metrics
+                .health
+                .brokers_down_since_ms
+                .store(0, Ordering::Relaxed);
+        }
+        let Some(topic) = statistics.topics.get(&self.topic) else {
+            return;
+        };
+        let assigned = self.assignments.partitions();
+        for (&partition, stats) in &topic.partitions {
+            if !assigned.contains(&partition) {
+                continue;
+            }
+            let label = partition.to_string();
+            if stats.hi_offset >= 0 && stats.app_offset >= 0 {
+                self.metrics
+                    .consumer_lag
+                    .with_label_values(&[&label])
+                    .set((stats.hi_offset - stats.app_offset).max(0));
+            }
+            let committed = self
+                .committed
+                .lock()
+                .expect("lock")
+                .get(&partition)
+                .copied();
+            if let (true, Some(committed)) = (stats.hi_offset >= 0, committed) {
+                self.metrics
+                    .committed_lag
+                    .with_label_values(&[&label])
+                    .set((stats.hi_offset - committed).max(0));
+            }
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        if let Some(code) = error.rdkafka_error_code() {
+            *self.last_error.lock().expect("last error lock") = Some((code, reason.to_string()));
+        }
+        if matches!(
+            error,
+            KafkaError::Global(rdkafka::types::RDKafkaErrorCode::AllBrokersDown)
+        ) {
+            let _ = self.metrics.health.brokers_down_since_ms.compare_exchange(
+                0,
+                chrono::Utc::now().timestamp_millis(),
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+        }
+        if self.throttle.allow(&error.to_string()) {
+            tracing::warn!(target: "librdkafka", error = %error, reason, "kafka client error (repeats within 10s not logged)");
+        }
+    }
+}
+
+impl ConsumerContext for ArchiverContext {
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        let cooperative = matches!(
+            consumer.rebalance_protocol(),
+            RebalanceProtocol::Cooperative
+        );
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                self.metrics.rebalances.with_label_values(&["assign"]).inc();
+                self.on_assign(consumer, tpl);
+                let result = if cooperative {
+                    consumer.incremental_assign(tpl)
+                } else {
+                    consumer.assign(tpl)
+                };
+                if let Err(err) = result {
+                    self.fatal
+                        .raise(format!("cannot apply partition assignment: {err}"));
+                }
+                // librdkafka keeps a partition's pause across its revocation: one paused for the
+                // disk budget, revoked and assigned back would never be read again (seen in the
+                // chaos test). Whatever is assigned starts unpaused; backpressure pauses it anew.
+                if let Err(err) = consumer.resume(tpl) {
+                    tracing::warn!(error = %err, "cannot resume the newly assigned partitions");
+                }
+                let held = self.held_partitions();
+                if !held.is_empty() {
+                    let mut list = TopicPartitionList::new();
+                    for partition in held {
+                        list.add_partition(&self.topic, partition);
+                    }
+                    if let Err(err) = consumer.pause(&list) {
+                        self.fatal
+                            .raise(format!("cannot pause the held partitions: {err}"));
+                    }
+                }
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                self.metrics.rebalances.with_label_values(&["revoke"]).inc();
+                self.on_revoke(tpl);
+                let result = if cooperative {
+                    consumer.incremental_unassign(tpl)
+                } else {
+                    consumer.unassign()
+                };
+                if let Err(err) = result {
+                    tracing::warn!(error = %err, "cannot apply partition revocation");
+                }
+            }
+            other => {
+                self.metrics.rebalances.with_label_values(&["error"]).inc();
+                tracing::warn!(error = ?other, "rebalance error; dropping the assignment");
+                let all = consumer.assignment().unwrap_or_default();
+                self.on_revoke(&all);
+                let _ = consumer.unassign();
+            }
+        }
+    }
+}

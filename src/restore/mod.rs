@@ -1,0 +1,797 @@
+//! Restore: the way back out of the archive. Sends archived events (or dead letters) of some
+//! sources and days back into a Kafka topic, one message per line, unchanged, exactly once in
+//! total however often it is interrupted and run again.
+//!
+//! The design, for brokers without transactions (tansu 0.6 refuses `EndTxn`): a plan fixes the
+//! objects and their order once (`plan.rs`, stored in the bucket); an idempotent producer sends
+//! every line with its position in a header and to the partition its key picks; a rerun reads
+//! the last message of the restore in each partition and sends only what lies after it
+//! (`position.rs`). It needs a broker with idempotent producers (`InitProducerId`, Kafka 0.11 and
+//! later; tansu and librdkafka's mock cluster have them) and write access to
+//! `segment-logs/_restores/` in the bucket for the plan. Objects archived after the plan was
+//! made are not part of the restore: a restore with another selection or target sends them.
+//!
+//! Events go out with the `source-id` header set to their source folder, so the archiver's
+//! default routing files them under the same source again, and keyed by a field of the event
+//! (`anonymousId`, then `userId`, then `messageId` by default) so per-user order survives.
+//! Dead letters go out as the original record: its key, headers and payload bytes.
+
+use std::collections::{BTreeSet, HashMap};
+use std::io::{BufRead, BufReader, Read};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use aws_sdk_s3::primitives::ByteStream;
+use base64::Engine as _;
+use futures_util::StreamExt;
+use rdkafka::consumer::Consumer;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+
+use crate::config::Config;
+use crate::kafka_client::{
+    client_config, inspector, Auth, ClientRole, Deliveries, Inspector, ProducerCounting,
+};
+use crate::upload::s3::{S3Error, S3Store};
+use plan::{plan_key, run_name, select, Plan, PlannedObject, Selection, PLAN_VERSION};
+use position::{partition_for, Position, Sent, POSITION_HEADER};
+
+pub mod plan;
+pub mod position;
+
+/// Broker round trips (metadata, watermarks).
+const BROKER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Objects requested ahead of the one being sent.
+const PREFETCH_OBJECTS: usize = 8;
+/// How often progress is reported.
+const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+
+/// What to restore and how fast.
+#[derive(Debug, Clone)]
+pub struct RestoreOptions {
+    pub selection: Selection,
+    pub target_topic: String,
+    /// Fields of an event whose first present string value keys its message.
+    pub key_fields: Vec<String>,
+    /// Events per second at most; 0 for as fast as the broker takes them.
+    pub rate: u64,
+    /// Bytes the producer may hold unacknowledged.
+    pub max_in_flight_bytes: u64,
+    /// Counts what a run would send, sends nothing, stores no plan.
+    pub dry_run: bool,
+    /// Skips (and counts) an object that cannot be decompressed or a line that is not what it
+    /// should be, instead of stopping.
+    pub skip_corrupt: bool,
+}
+
+/// What a run did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RestoreSummary {
+    pub run: String,
+    pub objects: usize,
+    /// Compressed bytes of the plan's objects.
+    pub object_bytes: u64,
+    /// Lines sent by this run (with `dry_run`: that a run would send).
+    pub sent: u64,
+    /// Lines earlier runs had sent already.
+    pub already_sent: u64,
+    /// Uncompressed bytes of the lines sent.
+    pub sent_bytes: u64,
+    /// Objects or lines skipped as corrupt (`skip_corrupt`).
+    pub corrupt: u64,
+    pub elapsed: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error("cannot read the archive: {0}")]
+    Bucket(#[from] S3Error),
+    #[error("nothing to restore: no archived object of topic {topic} under s3://{bucket}/{prefix} matches the selection")]
+    NothingSelected {
+        bucket: String,
+        prefix: String,
+        topic: String,
+    },
+    #[error("kafka: {0}")]
+    Kafka(String),
+    #[error("the task fetching the plan's objects stopped before the plan's end")]
+    FetcherStopped,
+    #[error("target topic {0} does not exist (create it first, with the partitions you want)")]
+    NoTargetTopic(String),
+    #[error("target topic {topic} has {now} partitions but had {planned} when this restore began: lines are placed by partition, so a restore cannot resume across a change (restore into a new topic)")]
+    PartitionsChanged {
+        topic: String,
+        planned: i32,
+        now: i32,
+    },
+    #[error("the stored plan {key} cannot be read: {message}")]
+    BadPlan { key: String, message: String },
+    #[error(
+        "{key}: {message} (after {lines} lines; --skip-corrupt skips such objects and counts them)"
+    )]
+    Corrupt {
+        key: String,
+        lines: u64,
+        message: String,
+    },
+    #[error("{key} line {line}: {message} (--skip-corrupt skips such lines and counts them)")]
+    BadLine {
+        key: String,
+        line: u64,
+        message: String,
+    },
+    #[error("{failed} messages were not delivered (first error: {first}); run the same restore again to send what is missing")]
+    Delivery { failed: u64, first: String },
+}
+
+/// Runs a restore to its end (or, with `dry_run`, counts it).
+pub async fn restore(
+    config: &Config,
+    options: &RestoreOptions,
+    mut progress: impl FnMut(&Progress) + Send + 'static,
+) -> Result<RestoreSummary, RestoreError> {
+    let started = Instant::now();
+    let store = S3Store::connect(&config.s3).await;
+    let prefix = config.s3.prefix.clone();
+    let run = run_name(&options.selection, &prefix, &options.target_topic);
+
+    let kafka = config.kafka.clone();
+    let target = options.target_topic.clone();
+    let partitions = tokio::task::spawn_blocking(move || target_partitions(&kafka, &target))
+        .await
+        .expect("metadata thread")?;
+
+    let key = plan_key(&prefix, &run);
+    let plan = match store.get_bytes(&key).await? {
+        Some(bytes) => {
+            let plan: Plan =
+                serde_json::from_slice(&bytes).map_err(|err| RestoreError::BadPlan {
+                    key: key.clone(),
+                    message: err.to_string(),
+                })?;
+            tracing::info!(
+                run,
+                objects = plan.objects.len(),
+                "resuming a restore with its stored plan"
+            );
+            plan
+        }
+        None => {
+            let root = format!("{prefix}{}/", crate::layout::ROOT);
+            let objects = select(&prefix, &options.selection, store.list(&root).await?);
+            let plan = Plan {
+                version: PLAN_VERSION,
+                run: run.clone(),
+                target_topic: options.target_topic.clone(),
+                partitions,
+                objects,
+            };
+            if !options.dry_run && !plan.objects.is_empty() {
+                let json = serde_json::to_vec_pretty(&plan).expect("plan serializes");
+                store.put_bytes(&key, json, "application/json").await?;
+            }
+            plan
+        }
+    };
+    if plan.objects.is_empty() {
+        return Err(RestoreError::NothingSelected {
+            bucket: store.bucket().to_string(),
+            prefix: prefix.clone(),
+            topic: options.selection.archived_topic.clone(),
+        });
+    }
+    if plan.partitions != partitions {
+        return Err(RestoreError::PartitionsChanged {
+            topic: options.target_topic.clone(),
+            planned: plan.partitions,
+            now: partitions,
+        });
+    }
+
+    // Objects are small and many (one per source, day and batch): fetched one after the
+    // other, the restore waited on a GET round trip per object. The next few are requested
+    // ahead, in plan order; their bodies are read as the sender gets to them.
+    let (bodies, next_body) = tokio::sync::mpsc::channel(PREFETCH_OBJECTS);
+    let keys: Vec<String> = plan.objects.iter().map(|o| o.key.clone()).collect();
+    let fetcher = store.clone();
+    let prefetch = tokio::spawn(async move {
+        let mut requests = futures_util::stream::iter(keys)
+            .map(|key| {
+                let store = fetcher.clone();
+                async move { store.get_stream(&key).await }
+            })
+            .buffered(PREFETCH_OBJECTS);
+        while let Some(body) = requests.next().await {
+            if bodies.send(body).await.is_err() {
+                return; // the sender stopped
+            }
+        }
+    });
+    let runtime = tokio::runtime::Handle::current();
+    let config = config.clone();
+    let options = options.clone();
+    let result = tokio::task::spawn_blocking(move || {
+        let sender = Sender::new(&config, &options, &plan, runtime, next_body)?;
+        let mut summary = sender.run(&mut progress)?;
+        summary.elapsed = started.elapsed();
+        Ok(summary)
+    })
+    .await
+    .expect("restore thread");
+    prefetch.abort();
+    result
+}
+
+/// Progress of a run, for a progress bar or a log line.
+#[derive(Debug, Clone, Default)]
+pub struct Progress {
+    pub objects_done: usize,
+    pub objects: usize,
+    pub compressed_read: u64,
+    pub compressed_total: u64,
+    pub sent: u64,
+    pub sent_bytes: u64,
+    pub elapsed: Duration,
+}
+
+impl Progress {
+    /// Seconds left at the pace so far, by compressed bytes read.
+    pub fn eta(&self) -> Option<Duration> {
+        if self.compressed_read == 0 {
+            return None;
+        }
+        let rate = self.compressed_read as f64 / self.elapsed.as_secs_f64().max(1e-3);
+        let left = self.compressed_total.saturating_sub(self.compressed_read) as f64;
+        Some(Duration::from_secs_f64(left / rate))
+    }
+}
+
+/// The partitions of the target topic; an error if it does not exist.
+fn target_partitions(kafka: &crate::config::KafkaConfig, topic: &str) -> Result<i32, RestoreError> {
+    let consumer = inspector(kafka).map_err(|err| RestoreError::Kafka(err.to_string()))?;
+    let metadata = consumer
+        .fetch_metadata(Some(topic), BROKER_TIMEOUT)
+        .map_err(|err| RestoreError::Kafka(format!("cannot read metadata of {topic}: {err}")))?;
+    let partitions = metadata
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic && t.error().is_none())
+        .map_or(0, |t| t.partitions().len() as i32);
+    if partitions == 0 {
+        return Err(RestoreError::NoTargetTopic(topic.to_string()));
+    }
+    Ok(partitions)
+}
+
+/// The last position of `run` in each partition of `topic`: read back from the end of every
+/// partition at once, further back for those where no message of the run turned up, until one
+/// does or the log's start is reached.
+fn read_sent(
+    kafka: &crate::config::KafkaConfig,
+    topic: &str,
+    partitions: i32,
+    run: &str,
+) -> Result<Sent, RestoreError> {
+    let consumer = inspector(kafka).map_err(|err| RestoreError::Kafka(err.to_string()))?;
+    // Per partition still looked for: (log start, where the last pass began).
+    let mut pending: HashMap<i32, (i64, i64)> = HashMap::new();
+    for partition in 0..partitions {
+        let (low, high) = consumer
+            .fetch_watermarks(topic, partition, BROKER_TIMEOUT)
+            .map_err(|err| {
+                RestoreError::Kafka(format!("cannot read the end of {topic}/{partition}: {err}"))
+            })?;
+        if high > low {
+            pending.insert(partition, (low, high));
+        }
+    }
+    let mut last = HashMap::new();
+    let mut window = 10_000;
+    while !pending.is_empty() {
+        let starts: HashMap<i32, i64> = pending
+            .iter()
+            .map(|(&partition, &(low, began))| (partition, (began - window).max(low)))
+            .collect();
+        let found = last_of_run(&consumer, topic, &starts, run)?;
+        for (partition, from) in starts {
+            let low = pending[&partition].0;
+            match found.get(&partition) {
+                Some(&position) => {
+                    last.insert(partition, position);
+                    pending.remove(&partition);
+                }
+                None if from <= low => {
+                    pending.remove(&partition);
+                }
+                None => {
+                    pending.insert(partition, (low, from));
+                }
+            }
+        }
+        window *= 4;
+    }
+    Ok(Sent::new(last))
+}
+
+/// The highest position of `run` in each partition among its messages from `starts`, read to
+/// the end (until the partitions stay quiet: some brokers report a lower high watermark than
+/// they serve). A pass further back reads the previous pass's messages again: each pass
+/// reaches four times further, so that costs at most a third more.
+fn last_of_run(
+    consumer: &Inspector,
+    topic: &str,
+    starts: &HashMap<i32, i64>,
+    run: &str,
+) -> Result<HashMap<i32, Position>, RestoreError> {
+    let mut tpl = TopicPartitionList::new();
+    for (&partition, &from) in starts {
+        tpl.add_partition_offset(topic, partition, Offset::Offset(from))
+            .map_err(|err| RestoreError::Kafka(err.to_string()))?;
+    }
+    consumer
+        .assign(&tpl)
+        .map_err(|err| RestoreError::Kafka(err.to_string()))?;
+    let mut found: HashMap<i32, Position> = HashMap::new();
+    let idle = Duration::from_millis(1500);
+    let mut last_message = Instant::now();
+    while last_message.elapsed() < idle {
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(message)) => {
+                last_message = Instant::now();
+                let partition = message.partition();
+                let position = message.headers().and_then(|headers| {
+                    headers
+                        .iter()
+                        .find(|h| h.key == POSITION_HEADER)
+                        .and_then(|h| Position::decode(h.value?, run))
+                });
+                if let Some(position) = position {
+                    let entry = found.entry(partition).or_insert(position);
+                    *entry = (*entry).max(position);
+                }
+            }
+            Some(Err(err)) => {
+                return Err(RestoreError::Kafka(format!(
+                    "cannot read back {topic}: {err}"
+                )))
+            }
+            None => {}
+        }
+    }
+    let _ = consumer.unassign();
+    Ok(found)
+}
+
+/// Sends a plan's lines; runs on a blocking thread and reads objects through `runtime`.
+struct Sender<'a> {
+    options: &'a RestoreOptions,
+    plan: &'a Plan,
+    runtime: tokio::runtime::Handle,
+    /// The plan's object bodies, in plan order, requested ahead.
+    bodies: std::sync::Mutex<tokio::sync::mpsc::Receiver<Result<ByteStream, S3Error>>>,
+    sent_before: Sent,
+    producer: Option<ThreadedProducer<ProducerCounting>>,
+    deliveries: Arc<Deliveries>,
+}
+
+/// One message to send.
+struct Outgoing {
+    key: Option<Vec<u8>>,
+    payload: Vec<u8>,
+    headers: Vec<(String, Option<Vec<u8>>)>,
+}
+
+impl<'a> Sender<'a> {
+    fn new(
+        config: &Config,
+        options: &'a RestoreOptions,
+        plan: &'a Plan,
+        runtime: tokio::runtime::Handle,
+        bodies: tokio::sync::mpsc::Receiver<Result<ByteStream, S3Error>>,
+    ) -> Result<Sender<'a>, RestoreError> {
+        let sent_before = read_sent(
+            &config.kafka,
+            &plan.target_topic,
+            plan.partitions,
+            &plan.run,
+        )?;
+        let deliveries = Arc::new(Deliveries::default());
+        let producer = if options.dry_run {
+            None
+        } else {
+            let mut client = client_config(
+                &config.kafka,
+                ClientRole::Restorer {
+                    max_in_flight_kbytes: (options.max_in_flight_bytes / 1024).max(1),
+                },
+            );
+            // Delivery failures must not leave holes the next run would step over.
+            client.set("enable.gapless.guarantee", "true");
+            let producer: ThreadedProducer<ProducerCounting> = client
+                .create_with_context(ProducerCounting {
+                    deliveries: Arc::clone(&deliveries),
+                    auth: Auth::for_config(&config.kafka),
+                })
+                .map_err(|err| RestoreError::Kafka(config.redact(&err.to_string())))?;
+            Some(producer)
+        };
+        Ok(Sender {
+            options,
+            plan,
+            runtime,
+            bodies: std::sync::Mutex::new(bodies),
+            sent_before,
+            producer,
+            deliveries,
+        })
+    }
+
+    fn run(&self, progress: &mut dyn FnMut(&Progress)) -> Result<RestoreSummary, RestoreError> {
+        let started = Instant::now();
+        let mut summary = RestoreSummary {
+            run: self.plan.run.clone(),
+            objects: self.plan.objects.len(),
+            object_bytes: self
+                .plan
+                .objects
+                .iter()
+                .map(|o| o.bytes.max(0) as u64)
+                .sum(),
+            ..RestoreSummary::default()
+        };
+        let mut report = Progress {
+            objects: summary.objects,
+            compressed_total: summary.object_bytes,
+            ..Progress::default()
+        };
+        let mut last_report = Instant::now();
+        for (index, object) in self.plan.objects.iter().enumerate() {
+            let result = self.send_object(
+                index as u32,
+                object,
+                &mut summary,
+                started,
+                &mut || {
+                    if last_report.elapsed() >= PROGRESS_EVERY {
+                        last_report = Instant::now();
+                        true
+                    } else {
+                        false
+                    }
+                },
+                &mut report,
+                progress,
+            );
+            match result {
+                Ok(()) => {}
+                Err(err @ (RestoreError::Corrupt { .. } | RestoreError::BadLine { .. }))
+                    if self.options.skip_corrupt =>
+                {
+                    tracing::warn!(error = %err, "skipping what cannot be restored");
+                    summary.corrupt += 1;
+                }
+                Err(err) => return Err(err),
+            }
+            report.objects_done = index + 1;
+            report.compressed_read += object.bytes.max(0) as u64;
+        }
+        if let Some(producer) = &self.producer {
+            // Every line handed over must be acknowledged before the run says it is done.
+            loop {
+                match producer.flush(Duration::from_secs(30)) {
+                    Ok(()) => break,
+                    Err(KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut)) => {
+                        self.check_fatal(producer)?;
+                        tracing::info!("waiting for the broker to acknowledge what was sent");
+                    }
+                    Err(err) => return Err(RestoreError::Kafka(err.to_string())),
+                }
+            }
+            self.check_fatal(producer)?;
+            let failed = self.deliveries.failed();
+            if failed > 0 {
+                let first = self.deliveries.first_error();
+                return Err(RestoreError::Delivery { failed, first });
+            }
+        }
+        report.sent = summary.sent;
+        report.sent_bytes = summary.sent_bytes;
+        report.elapsed = started.elapsed();
+        progress(&report);
+        Ok(summary)
+    }
+
+    fn check_fatal(
+        &self,
+        producer: &ThreadedProducer<ProducerCounting>,
+    ) -> Result<(), RestoreError> {
+        match producer.client().fatal_error() {
+            Some((code, reason)) => Err(RestoreError::Kafka(format!(
+                "the producer stopped ({code:?}): {reason}; restore needs a broker with idempotent producers"
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn send_object(
+        &self,
+        index: u32,
+        object: &PlannedObject,
+        summary: &mut RestoreSummary,
+        started: Instant,
+        due: &mut dyn FnMut() -> bool,
+        report: &mut Progress,
+        progress: &mut dyn FnMut(&Progress),
+    ) -> Result<(), RestoreError> {
+        let body = self
+            .bodies
+            .lock()
+            .expect("bodies lock")
+            .blocking_recv()
+            .ok_or(RestoreError::FetcherStopped)??;
+        let reader = StreamRead {
+            body,
+            runtime: self.runtime.clone(),
+            chunk: Vec::new(),
+            at: 0,
+        };
+        let compressed = BufReader::with_capacity(1 << 16, reader);
+        let decoded: Box<dyn Read> = match crate::layout::Codec::of_key(&object.key) {
+            Some(crate::layout::Codec::Zstd) => Box::new(
+                zstd::stream::read::Decoder::with_buffer(compressed).map_err(|err| {
+                    RestoreError::Corrupt {
+                        key: object.key.clone(),
+                        lines: 0,
+                        message: err.to_string(),
+                    }
+                })?,
+            ),
+            _ => Box::new(flate2::bufread::MultiGzDecoder::new(compressed)),
+        };
+        let mut lines = BufReader::with_capacity(1 << 16, decoded);
+        let mut line = Vec::new();
+        let mut number: u64 = 0;
+        loop {
+            line.clear();
+            let read = lines
+                .read_until(b'\n', &mut line)
+                .map_err(|err| RestoreError::Corrupt {
+                    key: object.key.clone(),
+                    lines: number,
+                    message: format!("not a valid compressed object: {err}"),
+                })?;
+            if read == 0 {
+                return Ok(());
+            }
+            if line.last() == Some(&b'\n') {
+                line.pop();
+            }
+            if line.is_empty() {
+                continue;
+            }
+            let position = Position {
+                object: index,
+                line: number,
+            };
+            number += 1;
+            let outgoing = match self.outgoing(object, &line) {
+                Ok(Some(outgoing)) => outgoing,
+                Ok(None) => continue,
+                Err(message) if self.options.skip_corrupt => {
+                    tracing::warn!(key = object.key, line = position.line, %message, "skipping a line that cannot be restored");
+                    summary.corrupt += 1;
+                    continue;
+                }
+                Err(message) => {
+                    return Err(RestoreError::BadLine {
+                        key: object.key.clone(),
+                        line: position.line,
+                        message,
+                    })
+                }
+            };
+            let partition = partition_for(outgoing.key.as_deref(), position, self.plan.partitions);
+            if self.sent_before.contains(partition, position) {
+                summary.already_sent += 1;
+                continue;
+            }
+            self.pace(summary.sent, started);
+            if let Some(producer) = &self.producer {
+                self.send(producer, partition, position, &outgoing)?;
+            }
+            summary.sent += 1;
+            summary.sent_bytes += outgoing.payload.len() as u64;
+            if due() {
+                report.sent = summary.sent;
+                report.sent_bytes = summary.sent_bytes;
+                report.elapsed = started.elapsed();
+                progress(report);
+            }
+        }
+    }
+
+    /// The message a line becomes; `None` for a dead letter of a reason not selected.
+    fn outgoing(&self, object: &PlannedObject, line: &[u8]) -> Result<Option<Outgoing>, String> {
+        match &object.source {
+            Some(source) => {
+                let event: serde_json::Value =
+                    serde_json::from_slice(line).map_err(|err| format!("not JSON: {err}"))?;
+                let key = self
+                    .options
+                    .key_fields
+                    .iter()
+                    .find_map(|field| event.get(field)?.as_str().filter(|v| !v.is_empty()))
+                    .map(|key| key.as_bytes().to_vec());
+                Ok(Some(Outgoing {
+                    key,
+                    payload: line.to_vec(),
+                    headers: vec![("source-id".into(), Some(source.as_bytes().to_vec()))],
+                }))
+            }
+            None => dead_letter_record(line, &self.options.selection.reasons),
+        }
+    }
+
+    /// Waits as long as `--rate` asks.
+    fn pace(&self, sent: u64, started: Instant) {
+        if self.options.rate == 0 {
+            return;
+        }
+        let due = Duration::from_secs_f64(sent as f64 / self.options.rate as f64);
+        if let Some(wait) = due.checked_sub(started.elapsed()) {
+            std::thread::sleep(wait);
+        }
+    }
+
+    fn send(
+        &self,
+        producer: &ThreadedProducer<ProducerCounting>,
+        partition: i32,
+        position: Position,
+        outgoing: &Outgoing,
+    ) -> Result<(), RestoreError> {
+        let header = position.encode(&self.plan.run);
+        let mut headers = OwnedHeaders::new();
+        for (key, value) in &outgoing.headers {
+            headers = headers.insert(Header {
+                key,
+                value: value.as_deref(),
+            });
+        }
+        headers = headers.insert(Header {
+            key: POSITION_HEADER,
+            value: Some(header.as_bytes()),
+        });
+        let mut record = BaseRecord::to(&self.plan.target_topic)
+            .partition(partition)
+            .payload(&outgoing.payload)
+            .headers(headers);
+        if let Some(key) = &outgoing.key {
+            record = record.key(key);
+        }
+        loop {
+            match producer.send(record) {
+                Ok(()) => return Ok(()),
+                // The in-flight bound is reached: wait for acknowledgements.
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    record = back;
+                    self.check_fatal(producer)?;
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err((err, _)) => return Err(RestoreError::Kafka(err.to_string())),
+            }
+        }
+    }
+}
+
+/// The original record of a dead-letter line (its key, headers and payload), if its reason is
+/// among `reasons` (all when empty).
+fn dead_letter_record(line: &[u8], reasons: &BTreeSet<String>) -> Result<Option<Outgoing>, String> {
+    #[derive(serde::Deserialize)]
+    struct Header {
+        key: String,
+        value_base64: Option<String>,
+    }
+    #[derive(serde::Deserialize)]
+    struct DeadLetter {
+        reason: String,
+        key_base64: Option<String>,
+        #[serde(default)]
+        headers: Vec<Header>,
+        payload_base64: Option<String>,
+    }
+    let letter: DeadLetter =
+        serde_json::from_slice(line).map_err(|err| format!("not a dead letter: {err}"))?;
+    if !reasons.is_empty() && !reasons.contains(&letter.reason) {
+        return Ok(None);
+    }
+    let decode = |text: &str| {
+        base64::engine::general_purpose::STANDARD
+            .decode(text)
+            .map_err(|err| format!("bad base64 in a dead letter: {err}"))
+    };
+    let Some(payload) = letter.payload_base64.as_deref() else {
+        // A tombstone has nothing to send back.
+        return Ok(None);
+    };
+    Ok(Some(Outgoing {
+        key: letter.key_base64.as_deref().map(decode).transpose()?,
+        payload: decode(payload)?,
+        headers: letter
+            .headers
+            .iter()
+            .map(|h| {
+                Ok((
+                    h.key.clone(),
+                    h.value_base64.as_deref().map(decode).transpose()?,
+                ))
+            })
+            .collect::<Result<_, String>>()?,
+    }))
+}
+
+/// An object's body as a blocking reader: chunks are awaited on the runtime, never whole.
+struct StreamRead {
+    body: ByteStream,
+    runtime: tokio::runtime::Handle,
+    chunk: Vec<u8>,
+    at: usize,
+}
+
+impl Read for StreamRead {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.at == self.chunk.len() {
+            match self.runtime.block_on(self.body.next()) {
+                Some(Ok(bytes)) => {
+                    self.chunk.clear();
+                    self.chunk.extend_from_slice(&bytes);
+                    self.at = 0;
+                }
+                Some(Err(err)) => return Err(std::io::Error::other(err)),
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.chunk.len() - self.at);
+        buf[..n].copy_from_slice(&self.chunk[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_dead_letter_goes_back_as_the_record_it_was() {
+        let b64 = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
+        let line = serde_json::json!({
+            "topic": "events", "partition": 0, "offset": 7, "timestamp_ms": null,
+            "reason": "no-source",
+            "key_base64": b64(b"user-1"),
+            "headers": [{"key": "h", "value_base64": b64(b"v")}, {"key": "empty", "value_base64": null}],
+            "payload_base64": b64(b"{\"type\":\"track\"}"),
+            "payload_bytes": 16
+        })
+        .to_string();
+        let all = BTreeSet::new();
+        let record = dead_letter_record(line.as_bytes(), &all).unwrap().unwrap();
+        assert_eq!(record.key.as_deref(), Some(&b"user-1"[..]));
+        assert_eq!(record.payload, b"{\"type\":\"track\"}");
+        assert_eq!(
+            record.headers,
+            [
+                ("h".to_string(), Some(b"v".to_vec())),
+                ("empty".to_string(), None)
+            ]
+        );
+        let other: BTreeSet<String> = ["not-json".to_string()].into();
+        assert!(dead_letter_record(line.as_bytes(), &other)
+            .unwrap()
+            .is_none());
+        assert!(dead_letter_record(b"{}", &all).is_err());
+    }
+}

@@ -1,0 +1,235 @@
+//! The plan of a restore: which archived objects a selection covers, in the order their lines
+//! are sent. A plan is made once, by the first run of a restore, and stored in the bucket
+//! (`{prefix}segment-logs/_restores/{run}.json`): every later run of the same restore sends from
+//! the same list in the same order, so objects archived meanwhile can neither slip in before
+//! lines already sent nor make a resumed run skip them.
+
+use std::collections::BTreeSet;
+
+use chrono::{NaiveDate, TimeZone, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::layout::{self, check_source_id};
+
+/// What to send back: events of some sources and days, or dead letters of some days.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Selection {
+    /// The topic the archive was made from (`kafka.topic`): object names start with it.
+    pub archived_topic: String,
+    /// Source ids to restore; empty for every source.
+    pub sources: BTreeSet<String>,
+    /// First and last received-day, inclusive.
+    pub from: NaiveDate,
+    pub to: NaiveDate,
+    /// Dead letters instead of events.
+    pub dead_letter: bool,
+    /// With `dead_letter`: only these reasons (e.g. `no-source`); empty for all.
+    pub reasons: BTreeSet<String>,
+}
+
+/// One object of a plan.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlannedObject {
+    pub key: String,
+    pub bytes: i64,
+    /// The source folder (events only): set as the `source-id` header of each line sent.
+    pub source: Option<String>,
+    pub day: NaiveDate,
+}
+
+/// The objects of a restore, in sending order, and where they go.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Plan {
+    pub version: u32,
+    /// Names the restore in every message it sends (see `position.rs`).
+    pub run: String,
+    pub target_topic: String,
+    /// Partitions of the target topic when the plan was made: lines are placed by their key
+    /// over this many partitions, on every run.
+    pub partitions: i32,
+    pub objects: Vec<PlannedObject>,
+}
+
+pub const PLAN_VERSION: u32 = 1;
+
+/// Where the plan of `run` is stored.
+pub fn plan_key(prefix: &str, run: &str) -> String {
+    format!("{prefix}{}/_restores/{run}.json", layout::ROOT)
+}
+
+/// The name of a restore: the same selection into the same topic is the same restore (a rerun
+/// resumes it), anything else is another one.
+pub fn run_name(selection: &Selection, prefix: &str, target_topic: &str) -> String {
+    use md5::Digest as _;
+    let mut hasher = md5::Md5::new();
+    let text = format!(
+        "v1\n{prefix}\n{}\n{target_topic}\n{:?}\n{}\n{}\n{}\n{:?}",
+        selection.archived_topic,
+        selection.sources,
+        selection.from,
+        selection.to,
+        selection.dead_letter,
+        selection.reasons
+    );
+    hasher.update(text.as_bytes());
+    let digest = hasher.finalize();
+    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A day as the archive names its folders (`1432684800000`, `2015-05-27`, `day=2015-05-27`);
+/// also what `--from` and `--to` take.
+pub fn parse_day(text: &str) -> Option<NaiveDate> {
+    let text = text.strip_prefix("day=").unwrap_or(text);
+    if let Ok(date) = NaiveDate::parse_from_str(text, "%Y-%m-%d") {
+        return Some(date);
+    }
+    let millis: i64 = text.parse().ok()?;
+    if millis % 86_400_000 != 0 {
+        return None;
+    }
+    Utc.timestamp_millis_opt(millis)
+        .single()
+        .map(|t| t.date_naive())
+}
+
+/// Where an object of the archive sits: source (`None` for a dead letter), day, partition and
+/// first offset; the order of these is the sending order.
+type Place = (Option<String>, NaiveDate, i32, i64);
+
+/// The place of `key`, or `None` for keys that are not archived objects of `topic`.
+fn place(root: &str, topic: &str, key: &str) -> Option<Place> {
+    let rest = key.strip_prefix(root)?;
+    let parts: Vec<&str> = rest.split('/').collect();
+    let (source, day, name) = match parts.as_slice() {
+        ["_dead-letter", letter_topic, day, name] if *letter_topic == topic => (None, day, name),
+        [source, day, name] if check_source_id(source).is_ok() => {
+            (Some(source.to_string()), day, name)
+        }
+        _ => return None,
+    };
+    let numbers = name
+        .strip_suffix(".gz")
+        .or_else(|| name.strip_suffix(".zst"))?
+        .strip_prefix(topic)?
+        .strip_prefix('-')?;
+    let (partition, offset) = numbers.split_once('-')?;
+    Some((
+        source,
+        parse_day(day)?,
+        partition.parse().ok()?,
+        offset.parse().ok()?,
+    ))
+}
+
+/// The objects of `listing` (key, size) that `selection` covers, in sending order: by source,
+/// day, partition and first offset, so each partition's lines go in the order Kafka had them.
+pub fn select(
+    prefix: &str,
+    selection: &Selection,
+    listing: impl IntoIterator<Item = (String, i64)>,
+) -> Vec<PlannedObject> {
+    let root = format!("{prefix}{}/", layout::ROOT);
+    let mut chosen: Vec<(Place, PlannedObject)> = listing
+        .into_iter()
+        .filter_map(|(key, bytes)| {
+            let place = place(&root, &selection.archived_topic, &key)?;
+            let (source, day) = (place.0.clone(), place.1);
+            let wanted = source.is_none() == selection.dead_letter
+                && (selection.from..=selection.to).contains(&day)
+                && source.as_ref().is_none_or(|source| {
+                    selection.sources.is_empty() || selection.sources.contains(source)
+                });
+            wanted.then(|| {
+                let object = PlannedObject {
+                    key,
+                    bytes,
+                    source,
+                    day,
+                };
+                (place, object)
+            })
+        })
+        .collect();
+    chosen.sort_by(|a, b| a.0.cmp(&b.0));
+    chosen.into_iter().map(|(_, object)| object).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn selection(sources: &[&str], from: &str, to: &str) -> Selection {
+        Selection {
+            archived_topic: "events".into(),
+            sources: sources.iter().map(|s| s.to_string()).collect(),
+            from: parse_day(from).unwrap(),
+            to: parse_day(to).unwrap(),
+            dead_letter: false,
+            reasons: BTreeSet::new(),
+        }
+    }
+
+    #[test]
+    fn days_are_read_in_every_folder_format() {
+        let day = NaiveDate::from_ymd_opt(2015, 5, 27).unwrap();
+        assert_eq!(parse_day("2015-05-27"), Some(day));
+        assert_eq!(parse_day("day=2015-05-27"), Some(day));
+        assert_eq!(parse_day("1432684800000"), Some(day));
+        assert_eq!(parse_day("1432684800001"), None);
+        assert_eq!(parse_day("yesterday"), None);
+    }
+
+    #[test]
+    fn a_selection_takes_its_sources_and_days_in_kafka_order() {
+        let listing = [
+            "segment-logs/web/2015-05-27/events-10-00000000000000000000.gz",
+            "segment-logs/web/2015-05-27/events-2-00000000000000000500.gz",
+            "segment-logs/web/2015-05-27/events-2-00000000000000000040.gz",
+            "segment-logs/web/2015-05-28/events-0-00000000000000000000.gz",
+            "segment-logs/web/2015-05-29/events-0-00000000000000000000.gz",
+            "segment-logs/ios/day=2015-05-27/events-0-00000000000000000000.gz",
+            "segment-logs/android/2015-05-27/events-0-00000000000000000000.gz",
+            "segment-logs/web/2015-05-27/other-0-00000000000000000000.gz",
+            "segment-logs/_dead-letter/events/2015-05-27/events-0-00000000000000000007.gz",
+            "segment-logs/_manifests/events/0/00000000000000000000-00000000000000000099.json",
+            "segment-logs/_restores/abc.json",
+        ]
+        .map(|k| (k.to_string(), 10));
+        let chosen = select(
+            "",
+            &selection(&["web", "ios"], "2015-05-27", "1432771200000"),
+            listing.clone(),
+        );
+        let keys: Vec<&str> = chosen.iter().map(|o| o.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "segment-logs/ios/day=2015-05-27/events-0-00000000000000000000.gz",
+                "segment-logs/web/2015-05-27/events-2-00000000000000000040.gz",
+                "segment-logs/web/2015-05-27/events-2-00000000000000000500.gz",
+                "segment-logs/web/2015-05-27/events-10-00000000000000000000.gz",
+                "segment-logs/web/2015-05-28/events-0-00000000000000000000.gz",
+            ]
+        );
+        assert_eq!(chosen[0].source.as_deref(), Some("ios"));
+
+        let mut letters = selection(&[], "2015-05-27", "2015-05-27");
+        letters.dead_letter = true;
+        let chosen = select("", &letters, listing);
+        assert_eq!(chosen.len(), 1);
+        assert_eq!(chosen[0].source, None);
+    }
+
+    #[test]
+    fn the_same_selection_into_the_same_topic_is_the_same_restore() {
+        let a = selection(&["web"], "2015-05-27", "2015-05-28");
+        assert_eq!(run_name(&a, "", "t"), run_name(&a.clone(), "", "t"));
+        assert_ne!(run_name(&a, "", "t"), run_name(&a, "", "u"));
+        let b = selection(&["web", "ios"], "2015-05-27", "2015-05-28");
+        assert_ne!(run_name(&a, "", "t"), run_name(&b, "", "t"));
+        assert_eq!(
+            plan_key("team/", "0123"),
+            "team/segment-logs/_restores/0123.json"
+        );
+    }
+}

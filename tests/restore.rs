@@ -1,0 +1,308 @@
+//! `restore` against real servers (tansu, moto): archived events go back into a topic exactly
+//! once, through `kill -9`s and reruns, and archive again to the same lines; dead letters go back
+//! as the records they were.
+
+mod support;
+
+use std::collections::{BTreeMap, HashMap};
+use std::process::Command;
+use std::time::Duration;
+
+use support::*;
+
+const FROM: &str = "2026-11-20";
+const TO: &str = "2026-11-21";
+
+fn epoch_ms_folder(day: &str) -> String {
+    let date = chrono::NaiveDate::parse_from_str(day, "%Y-%m-%d").unwrap();
+    (date.and_hms_opt(0, 0, 0).unwrap().and_utc().timestamp() * 1000).to_string()
+}
+
+/// `kafka-s3-archiver restore` of `sources` on the test's days, with `args` after the selection.
+fn restore_command(rig: &Rig, target: &str, sources: &[String], args: &[&str]) -> Command {
+    let mut command = rig.command(&["restore", "--topic", target, "--from", FROM, "--to", TO]);
+    command
+        .args(sources.iter().flat_map(|s| ["--source", s]))
+        .args(args);
+    command
+}
+
+/// Runs a restore to its end; its standard output.
+fn restore_to_end(rig: &Rig, target: &str, sources: &[String], args: &[&str]) -> String {
+    let mut all = vec!["restore", "--topic", target, "--from", FROM, "--to", TO];
+    all.extend(sources.iter().flat_map(|s| ["--source", s.as_str()]));
+    all.extend_from_slice(args);
+    rig.command_ok(&all)
+}
+
+/// The number after `word` in `text`.
+fn number_after(text: &str, word: &str) -> u64 {
+    let (_, rest) = text
+        .split_once(word)
+        .unwrap_or_else(|| panic!("{word:?} not in {text}"));
+    rest.split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no number after {word:?} in {text}"))
+}
+
+#[test]
+fn a_restore_killed_again_and_again_sends_its_selection_exactly_once_and_archives_back_to_it() {
+    let rig = Rig::start(4);
+    rig.produce(50_000, 5, 3, 11);
+    rig.archive_to_the_end("archiver", 4, &[]);
+
+    // What the selection holds: the lines of two sources on two of the three days.
+    let bucket = rig.dir.path().join("bucket");
+    rig.s3.download(&bucket);
+    let days = [epoch_ms_folder(FROM), epoch_ms_folder(TO)];
+    let objects = archived_objects(&bucket, &rig.topic);
+    let all_sources: std::collections::BTreeSet<&str> =
+        objects.iter().map(|o| o.source.as_str()).collect();
+    assert_eq!(all_sources.len(), 5, "{all_sources:?}");
+    // Two of the five sources: the first and the third.
+    let sources: Vec<String> = all_sources
+        .iter()
+        .step_by(2)
+        .take(2)
+        .map(|s| s.to_string())
+        .collect();
+    let mut expected: BTreeMap<(String, String), HashMap<Vec<u8>, usize>> = BTreeMap::new();
+    let mut selected = 0usize;
+    for object in objects {
+        if sources.contains(&object.source) && days.contains(&object.day) {
+            let lines = expected.entry((object.source, object.day)).or_default();
+            for line in object.lines {
+                *lines.entry(line).or_default() += 1;
+                selected += 1;
+            }
+        }
+    }
+    assert!(selected > 10_000, "only {selected} lines selected");
+    assert_eq!(expected.len(), 4);
+
+    let target = "restored";
+    rig.broker.create_topic(target, 3);
+
+    // A dry run counts what a run sends, and sends nothing.
+    let dry = restore_to_end(&rig, target, &sources, &["--dry-run"]);
+    assert_eq!(number_after(&dry, "would send"), selected as u64, "{dry}");
+    assert!(rig.read_messages(target, 3).values().all(|m| m.is_empty()));
+
+    // Killed at random points, then run to its end.
+    let mut rng = fastrand::Rng::with_seed(5);
+    let mut kills = 0;
+    for attempt in 0..6 {
+        let log = rig.dir.path().join(format!("restore-{attempt}.log"));
+        let mut command = restore_command(&rig, target, &sources, &["--rate", "2000"]);
+        command.stdout(std::process::Stdio::null());
+        let mut process = Process::spawn(command, log);
+        std::thread::sleep(Duration::from_millis(rng.u64(1000..5000)));
+        if process.child.try_wait().unwrap().is_none() {
+            process.kill9();
+            kills += 1;
+        }
+    }
+    assert!(kills >= 5, "the restore ended before it could be killed");
+    let last = restore_to_end(&rig, target, &sources, &[]);
+    let sent_last = number_after(&last, "sent");
+    let sent_before = number_after(&last, "MB/s;");
+    assert!(sent_before > 0, "the killed runs sent nothing: {last}");
+    assert_eq!(sent_last + sent_before, selected as u64, "{last}");
+    let again = restore_to_end(&rig, target, &sources, &[]);
+    assert_eq!(number_after(&again, "sent"), 0, "{again}");
+
+    // The target holds each selected line once, with its source header, keyed by the user.
+    let messages = rig.read_messages(target, 3);
+    let mut restored: HashMap<(String, Vec<u8>), usize> = HashMap::new();
+    for message in messages.values().flat_map(BTreeMap::values) {
+        let source = String::from_utf8(message.header("source-id").unwrap().to_vec()).unwrap();
+        assert!(message.key.is_some(), "an event without a key");
+        *restored
+            .entry((source, message.payload.clone()))
+            .or_default() += 1;
+    }
+    let duplicated = restored.values().filter(|&&n| n > 1).count();
+    assert_eq!(duplicated, 0, "lines restored more than once");
+    assert_eq!(restored.len(), selected);
+
+    // Archived again under another prefix, the restored topic gives back the same lines under
+    // the same sources and days.
+    let ends: BTreeMap<i32, i64> = messages
+        .iter()
+        .map(|(&p, m)| (p, m.keys().next_back().map_or(0, |o| o + 1)))
+        .collect();
+    let mut again = rig.archiver(
+        "archiver-again",
+        &rig.dir.path().join("data-again"),
+        &[
+            ("ARCHIVER_KAFKA_TOPIC", target),
+            ("ARCHIVER_KAFKA_GROUP_ID", "archiver-again"),
+            ("ARCHIVER_S3_PREFIX", "again/"),
+            ("ARCHIVER_SCHEDULE_INTERVAL_SECS", "3"),
+            ("ARCHIVER_SCHEDULE_OFFSET_SECS", "0"),
+        ],
+    );
+    rig.wait_committed_on(
+        target,
+        "archiver-again",
+        &ends,
+        Duration::from_secs(180),
+        &mut [&mut again],
+    );
+    assert!(again.terminate(Duration::from_secs(40)).success());
+    let second = rig.dir.path().join("again");
+    rig.s3.download_prefix("again/", &second);
+    let mut archived: BTreeMap<(String, String), HashMap<Vec<u8>, usize>> = BTreeMap::new();
+    for object in archived_objects(&second, target) {
+        let lines = archived.entry((object.source, object.day)).or_default();
+        for line in object.lines {
+            *lines.entry(line).or_default() += 1;
+        }
+    }
+    assert!(
+        archived == expected,
+        "the second archive differs from the selection"
+    );
+}
+
+#[test]
+fn dead_letters_go_back_as_the_records_they_were() {
+    let rig = Rig::start(1);
+    // Events whose source no rule finds: dead letters under the default rules.
+    let produce = |payload: &str| {
+        let mut config = rdkafka::config::ClientConfig::new();
+        config.set("bootstrap.servers", rig.broker.bootstrap());
+        let producer: rdkafka::producer::BaseProducer = config.create().unwrap();
+        producer
+            .send(
+                rdkafka::producer::BaseRecord::to(&rig.topic)
+                    .key("user-9")
+                    .payload(payload),
+            )
+            .unwrap();
+        rdkafka::producer::Producer::flush(&producer, Duration::from_secs(10)).unwrap();
+    };
+    for n in 0..3 {
+        produce(&format!(
+            r#"{{"type":"track","event":"e{n}","messageId":"m{n}","receivedAt":"2026-11-20T10:00:00Z"}}"#
+        ));
+    }
+    rig.produce(200, 2, 1, 3);
+    rig.archive_to_the_end("archiver", 1, &[]);
+
+    // Sent back to the topic they came from, they are archived by an archiver whose rules now
+    // find their source: each once, under that source.
+    // Dead letters are filed under the day Kafka received them.
+    let today = chrono::Utc::now().date_naive();
+    let (from, to) = (today.pred_opt().unwrap(), today.succ_opt().unwrap());
+    let (from, to) = (from.to_string(), to.to_string());
+    let stdout = rig.command_ok(&[
+        "restore",
+        "--dead-letter",
+        "--reason",
+        "no-source",
+        "--topic",
+        &rig.topic,
+        "--from",
+        &from,
+        "--to",
+        &to,
+    ]);
+    assert_eq!(number_after(&stdout, "sent"), 3, "{stdout}");
+
+    rig.archive_to_the_end(
+        "archiver-fixed",
+        1,
+        &[(
+            "ARCHIVER_ROUTING_SOURCE",
+            r#"["header:source-id","field:projectId","static:recovered"]"#,
+        )],
+    );
+    let bucket = rig.dir.path().join("bucket");
+    rig.s3.download(&bucket);
+    let recovered: Vec<Vec<u8>> = archived_objects(&bucket, &rig.topic)
+        .into_iter()
+        .filter(|o| o.source == "recovered")
+        .flat_map(|o| o.lines)
+        .collect();
+    let mut messages: Vec<String> = recovered
+        .iter()
+        .map(|line| {
+            let event: serde_json::Value = serde_json::from_slice(line).unwrap();
+            event["messageId"].as_str().unwrap().to_string()
+        })
+        .collect();
+    messages.sort();
+    assert_eq!(messages, ["m0", "m1", "m2"]);
+}
+
+#[test]
+fn bad_input_stops_a_restore_with_its_cause_or_is_skipped_and_counted() {
+    let rig = Rig::start(1);
+    rig.produce(300, 1, 1, 4);
+    rig.archive_to_the_end("archiver", 1, &[]);
+    let run = |args: &[&str]| {
+        let output = rig
+            .command(&["restore", "--to", FROM])
+            .args(args)
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        (output.status.success(), text)
+    };
+
+    let (ok, text) = run(&["--topic", "no-such-topic", "--from", FROM]);
+    assert!(
+        !ok && text.contains("target topic no-such-topic does not exist"),
+        "{text}"
+    );
+    let (ok, text) = run(&["--topic", "t2", "--from", "2026-13-01"]);
+    assert!(!ok && text.contains("--from \"2026-13-01\""), "{text}");
+    let (ok, text) = run(&[
+        "--topic",
+        &rig.topic,
+        "--from",
+        FROM,
+        "--reason",
+        "no-source",
+    ]);
+    assert!(!ok && text.contains("add --dead-letter"), "{text}");
+
+    // A corrupt object in the selection: named, nothing sent; skipped and counted on request.
+    rig.broker.create_topic("target", 2);
+    let keys = rig.s3.keys();
+    let object = keys
+        .iter()
+        .find(|k| k.ends_with(".gz") && !k.contains("/_"))
+        .unwrap();
+    let folder = &object[..object.rfind('/').unwrap()];
+    let corrupt = format!("{folder}/{}-0-00000000000099999999.gz", rig.topic);
+    let local = rig.dir.path().join("corrupt.gz");
+    std::fs::write(&local, b"\x1f\x8b\x08\x00 this is not gzip").unwrap();
+    rig.s3.aws(&[
+        "s3",
+        "cp",
+        local.to_str().unwrap(),
+        &format!("s3://{BUCKET}/{corrupt}"),
+    ]);
+    let (ok, text) = run(&["--topic", "target", "--from", FROM, "--dry-run"]);
+    assert!(
+        !ok && text.contains(&corrupt) && text.contains("--skip-corrupt"),
+        "{text}"
+    );
+    let (ok, text) = run(&["--topic", "target", "--from", FROM, "--skip-corrupt"]);
+    assert!(ok, "{text}");
+    assert_eq!(number_after(&text, "sent"), 300, "{text}");
+    assert_eq!(number_after(&text, "skipped as corrupt:"), 1, "{text}");
+    let sent: usize = rig
+        .read_messages("target", 2)
+        .values()
+        .map(BTreeMap::len)
+        .sum();
+    assert_eq!(sent, 300);
+}
