@@ -439,3 +439,232 @@ fn a_batch_that_does_not_decode_stops_the_member_naming_partition_and_offset() {
         "nothing past the damaged batch may be committed"
     );
 }
+
+/// Produces full-size events in runs of `chunk` until every partition's log start (the mock
+/// cluster keeps the newest 5 MB of each partition, as `retention.bytes` would) is past
+/// `beyond`; returns the log starts.
+fn produce_until_retention_passes(
+    rig: &Rig,
+    beyond: &BTreeMap<i32, i64>,
+    chunk: u64,
+    seed: u64,
+) -> BTreeMap<i32, i64> {
+    for run in 0..200 {
+        let starts = rig.log_starts(beyond.len() as u32);
+        if beyond.iter().all(|(p, offset)| starts[p] > *offset) {
+            return starts;
+        }
+        rig.produce(chunk, 3, 2, seed + run);
+    }
+    panic!("retention never passed {beyond:?}");
+}
+
+/// Adds `more` (records read later) to `records`.
+fn merge_records(
+    records: &mut BTreeMap<i32, BTreeMap<i64, Vec<u8>>>,
+    more: BTreeMap<i32, BTreeMap<i64, Vec<u8>>>,
+) {
+    for (partition, offsets) in more {
+        records.entry(partition).or_default().extend(offsets);
+    }
+}
+
+/// Retention deletes records the group had not archived yet: the member that resumes at the
+/// committed offset finds it below the log start. It does not jump silently: it counts the
+/// reset, the next batch's manifest records the lost range as a `deleted` gap, `verify` names
+/// that range, and every record that was still in the log is archived exactly once.
+#[test]
+fn records_deleted_before_they_were_archived_are_counted_recorded_and_reported() {
+    let rig = Rig::start_mock(2);
+    rig.produce(1_000, 3, 2, 61);
+    rig.archive_to_the_end("first", 2, &[]);
+    let mut records = rig.read_topic(2);
+    let committed = end_offsets(&records);
+    let first_lost = committed.clone();
+    // Not archived before retention takes it: the next 1,000 records and more.
+    let beyond: BTreeMap<i32, i64> = committed.iter().map(|(p, c)| (*p, c + 500)).collect();
+    let log_starts = produce_until_retention_passes(&rig, &beyond, 2_000, 62);
+    merge_records(&mut records, rig.read_topic(2));
+    let ends = end_offsets(&records);
+
+    let mut second = rig.archiver(
+        "second",
+        &rig.dir.path().join("second-volume"),
+        &[
+            ("ARCHIVER_SCHEDULE_INTERVAL_SECS", "3"),
+            ("ARCHIVER_SCHEDULE_OFFSET_SECS", "0"),
+        ],
+    );
+    rig.wait_committed(&ends, Duration::from_secs(120), &mut [&mut second]);
+    let metrics = second.scrape();
+    assert!(second.terminate(Duration::from_secs(40)).success());
+    assert_eq!(
+        metrics.get("archiver_offset_resets_total"),
+        Some(&2.0),
+        "one reset per partition"
+    );
+
+    let out = rig.dir.path().join("bucket");
+    rig.s3.download(&out);
+    // The deleted records are in no object; every other one is in exactly one.
+    let still_there: BTreeMap<i32, BTreeMap<i64, Vec<u8>>> = records
+        .into_iter()
+        .map(|(p, offsets)| {
+            let lost = first_lost[&p]..log_starts[&p];
+            (
+                p,
+                offsets
+                    .into_iter()
+                    .filter(|(o, _)| !lost.contains(o))
+                    .collect(),
+            )
+        })
+        .collect();
+    assert_exactly_once(&archived_objects(&out, &rig.topic), &still_there, None);
+
+    let (clean, report) = rig.verify(true);
+    assert!(!clean, "verify must report the deleted ranges: {report:#}");
+    let findings = report["findings"].as_array().expect("findings");
+    assert_eq!(findings.len(), 2, "{report:#}");
+    for finding in findings {
+        let partition = finding["partition"].as_i64().expect("partition") as i32;
+        assert_eq!(finding["kind"], "deleted-before-archived", "{report:#}");
+        let range = format!(
+            "offsets {}..{}",
+            first_lost[&partition],
+            log_starts[&partition] - 1
+        );
+        assert!(
+            finding["detail"].as_str().unwrap().contains(&range),
+            "partition {partition}: {range} expected in {finding}"
+        );
+    }
+}
+
+/// Retention deletes the head of a batch whose objects went up but whose manifest did not (an
+/// intent recorded, the member killed). The next owner cannot cut that batch again as it was:
+/// it counts the reset and records the deleted range in the batch's manifest; the earlier
+/// attempt's objects, the only copy of the deleted records, are left as they are; every record
+/// still in the log is archived; and `verify` names the deleted range and each earlier object
+/// that no manifest lists, so none of it is silent.
+#[test]
+fn a_replay_whose_head_was_deleted_is_reported_and_keeps_the_only_copy() {
+    let rig = Rig::start_mock(2);
+    // Small record batches, so that retention can take the head of the archiver's batch and
+    // leave its tail.
+    for run in 0..10 {
+        rig.produce(100, 3, 2, 710 + run);
+    }
+    let proxy = refusing(&rig, "/_manifests/segment-events/", 7);
+    let proxied = proxy.endpoint();
+    let mut first = rig.archiver(
+        "first",
+        &rig.dir.path().join("first-volume"),
+        &[
+            ("ARCHIVER_SCHEDULE_INTERVAL_SECS", "2"),
+            ("ARCHIVER_SCHEDULE_OFFSET_SECS", "0"),
+            ("ARCHIVER_S3_ENDPOINT_URL", &proxied),
+        ],
+    );
+    wait_manifests_refused(&rig, &first);
+    first.kill9();
+    let intents = rig.committed(2);
+    let uploaded: BTreeMap<String, (String, String)> = rig
+        .s3
+        .versions()
+        .into_iter()
+        .filter(|(key, _)| key.ends_with(".gz") && !key.contains("/_"))
+        .collect();
+    assert!(!uploaded.is_empty());
+    let mut records = rig.read_topic(2);
+    let batch_ends = end_offsets(&records);
+    let starts: BTreeMap<i32, i64> = intents
+        .iter()
+        .map(|(p, offset)| (*p, offset.expect("the intent's start is committed")))
+        .collect();
+    let log_starts = produce_until_retention_passes(&rig, &starts, 400, 72);
+    for (p, start) in &log_starts {
+        assert!(
+            *start < batch_ends[p],
+            "partition {p}: retention took the whole batch (log start {start}); the test needs its tail"
+        );
+    }
+    merge_records(&mut records, rig.read_topic(2));
+    let ends = end_offsets(&records);
+    std::thread::sleep(Duration::from_millis(1_100));
+
+    let mut second = rig.archiver(
+        "second",
+        &rig.dir.path().join("second-volume"),
+        &[
+            ("ARCHIVER_SCHEDULE_INTERVAL_SECS", "2"),
+            ("ARCHIVER_SCHEDULE_OFFSET_SECS", "0"),
+        ],
+    );
+    rig.wait_committed(&ends, Duration::from_secs(120), &mut [&mut second]);
+    let metrics = second.scrape();
+    assert!(second.terminate(Duration::from_secs(40)).success());
+    assert_eq!(metrics.get("archiver_offset_resets_total"), Some(&2.0));
+    let after = rig.s3.versions();
+    for (key, version) in &uploaded {
+        assert_eq!(after.get(key), Some(version), "{key} was rewritten");
+    }
+
+    // Every record is in the bucket: the deleted ones in the earlier attempt's objects.
+    let out = rig.dir.path().join("bucket");
+    rig.s3.download(&out);
+    let archived: std::collections::HashSet<Vec<u8>> = archived_objects(&out, &rig.topic)
+        .into_iter()
+        .flat_map(|object| object.lines)
+        .collect();
+    for (partition, offsets) in &records {
+        let missing: Vec<i64> = offsets
+            .iter()
+            .filter(|(_, payload)| !archived.contains(*payload))
+            .map(|(offset, _)| *offset)
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "partition {partition}: lost {missing:?}"
+        );
+    }
+
+    let (clean, report) = rig.verify(false);
+    assert!(!clean, "verify must report the replay's loss: {report:#}");
+    let findings = report["findings"].as_array().expect("findings");
+    for (partition, log_start) in &log_starts {
+        let range = format!("offsets {}..{}", starts[partition], log_start - 1);
+        assert!(
+            findings
+                .iter()
+                .any(|f| f["kind"] == "deleted-before-archived"
+                    && f["partition"] == *partition
+                    && f["detail"].as_str().unwrap().contains(&range)),
+            "partition {partition}: {range} not reported: {report:#}"
+        );
+    }
+    // The earlier objects whose first record was deleted cannot be cut again: no manifest lists
+    // them and verify names each; one whose first record was still in the log was cut again
+    // byte for byte and is in the replay's manifest.
+    let unlisted: Vec<&str> = findings
+        .iter()
+        .filter(|f| f["kind"] == "extra-object")
+        .map(|f| f["detail"].as_str().unwrap())
+        .collect();
+    let mut reported = 0;
+    for key in uploaded.keys() {
+        let name = key.rsplit('/').next().unwrap().trim_end_matches(".gz");
+        let mut fields = name.rsplitn(3, '-');
+        let first_offset: i64 = fields.next().unwrap().parse().unwrap();
+        let partition: i32 = fields.next().unwrap().parse().unwrap();
+        let is_reported = unlisted.iter().any(|detail| detail.contains(key.as_str()));
+        let head_deleted = first_offset < log_starts[&partition];
+        assert_eq!(
+            is_reported, head_deleted,
+            "{key} (log start {}): reported {is_reported}: {report:#}",
+            log_starts[&partition]
+        );
+        reported += usize::from(is_reported);
+    }
+    assert!(reported > 0, "no earlier object lost its first record");
+}

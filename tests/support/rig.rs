@@ -346,6 +346,19 @@ impl Rig {
         records
     }
 
+    /// Each partition's first offset still in the log (what retention or DeleteRecords left).
+    pub fn log_starts(&self, partitions: u32) -> BTreeMap<i32, i64> {
+        let consumer: BaseConsumer = self.client().create().expect("consumer");
+        (0..partitions as i32)
+            .map(|partition| {
+                let (low, _) = consumer
+                    .fetch_watermarks(&self.topic, partition, Duration::from_secs(10))
+                    .expect("watermarks");
+                (partition, low)
+            })
+            .collect()
+    }
+
     /// The group's committed offsets with their metadata.
     pub fn committed_with_metadata(&self, partitions: u32) -> BTreeMap<i32, (Option<i64>, String)> {
         self.committed_in("archiver-test", partitions)
