@@ -232,22 +232,14 @@ fn a_replay_leaves_objects_already_in_the_bucket_alone() {
     );
     wait_manifests_refused(&rig, &first);
     first.kill9();
-    let uploaded: BTreeMap<String, (String, String)> = rig
-        .s3
-        .versions()
-        .into_iter()
-        .filter(|(key, _)| key.ends_with(".gz") && !key.contains("/_"))
-        .collect();
+    let uploaded = event_object_versions(&rig);
     assert!(!uploaded.is_empty());
     // S3's last-modified times have one-second resolution.
     std::thread::sleep(Duration::from_millis(1_100));
 
     let records = rig.read_topic(2);
     let ends = end_offsets(&records);
-    let mut second = rig.archiver("second", &rig.dir.path().join("second-volume"), &schedule);
-    rig.wait_committed(&ends, Duration::from_secs(60), &mut [&mut second]);
-    let metrics = second.scrape();
-    assert!(second.terminate(Duration::from_secs(40)).success());
+    let metrics = take_over(&rig, &ends, &schedule);
     let after = rig.s3.versions();
     for (key, version) in &uploaded {
         assert_eq!(after.get(key), Some(version), "{key} was rewritten");
@@ -287,20 +279,15 @@ fn a_replay_cuts_with_the_rules_its_intent_was_recorded_under() {
     );
     wait_manifests_refused(&rig, &first);
     first.kill9();
-    let uploaded: BTreeMap<String, (String, String)> = rig
-        .s3
-        .versions()
-        .into_iter()
-        .filter(|(key, _)| key.ends_with(".gz") && !key.contains("/_"))
-        .collect();
+    let uploaded = event_object_versions(&rig);
     assert!(uploaded.len() > 6, "small files: {uploaded:?}");
 
     rig.produce(1_000, 3, 2, 52);
     let records = rig.read_topic(2);
     let ends = end_offsets(&records);
-    let mut second = rig.archiver(
-        "second",
-        &rig.dir.path().join("second-volume"),
+    let metrics = take_over(
+        &rig,
+        &ends,
         &[
             ("ARCHIVER_SCHEDULE_INTERVAL_SECS", "2"),
             ("ARCHIVER_SCHEDULE_OFFSET_SECS", "0"),
@@ -308,9 +295,6 @@ fn a_replay_cuts_with_the_rules_its_intent_was_recorded_under() {
             ("ARCHIVER_ROUTING_DAY_FORMAT", "date"),
         ],
     );
-    rig.wait_committed(&ends, Duration::from_secs(60), &mut [&mut second]);
-    let metrics = second.scrape();
-    assert!(second.terminate(Duration::from_secs(40)).success());
     // Every object of the interrupted upload was cut again exactly: found in place.
     assert_eq!(
         metrics.get("archiver_objects_already_present_total"),
@@ -349,6 +333,29 @@ fn wait_manifests_refused(rig: &Rig, archiver: &Process) {
         assert!(Instant::now() < deadline, "no manifest refused yet:\n{log}");
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// Key → (ETag, Last-Modified) of every event object in the bucket.
+fn event_object_versions(rig: &Rig) -> BTreeMap<String, (String, String)> {
+    rig.s3
+        .versions()
+        .into_iter()
+        .filter(|(key, _)| key.ends_with(".gz") && !key.contains("/_"))
+        .collect()
+}
+
+/// Starts the member that takes the partitions over (on a fresh volume), waits until it
+/// committed `ends`, stops it cleanly and returns its metrics.
+fn take_over(
+    rig: &Rig,
+    ends: &BTreeMap<i32, i64>,
+    settings: &[(&str, &str)],
+) -> BTreeMap<String, f64> {
+    let mut second = rig.archiver("second", &rig.dir.path().join("second-volume"), settings);
+    rig.wait_committed(ends, Duration::from_secs(120), &mut [&mut second]);
+    let metrics = second.scrape();
+    assert!(second.terminate(Duration::from_secs(40)).success());
+    metrics
 }
 
 /// A proxy in front of the rig's S3 server that answers `403 AccessDenied` to every request
@@ -487,17 +494,14 @@ fn records_deleted_before_they_were_archived_are_counted_recorded_and_reported()
     merge_records(&mut records, rig.read_topic(2));
     let ends = end_offsets(&records);
 
-    let mut second = rig.archiver(
-        "second",
-        &rig.dir.path().join("second-volume"),
+    let metrics = take_over(
+        &rig,
+        &ends,
         &[
             ("ARCHIVER_SCHEDULE_INTERVAL_SECS", "3"),
             ("ARCHIVER_SCHEDULE_OFFSET_SECS", "0"),
         ],
     );
-    rig.wait_committed(&ends, Duration::from_secs(120), &mut [&mut second]);
-    let metrics = second.scrape();
-    assert!(second.terminate(Duration::from_secs(40)).success());
     assert_eq!(
         metrics.get("archiver_offset_resets_total"),
         Some(&2.0),
@@ -569,12 +573,7 @@ fn a_replay_whose_head_was_deleted_is_reported_and_keeps_the_only_copy() {
     wait_manifests_refused(&rig, &first);
     first.kill9();
     let intents = rig.committed(2);
-    let uploaded: BTreeMap<String, (String, String)> = rig
-        .s3
-        .versions()
-        .into_iter()
-        .filter(|(key, _)| key.ends_with(".gz") && !key.contains("/_"))
-        .collect();
+    let uploaded = event_object_versions(&rig);
     assert!(!uploaded.is_empty());
     let mut records = rig.read_topic(2);
     let batch_ends = end_offsets(&records);
@@ -593,17 +592,14 @@ fn a_replay_whose_head_was_deleted_is_reported_and_keeps_the_only_copy() {
     let ends = end_offsets(&records);
     std::thread::sleep(Duration::from_millis(1_100));
 
-    let mut second = rig.archiver(
-        "second",
-        &rig.dir.path().join("second-volume"),
+    let metrics = take_over(
+        &rig,
+        &ends,
         &[
             ("ARCHIVER_SCHEDULE_INTERVAL_SECS", "2"),
             ("ARCHIVER_SCHEDULE_OFFSET_SECS", "0"),
         ],
     );
-    rig.wait_committed(&ends, Duration::from_secs(120), &mut [&mut second]);
-    let metrics = second.scrape();
-    assert!(second.terminate(Duration::from_secs(40)).success());
     assert_eq!(metrics.get("archiver_offset_resets_total"), Some(&2.0));
     let after = rig.s3.versions();
     for (key, version) in &uploaded {
