@@ -213,26 +213,11 @@ fn a_fenced_static_member_exits_with_the_cause() {
 fn a_replay_leaves_objects_already_in_the_bucket_alone() {
     let rig = Rig::start_mock(2);
     rig.produce(2_000, 3, 2, 41);
-    // Objects go up, manifests are refused: each batch stops between its objects and its
-    // manifest, with its intent recorded.
-    let proxy = refusing(&rig, "/_manifests/segment-events/", 3);
+    let uploaded = interrupt_before_the_manifests(&rig, 3, &[]);
     let schedule = [
         ("ARCHIVER_SCHEDULE_INTERVAL_SECS", "2"),
         ("ARCHIVER_SCHEDULE_OFFSET_SECS", "0"),
     ];
-    let proxied = proxy.endpoint();
-    let mut first = rig.archiver(
-        "first",
-        &rig.dir.path().join("first-volume"),
-        &[
-            schedule[0],
-            schedule[1],
-            ("ARCHIVER_S3_ENDPOINT_URL", &proxied),
-        ],
-    );
-    wait_manifests_refused(&rig, &first);
-    first.kill9();
-    let uploaded = event_object_versions(&rig);
     assert!(!uploaded.is_empty());
     // S3's last-modified times have one-second resolution.
     std::thread::sleep(Duration::from_millis(1_100));
@@ -265,21 +250,8 @@ fn a_replay_leaves_objects_already_in_the_bucket_alone() {
 fn a_replay_cuts_with_the_rules_its_intent_was_recorded_under() {
     let rig = Rig::start_mock(2);
     rig.produce(2_000, 3, 2, 51);
-    let proxy = refusing(&rig, "/_manifests/segment-events/", 4);
-    let proxied = proxy.endpoint();
-    let mut first = rig.archiver(
-        "first",
-        &rig.dir.path().join("first-volume"),
-        &[
-            ("ARCHIVER_SCHEDULE_INTERVAL_SECS", "2"),
-            ("ARCHIVER_SCHEDULE_OFFSET_SECS", "0"),
-            ("ARCHIVER_S3_ENDPOINT_URL", &proxied),
-            ("ARCHIVER_BUFFER_MAX_FILE_BYTES", "20000"),
-        ],
-    );
-    wait_manifests_refused(&rig, &first);
-    first.kill9();
-    let uploaded = event_object_versions(&rig);
+    let uploaded =
+        interrupt_before_the_manifests(&rig, 4, &[("ARCHIVER_BUFFER_MAX_FILE_BYTES", "20000")]);
     assert!(uploaded.len() > 6, "small files: {uploaded:?}");
 
     rig.produce(1_000, 3, 2, 52);
@@ -333,6 +305,28 @@ fn wait_manifests_refused(rig: &Rig, archiver: &Process) {
         assert!(Instant::now() < deadline, "no manifest refused yet:\n{log}");
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// Runs a member (2-second schedule, `extra` on top) whose bucket refuses manifests, so that
+/// each partition's batch stops between its objects and its manifest with its intent recorded;
+/// kills it there and returns the objects it put (key → ETag, Last-Modified).
+fn interrupt_before_the_manifests(
+    rig: &Rig,
+    seed: u64,
+    extra: &[(&str, &str)],
+) -> BTreeMap<String, (String, String)> {
+    let proxy = refusing(rig, "/_manifests/segment-events/", seed);
+    let proxied = proxy.endpoint();
+    let mut settings = vec![
+        ("ARCHIVER_SCHEDULE_INTERVAL_SECS", "2"),
+        ("ARCHIVER_SCHEDULE_OFFSET_SECS", "0"),
+        ("ARCHIVER_S3_ENDPOINT_URL", proxied.as_str()),
+    ];
+    settings.extend_from_slice(extra);
+    let mut first = rig.archiver("first", &rig.dir.path().join("first-volume"), &settings);
+    wait_manifests_refused(rig, &first);
+    first.kill9();
+    event_object_versions(rig)
 }
 
 /// Key → (ETag, Last-Modified) of every event object in the bucket.
@@ -559,21 +553,8 @@ fn a_replay_whose_head_was_deleted_is_reported_and_keeps_the_only_copy() {
     for run in 0..10 {
         rig.produce(100, 3, 2, 710 + run);
     }
-    let proxy = refusing(&rig, "/_manifests/segment-events/", 7);
-    let proxied = proxy.endpoint();
-    let mut first = rig.archiver(
-        "first",
-        &rig.dir.path().join("first-volume"),
-        &[
-            ("ARCHIVER_SCHEDULE_INTERVAL_SECS", "2"),
-            ("ARCHIVER_SCHEDULE_OFFSET_SECS", "0"),
-            ("ARCHIVER_S3_ENDPOINT_URL", &proxied),
-        ],
-    );
-    wait_manifests_refused(&rig, &first);
-    first.kill9();
+    let uploaded = interrupt_before_the_manifests(&rig, 7, &[]);
     let intents = rig.committed(2);
-    let uploaded = event_object_versions(&rig);
     assert!(!uploaded.is_empty());
     let mut records = rig.read_topic(2);
     let batch_ends = end_offsets(&records);
