@@ -620,8 +620,8 @@ fn a_replay_whose_head_was_deleted_is_reported_and_keeps_the_only_copy() {
         );
     }
     // The earlier objects whose first record was deleted cannot be cut again: no manifest lists
-    // them and verify names each; one whose first record was still in the log was cut again
-    // byte for byte and is in the replay's manifest.
+    // them and verify names each. One whose first record was still in the log was cut again
+    // with the same lines, found in place (left alone), and is in the replay's manifest.
     let unlisted: Vec<&str> = findings
         .iter()
         .filter(|f| f["kind"] == "extra-object")
