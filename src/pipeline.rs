@@ -69,7 +69,8 @@ pub struct Record {
     pub key: Option<Vec<u8>>,
     /// `None` is a tombstone.
     pub payload: Option<Vec<u8>>,
-    pub headers: Vec<(String, Option<Vec<u8>>)>,
+    /// Keys and values as the producer sent them: a key is any bytes on the wire.
+    pub headers: Vec<(Vec<u8>, Option<Vec<u8>>)>,
 }
 
 /// A command from the poll loop to the worker owning a partition.

@@ -33,10 +33,13 @@ pub enum DeadLetterReason {
     BadSourceId,
     NoReceivedAt,
     BadReceivedAt,
+    /// A header key that is not UTF-8: legal on the wire, but no reader of the archive (nor the
+    /// dead letter's own `key`) can name it, so the record is kept whole, key in base64.
+    BadHeader,
 }
 
 impl DeadLetterReason {
-    pub const ALL: [DeadLetterReason; 12] = [
+    pub const ALL: [DeadLetterReason; 13] = [
         DeadLetterReason::Tombstone,
         DeadLetterReason::Empty,
         DeadLetterReason::TooLarge,
@@ -49,6 +52,7 @@ impl DeadLetterReason {
         DeadLetterReason::BadSourceId,
         DeadLetterReason::NoReceivedAt,
         DeadLetterReason::BadReceivedAt,
+        DeadLetterReason::BadHeader,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -65,6 +69,7 @@ impl DeadLetterReason {
             DeadLetterReason::BadSourceId => "bad-source-id",
             DeadLetterReason::NoReceivedAt => "no-received-at",
             DeadLetterReason::BadReceivedAt => "bad-received-at",
+            DeadLetterReason::BadHeader => "bad-header",
         }
     }
 }
@@ -153,6 +158,15 @@ impl Router {
         &self,
         record: &'a Record,
     ) -> Result<(Destination, Cow<'a, [u8]>), DeadLetterReason> {
+        // Before this reason existed such a record stopped the poll loop (rdkafka panicked on
+        // the key), so no batch was ever cut otherwise and the routing code version stands.
+        if record
+            .headers
+            .iter()
+            .any(|(key, _)| std::str::from_utf8(key).is_err())
+        {
+            return Err(DeadLetterReason::BadHeader);
+        }
         let payload = record
             .payload
             .as_deref()
@@ -230,7 +244,7 @@ impl Router {
                 SourceRule::Header(name) => record
                     .headers
                     .iter()
-                    .find(|(key, _)| key == name)
+                    .find(|(key, _)| key == name.as_bytes())
                     .and_then(|(_, value)| value.as_deref())
                     .map(|bytes| {
                         std::str::from_utf8(bytes)
@@ -267,7 +281,12 @@ impl Router {
     fn dead_letter_line(&self, record: &Record, reason: DeadLetterReason) -> Vec<u8> {
         #[derive(Serialize)]
         struct Header<'a> {
-            key: &'a str,
+            /// The key, when it is UTF-8 (so dead letters of every other reason read as before).
+            #[serde(skip_serializing_if = "Option::is_none")]
+            key: Option<&'a str>,
+            /// The key's bytes otherwise (`bad-header`).
+            #[serde(skip_serializing_if = "Option::is_none")]
+            key_base64: Option<String>,
             value_base64: Option<String>,
         }
         #[derive(Serialize)]
@@ -293,9 +312,13 @@ impl Router {
             headers: record
                 .headers
                 .iter()
-                .map(|(key, value)| Header {
-                    key,
-                    value_base64: value.as_deref().map(b64),
+                .map(|(key, value)| {
+                    let text = std::str::from_utf8(key).ok();
+                    Header {
+                        key: text,
+                        key_base64: text.is_none().then(|| b64(key)),
+                        value_base64: value.as_deref().map(b64),
+                    }
                 })
                 .collect(),
             payload_base64: record.payload.as_deref().map(b64),
@@ -596,9 +619,31 @@ mod tests {
     }
 
     #[test]
+    fn a_header_key_that_is_not_utf8_is_a_dead_letter_kept_as_bytes() {
+        let mut rec = record(br#"{"projectId":"s","receivedAt":"2015-05-27T00:00:00Z"}"#);
+        rec.headers = vec![
+            (b"trace".to_vec(), Some(b"t1".to_vec())),
+            (b"\xff\xfek".to_vec(), Some(b"\x00\x01".to_vec())),
+            (b"empty".to_vec(), None),
+        ];
+        let routed = router().route(&rec);
+        assert_eq!(routed.dead_letter, Some(DeadLetterReason::BadHeader));
+        let letter: serde_json::Value = serde_json::from_slice(&routed.line).unwrap();
+        assert_eq!(letter["reason"], "bad-header");
+        assert_eq!(
+            letter["headers"],
+            serde_json::json!([
+                {"key": "trace", "value_base64": "dDE="},
+                {"key_base64": "//5r", "value_base64": "AAE="},
+                {"key": "empty", "value_base64": null},
+            ])
+        );
+    }
+
+    #[test]
     fn header_wins_over_field_and_static_is_last_resort() {
         let mut rec = record(br#"{"projectId":"from-field","receivedAt":"2015-05-27T00:00:00Z"}"#);
-        rec.headers = vec![("source-id".into(), Some(b"from-header".to_vec()))];
+        rec.headers = vec![(b"source-id".to_vec(), Some(b"from-header".to_vec()))];
         let Destination::Events { source, .. } = router().route(&rec).destination else {
             panic!("not an event")
         };
@@ -797,6 +842,24 @@ mod fuzz {
                     .as_str()
                     .map(|b| base64::engine::general_purpose::STANDARD.decode(b).unwrap());
                 assert_eq!(original.as_deref(), record.payload.as_deref());
+                // Every header's key and value come back as the bytes the producer sent.
+                let b64 = |v: &serde_json::Value| {
+                    v.as_str()
+                        .map(|b| base64::engine::general_purpose::STANDARD.decode(b).unwrap())
+                };
+                let headers: Vec<(Vec<u8>, Option<Vec<u8>>)> = letter["headers"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|h| {
+                        let key = match h["key"].as_str() {
+                            Some(text) => text.as_bytes().to_vec(),
+                            None => b64(&h["key_base64"]).unwrap(),
+                        };
+                        (key, b64(&h["value_base64"]))
+                    })
+                    .collect();
+                assert_eq!(headers, record.headers);
             }
             other => panic!("inconsistent routing: {other:?}"),
         }
@@ -809,7 +872,7 @@ mod fuzz {
             key: None,
             payload,
             headers: header
-                .map(|h| vec![("source-id".to_string(), Some(h))])
+                .map(|h| vec![(b"source-id".to_vec(), Some(h))])
                 .unwrap_or_default(),
         }
     }
@@ -871,9 +934,18 @@ mod fuzz {
         fn arbitrary_bytes_route_without_panic(
             payload in proptest::option::of(proptest::collection::vec(any::<u8>(), 0..512)),
             header in proptest::option::of(proptest::collection::vec(any::<u8>(), 0..40)),
+            other_key in proptest::option::of(proptest::collection::vec(any::<u8>(), 0..16)),
         ) {
             let router = Router::new(&RoutingConfig::default(), "t", 0);
-            check(&record(payload, header), &router);
+            let mut record = record(payload, header);
+            if let Some(key) = other_key {
+                record.headers.push((key, Some(b"v".to_vec())));
+            }
+            let routed = router.route(&record);
+            if record.headers.iter().any(|(key, _)| std::str::from_utf8(key).is_err()) {
+                prop_assert_eq!(routed.dead_letter, Some(DeadLetterReason::BadHeader));
+            }
+            check(&record, &router);
         }
 
         #[test]

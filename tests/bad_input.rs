@@ -11,7 +11,11 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use rdkafka::config::ClientConfig;
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::producer::{
+    BaseProducer, BaseRecord, DefaultProducerContext, Producer, ThreadedProducer,
+};
+
+use kafka_s3_archiver::kafka_client::headers as kafka_headers;
 
 use kafka_s3_archiver::produce::{EventGenerator, GeneratorSettings};
 use support::s3_proxy::{FaultProxy, FaultRates};
@@ -262,6 +266,113 @@ fn every_bad_message_goes_to_the_dead_letter_with_its_reason() {
             "{series}"
         );
     }
+}
+
+/// A header key that is not UTF-8 is legal on the wire (Go clients, the raw protocol send any
+/// bytes), and rdkafka's own header reader panics on it: one such record used to stop every
+/// member in turn, at the same offset after every restart. It is a `bad-header` dead letter that
+/// keeps the key's bytes, everything around it is archived, and `restore --dead-letter` sends it
+/// back byte for byte (its read-back of the target meets the key too, twice on a rerun).
+#[test]
+fn a_header_key_that_is_not_utf8_is_a_dead_letter_not_a_poison_pill() {
+    let rig = Rig::start(1);
+    rig.produce(100, 2, 1, 7);
+    let payload =
+        br#"{"projectId":"srcA","messageId":"hostile-1","receivedAt":"2026-11-20T10:00:00.000Z"}"#;
+    let hostile_key: &[u8] = b"\xff\xfek";
+    {
+        let producer: BaseProducer = ClientConfig::new()
+            .set("bootstrap.servers", rig.broker.bootstrap())
+            .create()
+            .unwrap();
+        let headers = kafka_headers::insert(OwnedHeaders::new(), hostile_key, Some(b"v"));
+        producer
+            .send(
+                BaseRecord::to(&rig.topic)
+                    .key(b"k".as_slice())
+                    .payload(payload.as_slice())
+                    .headers(headers),
+            )
+            .map_err(|(err, _)| err)
+            .unwrap();
+        producer.flush(Duration::from_secs(30)).unwrap();
+    }
+    rig.produce(100, 2, 1, 8);
+    rig.archive_to_the_end("archiver", 1, &[]);
+
+    let out = rig.dir.path().join("bucket");
+    rig.s3.download(&out);
+    let events: usize = archived_objects(&out, &rig.topic)
+        .iter()
+        .map(|object| object.lines.len())
+        .sum();
+    assert_eq!(
+        events, 200,
+        "every event around the hostile record is archived"
+    );
+    let letters: Vec<serde_json::Value> = files_under(&out)
+        .iter()
+        .filter(|(key, _)| key.starts_with("segment-logs/_dead-letter/"))
+        .flat_map(|(_, path)| {
+            let content = gunzip_single_member(path);
+            content
+                .split(|&b| b == b'\n')
+                .filter(|line| !line.is_empty())
+                .map(|line| serde_json::from_slice(line).unwrap())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    let letter = &letters[0];
+    assert_eq!(letter["reason"], "bad-header");
+    assert_eq!(letter["offset"], 100);
+    assert_eq!(
+        letter["headers"],
+        serde_json::json!([{"key_base64": "//5r", "value_base64": "dg=="}])
+    );
+    let b64 = base64::engine::general_purpose::STANDARD;
+    assert_eq!(
+        b64.decode(letter["payload_base64"].as_str().unwrap())
+            .unwrap(),
+        payload
+    );
+
+    let today = chrono::Utc::now().date_naive();
+    let (from, to) = (today.pred_opt().unwrap(), today.succ_opt().unwrap());
+    let (from, to) = (from.to_string(), to.to_string());
+    let restore = [
+        "restore",
+        "--dead-letter",
+        "--reason",
+        "bad-header",
+        "--topic",
+        &rig.topic,
+        "--from",
+        &from,
+        "--to",
+        &to,
+    ];
+    let stdout = rig.command_ok(&restore);
+    assert_eq!(number_after(&stdout, "sent"), 1, "{stdout}");
+    let stdout = rig.command_ok(&restore);
+    assert_eq!(
+        number_after(&stdout, "sent"),
+        0,
+        "a rerun sends nothing again: {stdout}"
+    );
+    let messages = rig.read_messages(&rig.topic, 1);
+    let redriven: Vec<&TopicMessage> = messages[&0]
+        .values()
+        .filter(|message| message.payload == payload)
+        .collect();
+    assert_eq!(
+        redriven.len(),
+        2,
+        "the original and the one restore sent back"
+    );
+    let back = redriven[1];
+    assert_eq!(back.key.as_deref(), Some(b"k".as_slice()));
+    assert_eq!(back.headers[0], (hostile_key.to_vec(), Some(b"v".to_vec())));
 }
 
 fn check(rig: &Rig, extra: &[(&str, &str)]) -> (bool, String) {

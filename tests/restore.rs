@@ -34,18 +34,6 @@ fn restore_to_end(rig: &Rig, target: &str, sources: &[String], args: &[&str]) ->
     all.extend_from_slice(args);
     rig.command_ok(&all)
 }
-
-/// The number after `word` in `text`.
-fn number_after(text: &str, word: &str) -> u64 {
-    let (_, rest) = text
-        .split_once(word)
-        .unwrap_or_else(|| panic!("{word:?} not in {text}"));
-    rest.split_whitespace()
-        .next()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no number after {word:?} in {text}"))
-}
-
 #[test]
 fn a_restore_killed_again_and_again_sends_its_selection_exactly_once_and_archives_back_to_it() {
     let rig = Rig::start(4);

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{BorrowedMessage, Headers, Message};
+use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
@@ -388,15 +388,8 @@ impl PollLoop {
 
 /// The record the buffers own, copied out of librdkafka's message.
 fn record_of(message: &BorrowedMessage) -> Record {
-    let headers = message
-        .headers()
-        .map(|headers| {
-            headers
-                .iter()
-                .map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec)))
-                .collect()
-        })
-        .unwrap_or_default();
+    // Not rdkafka's `headers()`: it panics on a key that is not UTF-8, which any producer can send.
+    let headers = crate::kafka_client::headers::read_all(message);
     Record {
         offset: message.offset(),
         timestamp_ms: message.timestamp().to_millis(),

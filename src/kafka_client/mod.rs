@@ -15,6 +15,7 @@ use rdkafka::ClientContext;
 use crate::config::KafkaAuth;
 use msk_iam::MskIamSigner;
 
+pub mod headers;
 pub mod msk_iam;
 
 use crate::config::KafkaConfig;

@@ -26,11 +26,12 @@ use base64::Engine as _;
 use futures_util::StreamExt;
 use rdkafka::consumer::Consumer;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
 use crate::config::Config;
+use crate::kafka_client::headers::{self, RawHeader};
 use crate::kafka_client::{
     client_config, inspector, Auth, ClientRole, Deliveries, Inspector, ProducerCounting,
 };
@@ -341,12 +342,11 @@ fn last_of_run(
             Some(Ok(message)) => {
                 last_message = Instant::now();
                 let partition = message.partition();
-                let position = message.headers().and_then(|headers| {
-                    headers
-                        .iter()
-                        .find(|h| h.key == POSITION_HEADER)
-                        .and_then(|h| Position::decode(h.value?, run))
-                });
+                // Not rdkafka's `headers()`: the target topic may hold a record whose header key
+                // is not UTF-8 (a re-driven `bad-header` dead letter), on which it panics.
+                let position = headers::find(&message, POSITION_HEADER.as_bytes())
+                    .flatten()
+                    .and_then(|value| Position::decode(&value, run));
                 if let Some(position) = position {
                     let entry = found.entry(partition).or_insert(position);
                     *entry = (*entry).max(position);
@@ -380,7 +380,8 @@ struct Sender<'a> {
 struct Outgoing {
     key: Option<Vec<u8>>,
     payload: Vec<u8>,
-    headers: Vec<(String, Option<Vec<u8>>)>,
+    /// Keys as bytes: a `bad-header` dead letter goes back with the key it came with.
+    headers: Vec<RawHeader>,
 }
 
 impl<'a> Sender<'a> {
@@ -628,7 +629,7 @@ impl<'a> Sender<'a> {
                 Ok(Some(Outgoing {
                     key,
                     payload: line.to_vec(),
-                    headers: vec![("source-id".into(), Some(source.as_bytes().to_vec()))],
+                    headers: vec![(b"source-id".to_vec(), Some(source.as_bytes().to_vec()))],
                 }))
             }
             None => dead_letter_record(line, &self.options.selection.reasons),
@@ -656,10 +657,7 @@ impl<'a> Sender<'a> {
         let header = position.encode(&self.plan.run);
         let mut headers = OwnedHeaders::new();
         for (key, value) in &outgoing.headers {
-            headers = headers.insert(Header {
-                key,
-                value: value.as_deref(),
-            });
+            headers = headers::insert(headers, key, value.as_deref());
         }
         headers = headers.insert(Header {
             key: POSITION_HEADER,
@@ -692,7 +690,9 @@ impl<'a> Sender<'a> {
 fn dead_letter_record(line: &[u8], reasons: &BTreeSet<String>) -> Result<Option<Outgoing>, String> {
     #[derive(serde::Deserialize)]
     struct Header {
-        key: String,
+        /// A UTF-8 key; `key_base64` holds any other (`bad-header`).
+        key: Option<String>,
+        key_base64: Option<String>,
         value_base64: Option<String>,
     }
     #[derive(serde::Deserialize)]
@@ -724,10 +724,12 @@ fn dead_letter_record(line: &[u8], reasons: &BTreeSet<String>) -> Result<Option<
             .headers
             .iter()
             .map(|h| {
-                Ok((
-                    h.key.clone(),
-                    h.value_base64.as_deref().map(decode).transpose()?,
-                ))
+                let key = match (&h.key, &h.key_base64) {
+                    (Some(text), _) => text.as_bytes().to_vec(),
+                    (None, Some(encoded)) => decode(encoded)?,
+                    (None, None) => return Err("a dead letter's header has no key".to_string()),
+                };
+                Ok((key, h.value_base64.as_deref().map(decode).transpose()?))
             })
             .collect::<Result<_, String>>()?,
     }))
@@ -772,7 +774,11 @@ mod tests {
             "topic": "events", "partition": 0, "offset": 7, "timestamp_ms": null,
             "reason": "no-source",
             "key_base64": b64(b"user-1"),
-            "headers": [{"key": "h", "value_base64": b64(b"v")}, {"key": "empty", "value_base64": null}],
+            "headers": [
+                {"key": "h", "value_base64": b64(b"v")},
+                {"key": "empty", "value_base64": null},
+                {"key_base64": b64(b"\xff\xfek"), "value_base64": b64(b"w")}
+            ],
             "payload_base64": b64(b"{\"type\":\"track\"}"),
             "payload_bytes": 16
         })
@@ -784,8 +790,9 @@ mod tests {
         assert_eq!(
             record.headers,
             [
-                ("h".to_string(), Some(b"v".to_vec())),
-                ("empty".to_string(), None)
+                (b"h".to_vec(), Some(b"v".to_vec())),
+                (b"empty".to_vec(), None),
+                (b"\xff\xfek".to_vec(), Some(b"w".to_vec())),
             ]
         );
         let other: BTreeSet<String> = ["not-json".to_string()].into();

@@ -198,3 +198,14 @@ pub fn log_events(log: &str, needle: &str) -> Vec<HashMap<String, String>> {
         })
         .collect()
 }
+
+/// The number after `word` in `text`.
+pub fn number_after(text: &str, word: &str) -> u64 {
+    let (_, rest) = text
+        .split_once(word)
+        .unwrap_or_else(|| panic!("{word:?} not in {text}"));
+    rest.split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no number after {word:?} in {text}"))
+}

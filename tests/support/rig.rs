@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Headers, Message};
+use rdkafka::message::Message;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
 use super::*;
@@ -325,15 +325,8 @@ impl Rig {
                 continue;
             };
             last = Instant::now();
-            let headers = message
-                .headers()
-                .map(|headers| {
-                    headers
-                        .iter()
-                        .map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec)))
-                        .collect()
-                })
-                .unwrap_or_default();
+            // A header key may be any bytes, on which rdkafka's own `headers()` panics.
+            let headers = kafka_s3_archiver::kafka_client::headers::read_all(&message);
             records.entry(message.partition()).or_default().insert(
                 message.offset(),
                 TopicMessage {
@@ -508,14 +501,15 @@ impl Drop for Rig {
 pub struct TopicMessage {
     pub key: Option<Vec<u8>>,
     pub payload: Vec<u8>,
-    pub headers: Vec<(String, Option<Vec<u8>>)>,
+    /// Keys as bytes: a producer may send any.
+    pub headers: Vec<(Vec<u8>, Option<Vec<u8>>)>,
 }
 
 impl TopicMessage {
     pub fn header(&self, key: &str) -> Option<&[u8]> {
         self.headers
             .iter()
-            .find(|(k, _)| k == key)
+            .find(|(k, _)| k == key.as_bytes())
             .and_then(|(_, v)| v.as_deref())
     }
 }
