@@ -58,12 +58,23 @@ pub async fn run(
 ) -> Result<(), AppError> {
     let config = Arc::new(config);
     let data_dir = config.buffer.data_dir.clone();
-    tokio::fs::create_dir_all(&data_dir)
+    let dir = data_dir.clone();
+    let private = tokio::task::spawn_blocking(move || crate::layout::prepare_data_dir(&dir))
         .await
+        .map_err(|err| AppError::DataDir {
+            path: data_dir.clone(),
+            source: std::io::Error::other(err.to_string()),
+        })?
         .map_err(|source| AppError::DataDir {
             path: data_dir.clone(),
             source,
         })?;
+    if !private {
+        tracing::warn!(
+            path = %data_dir.display(),
+            "cannot make the data directory private (0700): it is not this user's; its files are still 0600"
+        );
+    }
 
     let checks = crate::check::preflight(&config).await?;
     for result in &checks {

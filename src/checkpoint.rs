@@ -161,7 +161,7 @@ pub fn write(partition_dir: &Path, checkpoint: &Checkpoint) -> Result<(), Checkp
         source,
     };
     let bytes = serde_json::to_vec(checkpoint).expect("checkpoint serializes");
-    let mut file = File::create(&tmp).map_err(wrap)?;
+    let mut file = crate::layout::create_private_file(&tmp).map_err(wrap)?;
     file.write_all(&bytes).map_err(wrap)?;
     file.sync_all().map_err(wrap)?;
     fs::rename(&tmp, &path).map_err(wrap)?;

@@ -242,8 +242,55 @@ pub fn batch_dir(partition_dir: &Path, batch_start: i64) -> PathBuf {
     partition_dir.join(format!("batch-{batch_start:020}"))
 }
 
+/// Creates (or truncates) a local file readable by this user only: buffers and checkpoints hold
+/// raw events, with their user ids, emails and IP addresses.
+pub fn create_private_file(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+}
+
+/// Creates the data directory if needed and makes it this user's only (`0700`), so that nothing
+/// below it (batch folders, files made before this release) can be read by other users. A
+/// mount point this user does not own (a Kubernetes volume owned by root, shared through
+/// `fsGroup`) cannot be changed: `Ok(false)`, and the files themselves are still `0600`.
+pub fn prepare_data_dir(path: &Path) -> std::io::Result<bool> {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::create_dir_all(path)?;
+    match std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700)) {
+        Ok(()) => Ok(true),
+        Err(err) if err.kind() == std::io::ErrorKind::PermissionDenied => Ok(false),
+        Err(err) => Err(err),
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    #[test]
+    fn local_data_is_readable_by_its_owner_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert!(prepare_data_dir(&data).unwrap());
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&data), 0o700);
+        let file = data.join("f.gz");
+        std::fs::write(&file, b"old").unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let new = data.join("new.gz");
+        create_private_file(&new).unwrap();
+        assert_eq!(mode(&new), 0o600);
+        create_private_file(&file).unwrap();
+        assert_eq!(std::fs::read(&file).unwrap(), b"", "truncated");
+    }
+
     use super::*;
 
     #[test]

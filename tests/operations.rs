@@ -89,6 +89,29 @@ fn docker_compose_file_is_valid() {
             "{service} missing:\n{config}"
         );
     }
+    // The consoles and the demo credentials are for this machine only.
+    let compose = std::fs::read_to_string(repo().join("docker-compose.yml")).unwrap();
+    let mut published = Vec::new();
+    let mut in_ports = false;
+    for line in compose.lines().map(str::trim) {
+        if line == "ports:" {
+            in_ports = true;
+        } else if in_ports && line.starts_with("- ") {
+            published.push(line);
+        } else {
+            in_ports = false;
+        }
+    }
+    assert!(
+        !published.is_empty(),
+        "no published ports found in docker-compose.yml"
+    );
+    for line in published {
+        assert!(
+            line.starts_with("- \"127.0.0.1:"),
+            "docker-compose.yml publishes {line} on every interface"
+        );
+    }
 }
 
 /// A running Prometheus server.

@@ -129,7 +129,7 @@ impl GzStreamFile {
     /// Creates the file (replacing any leftover of a previous attempt) with its gzip header. It
     /// starts cold: its compressor starts with its first chunk of lines.
     pub fn create(path: &Path, level: u32) -> io::Result<GzStreamFile> {
-        let mut file = File::create(path)?;
+        let mut file = crate::layout::create_private_file(path)?;
         file.write_all(&GZIP_HEADER)?;
         Ok(GzStreamFile {
             path: path.to_path_buf(),
@@ -485,6 +485,13 @@ mod tests {
         assert!(!file.append_line(b"one", MAX_STAGE_BYTES).unwrap());
         assert_eq!(file.staged_len(), 4);
         assert_eq!(std::fs::metadata(&path).unwrap().len(), 10, "header only");
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(
+            mode & 0o777,
+            0o600,
+            "raw events are for the archiver's eyes only"
+        );
 
         let state = file.sync_flush().unwrap();
         assert!(

@@ -17,7 +17,8 @@ pub fn transcode(gz: &Path, zst: &Path, level: i32, uncompressed_len: u64) -> io
     let staging = zst.with_extension("zst.partial");
     let mut lines =
         flate2::read::GzDecoder::new(BufReader::with_capacity(1 << 16, File::open(gz)?));
-    let mut encoder = zstd::stream::write::Encoder::new(File::create(&staging)?, level)?;
+    let mut encoder =
+        zstd::stream::write::Encoder::new(crate::layout::create_private_file(&staging)?, level)?;
     // The size in the frame header lets single-shot readers allocate once; the checksum lets
     // every reader check the content.
     encoder.set_pledged_src_size(Some(uncompressed_len))?;

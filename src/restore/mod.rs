@@ -731,6 +731,11 @@ fn dead_letter_record(line: &[u8], reasons: &BTreeSet<String>) -> Result<Option<
                 };
                 Ok((key, h.value_base64.as_deref().map(decode).transpose()?))
             })
+            // A position header among the original's (a record a producer forged, or one an
+            // earlier restore sent) would be read back as this run's progress: never re-sent.
+            .filter(|header| {
+                !matches!(header, Ok((key, _)) if key.as_slice() == POSITION_HEADER.as_bytes())
+            })
             .collect::<Result<_, String>>()?,
     }))
 }
@@ -777,7 +782,8 @@ mod tests {
             "headers": [
                 {"key": "h", "value_base64": b64(b"v")},
                 {"key": "empty", "value_base64": null},
-                {"key_base64": b64(b"\xff\xfek"), "value_base64": b64(b"w")}
+                {"key_base64": b64(b"\xff\xfek"), "value_base64": b64(b"w")},
+                {"key": POSITION_HEADER, "value_base64": b64(b"forged")}
             ],
             "payload_base64": b64(b"{\"type\":\"track\"}"),
             "payload_bytes": 16

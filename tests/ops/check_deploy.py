@@ -115,6 +115,14 @@ for sts in by_kind.get("StatefulSet", []):
     need(container.get("securityContext", {}).get("readOnlyRootFilesystem") is True, "StatefulSet: root filesystem must be read-only")
     need(pod.get("securityContext", {}).get("runAsNonRoot") is True, "StatefulSet: must run as non-root")
     need(sts["spec"].get("volumeClaimTemplates"), "StatefulSet: a volume claim for the buffers is missing")
+    # IRSA reads its projected web-identity token, not the API token: a pod that reads what any
+    # producer sends has no use for credentials to the Kubernetes API.
+    need(pod.get("automountServiceAccountToken") is False, "StatefulSet: automountServiceAccountToken must be false")
+    limits = container.get("resources", {}).get("limits", {})
+    need("ephemeral-storage" in limits, "StatefulSet: the container needs an ephemeral-storage limit (/tmp is an emptyDir)")
+    for volume in pod.get("volumes", []):
+        if "emptyDir" in volume:
+            need((volume["emptyDir"] or {}).get("sizeLimit"), f"StatefulSet: emptyDir {volume['name']} needs a sizeLimit")
     need(pod.get("terminationGracePeriodSeconds", 30) > 25, "StatefulSet: grace period must exceed shutdown.grace_secs (25)")
 
 for config_map in by_kind.get("ConfigMap", []):
