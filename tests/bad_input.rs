@@ -337,24 +337,9 @@ fn a_header_key_that_is_not_utf8_is_a_dead_letter_not_a_poison_pill() {
         payload
     );
 
-    let today = chrono::Utc::now().date_naive();
-    let (from, to) = (today.pred_opt().unwrap(), today.succ_opt().unwrap());
-    let (from, to) = (from.to_string(), to.to_string());
-    let restore = [
-        "restore",
-        "--dead-letter",
-        "--reason",
-        "bad-header",
-        "--topic",
-        &rig.topic,
-        "--from",
-        &from,
-        "--to",
-        &to,
-    ];
-    let stdout = rig.command_ok(&restore);
+    let stdout = rig.restore_todays_dead_letters("bad-header");
     assert_eq!(number_after(&stdout, "sent"), 1, "{stdout}");
-    let stdout = rig.command_ok(&restore);
+    let stdout = rig.restore_todays_dead_letters("bad-header");
     assert_eq!(
         number_after(&stdout, "sent"),
         0,

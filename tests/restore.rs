@@ -181,22 +181,7 @@ fn dead_letters_go_back_as_the_records_they_were() {
 
     // Sent back to the topic they came from, they are archived by an archiver whose rules now
     // find their source: each once, under that source.
-    // Dead letters are filed under the day Kafka received them.
-    let today = chrono::Utc::now().date_naive();
-    let (from, to) = (today.pred_opt().unwrap(), today.succ_opt().unwrap());
-    let (from, to) = (from.to_string(), to.to_string());
-    let stdout = rig.command_ok(&[
-        "restore",
-        "--dead-letter",
-        "--reason",
-        "no-source",
-        "--topic",
-        &rig.topic,
-        "--from",
-        &from,
-        "--to",
-        &to,
-    ]);
+    let stdout = rig.restore_todays_dead_letters("no-source");
     assert_eq!(number_after(&stdout, "sent"), 3, "{stdout}");
 
     rig.archive_to_the_end(

@@ -39,7 +39,8 @@ pub fn find(message: &BorrowedMessage<'_>, key: &[u8]) -> Option<Option<Vec<u8>>
     found
 }
 
-/// The headers of an `OwnedHeaders`, keys and values as bytes.
+/// The headers of an `OwnedHeaders`, keys and values as bytes (what a test wrote).
+#[cfg(test)]
 pub fn read_owned(headers: &OwnedHeaders) -> Vec<RawHeader> {
     let mut all = Vec::new();
     // SAFETY: the native object `headers` owns, valid for this borrow (see `native_of`).

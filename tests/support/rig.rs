@@ -135,6 +135,26 @@ impl Rig {
         stdout
     }
 
+    /// Runs `restore --dead-letter --reason {reason}` into this rig's topic for the dead letters
+    /// filed today (they are filed under the day Kafka received them), and returns its stdout.
+    pub fn restore_todays_dead_letters(&self, reason: &str) -> String {
+        let today = chrono::Utc::now().date_naive();
+        let from = today.pred_opt().unwrap().to_string();
+        let to = today.succ_opt().unwrap().to_string();
+        self.command_ok(&[
+            "restore",
+            "--dead-letter",
+            "--reason",
+            reason,
+            "--topic",
+            &self.topic,
+            "--from",
+            &from,
+            "--to",
+            &to,
+        ])
+    }
+
     /// Runs `kafka-s3-archiver verify --json [--deep]` against this rig.
     pub fn verify(&self, deep: bool) -> (bool, serde_json::Value) {
         let mut command = self.command(&["verify", "--json"]);
