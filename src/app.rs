@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::buffer::{DiskUsage, Worker};
+use crate::buffer::{DiskUsage, LogStarts, Worker};
 use crate::commit::{Assignments, MetadataCheck};
 use crate::config::{Config, UncommittedStart};
 use crate::consume::backpressure::Backpressure;
@@ -96,6 +96,7 @@ pub async fn run(
     let (upload_tx, upload_rx) = tokio::sync::mpsc::unbounded_channel();
     let (commit_tx, commit_rx) = std::sync::mpsc::channel();
 
+    let log_starts = log_starts(&config);
     let worker_count = config.worker_count();
     let mut worker_txs = Vec::with_capacity(worker_count);
     let mut worker_threads = Vec::with_capacity(worker_count);
@@ -107,6 +108,7 @@ pub async fn run(
             upload_tx.clone(),
             metrics.clone(),
             Arc::clone(&disk),
+            Arc::clone(&log_starts),
         );
         let fatal = Arc::clone(&fatal);
         let thread = std::thread::Builder::new()
@@ -138,6 +140,7 @@ pub async fn run(
             initial_backoff: Duration::from_millis(config.s3.retry_initial_backoff_ms),
             max_backoff: Duration::from_millis(config.s3.retry_max_backoff_ms),
             rules: CuttingRules::of(&config),
+            jitter_seed: fastrand::u64(..),
         }
         .run(upload_rx, uploader_stop.clone()),
     );
@@ -252,4 +255,30 @@ fn on_poll_thread<T>(
     lookup: impl std::future::Future<Output = Result<T, crate::upload::s3::S3Error>>,
 ) -> Result<T, String> {
     runtime.block_on(lookup).map_err(|err| err.to_string())
+}
+
+/// The buffer workers' view of where each partition's log starts: a client of its own that
+/// never joins the group, made when a worker first asks (most runs never see a gap).
+fn log_starts(config: &Config) -> LogStarts {
+    use rdkafka::consumer::Consumer as _;
+    let kafka = config.kafka.clone();
+    let inspector = std::sync::OnceLock::new();
+    Arc::new(move |partition| {
+        let inspector = inspector
+            .get_or_init(|| crate::kafka_client::inspector(&kafka).map_err(|err| err.to_string()));
+        let answer = match inspector {
+            Ok(inspector) => inspector
+                .fetch_watermarks(&kafka.topic, partition, Duration::from_secs(10))
+                .map_err(|err| err.to_string()),
+            Err(err) => Err(err.clone()),
+        };
+        match answer {
+            Ok((low, _)) if low >= 0 => Some(low),
+            Ok(_) => None,
+            Err(error) => {
+                tracing::warn!(partition, %error, "cannot read the log's first offset");
+                None
+            }
+        }
+    })
 }

@@ -47,8 +47,8 @@ pub struct KafkaConfig {
     pub exactly_once: ExactlyOnce,
     /// Where a partition the group never committed starts. `bucket`: after the newest batch
     /// manifest the bucket holds for it (a new `group.id` or expired offsets do not archive the
-    /// retained log a second time), or by `auto.offset.reset` when it holds none; `reset`:
-    /// always by `auto.offset.reset`.
+    /// retained log a second time), or from the log's start when it holds none; `reset`:
+    /// always from the log's start (`auto.offset.reset` is `earliest`, nothing else).
     pub uncommitted_start: UncommittedStart,
     /// `aws-msk-iam`: SASL OAUTHBEARER with AWS MSK IAM tokens, signed with the credentials of
     /// the SDK's default chain (the same as S3's: IRSA on EKS); `none`: whatever
@@ -132,7 +132,7 @@ pub enum ExactlyOnce {
 pub enum UncommittedStart {
     /// After the newest manifest in the bucket: the bucket is the source of truth.
     Bucket,
-    /// Where librdkafka's `auto.offset.reset` says.
+    /// From the log's start (librdkafka's `auto.offset.reset`, which must be `earliest`).
     Reset,
 }
 
@@ -572,6 +572,17 @@ impl Config {
                     );
                 }
             }
+        }
+        if let Some(reset) = self.kafka.properties.get("auto.offset.reset") {
+            check(
+                ["earliest", "smallest", "beginning"].contains(&reset.as_str()),
+                format!(
+                    "kafka.properties.auto.offset.reset: {reset:?} would skip records without a trace; \
+                     the archiver resets to the log's start, where the jump is seen, reported and \
+                     recorded as deleted (a group without offsets starts after the bucket's newest \
+                     batch: kafka.uncommitted_start)"
+                ),
+            );
         }
         for key in self.kafka.properties.keys() {
             check(
@@ -1101,6 +1112,18 @@ mod tests {
         );
         let err = load_str("", &[], &["kafka.properties.\"open=1"]).unwrap_err();
         assert!(err.to_string().contains("not closed"), "{err}");
+    }
+
+    #[test]
+    fn an_offset_reset_that_would_skip_records_is_refused() {
+        for (value, ok) in [("latest", false), ("error", false), ("earliest", true)] {
+            let toml = format!("[kafka.properties]\n\"auto.offset.reset\" = \"{value}\"\n");
+            let result = load_str(&toml, &[], &[]);
+            assert_eq!(result.is_ok(), ok, "{value}");
+            if let Err(err) = result {
+                assert!(err.to_string().contains("auto.offset.reset"), "{err}");
+            }
+        }
     }
 
     #[test]

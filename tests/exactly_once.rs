@@ -529,6 +529,111 @@ fn records_deleted_before_they_were_archived_are_counted_recorded_and_reported()
     }
 }
 
+/// Retention passes a running member's position (issue 19, finding 1): S3 refuses every write,
+/// the disk budget fills, the partition pauses, and the mock cluster's size retention deletes
+/// what the member had not read; S3 comes back, the partition resumes and librdkafka resets it
+/// to the log start. The jump is not filed as offsets without records: it is counted, the
+/// manifest records it as `deleted`, `verify` names it, and every record the member read before
+/// or found in the log after is archived exactly once.
+#[test]
+fn retention_passing_a_paused_member_is_reported_as_deleted_not_as_no_record() {
+    let rig = Rig::start_mock(1);
+    let proxy = FaultProxy::start(rig.s3.port, FaultRates::default(), 19);
+    let mut archiver = rig.archiver(
+        "archiver",
+        &rig.dir.path().join("data"),
+        &[
+            ("ARCHIVER_S3_ENDPOINT_URL", &proxy.endpoint()),
+            ("ARCHIVER_SCHEDULE_INTERVAL_SECS", "2"),
+            ("ARCHIVER_SCHEDULE_OFFSET_SECS", "0"),
+            ("ARCHIVER_S3_RETRY_MAX_BACKOFF_MS", "500"),
+            // The smallest budget these caps allow (two batches): the partition pauses soon.
+            ("ARCHIVER_BUFFER_MAX_BATCH_BYTES", "524288"),
+            ("ARCHIVER_BUFFER_MAX_FILE_BYTES", "524288"),
+            ("ARCHIVER_BUFFER_MAX_DISK_BYTES", "1048576"),
+        ],
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !archiver.log_text().contains("partitions assigned") {
+        assert!(Instant::now() < deadline, "{}", archiver.log_text());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    proxy.set_rates(FaultRates {
+        refuse_with: Some("AccessDenied"),
+        ..FaultRates::default()
+    });
+    // Until the disk budget pauses the partition, then a little longer, so that what it read is
+    // settled.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut seed = 190;
+    // Retention deletes early records meanwhile, after the member read them: the test reads
+    // each chunk before the next (a chunk is well below the 5 MB retention keeps).
+    let mut expected: BTreeMap<i32, BTreeMap<i64, Vec<u8>>> = BTreeMap::new();
+    while archiver.scrape().get("archiver_paused_partitions") != Some(&1.0) {
+        assert!(
+            Instant::now() < deadline,
+            "never paused:\n{}",
+            archiver.log_text()
+        );
+        rig.produce(1_000, 3, 2, seed);
+        merge_records(&mut expected, rig.read_topic(1));
+        seed += 1;
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    let read = archiver.scrape()["archiver_records_consumed_total"] as i64;
+    expected
+        .get_mut(&0)
+        .unwrap()
+        .retain(|offset, _| *offset < read);
+    let beyond: BTreeMap<i32, i64> = [(0, read + 100)].into();
+    let log_starts = produce_until_retention_passes(&rig, &beyond, 2_000, seed);
+    merge_records(&mut expected, rig.read_topic(1));
+    let ends = end_offsets(&rig.read_topic(1));
+
+    proxy.set_rates(FaultRates::default());
+    rig.wait_committed(&ends, Duration::from_secs(180), &mut [&mut archiver]);
+    let metrics = archiver.scrape();
+    assert!(archiver.terminate(Duration::from_secs(40)).success());
+    assert_eq!(
+        metrics.get("archiver_offset_resets_total"),
+        Some(&1.0),
+        "the reset is counted:\n{}",
+        archiver.log_text()
+    );
+    assert!(
+        archiver.log_text().contains("before they were archived"),
+        "and logged"
+    );
+
+    let out = rig.dir.path().join("bucket");
+    rig.s3.download(&out);
+    assert_exactly_once(&archived_objects(&out, &rig.topic), &expected, None);
+    let mut deleted = Vec::new();
+    for manifest in rig.s3.manifests(&rig.dir.path().join("manifests")) {
+        for gap in manifest["gaps"].as_array().into_iter().flatten() {
+            let range = (
+                gap["first"].as_i64().unwrap(),
+                gap["last"].as_i64().unwrap(),
+            );
+            assert_eq!(
+                gap["cause"], "deleted",
+                "the mock cluster compacts nothing: {gap}"
+            );
+            deleted.push(range);
+        }
+    }
+    assert_eq!(
+        deleted,
+        vec![(read, log_starts[&0] - 1)],
+        "what was neither read before nor left after is the deleted range"
+    );
+    let (clean, report) = rig.verify(true);
+    assert!(!clean, "verify must report the deleted range: {report:#}");
+    let findings = report["findings"].as_array().expect("findings");
+    assert_eq!(findings.len(), 1, "{report:#}");
+    assert_eq!(findings[0]["kind"], "deleted-before-archived", "{report:#}");
+}
+
 /// Retention deletes the head of a batch whose objects went up but whose manifest did not (an
 /// intent recorded, the member killed). The next owner cannot cut that batch again as it was:
 /// it counts the reset and records the deleted range in the batch's manifest; the earlier

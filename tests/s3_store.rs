@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use kafka_s3_archiver::config::{ChecksumMode, S3Config};
 use kafka_s3_archiver::upload::s3::{ObjectMetadata, PutOutcome, S3Store};
+use kafka_s3_archiver::upload::store::ObjectStore as _;
 use support::*;
 
 const PART: u64 = 5 << 20;

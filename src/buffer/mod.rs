@@ -57,6 +57,19 @@ impl DiskUsage {
     }
 }
 
+/// The first offset a partition's log holds now, if the broker answers: asked when records
+/// arrive after a jump, because only the log start tells offsets retention deleted (loss, to be
+/// reported) from offsets that never held a record (compaction, transaction markers).
+pub type LogStarts = Arc<dyn Fn(i32) -> Option<i64> + Send + Sync>;
+
+/// Whether a worker goes on after a command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    Running,
+    /// `Stop` was handled: everything is checkpointed.
+    Stopped,
+}
+
 /// One buffer worker: owns some partitions and their files.
 pub struct Worker {
     data_dir: PathBuf,
@@ -76,6 +89,8 @@ pub struct Worker {
     tick: u64,
     /// Hash of the cutting rules this member cuts new batches with (`rules`).
     own_rules: String,
+    /// Where each partition's log starts now (see [`LogStarts`]).
+    log_starts: LogStarts,
     /// This worker's last contributions to the shared figures.
     disk_bytes: u64,
     reported_files: usize,
@@ -89,8 +104,10 @@ impl Worker {
         uploads: UnboundedSender<UploadJob>,
         metrics: Metrics,
         disk: Arc<DiskUsage>,
+        log_starts: LogStarts,
     ) -> Worker {
         Worker {
+            log_starts,
             data_dir: config.buffer.data_dir.clone(),
             topic: config.kafka.topic.clone(),
             settings: BufferSettings {
@@ -120,68 +137,78 @@ impl Worker {
     /// stops, and what was not committed is resumed or replayed by the next run.
     pub fn run(mut self, commands: Receiver<WorkerCommand>) -> Result<(), BufferError> {
         while let Ok(command) = commands.recv() {
-            match command {
-                WorkerCommand::Assign {
-                    partition,
-                    epoch,
-                    committed,
-                    intent,
-                    log_start,
-                    replay_rules,
-                    reply,
-                } => {
-                    let result =
-                        self.assign(partition, epoch, committed, intent, log_start, replay_rules);
-                    let failed = result.as_ref().err().map(|e| e.to_string());
-                    let _ = reply.send(result);
-                    if let Some(err) = failed {
-                        tracing::error!(partition, error = %err, "cannot set up partition buffer");
-                    }
-                }
-                WorkerCommand::Revoke {
-                    partition,
-                    keep_local,
-                    reply,
-                } => {
-                    let result = self.revoke(partition, keep_local);
-                    let _ = reply.send(());
-                    result?;
-                }
-                WorkerCommand::Records { partition, records } => {
-                    self.append(partition, &records)?;
-                }
-                WorkerCommand::SealAll { trigger } => {
-                    // A replayed batch ignores the schedule: it ends where its intent says.
-                    let partitions: Vec<i32> = self
-                        .partitions
-                        .iter()
-                        .filter(|(_, (_, buffer))| !buffer.replaying())
-                        .map(|(&partition, _)| partition)
-                        .collect();
-                    for partition in partitions {
-                        self.seal(partition, trigger)?;
-                    }
-                }
-                WorkerCommand::Checkpoint => self.checkpoint_all()?,
-                WorkerCommand::Committed {
-                    partition,
-                    next_offset,
-                } => {
-                    if let Some((_, buffer)) = self.partitions.get_mut(&partition) {
-                        buffer
-                            .committed(next_offset)
-                            .map_err(|source| BufferError::Io { partition, source })?;
-                    }
-                    self.refresh_disk_usage();
-                }
-                WorkerCommand::Stop { reply } => {
-                    let result = self.checkpoint_all();
-                    let _ = reply.send(());
-                    return result;
-                }
+            if self.handle(command)? == Flow::Stopped {
+                return Ok(());
             }
         }
         self.checkpoint_all()
+    }
+
+    /// Carries out one command: the whole of what a worker does, one step at a time (the
+    /// simulation drives workers through this, in the order its seed says).
+    pub fn handle(&mut self, command: WorkerCommand) -> Result<Flow, BufferError> {
+        match command {
+            WorkerCommand::Assign {
+                partition,
+                epoch,
+                committed,
+                intent,
+                log_start,
+                replay_rules,
+                reply,
+            } => {
+                let result =
+                    self.assign(partition, epoch, committed, intent, log_start, replay_rules);
+                let failed = result.as_ref().err().map(|e| e.to_string());
+                let _ = reply.send(result);
+                if let Some(err) = failed {
+                    tracing::error!(partition, error = %err, "cannot set up partition buffer");
+                }
+            }
+            WorkerCommand::Revoke {
+                partition,
+                keep_local,
+                reply,
+            } => {
+                let result = self.revoke(partition, keep_local);
+                let _ = reply.send(());
+                result?;
+            }
+            WorkerCommand::Records { partition, records } => {
+                self.append(partition, &records)?;
+            }
+            WorkerCommand::SealAll { trigger } => {
+                // A replayed batch ignores the schedule: it ends where its intent says.
+                let partitions: Vec<i32> = self
+                    .partitions
+                    .iter()
+                    .filter(|(_, (_, buffer))| !buffer.replaying())
+                    .map(|(&partition, _)| partition)
+                    .collect();
+                for partition in partitions {
+                    self.seal(partition, trigger)?;
+                }
+            }
+            WorkerCommand::Checkpoint => self.checkpoint_all()?,
+            WorkerCommand::Committed {
+                partition,
+                next_offset,
+            } => {
+                if let Some((_, buffer)) = self.partitions.get_mut(&partition) {
+                    buffer
+                        .committed(next_offset)
+                        .map_err(|source| BufferError::Io { partition, source })?;
+                }
+                self.refresh_disk_usage();
+            }
+            WorkerCommand::Stop { reply } => {
+                let result = self.checkpoint_all();
+                let _ = reply.send(());
+                result?;
+                return Ok(Flow::Stopped);
+            }
+        }
+        Ok(Flow::Running)
     }
 
     fn assign(
@@ -267,9 +294,12 @@ impl Worker {
                     .partitions_resumed
                     .with_label_values(&["committed"])
                     .inc();
+                // Nothing committed: reading starts at the log's start as the assignment found it,
+                // so records retention deletes before the first fetch are a gap (reported as
+                // deleted), not a silent head start.
                 let start = match committed {
                     Committed::Offset(offset) => Some(offset),
-                    _ => None,
+                    Committed::Nothing => log_start,
                 };
                 PartitionBuffer::fresh(
                     &self.data_dir,
@@ -349,6 +379,40 @@ impl Worker {
         Ok(())
     }
 
+    /// Offsets `[first, last]` were skipped by the log between two records. Where the log start
+    /// known so far does not already cover them, it is read again: a part below it was deleted
+    /// while the member ran (retention passing a paused or slow partition, DeleteRecords) and is
+    /// reported as such, with the rest recorded as holding no record.
+    fn account_for_gap(
+        log_starts: &LogStarts,
+        metrics: &Metrics,
+        partition: i32,
+        buffer: &mut PartitionBuffer,
+        first: i64,
+        last: i64,
+    ) {
+        let known = buffer.log_start();
+        if known.is_some_and(|start| start > last) {
+            // Deleted as a whole, and reported when that start was learnt (the assignment).
+            return;
+        }
+        if let Some(now) = log_starts(partition) {
+            buffer.set_log_start(Some(known.map_or(now, |known| known.max(now))));
+        }
+        let reported_up_to = known.map_or(first, |start| start.clamp(first, last + 1));
+        let deleted_up_to = buffer
+            .log_start()
+            .map_or(first, |start| start.clamp(first, last + 1));
+        if deleted_up_to > reported_up_to {
+            metrics.emit(RecordsDeletedBeforeArchived {
+                partition,
+                first_lost: reported_up_to,
+                last_lost: deleted_up_to - 1,
+                replaying: buffer.replaying(),
+            });
+        }
+    }
+
     fn append(&mut self, partition: i32, records: &[Record]) -> Result<(), BufferError> {
         let io = |source| BufferError::Io { partition, source };
         if !self.partitions.contains_key(&partition) {
@@ -367,6 +431,16 @@ impl Worker {
                 self.seal(partition, SealTrigger::Replay)?;
             }
             let (_, buffer) = self.partitions.get_mut(&partition).expect("checked above");
+            if let Some((first, last)) = buffer.gap_before(record.offset) {
+                Self::account_for_gap(
+                    &self.log_starts,
+                    &self.metrics,
+                    partition,
+                    buffer,
+                    first,
+                    last,
+                );
+            }
             match buffer.append(record, self.tick).map_err(io)? {
                 Some(appended) => {
                     written += 1;
@@ -541,6 +615,8 @@ mod tests {
         commands: SyncSender<WorkerCommand>,
         sealed: tokio::sync::mpsc::UnboundedReceiver<UploadJob>,
         metrics: Metrics,
+        /// What the worker's `LogStarts` answers (`-1`: the broker does not answer).
+        log_start: Arc<std::sync::atomic::AtomicI64>,
         thread: std::thread::JoinHandle<Result<(), BufferError>>,
         _dir: tempfile::TempDir,
     }
@@ -553,13 +629,25 @@ mod tests {
             configure(&mut config);
             let (uploads, sealed) = tokio::sync::mpsc::unbounded_channel();
             let metrics = Metrics::new();
-            let worker = Worker::new(Arc::new(config), 1, uploads, metrics.clone(), disk);
+            let log_start = Arc::new(std::sync::atomic::AtomicI64::new(-1));
+            let answer = Arc::clone(&log_start);
+            let log_starts: LogStarts =
+                Arc::new(move |_| Some(answer.load(Ordering::Relaxed)).filter(|start| *start >= 0));
+            let worker = Worker::new(
+                Arc::new(config),
+                1,
+                uploads,
+                metrics.clone(),
+                disk,
+                Arc::clone(&log_starts),
+            );
             let (commands, queue) = sync_channel(4);
             let thread = std::thread::spawn(move || worker.run(queue));
             TestWorker {
                 commands,
                 sealed,
                 metrics,
+                log_start,
                 thread,
                 _dir: dir,
             }
@@ -691,6 +779,57 @@ mod tests {
             .offsets_without_record
             .with_label_values(&["deleted"]);
         assert_eq!(deleted.get(), 300);
+        worker.stop();
+    }
+
+    /// Retention passes a partition while the member runs (paused for the disk budget, or
+    /// reading slower than the log is deleted) and librdkafka resets it to the log start: the
+    /// jump is not taken for offsets without records. The worker reads the log start when the
+    /// gap appears, reports the deleted part (log line, `archiver_offset_resets_total`) and
+    /// records it as `deleted`; only the part above the log start is `no-record`.
+    #[test]
+    fn records_deleted_while_the_member_runs_are_reported_not_filed_as_no_record() {
+        let mut worker = TestWorker::start(|_| {}, Arc::new(DiskUsage::default()));
+        // The assignment-time read of the log start failed, as it may.
+        assert_eq!(worker.assign(0, Committed::Offset(0), None, None), Some(0));
+        let before: Vec<Record> = (0..10).map(|o| record(o, o % 3, 20)).collect();
+        worker.records(0, &before);
+        // Offsets 10..=49 deleted; 50..=59 held transaction markers or compacted records.
+        worker.log_start.store(50, Ordering::Relaxed);
+        let after: Vec<Record> = (60..70).map(|o| record(o, o % 3, 20)).collect();
+        worker.records(0, &after);
+        worker
+            .commands
+            .send(WorkerCommand::SealAll {
+                trigger: SealTrigger::Schedule,
+            })
+            .unwrap();
+        worker.barrier();
+        let job = worker.sealed.try_recv().expect("the sealed batch");
+        assert_eq!(
+            (job.batch.start, job.batch.end, job.batch.records()),
+            (0, 69, 20)
+        );
+        assert_eq!(
+            job.batch.gaps,
+            vec![
+                crate::checkpoint::Gap {
+                    first: 10,
+                    last: 49,
+                    cause: GapCause::Deleted
+                },
+                crate::checkpoint::Gap {
+                    first: 50,
+                    last: 59,
+                    cause: GapCause::NoRecord
+                },
+            ]
+        );
+        assert_eq!(worker.metrics.offset_resets.get(), 1);
+        // A later gap above the log start (compaction) is no loss: nothing more is reported.
+        worker.records(0, &[record(75, 0, 20)]);
+        worker.barrier();
+        assert_eq!(worker.metrics.offset_resets.get(), 1);
         worker.stop();
     }
 

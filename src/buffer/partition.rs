@@ -313,13 +313,29 @@ impl PartitionBuffer {
         self.open.files.iter().filter(|f| f.gz.is_hot()).count()
     }
 
-    /// Where the log started when the partition was assigned (see `log_start`).
+    /// Where the log starts, as last read (at assignment, or when a gap was seen).
     pub fn set_log_start(&mut self, log_start: Option<i64>) {
         self.log_start = log_start;
     }
 
+    pub fn log_start(&self) -> Option<i64> {
+        self.log_start
+    }
+
+    /// The offsets `[first, last]` a record at `offset` would leave out of the open batch, if
+    /// it skips any (a redelivered record skips none: it is not appended).
+    pub fn gap_before(&self, offset: i64) -> Option<(i64, i64)> {
+        if self.next_offset.is_some_and(|next| offset < next) {
+            return None;
+        }
+        let start = self.open.start.unwrap_or(offset);
+        let expected = self.open.last_offset.map_or(start, |last| last + 1);
+        (offset > expected).then(|| (expected, offset - 1))
+    }
+
     /// Records that `[first, last]` holds no record: the part below the log start was deleted
-    /// before it was read, the rest held none (compaction, transaction markers).
+    /// before it was read, the rest held none (compaction, transaction markers). The worker reads
+    /// the log start again before a gap the known one does not cover (`gap_before`).
     fn record_gap(&mut self, first: i64, last: i64) {
         let split = self
             .log_start

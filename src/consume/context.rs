@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{sync_channel, SyncSender};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,7 +25,7 @@ use crate::commit::Assignments;
 use crate::kafka_client::Auth;
 use crate::metrics::events::PartitionHeld;
 use crate::metrics::Metrics;
-use crate::pipeline::{worker_for, BatchIntent, Fatal, WorkerCommand};
+use crate::pipeline::{worker_for, BatchIntent, BufferError, Fatal, WorkerCommand};
 
 /// How long an assignment keeps asking for the committed offsets before the member gives up and
 /// stops: well inside librdkafka's `max.poll.interval.ms` (5 minutes), long enough to ride out a
@@ -238,54 +238,8 @@ impl ArchiverContext {
         if partitions.is_empty() || self.shutting_down.load(Ordering::SeqCst) {
             return;
         }
-        let mut committed = match self.fetch_committed(consumer, tpl, &partitions) {
-            Ok(committed) => committed,
-            Err(err) => {
-                self.fatal.raise(format!(
-                    "cannot read the group's committed offsets of partitions {partitions:?}: {err}; \
-                     stopping rather than planning their recovery on a guess"
-                ));
-                return;
-            }
-        };
-        if let Err(err) = self.start_uncommitted_after_the_bucket(&partitions, &mut committed) {
-            self.fatal.raise(format!(
-                "cannot read where the bucket's archive ends for partitions without a commit: \
-                 {err}; stopping rather than archiving their retained log a second time"
-            ));
-            return;
-        }
         let mut replies = Vec::new();
-        for &partition in &partitions {
-            let (committed, intent) = committed
-                .remove(&partition)
-                .expect("read_committed answers for every partition asked");
-            let replay_rules = match self.replay_rules_for(partition, intent.as_ref()) {
-                Ok(rules) => rules,
-                Err(Hold::Partition) => continue,
-                Err(Hold::Stop) => return,
-            };
-            let epoch = self.assignments.assign(partition);
-            let (reply, answer) = sync_channel(1);
-            if let Committed::Offset(offset) = committed {
-                self.committed
-                    .lock()
-                    .expect("lock")
-                    .insert(partition, offset);
-                self.starts
-                    .lock()
-                    .expect("starts lock")
-                    .insert(partition, offset);
-            }
-            let command = WorkerCommand::Assign {
-                partition,
-                epoch,
-                committed,
-                intent,
-                log_start: self.log_start(consumer, partition),
-                replay_rules,
-                reply,
-            };
+        for (partition, command, answer) in self.assignment_commands(consumer, &partitions) {
             if self.worker(partition).send(command).is_err() {
                 self.fatal.raise("buffer worker stopped".into());
                 return;
@@ -297,10 +251,7 @@ impl ArchiverContext {
                 Ok(Ok(Some(offset))) => {
                     let _ =
                         tpl.set_partition_offset(&self.topic, partition, Offset::Offset(offset));
-                    self.starts
-                        .lock()
-                        .expect("starts lock")
-                        .insert(partition, offset);
+                    self.note_start(partition, offset);
                 }
                 Ok(Ok(None)) => {}
                 Ok(Err(err)) => self.fatal.raise(err.to_string()),
@@ -311,6 +262,81 @@ impl ArchiverContext {
             .assigned_partitions
             .set(self.assignments.partitions().len() as i64);
         tracing::info!(partitions = ?partitions, "partitions assigned");
+    }
+
+    /// Where each newly assigned partition stands (its commit and intent, the bucket, the rules
+    /// of its replay, the log's start), as the `Assign` commands for its worker, each with the
+    /// channel its answer comes back on: the offset to read from, or `None` for the committed
+    /// one. A partition that is held gets no command; empty when the member must stop (the
+    /// cause is raised as fatal).
+    pub fn assignment_commands(
+        &self,
+        client: &impl GroupClient,
+        partitions: &[i32],
+    ) -> Vec<(i32, WorkerCommand, AssignAnswer)> {
+        let mut committed = match self.fetch_committed(client, partitions) {
+            Ok(committed) => committed,
+            Err(err) => {
+                self.fatal.raise(format!(
+                    "cannot read the group's committed offsets of partitions {partitions:?}: {err}; \
+                     stopping rather than planning their recovery on a guess"
+                ));
+                return Vec::new();
+            }
+        };
+        if let Err(err) = self.start_uncommitted_after_the_bucket(partitions, &mut committed) {
+            self.fatal.raise(format!(
+                "cannot read where the bucket's archive ends for partitions without a commit: \
+                 {err}; stopping rather than archiving their retained log a second time"
+            ));
+            return Vec::new();
+        }
+        let mut commands = Vec::new();
+        for &partition in partitions {
+            let (committed, intent) = committed
+                .remove(&partition)
+                .expect("read_committed answers for every partition asked");
+            let replay_rules = match self.replay_rules_for(partition, intent.as_ref()) {
+                Ok(rules) => rules,
+                Err(Hold::Partition) => continue,
+                Err(Hold::Stop) => return Vec::new(),
+            };
+            let epoch = self.assignments.assign(partition);
+            let (reply, answer) = sync_channel(1);
+            if let Committed::Offset(offset) = committed {
+                self.committed
+                    .lock()
+                    .expect("lock")
+                    .insert(partition, offset);
+                self.note_start(partition, offset);
+            }
+            let log_start = match client.log_start(&self.topic, partition) {
+                Ok(log_start) => log_start,
+                Err(error) => {
+                    tracing::warn!(partition, %error, "cannot read the log's first offset");
+                    None
+                }
+            };
+            let command = WorkerCommand::Assign {
+                partition,
+                epoch,
+                committed,
+                intent,
+                log_start,
+                replay_rules,
+                reply,
+            };
+            commands.push((partition, command, answer));
+        }
+        commands
+    }
+
+    /// Where a partition's reading starts, until librdkafka knows a position of its own.
+    pub fn note_start(&self, partition: i32, offset: i64) {
+        self.starts
+            .lock()
+            .expect("starts lock")
+            .insert(partition, offset);
     }
 
     fn on_revoke(&self, tpl: &TopicPartitionList) {
@@ -353,19 +379,6 @@ impl ArchiverContext {
         tracing::info!(partitions = ?partitions, "partitions revoked");
     }
 
-    /// The partition's first offset in the log now, if the broker answers (a hint: without it
-    /// a deleted range is still recorded as a gap, only not known as deleted).
-    fn log_start(&self, consumer: &BaseConsumer<Self>, partition: i32) -> Option<i64> {
-        match consumer.fetch_watermarks(&self.topic, partition, BROKER_TIMEOUT) {
-            Ok((low, _)) if low >= 0 => Some(low),
-            Ok(_) => None,
-            Err(err) => {
-                tracing::warn!(partition, error = %err, "cannot read the log's first offset");
-                None
-            }
-        }
-    }
-
     /// A partition without a commit (a new `group.id`, offsets expired) whose batches the bucket
     /// already holds resumes after its newest manifest instead of the log's start.
     fn start_uncommitted_after_the_bucket(
@@ -399,39 +412,79 @@ impl ArchiverContext {
         Ok(())
     }
 
-    /// The group's committed offset and intent of every partition in `tpl`, asked again until
-    /// the broker answered for each one.
+    /// The group's committed offset and intent of every partition, asked again until the broker
+    /// answered for each one.
     fn fetch_committed(
         &self,
-        consumer: &BaseConsumer<Self>,
-        tpl: &TopicPartitionList,
+        client: &impl GroupClient,
         partitions: &[i32],
     ) -> Result<CommittedOffsets, String> {
-        let what = "the committed offsets";
         committed::fetch_until_known(
-            what,
+            "the committed offsets",
             COMMITTED_PATIENCE,
             Instant::now,
             std::thread::sleep,
             || {
-                let list = consumer
-                    .committed_offsets(tpl.clone(), BROKER_TIMEOUT)
-                    .map_err(|err| err.to_string())?;
-                let entries =
-                    list.elements_for_topic(&self.topic)
-                        .into_iter()
-                        .map(|e| CommittedEntry {
-                            partition: e.partition(),
-                            offset: match e.offset() {
-                                Offset::Offset(offset) => Some(offset),
-                                _ => None,
-                            },
-                            metadata: e.metadata().to_string(),
-                            error: e.error().err().map(|err| err.to_string()),
-                        });
+                let entries = client.committed_entries(&self.topic, partitions)?;
                 committed::read_committed(partitions, entries)
             },
         )
+    }
+}
+
+/// The answer to an `Assign` command: the offset to read from, or `None` for the committed one.
+pub type AssignAnswer = Receiver<Result<Option<i64>, BufferError>>;
+
+/// What setting up an assignment asks of the group: librdkafka's consumer in production, the
+/// simulation's group (`tests/simulation.rs`) in its runs.
+pub trait GroupClient {
+    /// The group's committed offset and metadata of each partition, as the coordinator answers
+    /// now (one round trip: the caller asks again while a partition has no answer).
+    fn committed_entries(
+        &self,
+        topic: &str,
+        partitions: &[i32],
+    ) -> Result<Vec<CommittedEntry>, String>;
+
+    /// The partition's first offset in the log now (`None` when the broker names none): a hint,
+    /// without which a deleted range is still recorded as a gap, only not known as deleted.
+    fn log_start(&self, topic: &str, partition: i32) -> Result<Option<i64>, String>;
+}
+
+impl<C: ConsumerContext> GroupClient for BaseConsumer<C> {
+    fn committed_entries(
+        &self,
+        topic: &str,
+        partitions: &[i32],
+    ) -> Result<Vec<CommittedEntry>, String> {
+        let mut tpl = TopicPartitionList::new();
+        for &partition in partitions {
+            tpl.add_partition(topic, partition);
+        }
+        let list = self
+            .committed_offsets(tpl, BROKER_TIMEOUT)
+            .map_err(|err| err.to_string())?;
+        Ok(list
+            .elements_for_topic(topic)
+            .into_iter()
+            .map(|e| CommittedEntry {
+                partition: e.partition(),
+                offset: match e.offset() {
+                    Offset::Offset(offset) => Some(offset),
+                    _ => None,
+                },
+                metadata: e.metadata().to_string(),
+                error: e.error().err().map(|err| err.to_string()),
+            })
+            .collect())
+    }
+
+    fn log_start(&self, topic: &str, partition: i32) -> Result<Option<i64>, String> {
+        match self.fetch_watermarks(topic, partition, BROKER_TIMEOUT) {
+            Ok((low, _)) if low >= 0 => Ok(Some(low)),
+            Ok(_) => Ok(None),
+            Err(err) => Err(err.to_string()),
+        }
     }
 }
 

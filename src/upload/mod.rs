@@ -14,6 +14,7 @@
 
 pub mod manifest;
 pub mod s3;
+pub mod store;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -38,12 +39,13 @@ use crate::retry::Backoff;
 use crate::rules::{rules_key, CuttingRules};
 use manifest::Manifest;
 use s3::{ObjectMetadata, PutOutcome, S3Error, S3Store};
+use store::ObjectStore;
 
 /// The last offset the bucket holds for a partition: the end of its newest batch manifest.
 /// Batches of a partition go up strictly in order and a manifest only after all of its objects,
 /// so every offset up to it is archived.
 pub async fn newest_manifest_end(
-    store: &S3Store,
+    store: &impl ObjectStore,
     prefix: &str,
     topic: &str,
     partition: i32,
@@ -67,8 +69,10 @@ pub enum UploadError {
     ShuttingDown,
 }
 
-pub struct Uploader {
-    pub store: S3Store,
+/// The upload stage: one task per partition with batches to upload, all of them sharing one
+/// concurrency limit. `S` is the bucket (S3, or the simulation's store).
+pub struct Uploader<S: ObjectStore = S3Store> {
+    pub store: S,
     pub prefix: String,
     pub assignments: Arc<Assignments>,
     pub commits: std::sync::mpsc::Sender<CommitRequest>,
@@ -79,15 +83,19 @@ pub struct Uploader {
     /// The rules this member cuts with, stored in the bucket before the first intent that
     /// names their hash.
     pub rules: CuttingRules,
+    /// Seeds the retry jitter: random in production, the simulation's seed in its runs, so a
+    /// seed replays the same delays.
+    pub jitter_seed: u64,
 }
 
-impl Uploader {
+impl<S: ObjectStore> Uploader<S> {
     /// Runs until `stop` fires; jobs come from the buffer workers.
     pub async fn run(self, mut jobs: UnboundedReceiver<UploadJob>, stop: CancellationToken) {
         let shared = Arc::new(Shared {
             permits: Semaphore::new(self.concurrency),
             rules_hash: self.rules.hash(),
             rules_stored: AtomicBool::new(false),
+            jitter: std::sync::Mutex::new(fastrand::Rng::with_seed(self.jitter_seed)),
             uploader: self,
         });
         let mut partitions: HashMap<i32, UnboundedSender<UploadJob>> = HashMap::new();
@@ -120,15 +128,17 @@ impl Uploader {
     }
 }
 
-struct Shared {
-    uploader: Uploader,
+struct Shared<S: ObjectStore> {
+    uploader: Uploader<S>,
     permits: Semaphore,
     rules_hash: String,
     /// Whether this member's rules are in the bucket yet.
     rules_stored: AtomicBool,
+    /// Where each request's backoff draws its jitter from (see `Uploader::jitter_seed`).
+    jitter: std::sync::Mutex<fastrand::Rng>,
 }
 
-impl Shared {
+impl<S: ObjectStore> Shared<S> {
     async fn partition_task(
         self: Arc<Self>,
         partition: i32,
@@ -341,7 +351,8 @@ impl Shared {
         Fut: std::future::Future<Output = Result<T, S3Error>>,
     {
         let u = &self.uploader;
-        let mut backoff = Backoff::new(u.initial_backoff, u.max_backoff, fastrand::Rng::new());
+        let jitter = fastrand::Rng::with_seed(self.jitter.lock().expect("jitter lock").u64(..));
+        let mut backoff = Backoff::new(u.initial_backoff, u.max_backoff, jitter);
         loop {
             if stop.is_cancelled() {
                 return Err(UploadError::ShuttingDown);

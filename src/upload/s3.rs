@@ -21,6 +21,8 @@ use crate::config::{ChecksumMode, ContentLabel, S3Config};
 use crate::layout::Codec;
 use crate::retry::ErrorClass;
 
+use super::store::ObjectStore;
+
 /// Applies the operator's object options (storage class, encryption, canned ACL) and, with
 /// `labels`, the metadata and content labels, to a PutObject or CreateMultipartUpload builder:
 /// the two builders share these method names but no trait.
@@ -104,7 +106,7 @@ impl ObjectMetadata {
     }
 
     /// Whether an object's `x-amz-meta-*` say it holds the same lines as this one.
-    fn same_content(&self, present: &std::collections::HashMap<String, String>) -> bool {
+    pub(super) fn same_content(&self, present: &std::collections::HashMap<String, String>) -> bool {
         present.get("record-count") == Some(&self.record_count.to_string())
             && present.get("content-crc32") == Some(&format!("{:08x}", self.content_crc32))
     }
@@ -182,46 +184,11 @@ impl S3Store {
         &self.client
     }
 
-    /// Puts the local file `path` (`len` bytes) at `key`, unless the key already holds the same
-    /// lines. `may_exist` (a replayed batch, a retried request) looks first; otherwise a
-    /// conditional put (`If-None-Match: *`, where `s3.conditional_writes` is on) finds out.
-    /// An object with the same key but other content is replaced: the batch being uploaded is
-    /// the one the group's intent names.
-    pub async fn put_file(
+    /// The `x-amz-meta-*` fields of the object at `key`, or `None` if there is none.
+    pub async fn head_metadata(
         &self,
         key: &str,
-        path: &Path,
-        len: u64,
-        metadata: &ObjectMetadata,
-        may_exist: bool,
-        still_ours: StillOurs<'_>,
-    ) -> Result<PutOutcome, S3Error> {
-        if may_exist && self.holds_same_content(key, metadata).await? {
-            return Ok(PutOutcome::AlreadyPresent);
-        }
-        let put =
-            |conditional| self.put_file_once(key, path, len, metadata, conditional, still_ours);
-        match put(self.config.conditional_writes).await {
-            Err(err) if err.code.as_deref() == Some("PreconditionFailed") => {
-                if self.holds_same_content(key, metadata).await? {
-                    return Ok(PutOutcome::AlreadyPresent);
-                }
-                tracing::warn!(
-                    key,
-                    "replacing an object that holds other lines than the batch being uploaded"
-                );
-                put(false).await
-            }
-            result => result,
-        }
-    }
-
-    /// Whether `key` exists with the same record count and content checksum.
-    async fn holds_same_content(
-        &self,
-        key: &str,
-        metadata: &ObjectMetadata,
-    ) -> Result<bool, S3Error> {
+    ) -> Result<Option<std::collections::HashMap<String, String>>, S3Error> {
         match self
             .client
             .head_object()
@@ -230,17 +197,17 @@ impl S3Store {
             .send()
             .await
         {
-            Ok(head) => Ok(head
-                .metadata()
-                .is_some_and(|present| metadata.same_content(present))),
+            Ok(head) => Ok(Some(head.metadata().cloned().unwrap_or_default())),
             Err(SdkError::ServiceError(service)) if service.raw().status().as_u16() == 404 => {
-                Ok(false)
+                Ok(None)
             }
             Err(err) => Err(self.error("HeadObject", key, err)),
         }
     }
 
-    async fn put_file_once(
+    /// One put of a local file: a single PUT streamed from disk, or multipart from one open
+    /// file above the threshold.
+    pub async fn put_file_once(
         &self,
         key: &str,
         path: &Path,
@@ -598,6 +565,48 @@ impl S3Store {
             code,
             message: DisplayErrorContext(&err).to_string(),
         }
+    }
+}
+
+impl ObjectStore for S3Store {
+    fn conditional_writes(&self) -> bool {
+        self.config.conditional_writes
+    }
+
+    async fn head_metadata(
+        &self,
+        key: &str,
+    ) -> Result<Option<std::collections::HashMap<String, String>>, S3Error> {
+        S3Store::head_metadata(self, key).await
+    }
+
+    async fn put_file_once(
+        &self,
+        key: &str,
+        path: &Path,
+        len: u64,
+        metadata: &ObjectMetadata,
+        conditional: bool,
+        still_ours: StillOurs<'_>,
+    ) -> Result<PutOutcome, S3Error> {
+        S3Store::put_file_once(self, key, path, len, metadata, conditional, still_ours).await
+    }
+
+    async fn put_bytes(
+        &self,
+        key: &str,
+        bytes: Vec<u8>,
+        content_type: &str,
+    ) -> Result<(), S3Error> {
+        S3Store::put_bytes(self, key, bytes, content_type).await
+    }
+
+    async fn get_bytes(&self, key: &str) -> Result<Option<Vec<u8>>, S3Error> {
+        S3Store::get_bytes(self, key).await
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<(String, i64)>, S3Error> {
+        S3Store::list(self, prefix).await
     }
 }
 

@@ -1,0 +1,232 @@
+//! One archiver process of the simulation, built from the archiver's own parts: the assignment
+//! set-up of the rebalance callback (`ArchiverContext::assignment_commands`), a buffer `Worker`
+//! on a real directory (its volume), the `Uploader` on a single-threaded runtime whose clock
+//! only moves when the simulation says, and the poll thread's `PendingCommits`. What stands in
+//! for librdkafka is the forwarding: records read from the simulated log at this member's
+//! position (reset to the log start when it fell below it, as `auto.offset.reset = earliest`
+//! does), handed to the worker as the poll loop hands them.
+//!
+//! A kill -9 is dropping the member: the runtime and its tasks go with it, nothing is flushed
+//! or checkpointed on the way out beyond what the files' own buffers hold.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::mpsc::Receiver;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kafka_s3_archiver::buffer::{DiskUsage, Worker};
+use kafka_s3_archiver::commit::{Assignments, CommitOutcome, PendingCommits};
+use kafka_s3_archiver::config::Config;
+use kafka_s3_archiver::consume::ArchiverContext;
+use kafka_s3_archiver::metrics::Metrics;
+use kafka_s3_archiver::pipeline::{CommitRequest, Fatal, SealTrigger, WorkerCommand};
+use kafka_s3_archiver::rules::CuttingRules;
+use kafka_s3_archiver::upload::{newest_manifest_end, Uploader};
+use tokio_util::sync::CancellationToken;
+
+use super::kafka::Cluster;
+use super::store::SimStore;
+
+pub struct Member {
+    worker: Worker,
+    context: ArchiverContext,
+    assignments: Arc<Assignments>,
+    /// The uploader's runtime: paused, so its clock moves only in `run_uploads`.
+    runtime: tokio::runtime::Runtime,
+    commits: Receiver<CommitRequest>,
+    pending: PendingCommits,
+    /// The next offset to read of each partition (librdkafka's position).
+    positions: BTreeMap<i32, i64>,
+    /// Not reading (the disk budget's backpressure, a slow member).
+    pub paused: bool,
+    /// Stands in for `Instant::now()` of the poll thread: the start plus the simulated time.
+    clock_base: Instant,
+    pub elapsed: Duration,
+}
+
+impl Member {
+    /// Starts a member on `volume` and assigns it every partition of the topic.
+    pub fn start(
+        volume: PathBuf,
+        config: &Config,
+        store: &SimStore,
+        cluster: &Cluster,
+        seed: u64,
+    ) -> Member {
+        let mut config = config.clone();
+        config.buffer.data_dir = volume.clone();
+        let config = Arc::new(config);
+        let metrics = Metrics::new();
+        let assignments = Arc::new(Assignments::default());
+        let (upload_tx, upload_rx) = tokio::sync::mpsc::unbounded_channel();
+        let (commit_tx, commits) = std::sync::mpsc::channel();
+        std::fs::create_dir_all(&volume).unwrap();
+        let worker = Worker::new(
+            Arc::clone(&config),
+            1,
+            upload_tx,
+            metrics.clone(),
+            Arc::new(DiskUsage::default()),
+            cluster.log_starts(),
+        );
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        let uploader = Uploader {
+            store: store.clone(),
+            prefix: config.s3.prefix.clone(),
+            assignments: Arc::clone(&assignments),
+            commits: commit_tx,
+            metrics: metrics.clone(),
+            concurrency: 4,
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(5),
+            rules: CuttingRules::of(&config),
+            jitter_seed: seed,
+        };
+        runtime.spawn(uploader.run(upload_rx, CancellationToken::new()));
+        let (worker_tx, _) = std::sync::mpsc::sync_channel(1);
+        let lookup_store = store.faultless();
+        let (prefix, topic) = (config.s3.prefix.clone(), config.kafka.topic.clone());
+        let context = ArchiverContext::new(
+            topic.clone(),
+            vec![worker_tx],
+            Arc::clone(&assignments),
+            metrics,
+            Arc::new(Fatal::default()),
+        )
+        .with_bucket_position(Box::new(move |partition| {
+            let lookup = newest_manifest_end(&lookup_store, &prefix, &topic, partition);
+            poll_ready(lookup).map_err(|err| err.to_string())
+        }));
+        let mut member = Member {
+            worker,
+            context,
+            assignments,
+            runtime,
+            commits,
+            pending: PendingCommits::default(),
+            positions: BTreeMap::new(),
+            paused: false,
+            clock_base: Instant::now(),
+            elapsed: Duration::ZERO,
+        };
+        member.assign(cluster);
+        member
+    }
+
+    /// The rebalance callback's work for every partition, then librdkafka's start: the offset
+    /// the worker answered, else the committed one, else the log's start.
+    fn assign(&mut self, cluster: &Cluster) {
+        let partitions: Vec<i32> = cluster.logs.keys().copied().collect();
+        let commands = self.context.assignment_commands(cluster, &partitions);
+        assert_eq!(commands.len(), partitions.len(), "every partition set up");
+        for (partition, command, answer) in commands {
+            self.worker.handle(command).expect("assign");
+            let start = answer.recv().unwrap().expect("assign answered");
+            let log = &cluster.logs[&partition];
+            let start = start
+                .or_else(|| cluster.committed.get(&partition).map(|(o, _)| *o))
+                .unwrap_or(log.start);
+            self.positions.insert(partition, start);
+        }
+    }
+
+    /// One poll round: up to `max` records of each partition to the worker. Says what it read:
+    /// per partition, the offsets looked at and whether the position had to be reset.
+    pub fn poll(&mut self, cluster: &Cluster, max: usize) -> Vec<String> {
+        let mut read = Vec::new();
+        if self.paused {
+            return read;
+        }
+        for (&partition, position) in self.positions.iter_mut() {
+            let log = &cluster.logs[&partition];
+            let mut reset = String::new();
+            if *position < log.start || *position > log.end() {
+                // OFFSET_OUT_OF_RANGE: librdkafka resets on its own (auto.offset.reset).
+                reset = format!(" (reset from {position} to the log start)");
+                *position = log.start;
+            }
+            let from = *position;
+            let (records, next) = log.read(from, max);
+            *position = next;
+            if next > from {
+                read.push(format!("p{partition} [{from}, {next}){reset}"));
+            }
+            if !records.is_empty() {
+                self.worker
+                    .handle(WorkerCommand::Records { partition, records })
+                    .expect("records");
+            }
+        }
+        read
+    }
+
+    /// The schedule fires: every open batch is sealed and goes to the uploader.
+    pub fn seal(&mut self) {
+        let trigger = SealTrigger::Schedule;
+        self.worker
+            .handle(WorkerCommand::SealAll { trigger })
+            .expect("seal");
+    }
+
+    pub fn checkpoint(&mut self) {
+        self.worker
+            .handle(WorkerCommand::Checkpoint)
+            .expect("checkpoint");
+    }
+
+    /// Lets the uploader work for `time` of simulated time.
+    pub fn run_uploads(&mut self, time: Duration) {
+        self.runtime
+            .block_on(async move { tokio::time::sleep(time).await });
+        self.elapsed += time;
+    }
+
+    /// The poll thread's commit round: what the uploader asked, to the group, and what went
+    /// through, to the worker. `refuse` fails this round's commits (coordinator moving).
+    pub fn commit(&mut self, cluster: &mut Cluster, refuse: bool) {
+        let now = self.clock_base + self.elapsed;
+        while let Ok(request) = self.commits.try_recv() {
+            self.pending.push(request, now);
+        }
+        let assignments = Arc::clone(&self.assignments);
+        let outcomes = self.pending.run(
+            now,
+            |partition, epoch| assignments.is_current(partition, epoch),
+            |attempt| {
+                if refuse {
+                    return Err("simulated COORDINATOR_NOT_AVAILABLE".into());
+                }
+                cluster.committed.insert(
+                    attempt.partition,
+                    (attempt.next_offset, attempt.metadata.clone()),
+                );
+                Ok(())
+            },
+        );
+        for outcome in outcomes {
+            if let CommitOutcome::Committed(attempt) = outcome {
+                self.worker
+                    .handle(WorkerCommand::Committed {
+                        partition: attempt.partition,
+                        next_offset: attempt.next_offset,
+                    })
+                    .expect("committed");
+            }
+        }
+        // The uploader may have been waiting on an intent's answer.
+        self.runtime.block_on(tokio::task::yield_now());
+    }
+}
+
+/// Runs a future the simulated store answers at once (its requests never wait).
+fn poll_ready<F: std::future::Future>(future: F) -> F::Output {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    runtime.block_on(future)
+}
