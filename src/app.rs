@@ -23,7 +23,7 @@ use crate::pipeline::{BufferError, Fatal};
 use crate::rules::{rules_key, CuttingRules};
 use crate::schedule::{Cadence, Schedule, SystemClock, UploadNow};
 use crate::upload::s3::S3Store;
-use crate::upload::{newest_manifest_end, Uploader};
+use crate::upload::{archive_end, Uploader};
 
 /// Commands a buffer worker may have queued before the poll loop blocks on it. A command holds a
 /// poll round of one partition (up to 1000 records, about a megabyte of typical events). The one
@@ -157,10 +157,7 @@ pub async fn run(
             let (store, runtime) = (store.clone(), tokio::runtime::Handle::current());
             let (prefix, topic) = (config.s3.prefix.clone(), config.kafka.topic.clone());
             context.with_bucket_position(Box::new(move |partition| {
-                on_poll_thread(
-                    &runtime,
-                    newest_manifest_end(&store, &prefix, &topic, partition),
-                )
+                on_poll_thread(&runtime, archive_end(&store, &prefix, &topic, partition))
             }))
         }
         UncommittedStart::Reset => context,

@@ -208,6 +208,14 @@ pub fn object_name(topic: &str, partition: i32, first_offset: i64, codec: Codec)
     )
 }
 
+/// Where a partition's newest batch intent is kept in the bucket as well as in the group's
+/// commit: `{prefix}segment-logs/_manifests/_intents/{topic}/{partition}.json`, beside the
+/// cutting rules. Losing the group's offsets (expired, a renamed `group.id`) then loses no
+/// intent: the next owner replays the batch the bucket names instead of cutting its range again.
+pub fn intent_key(prefix: &str, topic: &str, partition: i32) -> String {
+    format!("{prefix}{ROOT}/_manifests/_intents/{topic}/{partition}.json")
+}
+
 /// Where the manifest of batch `[start, end]` goes:
 /// `{prefix}segment-logs/_manifests/{topic}/{partition}/{start:020}-{end:020}.json`.
 pub fn manifest_key(prefix: &str, topic: &str, partition: i32, start: i64, end: i64) -> String {

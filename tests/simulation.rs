@@ -357,8 +357,7 @@ impl World {
                 }
             }
             _ => {
-                // Open finding 3 (issue 19): offsets lost while an intent is in flight.
-                if self.member.is_none() && self.rng.bool() && open("offsets-expire") {
+                if self.member.is_none() && self.rng.bool() {
                     self.cluster.committed.clear();
                     self.log(step, "the group's offsets expire".into());
                 } else if self.member.is_none() {

@@ -26,6 +26,7 @@ use crate::kafka_client::Auth;
 use crate::metrics::events::PartitionHeld;
 use crate::metrics::Metrics;
 use crate::pipeline::{worker_for, BatchIntent, BufferError, Fatal, WorkerCommand};
+use crate::upload::ArchiveEnd;
 
 /// How long an assignment keeps asking for the committed offsets before the member gives up and
 /// stops: well inside librdkafka's `max.poll.interval.ms` (5 minutes), long enough to ride out a
@@ -95,7 +96,7 @@ enum Hold {
 }
 
 /// Looks up the last offset the bucket holds for a partition (blocking).
-pub type BucketPosition = Box<dyn Fn(i32) -> Result<Option<i64>, String> + Send + Sync>;
+pub type BucketPosition = Box<dyn Fn(i32) -> Result<ArchiveEnd, String> + Send + Sync>;
 
 impl ArchiverContext {
     pub fn new(
@@ -380,7 +381,8 @@ impl ArchiverContext {
     }
 
     /// A partition without a commit (a new `group.id`, offsets expired) whose batches the bucket
-    /// already holds resumes after its newest manifest instead of the log's start.
+    /// already holds resumes after its newest manifest instead of the log's start, or replays
+    /// the interrupted batch whose intent the bucket keeps.
     fn start_uncommitted_after_the_bucket(
         &self,
         partitions: &[i32],
@@ -400,7 +402,15 @@ impl ArchiverContext {
                 std::thread::sleep,
                 || lookup(partition),
             )?;
-            if let Some(end) = end {
+            if let Some(intent) = end.interrupted {
+                tracing::info!(
+                    partition,
+                    start = intent.start,
+                    end = intent.end,
+                    "the group has no commit for this partition: replaying the interrupted batch whose intent the bucket keeps"
+                );
+                committed.insert(partition, (Committed::Offset(intent.start), Some(intent)));
+            } else if let Some(end) = end.manifest_end {
                 tracing::info!(
                     partition,
                     manifest_end = end,
@@ -558,6 +568,18 @@ impl ClientContext for ArchiverContext {
                     .committed_lag
                     .with_label_values(&[&label])
                     .set((stats.hi_offset - committed).max(0));
+            }
+            if stats.hi_offset >= 0 {
+                self.metrics
+                    .high_watermark
+                    .with_label_values(&[&label])
+                    .set(stats.hi_offset);
+            }
+            if let (true, Some(committed)) = (stats.lo_offset >= 0, committed) {
+                self.metrics
+                    .retention_headroom
+                    .with_label_values(&[&label])
+                    .set(committed - stats.lo_offset);
             }
         }
     }

@@ -56,6 +56,10 @@ pub struct Metrics {
     pub last_upload_timestamp: IntGauge,
     pub consumer_lag: IntGaugeVec,
     pub committed_lag: IntGaugeVec,
+    /// How far retention is from records not yet archived; with `high_watermark`'s rate, how
+    /// long until it deletes them (the `ArchiverRetentionHeadroomLow` alert).
+    pub retention_headroom: IntGaugeVec,
+    pub high_watermark: IntGaugeVec,
     pub oldest_unuploaded_age: IntGaugeVec,
     pub build_info: IntGaugeVec,
     /// Liveness and readiness inputs, shared with the stages that know them.
@@ -212,6 +216,17 @@ impl Metrics {
                 "High watermark minus the committed offset, by partition",
                 &["partition"],
             ),
+            retention_headroom: gauge_vec(
+                "retention_headroom_records",
+                "Committed offset minus the log's first offset, by partition: records retention \
+                 deletes before it reaches unarchived ones (negative: it already did)",
+                &["partition"],
+            ),
+            high_watermark: gauge_vec(
+                "partition_high_watermark",
+                "The partition's high watermark, by partition: its rate is the produce rate",
+                &["partition"],
+            ),
             oldest_unuploaded_age: gauge_vec(
                 "oldest_unuploaded_record_age_seconds",
                 "Age of the oldest record read but not yet in S3, by partition (0 when none)",
@@ -274,6 +289,8 @@ impl Metrics {
         let label = partition.to_string();
         let _ = self.consumer_lag.remove_label_values(&[&label]);
         let _ = self.committed_lag.remove_label_values(&[&label]);
+        let _ = self.retention_headroom.remove_label_values(&[&label]);
+        let _ = self.high_watermark.remove_label_values(&[&label]);
     }
 
     /// The text exposition of every series, ages computed as of now.

@@ -1,7 +1,8 @@
 //! Upload: the exactly-once protocol for one sealed batch, in this order:
 //!
 //! 1. record the intent — commit the batch's first offset with `[start, end]` and the cutting
-//!    rules as metadata (fenced by the group generation, so a zombie cannot);
+//!    rules as metadata (fenced by the group generation, so a zombie cannot), then keep the same
+//!    intent in the bucket, so a group that loses its offsets loses no intent;
 //! 2. put every object (deterministic keys: a replay rewrites the same ones);
 //! 3. put the batch manifest;
 //! 4. commit `end + 1`.
@@ -58,6 +59,37 @@ pub async fn newest_manifest_end(
         .filter_map(|(key, _)| layout::manifest_range(key))
         .map(|(_, end)| end)
         .max())
+}
+
+/// Where the bucket says a partition's archive stands: what a member goes by for a partition
+/// the group has no commit for.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ArchiveEnd {
+    /// The end of the newest batch manifest: every offset up to it is archived.
+    pub manifest_end: Option<i64>,
+    /// The newest intent the bucket keeps, when its batch has no manifest yet: an upload that was
+    /// interrupted, whose range must be replayed exactly, not cut again.
+    pub interrupted: Option<BatchIntent>,
+}
+
+/// Reads the partition's newest manifest and kept intent (see [`layout::intent_key`]).
+pub async fn archive_end(
+    store: &impl ObjectStore,
+    prefix: &str,
+    topic: &str,
+    partition: i32,
+) -> Result<ArchiveEnd, S3Error> {
+    let manifest_end = newest_manifest_end(store, prefix, topic, partition).await?;
+    let kept = store
+        .get_bytes(&layout::intent_key(prefix, topic, partition))
+        .await?;
+    let interrupted = kept
+        .and_then(|bytes| BatchIntent::decode(std::str::from_utf8(&bytes).ok()?))
+        .filter(|intent| manifest_end.is_none_or(|end| intent.end > end));
+    Ok(ArchiveEnd {
+        manifest_end,
+        interrupted,
+    })
 }
 
 /// Why a batch was not uploaded.
@@ -234,13 +266,21 @@ impl<S: ObjectStore> Shared<S> {
             return Err(UploadError::ShuttingDown);
         }
         tokio::select! {
-            _ = stop.cancelled() => Err(UploadError::ShuttingDown),
+            _ = stop.cancelled() => return Err(UploadError::ShuttingDown),
             result = answer => match result {
-                Ok(CommitResult::Committed) => Ok(()),
-                Ok(CommitResult::NotOwner) => Err(UploadError::NotOwner { partition: job.batch.partition }),
-                Err(_) => Err(UploadError::ShuttingDown),
+                Ok(CommitResult::Committed) => {}
+                Ok(CommitResult::NotOwner) => return Err(UploadError::NotOwner { partition }),
+                Err(_) => return Err(UploadError::ShuttingDown),
             },
         }
+        // After the commit, so only the owner the group accepted writes it; before any object,
+        // so no object of the batch is in the bucket without an intent that names its range.
+        let key = layout::intent_key(&u.prefix, &job.batch.topic, partition);
+        let body = intent.encode().into_bytes();
+        self.with_retries(partition, epoch, stop, |_| {
+            u.store.put_bytes(&key, body.clone(), "application/json")
+        })
+        .await
     }
 
     /// Puts every object of the batch, in parallel within the concurrency limit.

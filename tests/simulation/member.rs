@@ -22,7 +22,7 @@ use kafka_s3_archiver::consume::ArchiverContext;
 use kafka_s3_archiver::metrics::Metrics;
 use kafka_s3_archiver::pipeline::{CommitRequest, Fatal, SealTrigger, WorkerCommand};
 use kafka_s3_archiver::rules::CuttingRules;
-use kafka_s3_archiver::upload::{newest_manifest_end, Uploader};
+use kafka_s3_archiver::upload::{archive_end, Uploader};
 use tokio_util::sync::CancellationToken;
 
 use super::kafka::Cluster;
@@ -99,7 +99,7 @@ impl Member {
             Arc::new(Fatal::default()),
         )
         .with_bucket_position(Box::new(move |partition| {
-            let lookup = newest_manifest_end(&lookup_store, &prefix, &topic, partition);
+            let lookup = archive_end(&lookup_store, &prefix, &topic, partition);
             poll_ready(lookup).map_err(|err| err.to_string())
         }));
         let mut member = Member {

@@ -112,6 +112,17 @@ impl Broker {
         }
     }
 
+    /// Whether the broker process has exited (not yet reaped: a zombie): a failure to tell apart
+    /// from the archiver's, since the mock cluster is a test double with failures of its own.
+    pub fn is_gone(&self) -> bool {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.process.pid()));
+        // The state follows the parenthesised command name.
+        stat.map_or(true, |stat| {
+            stat.rsplit_once(") ")
+                .is_some_and(|(_, rest)| rest.starts_with('Z') || rest.starts_with('X'))
+        })
+    }
+
     pub fn bootstrap(&self) -> String {
         self.bootstrap.clone()
     }

@@ -13,6 +13,9 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use super::*;
 
 /// The brokers and store a test runs against, and its scratch directory.
+/// How a test says the broker process itself died under it (see `Broker::is_gone`).
+pub const BROKER_GONE: &str = "the broker process is gone";
+
 pub struct Rig {
     pub dir: tempfile::TempDir,
     pub broker: Broker,
@@ -488,6 +491,12 @@ impl Rig {
                 .all(|(p, end)| committed.get(p).copied().flatten() == Some(*end));
             if done {
                 return;
+            }
+            if self.broker.is_gone() {
+                panic!(
+                    "{BROKER_GONE}; its log:\n{}",
+                    self.broker.process.log_text()
+                );
             }
             for archiver in archivers.iter_mut() {
                 if let Ok(Some(status)) = archiver.child.try_wait() {
