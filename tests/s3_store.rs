@@ -144,3 +144,46 @@ async fn a_multipart_upload_reads_every_part_from_the_file_it_opened() {
         sealed.len()
     );
 }
+
+/// A single PUT asks whether the partition is still this member's after it opened its file, and
+/// then reads only that file: a stale upload (the partition revoked and assigned again, its
+/// batch directory re-created) neither puts the object nor streams the new file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_put_reads_the_file_it_opened_and_only_while_the_partition_is_ours() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = S3Server::start(dir.path());
+    let path = dir.path().join("object.gz");
+    let sealed = contents(PART / 4, 7);
+    let replacement = contents(PART / 4, 8);
+    for checksum in [ChecksumMode::Crc32c, ChecksumMode::ContentMd5] {
+        let store = S3Store::connect(&config(&server, checksum)).await;
+        std::fs::write(&path, &sealed).unwrap();
+
+        // The partition moved just as the file was opened: nothing is put.
+        let key = format!("segment-logs/stale-{checksum:?}.gz");
+        let len = sealed.len() as u64;
+        let outcome = store
+            .put_file_once(&key, &path, len, &metadata(4), false, &|| false)
+            .await
+            .unwrap();
+        assert_eq!(outcome, PutOutcome::Abandoned, "{checksum:?}");
+        assert_eq!(store.get_bytes(&key).await.unwrap(), None, "{checksum:?}");
+
+        // Another file takes the path once this one is open: the sealed bytes are put.
+        let still_ours = || {
+            write_atomically(&path, &replacement);
+            true
+        };
+        let key = format!("segment-logs/replaced-{checksum:?}.gz");
+        let outcome = store
+            .put_file_once(&key, &path, len, &metadata(4), false, &still_ours)
+            .await
+            .unwrap();
+        assert_eq!(outcome, PutOutcome::Written, "{checksum:?}");
+        let stored = store.get_bytes(&key).await.unwrap().unwrap();
+        assert!(
+            stored == sealed,
+            "{checksum:?}: the object is not the sealed file"
+        );
+    }
+}

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use kafka_s3_archiver::checkpoint::GapCause;
 use kafka_s3_archiver::config::Config;
-use kafka_s3_archiver::pipeline::Record;
+use kafka_s3_archiver::pipeline::{BatchIntent, Record};
 use kafka_s3_archiver::upload::manifest::Manifest;
 
 use simulation::kafka::Cluster;
@@ -315,13 +315,7 @@ impl World {
                 let log = &self.cluster.logs[&partition];
                 let keep = self.rng.i64(5..150);
                 let mut before = (log.end() - keep).max(log.start);
-                let intent = self
-                    .cluster
-                    .committed
-                    .get(&partition)
-                    .and_then(|(_, metadata)| {
-                        kafka_s3_archiver::pipeline::BatchIntent::decode(metadata)
-                    });
+                let intent = self.intent_in_flight(partition);
                 if let Some(intent) = intent.filter(|_| !open("replay-after-retention")) {
                     // Open finding 4 (issue 19): a replay whose head retention took.
                     before = before.min(intent.start).max(log.start);
@@ -366,6 +360,29 @@ impl World {
                 }
             }
         }
+    }
+
+    /// The intent of an interrupted upload, as the group's commit or the bucket keeps it.
+    fn intent_in_flight(&self, partition: i32) -> Option<BatchIntent> {
+        let committed = self.cluster.committed.get(&partition);
+        if let Some(intent) = committed.and_then(|(_, metadata)| BatchIntent::decode(metadata)) {
+            return Some(intent);
+        }
+        let prefix = &self.config.s3.prefix;
+        let bucket = self.store.bucket.lock().unwrap();
+        let manifests = kafka_s3_archiver::layout::manifest_prefix(prefix, "events", partition);
+        let manifest_end = bucket
+            .objects
+            .keys()
+            .filter(|key| key.starts_with(&manifests))
+            .filter_map(|key| kafka_s3_archiver::layout::manifest_range(key))
+            .map(|(_, end)| end)
+            .max();
+        let kept = bucket.objects.get(&kafka_s3_archiver::layout::intent_key(
+            prefix, "events", partition,
+        ))?;
+        BatchIntent::decode(std::str::from_utf8(&kept.body).ok()?)
+            .filter(|intent| manifest_end.is_none_or(|end| intent.end > end))
     }
 
     /// Whether retention deleted records the group has not committed on some partition: a

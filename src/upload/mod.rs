@@ -402,6 +402,10 @@ impl<S: ObjectStore> Shared<S> {
             }
             let result = {
                 let _permit = self.permits.acquire().await.expect("semaphore open");
+                // Asked again: the partition may have moved while this waited for a permit.
+                if !u.assignments.is_current(partition, epoch) {
+                    return Err(UploadError::NotOwner { partition });
+                }
                 request(backoff.attempts()).await
             };
             let err = match result {

@@ -1,6 +1,7 @@
 //! The S3 client and request building: one object from a local file (single PUT streamed from
-//! disk, or multipart above a threshold, every part read from the one file opened for it), with checksum, metadata and the operator's object
-//! options. One attempt per call; the retry policy lives in the uploader.
+//! disk, or multipart above a threshold, either read from the one file opened for it), with
+//! checksum, metadata and the operator's object options. One attempt per call; the retry policy
+//! lives in the uploader.
 
 use std::path::Path;
 use std::time::Duration;
@@ -221,7 +222,18 @@ impl S3Store {
                 .put_multipart(key, path, len, metadata, conditional, still_ours)
                 .await;
         }
-        let body = self.body(key, path, 0, len).await?;
+        // Opened before ownership is asked: a partition still ours after the open means this is
+        // the file that was sealed, whatever takes the path later (revoked and assigned again,
+        // the batch directory is re-created while a stale upload may still run).
+        let file = self.open_sealed(key, path).await?;
+        if !still_ours() {
+            return Ok(PutOutcome::Abandoned);
+        }
+        let md5 = match self.config.checksum {
+            ChecksumMode::ContentMd5 => Some(self.md5(key, path, &file, len).await?),
+            ChecksumMode::Crc32c => None,
+        };
+        let body = self.body(key, path, &file, len).await?;
         let mut request = self
             .client
             .put_object()
@@ -233,9 +245,9 @@ impl S3Store {
             request = request.if_none_match("*");
         }
         let mut request = with_object_options!(request, self.config, metadata);
-        request = match self.config.checksum {
-            ChecksumMode::Crc32c => request.checksum_algorithm(ChecksumAlgorithm::Crc32C),
-            ChecksumMode::ContentMd5 => request.content_md5(self.md5(key, path, 0, len).await?),
+        request = match md5 {
+            None => request.checksum_algorithm(ChecksumAlgorithm::Crc32C),
+            Some(md5) => request.content_md5(md5),
         };
         request
             .send()
@@ -342,13 +354,7 @@ impl S3Store {
         // One open file for every part: should the path be replaced meanwhile (the partition
         // revoked and assigned again re-creates its batch directory), the parts still come
         // from the file that was sealed.
-        let opened = path.to_path_buf();
-        let file = tokio::task::spawn_blocking(move || std::fs::File::open(opened))
-            .await
-            .map_err(std::io::Error::other)
-            .and_then(|r| r)
-            .map_err(|err| self.local_error(key, path, err))?;
-        let file = std::sync::Arc::new(file);
+        let file = self.open_sealed(key, path).await?;
         let create = self
             .client
             .create_multipart_upload()
@@ -496,41 +502,65 @@ impl S3Store {
         .map_err(|err| self.local_error(key, path, err))
     }
 
+    /// Opens the sealed file an upload reads from, on a blocking thread.
+    async fn open_sealed(
+        &self,
+        key: &str,
+        path: &Path,
+    ) -> Result<std::sync::Arc<std::fs::File>, S3Error> {
+        let opened = path.to_path_buf();
+        tokio::task::spawn_blocking(move || std::fs::File::open(opened))
+            .await
+            .map_err(std::io::Error::other)
+            .and_then(|r| r)
+            .map(std::sync::Arc::new)
+            .map_err(|err| self.local_error(key, path, err))
+    }
+
+    /// The first `len` bytes of the open file, streamed as the request goes.
     async fn body(
         &self,
         key: &str,
         path: &Path,
-        offset: u64,
+        file: &std::sync::Arc<std::fs::File>,
         len: u64,
     ) -> Result<ByteStream, S3Error> {
+        let file = file
+            .try_clone()
+            .map_err(|err| self.local_error(key, path, err))?;
         ByteStream::read_from()
-            .path(path)
-            .offset(offset)
+            .file(tokio::fs::File::from_std(file))
+            .offset(0)
             .length(Length::Exact(len))
             .build()
             .await
             .map_err(|err| self.local_error(key, path, err))
     }
 
-    /// MD5 of a file range, computed on a blocking thread.
-    async fn md5(&self, key: &str, path: &Path, offset: u64, len: u64) -> Result<String, S3Error> {
-        let owned = path.to_path_buf();
+    /// MD5 of the first `len` bytes of the open file, computed on a blocking thread (positioned
+    /// reads: the body's stream keeps its own offset).
+    async fn md5(
+        &self,
+        key: &str,
+        path: &Path,
+        file: &std::sync::Arc<std::fs::File>,
+        len: u64,
+    ) -> Result<String, S3Error> {
+        let file = std::sync::Arc::clone(file);
         let digest = tokio::task::spawn_blocking(move || -> std::io::Result<String> {
             use md5::Digest as _;
-            use std::io::{Read, Seek, SeekFrom};
-            let mut file = std::fs::File::open(&owned)?;
-            file.seek(SeekFrom::Start(offset))?;
+            use std::os::unix::fs::FileExt as _;
             let mut hasher = md5::Md5::new();
-            let mut remaining = len;
             let mut buf = vec![0u8; 1 << 16];
-            while remaining > 0 {
-                let want = buf.len().min(remaining as usize);
-                let n = file.read(&mut buf[..want])?;
+            let mut offset = 0;
+            while offset < len {
+                let want = buf.len().min((len - offset) as usize);
+                let n = file.read_at(&mut buf[..want], offset)?;
                 if n == 0 {
                     return Err(std::io::ErrorKind::UnexpectedEof.into());
                 }
                 hasher.update(&buf[..n]);
-                remaining -= n as u64;
+                offset += n as u64;
             }
             Ok(base64::engine::general_purpose::STANDARD.encode(hasher.finalize()))
         })
