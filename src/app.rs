@@ -23,7 +23,7 @@ use crate::pipeline::{BufferError, Fatal};
 use crate::rules::{rules_key, CuttingRules};
 use crate::schedule::{Cadence, Schedule, SystemClock, UploadNow};
 use crate::upload::s3::S3Store;
-use crate::upload::{archive_end, Uploader};
+use crate::upload::{archive_end, kept_intent, Uploader};
 
 /// Commands a buffer worker may have queued before the poll loop blocks on it. A command holds a
 /// poll round of one partition (up to 1000 records, about a megabyte of typical events). The one
@@ -169,6 +169,13 @@ pub async fn run(
             on_poll_thread(&runtime, store.get_bytes(&rules_key(&prefix, hash)))
         });
         context.with_rules_source(RulesSource::new(&config, fetch))
+    };
+    let context = {
+        let (store, runtime) = (store.clone(), tokio::runtime::Handle::current());
+        let (prefix, topic) = (config.s3.prefix.clone(), config.kafka.topic.clone());
+        context.with_kept_intents(Box::new(move |partition| {
+            on_poll_thread(&runtime, kept_intent(&store, &prefix, &topic, partition))
+        }))
     };
     let context = context.with_auth(Auth::for_config(&config.kafka));
     let consumer = create_consumer(&config, context)?;

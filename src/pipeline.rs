@@ -89,6 +89,9 @@ pub enum WorkerCommand {
         /// The rules the intent's batch was cut with, when they are not this member's own (a
         /// rolling change of settings or release): the replay cuts with them.
         replay_rules: Option<Box<CuttingRules>>,
+        /// The files the intent's first upload cut, as the bucket keeps them with the intent
+        /// (empty when it keeps none): the replay cuts where they begin.
+        planned_files: Vec<PlannedFile>,
         reply: SyncSender<Result<Option<i64>, BufferError>>,
     },
     /// Forget the partition. `keep_local` keeps its files and checkpoint for a restart on this
@@ -278,6 +281,67 @@ impl BatchIntent {
     }
 }
 
+/// One file of a batch as its first upload cut it. The bucket keeps the list beside the intent
+/// ([`KeptIntent`]): records Kafka deletes later (retention reaching an interrupted batch) would
+/// otherwise shift the cuts of its replay, so the replay cuts where these files begin and
+/// adopts the ones an earlier attempt already put.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlannedFile {
+    pub destination: Destination,
+    pub first_offset: i64,
+    pub records: u64,
+    /// CRC32 of its uncompressed lines: with `records`, what the object holds when the attempt
+    /// that put it read every record of the file.
+    pub crc32: u32,
+    pub uncompressed_bytes: u64,
+    pub compressed_bytes: u64,
+    pub codec: Codec,
+}
+
+/// The intent as the bucket keeps it (`layout::intent_key`): the committed one, with the files
+/// its batch was cut into, which do not fit in commit metadata.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeptIntent {
+    #[serde(flatten)]
+    pub intent: BatchIntent,
+    #[serde(default)]
+    pub files: Vec<PlannedFile>,
+}
+
+impl KeptIntent {
+    /// The intent of `batch` with the files it was cut into.
+    pub fn of_batch(batch: &SealedBatch) -> KeptIntent {
+        KeptIntent {
+            intent: BatchIntent::new(batch.start, batch.end, batch.rules.clone()),
+            files: batch
+                .files
+                .iter()
+                .map(|file| PlannedFile {
+                    destination: file.destination.clone(),
+                    first_offset: file.first_offset,
+                    records: file.records,
+                    crc32: file.stream.crc32,
+                    uncompressed_bytes: file.stream.uncompressed_len,
+                    compressed_bytes: file.stream.compressed_len,
+                    codec: file.codec,
+                })
+                .collect(),
+        }
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("kept intent serializes")
+    }
+
+    /// The kept intent in an object's bytes; `None` for anything else. Objects an earlier
+    /// release kept hold the intent alone, without files.
+    pub fn decode(bytes: &[u8]) -> Option<KeptIntent> {
+        let kept: KeptIntent = serde_json::from_slice(bytes).ok()?;
+        let intent = BatchIntent::decode(&serde_json::to_string(&kept.intent).ok()?)?;
+        Some(KeptIntent { intent, ..kept })
+    }
+}
+
 /// A commit the uploader asks the poll thread for: an intent (`metadata` set, at the batch's
 /// start) before uploading, or the completion (`end + 1`, no metadata) after.
 #[derive(Debug)]
@@ -322,5 +386,33 @@ mod tests {
         ] {
             assert_eq!(BatchIntent::decode(foreign), None, "{foreign}");
         }
+    }
+
+    #[test]
+    fn a_kept_intent_carries_its_files_and_reads_as_the_intent_alone() {
+        let kept = KeptIntent {
+            intent: BatchIntent::new(10, 20, "abc".into()),
+            files: vec![PlannedFile {
+                destination: Destination::Events {
+                    source: "web".into(),
+                    day: "2026-12-01".into(),
+                },
+                first_offset: 12,
+                records: 3,
+                crc32: 0xdead_beef,
+                uncompressed_bytes: 300,
+                compressed_bytes: 100,
+                codec: Codec::Gzip,
+            }],
+        };
+        let bytes = kept.encode();
+        assert_eq!(KeptIntent::decode(&bytes), Some(kept.clone()));
+        // What a member reading only the intent (or an earlier release) sees.
+        let alone = BatchIntent::decode(std::str::from_utf8(&bytes).unwrap());
+        assert_eq!(alone, Some(kept.intent.clone()));
+        // An earlier release kept the intent without files.
+        let earlier = KeptIntent::decode(kept.intent.encode().as_bytes()).unwrap();
+        assert!(earlier.files.is_empty());
+        assert_eq!(KeptIntent::decode(b"{}"), None);
     }
 }

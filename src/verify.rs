@@ -560,6 +560,7 @@ mod tests {
                 uncompressed_bytes: 1,
                 compressed_bytes: 1,
                 crc32: "0".into(),
+                deleted_from_kafka: 0,
             }],
             gaps,
         }

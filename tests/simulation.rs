@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use kafka_s3_archiver::checkpoint::GapCause;
 use kafka_s3_archiver::config::Config;
-use kafka_s3_archiver::pipeline::{BatchIntent, Record};
+use kafka_s3_archiver::pipeline::Record;
 use kafka_s3_archiver::upload::manifest::Manifest;
 
 use simulation::kafka::Cluster;
@@ -65,13 +65,19 @@ fn the_protocol_keeps_every_record_exactly_once_through_seeded_fault_schedules()
     );
     // Seeds are independent: spread over the cores, each run still deterministic on its own.
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+    let adopted = std::sync::atomic::AtomicUsize::new(0);
     let mut failed: Vec<(u64, Outcome)> = std::thread::scope(|scope| {
+        let adopted = &adopted;
         let runs: Vec<_> = (0..threads)
             .map(|thread| {
                 scope.spawn(move || {
                     (first + thread..first + seeds)
                         .step_by(threads as usize)
                         .map(|seed| (seed, run(seed)))
+                        .inspect(|(_, outcome)| {
+                            adopted
+                                .fetch_add(outcome.adopted, std::sync::atomic::Ordering::Relaxed);
+                        })
                         .filter(|(_, outcome)| !outcome.violations.is_empty())
                         .collect::<Vec<_>>()
                 })
@@ -90,18 +96,13 @@ fn the_protocol_keeps_every_record_exactly_once_through_seeded_fault_schedules()
         .map(|(seed, outcome)| format!("SIM_SEED={seed}: {}", outcome.violations.join("; ")))
         .collect();
     eprintln!(
-        "simulation: {seeds} seeds in {:.1} s, {} broke the guarantee",
+        "simulation: {seeds} seeds in {:.1} s, {} broke the guarantee; replays adopted {} objects \
+         holding records Kafka had deleted since",
         started.elapsed().as_secs_f64(),
-        failed.len()
+        failed.len(),
+        adopted.into_inner()
     );
     assert!(failed.is_empty(), "{}", failed.join("\n"));
-}
-
-/// Whether `SIM_OPEN` (comma-separated) turns on a fault whose finding is still open: the
-/// default schedule leaves those out, so the suite checks what is fixed; each one named finds
-/// its finding within a few hundred seeds.
-fn open(fault: &str) -> bool {
-    std::env::var("SIM_OPEN").is_ok_and(|v| v.split(',').any(|f| f == fault || f == "all"))
 }
 
 fn env(name: &str) -> Option<u64> {
@@ -115,6 +116,9 @@ fn env(name: &str) -> Option<u64> {
 struct Outcome {
     trace: Vec<String>,
     violations: Vec<String>,
+    /// Objects a replay adopted from an earlier attempt after Kafka deleted some of their
+    /// records: how often the run reached the hardest case of the protocol.
+    adopted: usize,
 }
 
 /// The world of one run: the services, the member (if one runs) and what the oracle knows.
@@ -128,6 +132,12 @@ struct World {
     next_volume: u32,
     /// The volume the next restart on the same disk finds.
     volume: std::path::PathBuf,
+    /// Each volume made so far with the file size cap (part of the cutting rules) of the pod
+    /// that runs on it: a rolling change of settings reaches new pods first, and a pod that
+    /// comes back on its own volume still runs the settings it had.
+    volume_rules: Vec<(std::path::PathBuf, u64)>,
+    /// The file size cap a pod on a fresh volume runs with: the rollout's current settings.
+    rollout: u64,
     faults: Faults,
     /// Per partition: where a member started with nothing committed and nothing in the bucket:
     /// the records before it were deleted before the archiver ever needed them.
@@ -158,7 +168,9 @@ fn run(seed: u64) -> Outcome {
         member: None,
         volumes,
         next_volume: 1,
+        volume_rules: vec![(volume.clone(), 2048)],
         volume,
+        rollout: 2048,
         faults: Faults::default(),
         needed_from: BTreeMap::new(),
         records: BTreeMap::new(),
@@ -171,6 +183,7 @@ fn run(seed: u64) -> Outcome {
         }
         world.heal()
     }));
+    let adopted = world.adopted_objects();
     let mut violations = match result {
         Ok(Ok(())) => world.check(),
         Ok(Err(stuck)) => vec![stuck],
@@ -188,6 +201,7 @@ fn run(seed: u64) -> Outcome {
     Outcome {
         trace: std::mem::take(&mut world.trace),
         violations,
+        adopted,
     }
 }
 
@@ -208,9 +222,15 @@ impl World {
             }
         }
         let seed = self.rng.u64(..);
+        let mut config = self.config.clone();
+        config.buffer.max_file_bytes = self
+            .volume_rules
+            .iter()
+            .find(|(volume, _)| *volume == self.volume)
+            .map_or(self.rollout, |(_, bytes)| *bytes);
         let member = Member::start(
             self.volume.clone(),
-            &self.config,
+            &config,
             &self.store,
             &self.cluster,
             seed,
@@ -312,14 +332,10 @@ impl World {
                 }
             }
             970..=979 => {
+                // Anywhere, an interrupted batch's head included: its replay finds fewer records.
                 let log = &self.cluster.logs[&partition];
                 let keep = self.rng.i64(5..150);
-                let mut before = (log.end() - keep).max(log.start);
-                let intent = self.intent_in_flight(partition);
-                if let Some(intent) = intent.filter(|_| !open("replay-after-retention")) {
-                    // Open finding 4 (issue 19): a replay whose head retention took.
-                    before = before.min(intent.start).max(log.start);
-                }
+                let before = (log.end() - keep).max(log.start);
                 self.cluster.delete_before(partition, before);
                 self.log(
                     step,
@@ -328,22 +344,36 @@ impl World {
             }
             980..=989 => {
                 if self.member.take().is_some() {
-                    let mut fresh = self.rng.u8(..100) < 30;
-                    if fresh && !open("replay-after-retention") && self.retention_passed_commit() {
-                        // Open finding 4 (issue 19): a replay from the commit whose head
-                        // retention took. The same volume resumes from its checkpoint instead.
-                        fresh = false;
-                    }
-                    if fresh {
-                        self.volume = self
-                            .volumes
-                            .path()
-                            .join(format!("volume-{}", self.next_volume));
-                        self.next_volume += 1;
-                    }
+                    let next = match self.rng.u8(..100) {
+                        0..=19 => {
+                            if self.rng.u8(..100) < 40 {
+                                // A rolling change of the cutting rules reaches the new pod.
+                                self.rollout = if self.rollout == 2048 { 3072 } else { 2048 };
+                            }
+                            self.volume = self
+                                .volumes
+                                .path()
+                                .join(format!("volume-{}", self.next_volume));
+                            self.next_volume += 1;
+                            self.volume_rules.push((self.volume.clone(), self.rollout));
+                            "a fresh volume"
+                        }
+                        20..=29 => {
+                            // A pod comes back on its own, earlier volume, with its settings.
+                            let pick = self.rng.usize(..self.volume_rules.len());
+                            self.volume = self.volume_rules[pick].0.clone();
+                            "an earlier volume"
+                        }
+                        _ => "the same volume",
+                    };
+                    let bytes = self
+                        .volume_rules
+                        .iter()
+                        .find(|(volume, _)| *volume == self.volume)
+                        .map_or(self.rollout, |(_, bytes)| *bytes);
                     self.log(
                         step,
-                        format!("kill -9 (next start on a fresh volume: {fresh})"),
+                        format!("kill -9 (next start on {next}, max_file_bytes {bytes})"),
                     );
                 } else {
                     self.start_member();
@@ -360,38 +390,6 @@ impl World {
                 }
             }
         }
-    }
-
-    /// The intent of an interrupted upload, as the group's commit or the bucket keeps it.
-    fn intent_in_flight(&self, partition: i32) -> Option<BatchIntent> {
-        let committed = self.cluster.committed.get(&partition);
-        if let Some(intent) = committed.and_then(|(_, metadata)| BatchIntent::decode(metadata)) {
-            return Some(intent);
-        }
-        let prefix = &self.config.s3.prefix;
-        let bucket = self.store.bucket.lock().unwrap();
-        let manifests = kafka_s3_archiver::layout::manifest_prefix(prefix, "events", partition);
-        let manifest_end = bucket
-            .objects
-            .keys()
-            .filter(|key| key.starts_with(&manifests))
-            .filter_map(|key| kafka_s3_archiver::layout::manifest_range(key))
-            .map(|(_, end)| end)
-            .max();
-        let kept = bucket.objects.get(&kafka_s3_archiver::layout::intent_key(
-            prefix, "events", partition,
-        ))?;
-        BatchIntent::decode(std::str::from_utf8(&kept.body).ok()?)
-            .filter(|intent| manifest_end.is_none_or(|end| intent.end > end))
-    }
-
-    /// Whether retention deleted records the group has not committed on some partition: a
-    /// member starting without the local batches would replay from the commit without them.
-    fn retention_passed_commit(&self) -> bool {
-        self.cluster.logs.iter().any(|(partition, log)| {
-            let committed = self.cluster.committed.get(partition).map_or(0, |(o, _)| *o);
-            log.start > committed
-        })
     }
 
     /// The faults end and a member runs until every record in the log is committed.
@@ -430,6 +428,20 @@ impl World {
             self.cluster.committed,
             self.cluster.logs.iter().map(|(p, l)| (*p, l.end())).collect::<Vec<_>>()
         ))
+    }
+
+    /// Manifest entries of objects holding records Kafka deleted before the replay that listed
+    /// them.
+    fn adopted_objects(&self) -> usize {
+        let bucket = self.store.bucket.lock().unwrap();
+        bucket
+            .objects
+            .iter()
+            .filter(|(key, _)| kafka_s3_archiver::layout::manifest_range(key).is_some())
+            .filter_map(|(_, object)| serde_json::from_slice::<Manifest>(&object.body).ok())
+            .flat_map(|manifest| manifest.files)
+            .filter(|file| file.deleted_from_kafka > 0)
+            .count()
     }
 
     /// The guarantee, checked against what the bucket holds.

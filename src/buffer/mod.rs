@@ -23,7 +23,9 @@ use crate::checkpoint::{self, plan_recovery, Committed, Recovery};
 use crate::config::Config;
 use crate::metrics::events::{BatchReplayed, BatchSealed, RecordsDeletedBeforeArchived};
 use crate::metrics::Metrics;
-use crate::pipeline::{BatchIntent, BufferError, Record, SealTrigger, UploadJob, WorkerCommand};
+use crate::pipeline::{
+    BatchIntent, BufferError, PlannedFile, Record, SealTrigger, UploadJob, WorkerCommand,
+};
 use crate::route::Router;
 use crate::rules::CuttingRules;
 
@@ -71,6 +73,16 @@ pub enum Flow {
 }
 
 /// One buffer worker: owns some partitions and their files.
+/// What an assignment says of the interrupted batch a partition replays, if any.
+struct Replay {
+    /// The intent the group's commit (or the bucket) holds.
+    intent: Option<BatchIntent>,
+    /// The rules it was cut with, when they are not this member's own.
+    rules: Option<Box<CuttingRules>>,
+    /// The files its first upload cut, as the bucket keeps them.
+    planned_files: Vec<PlannedFile>,
+}
+
 pub struct Worker {
     data_dir: PathBuf,
     topic: String,
@@ -155,10 +167,15 @@ impl Worker {
                 intent,
                 log_start,
                 replay_rules,
+                planned_files,
                 reply,
             } => {
-                let result =
-                    self.assign(partition, epoch, committed, intent, log_start, replay_rules);
+                let replay = Replay {
+                    intent,
+                    rules: replay_rules,
+                    planned_files,
+                };
+                let result = self.assign(partition, epoch, committed, log_start, replay);
                 let failed = result.as_ref().err().map(|e| e.to_string());
                 let _ = reply.send(result);
                 if let Some(err) = failed {
@@ -216,10 +233,14 @@ impl Worker {
         partition: i32,
         epoch: u64,
         committed: Committed,
-        intent: Option<BatchIntent>,
         log_start: Option<i64>,
-        replay_rules: Option<Box<CuttingRules>>,
+        replay: Replay,
     ) -> Result<Option<i64>, BufferError> {
+        let Replay {
+            intent,
+            rules: replay_rules,
+            planned_files,
+        } = replay;
         let io = |source| BufferError::Io { partition, source };
         let router = Router::new(&self.config.routing, &self.topic, partition);
         let replay_hash = replay_rules.as_ref().map(|rules| rules.hash());
@@ -231,11 +252,21 @@ impl Worker {
                 None
             }
         };
-        // Local batches cut under rules that are neither this member's nor the replay's (the
-        // settings changed across a restart) cannot be continued: read again from the commit.
+        // A local batch is continued only under the rules it was cut with: those of the intent
+        // it replays (another member may have recorded it under new rules while this one's
+        // batch waited on its volume), this member's own after that. Otherwise the settings
+        // changed across a restart, or a rolling change overtook it: read again from the commit.
+        let intent_rules = intent
+            .as_ref()
+            .filter(|intent| !intent.is_legacy())
+            .map(|intent| (intent.end, intent.rules.clone()));
         let local = local.filter(|checkpoint| {
             let foreign = checkpoint.batches().find(|b| {
-                !b.rules.is_empty() && b.rules != self.own_rules && Some(&b.rules) != replay_hash.as_ref()
+                let expected = match &intent_rules {
+                    Some((end, rules)) if b.start <= *end => rules,
+                    _ => &self.own_rules,
+                };
+                !b.rules.is_empty() && b.rules != *expected
             });
             if let Some(batch) = foreign {
                 tracing::warn!(partition, start = batch.start, rules = %batch.rules, "local batches were cut under other rules; reading from the committed offset");
@@ -324,6 +355,9 @@ impl Worker {
             buffer.replay_with(router, settings, hash);
         }
         buffer.set_seal_at(seal_at);
+        if seal_at.is_some() {
+            buffer.cut_as_planned(&planned_files);
+        }
         buffer.set_log_start(log_start);
         // `None` (nothing known locally) lets the consumer start at the committed offset.
         let resume_from = buffer.next_offset();
@@ -348,7 +382,17 @@ impl Worker {
             });
         }
         self.hot_files += buffer.hot_files();
+        let deleted_through_end = buffer.replay_tail().is_some_and(|(first, end)| {
+            log_start.is_some_and(|start| start > end) && resume_from == Some(first)
+        });
+        if deleted_through_end {
+            // Kafka kept none of the replay's records: no record will arrive to seal it.
+            buffer.replay_log_passed_end();
+        }
         self.partitions.insert(partition, (epoch, buffer));
+        if deleted_through_end {
+            self.seal(partition, SealTrigger::Replay)?;
+        }
         self.refresh_disk_usage();
         Ok(resume_from)
     }
@@ -428,6 +472,17 @@ impl Worker {
             self.tick += 1;
             let (_, buffer) = self.partitions.get_mut(&partition).expect("checked above");
             if buffer.replay_passed(record.offset) {
+                if let Some((first, last)) = buffer.replay_tail() {
+                    // What the seal records as the batch's last gap may have been deleted.
+                    Self::account_for_gap(
+                        &self.log_starts,
+                        &self.metrics,
+                        partition,
+                        buffer,
+                        first,
+                        last,
+                    );
+                }
                 self.seal(partition, SealTrigger::Replay)?;
             }
             let (_, buffer) = self.partitions.get_mut(&partition).expect("checked above");
@@ -670,6 +725,7 @@ mod tests {
                     intent,
                     log_start,
                     replay_rules: None,
+                    planned_files: Vec::new(),
                     reply,
                 })
                 .unwrap();
@@ -712,6 +768,42 @@ mod tests {
     /// A member replays an interrupted batch while the volume is past half its budget (other
     /// partitions hold data that cannot be uploaded yet): the disk-pressure seal must not end
     /// the replay before its recorded end.
+    #[test]
+    fn a_local_batch_is_continued_only_under_the_rules_its_intent_names() {
+        // Issue 19, finding 2: this member cut [0, 99] under its own rules and kept it on its
+        // volume; meanwhile another member, on new rules, recorded the intent [0, 199] and put
+        // some of its objects. Continuing the local batch would cut its head one way and its
+        // tail the other.
+        let mut worker = TestWorker::start(|_| {}, Arc::new(DiskUsage::default()));
+        assert_eq!(worker.assign(1, Committed::Offset(0), None, None), Some(0));
+        let records: Vec<Record> = (0..200).map(|o| record(o, o % 3, 20)).collect();
+        worker.records(1, &records[..100]);
+        let (reply, answer) = sync_channel(1);
+        let revoke = WorkerCommand::Revoke {
+            partition: 1,
+            keep_local: true,
+            reply,
+        };
+        worker.commands.send(revoke).unwrap();
+        answer.recv().unwrap();
+
+        let theirs = BatchIntent::new(0, 199, "rules of the other member".into());
+        let resume = worker.assign(1, Committed::Offset(0), Some(theirs), None);
+        assert_eq!(
+            resume,
+            Some(0),
+            "the replay reads the whole batch from Kafka"
+        );
+        worker.records(1, &records);
+        worker.barrier();
+        let job = worker.sealed.try_recv().expect("the replayed batch");
+        assert_eq!(
+            (job.batch.start, job.batch.end, job.batch.records()),
+            (0, 199, 200)
+        );
+        worker.stop();
+    }
+
     #[test]
     fn disk_pressure_never_cuts_a_replay_short() {
         let disk = Arc::new(DiskUsage::default());

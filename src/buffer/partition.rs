@@ -15,7 +15,7 @@ use crate::buffer::zstd_object;
 use crate::checkpoint::{self, BatchState, Checkpoint, FileState, Gap, GapCause};
 use crate::layout;
 use crate::layout::{Codec, Destination};
-use crate::pipeline::{Record, SealedBatch, SealedFile};
+use crate::pipeline::{PlannedFile, Record, SealedBatch, SealedFile};
 use crate::route::{DeadLetterReason, Router};
 
 /// Cutting rules and compression settings, the same for every partition.
@@ -69,6 +69,26 @@ impl OpenBatch {
     }
 }
 
+/// Where a replayed batch's files begin, as its first upload cut them (the bucket keeps them
+/// with the intent). A replay whose head Kafka deleted meanwhile would start each destination's
+/// first file later and so cut the rest elsewhere: with the plan, every record goes to the file
+/// its first upload put it in, and no size cap cuts.
+struct CutPlan {
+    /// Destination → the first offsets of its files, ascending.
+    firsts: HashMap<Destination, Vec<i64>>,
+    /// `(destination, first offset)` → index of the open file.
+    open: HashMap<(Destination, i64), usize>,
+}
+
+impl CutPlan {
+    /// The first offset of the planned file that a record at `offset` belongs to.
+    fn first_for(&self, destination: &Destination, offset: i64) -> Option<i64> {
+        let firsts = self.firsts.get(destination)?;
+        let after = firsts.partition_point(|&first| first <= offset);
+        after.checked_sub(1).map(|i| firsts[i])
+    }
+}
+
 /// What one append did, for the counters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Appended {
@@ -103,6 +123,8 @@ pub struct PartitionBuffer {
     /// While a replay cuts with the rules its intent names: this member's own router,
     /// settings and rules, restored once the replayed batch is sealed.
     after_replay: Option<(Router, BufferSettings, String)>,
+    /// While a replay cuts where its first upload did (`cut_as_planned`).
+    plan: Option<CutPlan>,
 }
 
 impl PartitionBuffer {
@@ -135,6 +157,7 @@ impl PartitionBuffer {
             log_start: None,
             rules: String::new(),
             after_replay: None,
+            plan: None,
         })
     }
 
@@ -246,6 +269,7 @@ impl PartitionBuffer {
             log_start: None,
             rules: checkpoint.open.map(|b| b.rules).unwrap_or_default(),
             after_replay: None,
+            plan: None,
         })
     }
 
@@ -269,6 +293,34 @@ impl PartitionBuffer {
             std::mem::replace(&mut self.rules, hash),
         );
         self.after_replay = Some(own);
+    }
+
+    /// Cuts the open batch (a replay) into the files its first upload cut, whatever records
+    /// Kafka still holds; the batches after it are cut by size again. An empty plan (the
+    /// bucket kept none: an earlier release) leaves the size cuts.
+    pub fn cut_as_planned(&mut self, files: &[PlannedFile]) {
+        if files.is_empty() {
+            return;
+        }
+        let mut firsts: HashMap<Destination, Vec<i64>> = HashMap::new();
+        for file in files {
+            firsts
+                .entry(file.destination.clone())
+                .or_default()
+                .push(file.first_offset);
+        }
+        for list in firsts.values_mut() {
+            list.sort_unstable();
+            list.dedup();
+        }
+        let open = self
+            .open
+            .files
+            .iter()
+            .enumerate()
+            .map(|(index, file)| ((file.destination.clone(), file.first_offset), index))
+            .collect();
+        self.plan = Some(CutPlan { firsts, open });
     }
 
     pub fn partition(&self) -> i32 {
@@ -376,33 +428,36 @@ impl PartitionBuffer {
         self.open
             .first_read_ms
             .get_or_insert_with(|| chrono::Utc::now().timestamp_millis());
-        let index = match self.open.accepting.get(&routed.destination) {
-            Some(&index) => index,
-            None => {
-                let batch_dir = layout::batch_dir(&self.dir, start);
-                fs::create_dir_all(&batch_dir)?;
-                // Local files are gzip whatever the objects become (see `zstd_object`).
-                let path = batch_dir.join(layout::object_name(
-                    &self.topic,
-                    self.partition,
-                    record.offset,
-                    Codec::Gzip,
-                ));
-                let gz = GzStreamFile::create(&path, self.settings.compression_level)?;
-                self.open.files.push(OpenFile {
-                    destination: routed.destination.clone(),
-                    first_offset: record.offset,
-                    records: 0,
-                    gz,
-                    accepting: true,
-                    last_used: tick,
-                });
-                let index = self.open.files.len() - 1;
-                self.open
-                    .accepting
-                    .insert(routed.destination.clone(), index);
-                index
+        let planned = self
+            .plan
+            .as_ref()
+            .and_then(|plan| plan.first_for(&routed.destination, record.offset));
+        let index = match planned {
+            Some(first) => {
+                let key = (routed.destination.clone(), first);
+                match self.plan.as_ref().and_then(|plan| plan.open.get(&key)) {
+                    Some(&index) => index,
+                    None => {
+                        // Named by where the first upload began it, even when Kafka no longer
+                        // holds that record: the same key as the object it may have put.
+                        let index = self.open_file(&routed.destination, first, start, tick)?;
+                        if let Some(plan) = &mut self.plan {
+                            plan.open.insert(key, index);
+                        }
+                        index
+                    }
+                }
             }
+            None => match self.open.accepting.get(&routed.destination) {
+                Some(&index) => index,
+                None => {
+                    let index = self.open_file(&routed.destination, record.offset, start, tick)?;
+                    self.open
+                        .accepting
+                        .insert(routed.destination.clone(), index);
+                    index
+                }
+            },
         };
         let file = &mut self.open.files[index];
         let before = file.gz.uncompressed_len();
@@ -410,7 +465,7 @@ impl PartitionBuffer {
         file.records += 1;
         file.last_used = tick;
         let bytes = file.gz.uncompressed_len() - before;
-        if file.gz.uncompressed_len() >= self.settings.max_file_bytes {
+        if planned.is_none() && file.gz.uncompressed_len() >= self.settings.max_file_bytes {
             // Cut: the next record of this destination starts a new file keyed by its offset.
             file.accepting = false;
             self.open.accepting.remove(&routed.destination);
@@ -423,6 +478,36 @@ impl PartitionBuffer {
             dead_letter: routed.dead_letter,
             heated,
         }))
+    }
+
+    /// Starts a file of the open batch (begun at `batch_start`) whose object is keyed by
+    /// `first_offset`.
+    fn open_file(
+        &mut self,
+        destination: &Destination,
+        first_offset: i64,
+        batch_start: i64,
+        tick: u64,
+    ) -> io::Result<usize> {
+        let batch_dir = layout::batch_dir(&self.dir, batch_start);
+        fs::create_dir_all(&batch_dir)?;
+        // Local files are gzip whatever the objects become (see `zstd_object`).
+        let path = batch_dir.join(layout::object_name(
+            &self.topic,
+            self.partition,
+            first_offset,
+            Codec::Gzip,
+        ));
+        let gz = GzStreamFile::create(&path, self.settings.compression_level)?;
+        self.open.files.push(OpenFile {
+            destination: destination.clone(),
+            first_offset,
+            records: 0,
+            gz,
+            accepting: true,
+            last_used: tick,
+        });
+        Ok(self.open.files.len() - 1)
     }
 
     /// Makes the open batch end exactly at `end` (replay of a recorded intent).
@@ -442,7 +527,27 @@ impl PartitionBuffer {
         if self.seal_at.is_some_and(|end| offset > end) {
             self.replay_passed_end = true;
         }
-        self.replay_passed_end && self.open.last_offset.is_some()
+        // Sealed even without a record: a replay Kafka kept none of is all gap.
+        self.replay_passed_end && self.open.start.is_some()
+    }
+
+    /// During a replay: the offsets between the last record read and the batch's end, which a
+    /// seal now would record as a gap.
+    pub fn replay_tail(&self) -> Option<(i64, i64)> {
+        let end = self.seal_at?;
+        let next = match self.open.last_offset {
+            Some(last) => last + 1,
+            None => self.open.start?,
+        };
+        (next <= end).then_some((next, end))
+    }
+
+    /// During a replay: every offset up to its end was seen to be gone (the log starts past
+    /// it), so it can be sealed now, as gaps.
+    pub fn replay_log_passed_end(&mut self) {
+        if self.seal_at.is_some() {
+            self.replay_passed_end = true;
+        }
     }
 
     /// Whether the replayed batch holds every record up to its recorded end.
@@ -479,8 +584,15 @@ impl PartitionBuffer {
     /// (schedule, size, disk pressure, an operator), ending a replay early would skip the rest of
     /// its range as redelivered records.
     pub fn seal(&mut self) -> io::Result<Option<SealedBatch>> {
-        let (Some(start), Some(last)) = (self.open.start, self.open.last_offset) else {
+        let Some(start) = self.open.start else {
             return Ok(None);
+        };
+        let last = match self.open.last_offset {
+            Some(last) => last,
+            // A replay whose records Kafka deleted, every one: it still ends where its intent
+            // says, as one batch of gaps, and an earlier attempt's objects are adopted.
+            None if self.seal_at.is_some() && self.replay_passed_end => start - 1,
+            None => return Ok(None),
         };
         if self.seal_at.is_some() && !self.replay_complete() {
             return Ok(None);
@@ -526,6 +638,7 @@ impl PartitionBuffer {
             gaps: open.gaps,
             rules: self.rules.clone(),
         };
+        self.plan = None;
         if let Some((router, settings, rules)) = self.after_replay.take() {
             self.router = router;
             self.settings = settings;
@@ -700,6 +813,98 @@ mod tests {
             assert!(lines[0].contains(&format!("\"m{first_offset}\"")));
         }
         assert_eq!(run().2, files, "a replay makes the same files");
+    }
+
+    #[test]
+    fn a_replay_whose_head_kafka_deleted_cuts_where_its_first_attempt_did() {
+        let first_attempt = tempfile::tempdir().unwrap();
+        let mut buffer =
+            PartitionBuffer::fresh(first_attempt.path(), "t", 0, router(), SETTINGS, Some(100))
+                .unwrap();
+        for (tick, record) in records().iter().enumerate() {
+            buffer.append(record, tick as u64).unwrap();
+        }
+        let planned = crate::pipeline::KeptIntent::of_batch(&buffer.seal().unwrap().unwrap());
+        let planned_lines: HashMap<(Destination, i64), Vec<String>> = buffer.sealed()[0]
+            .files
+            .iter()
+            .map(|f| ((f.destination.clone(), f.first_offset), read_lines(&f.path)))
+            .collect();
+
+        // Retention took offsets below 230: the replay's first record of each destination is
+        // in the middle of the first attempt's file, which a size cut would start there.
+        let replay_dir = tempfile::tempdir().unwrap();
+        let replay = |plan: &[PlannedFile]| {
+            let mut buffer =
+                PartitionBuffer::fresh(replay_dir.path(), "t", 0, router(), SETTINGS, Some(100))
+                    .unwrap();
+            buffer.set_seal_at(Some(399));
+            buffer.cut_as_planned(plan);
+            buffer.set_log_start(Some(230));
+            for record in &records()[130..] {
+                buffer.append(record, 0).unwrap();
+            }
+            buffer.seal().unwrap().unwrap()
+        };
+        let unplanned = replay(&[]);
+        let moved = unplanned
+            .files
+            .iter()
+            .filter(|f| !planned_lines.contains_key(&(f.destination.clone(), f.first_offset)))
+            .count();
+        assert!(moved > 0, "without the plan the cuts move");
+
+        let batch = replay(&planned.files);
+        assert_eq!((batch.start, batch.end), (100, 399));
+        assert_eq!(batch.records(), 170);
+        for file in &batch.files {
+            let key = (file.destination.clone(), file.first_offset);
+            let first = &planned_lines[&key];
+            let lines = read_lines(&file.path);
+            assert!(
+                first.ends_with(&lines),
+                "{key:?}: the last lines of the first attempt's"
+            );
+            if file.first_offset >= 230 {
+                assert_eq!(
+                    &lines, first,
+                    "{key:?}: untouched by retention, the same file"
+                );
+            }
+        }
+        assert_eq!(
+            batch.gaps,
+            vec![Gap {
+                first: 100,
+                last: 229,
+                cause: GapCause::Deleted
+            }]
+        );
+    }
+
+    #[test]
+    fn a_replay_kafka_kept_no_record_of_is_sealed_as_gaps() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut buffer =
+            PartitionBuffer::fresh(dir.path(), "t", 0, router(), SETTINGS, Some(100)).unwrap();
+        buffer.set_seal_at(Some(199));
+        buffer.set_log_start(Some(250));
+        assert_eq!(buffer.replay_tail(), Some((100, 199)));
+        assert_eq!(buffer.seal().unwrap(), None, "not before Kafka said so");
+        buffer.replay_log_passed_end();
+        let batch = buffer.seal().unwrap().unwrap();
+        assert_eq!((batch.start, batch.end, batch.records()), (100, 199, 0));
+        assert_eq!(
+            batch.gaps,
+            vec![Gap {
+                first: 100,
+                last: 199,
+                cause: GapCause::Deleted
+            }]
+        );
+        // The next batch starts after it.
+        assert!(buffer.append(&event(250, "a", 27), 0).unwrap().is_some());
+        assert_eq!(buffer.seal().unwrap().unwrap().start, 200);
     }
 
     #[test]

@@ -25,7 +25,9 @@ use crate::commit::Assignments;
 use crate::kafka_client::Auth;
 use crate::metrics::events::PartitionHeld;
 use crate::metrics::Metrics;
-use crate::pipeline::{worker_for, BatchIntent, BufferError, Fatal, WorkerCommand};
+use crate::pipeline::{
+    worker_for, BatchIntent, BufferError, Fatal, KeptIntent, PlannedFile, WorkerCommand,
+};
 use crate::upload::ArchiveEnd;
 
 /// How long an assignment keeps asking for the committed offsets before the member gives up and
@@ -73,6 +75,9 @@ pub struct ArchiverContext {
     /// Where the bucket says a partition's archive ends (its newest manifest), for partitions the
     /// group never committed; `None` when `kafka.uncommitted_start = "reset"`.
     bucket_position: Option<BucketPosition>,
+    /// Reads the intent the bucket keeps, with the files its batch was cut into, for a
+    /// partition that replays one; `None` replays without them (cut by size again).
+    kept_intents: Option<KeptIntents>,
     /// Checks an intent's cutting rules before its replay; `None` replays every intent with the
     /// member's own rules.
     rules_source: Option<RulesSource>,
@@ -98,6 +103,9 @@ enum Hold {
 /// Looks up the last offset the bucket holds for a partition (blocking).
 pub type BucketPosition = Box<dyn Fn(i32) -> Result<ArchiveEnd, String> + Send + Sync>;
 
+/// Looks up the intent the bucket keeps for a partition (blocking).
+pub type KeptIntents = Box<dyn Fn(i32) -> Result<Option<KeptIntent>, String> + Send + Sync>;
+
 impl ArchiverContext {
     pub fn new(
         topic: String,
@@ -117,6 +125,7 @@ impl ArchiverContext {
             throttle: LogThrottle::default(),
             committed: std::sync::Mutex::new(HashMap::new()),
             bucket_position: None,
+            kept_intents: None,
             rules_source: None,
             held: std::sync::Mutex::default(),
             last_error: std::sync::Mutex::default(),
@@ -225,6 +234,35 @@ impl ArchiverContext {
         self
     }
 
+    /// Replays cut where their first upload did, as the bucket keeps it.
+    pub fn with_kept_intents(mut self, lookup: KeptIntents) -> ArchiverContext {
+        self.kept_intents = Some(lookup);
+        self
+    }
+
+    /// The files `intent`'s first upload cut, as the bucket keeps them beside it; empty when it
+    /// keeps another intent's, or none (an earlier release).
+    fn planned_files(
+        &self,
+        partition: i32,
+        intent: &BatchIntent,
+    ) -> Result<Vec<PlannedFile>, String> {
+        let Some(lookup) = &self.kept_intents else {
+            return Ok(Vec::new());
+        };
+        let kept = committed::fetch_until_known(
+            "the intent the bucket keeps",
+            COMMITTED_PATIENCE,
+            Instant::now,
+            std::thread::sleep,
+            || lookup(partition),
+        )?;
+        Ok(kept
+            .filter(|kept| kept.intent == *intent)
+            .map(|kept| kept.files)
+            .unwrap_or_default())
+    }
+
     fn worker(&self, partition: i32) -> &SyncSender<WorkerCommand> {
         worker_for(&self.workers, partition)
     }
@@ -302,6 +340,16 @@ impl ArchiverContext {
                 Err(Hold::Partition) => continue,
                 Err(Hold::Stop) => return Vec::new(),
             };
+            let planned_files = match intent.as_ref().map(|i| self.planned_files(partition, i)) {
+                None => Vec::new(),
+                Some(Ok(files)) => files,
+                Some(Err(err)) => {
+                    self.fatal.raise(format!(
+                        "cannot read the files partition {partition}'s interrupted batch was cut                          into: {err}; stopping rather than cutting its replay elsewhere"
+                    ));
+                    return Vec::new();
+                }
+            };
             let epoch = self.assignments.assign(partition);
             let (reply, answer) = sync_channel(1);
             if let Committed::Offset(offset) = committed {
@@ -325,6 +373,7 @@ impl ArchiverContext {
                 intent,
                 log_start,
                 replay_rules,
+                planned_files,
                 reply,
             };
             commands.push((partition, command, answer));

@@ -38,7 +38,7 @@ pub mod errors;
 pub mod lag;
 pub mod replay_rules;
 
-pub use context::{ArchiverContext, BucketPosition};
+pub use context::{ArchiverContext, BucketPosition, KeptIntents};
 
 /// Records handed to the workers per poll round, at most.
 const MAX_RECORDS_PER_ROUND: usize = 1000;

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{Gap, GapCause};
 use crate::layout;
-use crate::pipeline::SealedBatch;
+use crate::pipeline::{SealedBatch, SealedFile};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Manifest {
@@ -36,39 +36,64 @@ pub struct ManifestFile {
     pub compressed_bytes: u64,
     /// CRC32 of the uncompressed content (the gzip trailer's), hex.
     pub crc32: String,
+    /// Lines of the object (among `records`) whose offsets the batch lists as a `deleted` gap:
+    /// an earlier, interrupted upload of the batch put the object before Kafka deleted those
+    /// records, and the replay adopted it (nothing is deleted twice, or archived twice).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub deleted_from_kafka: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+impl ManifestFile {
+    /// The entry of a sealed file, as uploaded from the local disk.
+    pub fn of_sealed(prefix: &str, batch: &SealedBatch, file: &SealedFile) -> ManifestFile {
+        ManifestFile {
+            key: layout::object_key(
+                prefix,
+                &batch.topic,
+                batch.partition,
+                &file.destination,
+                file.first_offset,
+                file.codec,
+            ),
+            first_offset: file.first_offset,
+            records: file.records,
+            uncompressed_bytes: file.stream.uncompressed_len,
+            compressed_bytes: file.stream.compressed_len,
+            crc32: format!("{:08x}", file.stream.crc32),
+            deleted_from_kafka: 0,
+        }
+    }
 }
 
 /// 2: manifests list their gaps, and `verify` checks that they account for every offset.
 pub const VERSION: u32 = 2;
 
 impl Manifest {
+    /// The manifest of `batch` as uploaded from the local disk.
     pub fn for_batch(prefix: &str, batch: &SealedBatch) -> Manifest {
+        let files = batch
+            .files
+            .iter()
+            .map(|file| ManifestFile::of_sealed(prefix, batch, file))
+            .collect();
+        Manifest::with_files(batch, files)
+    }
+
+    /// The manifest of `batch` listing `files`, the objects the bucket holds for it (a replay
+    /// may have adopted some an earlier attempt put).
+    pub fn with_files(batch: &SealedBatch, files: Vec<ManifestFile>) -> Manifest {
         Manifest {
             version: VERSION,
             topic: batch.topic.clone(),
             partition: batch.partition,
             start: batch.start,
             end: batch.end,
-            records: batch.records(),
-            files: batch
-                .files
-                .iter()
-                .map(|file| ManifestFile {
-                    key: layout::object_key(
-                        prefix,
-                        &batch.topic,
-                        batch.partition,
-                        &file.destination,
-                        file.first_offset,
-                        file.codec,
-                    ),
-                    first_offset: file.first_offset,
-                    records: file.records,
-                    uncompressed_bytes: file.stream.uncompressed_len,
-                    compressed_bytes: file.stream.compressed_len,
-                    crc32: format!("{:08x}", file.stream.crc32),
-                })
-                .collect(),
+            records: files.iter().map(|f| f.records).sum(),
+            files,
             gaps: batch.gaps.clone(),
         }
     }
@@ -77,7 +102,9 @@ impl Manifest {
     /// meaningful from version 2, which records gaps.
     pub fn unaccounted_offsets(&self) -> Option<i64> {
         let gaps: u64 = self.gaps.iter().map(Gap::offsets).sum();
-        (self.version >= 2).then(|| self.end - self.start + 1 - self.records as i64 - gaps as i64)
+        let deleted_yet_archived: u64 = self.files.iter().map(|f| f.deleted_from_kafka).sum();
+        let records = self.records as i64 - deleted_yet_archived as i64;
+        (self.version >= 2).then(|| self.end - self.start + 1 - records - gaps as i64)
     }
 
     /// Offsets Kafka deleted before they were archived.

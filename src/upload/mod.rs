@@ -2,7 +2,8 @@
 //!
 //! 1. record the intent — commit the batch's first offset with `[start, end]` and the cutting
 //!    rules as metadata (fenced by the group generation, so a zombie cannot), then keep the same
-//!    intent in the bucket, so a group that loses its offsets loses no intent;
+//!    intent in the bucket with the files the batch was cut into, so a group that loses its
+//!    offsets loses no intent and a replay cuts where the first attempt did;
 //! 2. put every object (deterministic keys: a replay rewrites the same ones);
 //! 3. put the batch manifest;
 //! 4. commit `end + 1`.
@@ -13,6 +14,7 @@
 //! failure is retried with jittered backoff until it succeeds or the partition is no longer ours:
 //! a batch never leaves the local disk before its commit.
 
+mod adopt;
 pub mod manifest;
 pub mod s3;
 pub mod store;
@@ -34,11 +36,12 @@ use crate::metrics::events::{
 };
 use crate::metrics::Metrics;
 use crate::pipeline::{
-    BatchIntent, CommitRequest, CommitResult, SealedBatch, SealedFile, UploadJob,
+    BatchIntent, CommitRequest, CommitResult, KeptIntent, PlannedFile, SealedBatch, SealedFile,
+    UploadJob,
 };
 use crate::retry::Backoff;
 use crate::rules::{rules_key, CuttingRules};
-use manifest::Manifest;
+use manifest::{Manifest, ManifestFile};
 use s3::{ObjectMetadata, PutOutcome, S3Error, S3Store};
 use store::ObjectStore;
 
@@ -80,16 +83,27 @@ pub async fn archive_end(
     partition: i32,
 ) -> Result<ArchiveEnd, S3Error> {
     let manifest_end = newest_manifest_end(store, prefix, topic, partition).await?;
-    let kept = store
-        .get_bytes(&layout::intent_key(prefix, topic, partition))
-        .await?;
-    let interrupted = kept
-        .and_then(|bytes| BatchIntent::decode(std::str::from_utf8(&bytes).ok()?))
+    let interrupted = kept_intent(store, prefix, topic, partition)
+        .await?
+        .map(|kept| kept.intent)
         .filter(|intent| manifest_end.is_none_or(|end| intent.end > end));
     Ok(ArchiveEnd {
         manifest_end,
         interrupted,
     })
+}
+
+/// The intent the bucket keeps for a partition, with the files its batch was cut into.
+pub async fn kept_intent(
+    store: &impl ObjectStore,
+    prefix: &str,
+    topic: &str,
+    partition: i32,
+) -> Result<Option<KeptIntent>, S3Error> {
+    let kept = store
+        .get_bytes(&layout::intent_key(prefix, topic, partition))
+        .await?;
+    Ok(kept.and_then(|bytes| KeptIntent::decode(&bytes)))
 }
 
 /// Why a batch was not uploaded.
@@ -222,24 +236,44 @@ impl<S: ObjectStore> Shared<S> {
         job: &UploadJob,
         stop: &CancellationToken,
     ) -> Result<(), UploadError> {
-        self.record_intent(job, stop).await?;
-        Arc::clone(&self).put_objects(job, stop).await?;
         let u = &self.uploader;
-        let manifest = Manifest::for_batch(&u.prefix, &job.batch);
-        let key = manifest.key(&u.prefix);
-        let body = manifest.to_json();
-        self.with_retries(job.batch.partition, job.epoch, stop, |_| {
+        let (batch, epoch) = (&job.batch, job.epoch);
+        let key = layout::manifest_key(
+            &u.prefix,
+            &batch.topic,
+            batch.partition,
+            batch.start,
+            batch.end,
+        );
+        if job.may_exist {
+            // A manifest goes up after every object it lists: the interrupted upload only
+            // missed its completion commit, and putting the manifest again would rewrite it.
+            let present = self
+                .with_retries(batch.partition, epoch, stop, |_| {
+                    u.store.head_metadata(&key)
+                })
+                .await?;
+            if present.is_some() {
+                return Ok(());
+            }
+        }
+        let planned = self.record_intent(job, stop).await?;
+        let files = Arc::clone(&self).put_objects(job, planned, stop).await?;
+        let body = Manifest::with_files(batch, files).to_json();
+        self.with_retries(batch.partition, epoch, stop, |_| {
             u.store.put_bytes(&key, body.clone(), "application/json")
         })
         .await
     }
 
-    /// Commits the batch's first offset with its intent and waits until the broker took it.
+    /// Commits the batch's first offset with its intent and waits until the broker took it,
+    /// then keeps the intent in the bucket. Answers the files the batch's first attempt cut:
+    /// this batch's own, or those an earlier attempt kept.
     async fn record_intent(
         &self,
         job: &UploadJob,
         stop: &CancellationToken,
-    ) -> Result<(), UploadError> {
+    ) -> Result<Vec<PlannedFile>, UploadError> {
         let u = &self.uploader;
         let (partition, epoch) = (job.batch.partition, job.epoch);
         // The rules an intent names must be in the bucket first: the next owner reads them
@@ -276,56 +310,108 @@ impl<S: ObjectStore> Shared<S> {
         // After the commit, so only the owner the group accepted writes it; before any object,
         // so no object of the batch is in the bucket without an intent that names its range.
         let key = layout::intent_key(&u.prefix, &job.batch.topic, partition);
-        let body = intent.encode().into_bytes();
+        let ours = KeptIntent::of_batch(&job.batch);
+        if job.may_exist {
+            // A replay keeps the first attempt's files: Kafka may hold fewer records by now.
+            let kept = self
+                .with_retries(partition, epoch, stop, |_| u.store.get_bytes(&key))
+                .await?
+                .and_then(|bytes| KeptIntent::decode(&bytes))
+                .filter(|kept| kept.intent == ours.intent && !kept.files.is_empty());
+            if let Some(kept) = kept {
+                return Ok(kept.files);
+            }
+        }
+        let body = ours.encode();
         self.with_retries(partition, epoch, stop, |_| {
             u.store.put_bytes(&key, body.clone(), "application/json")
         })
-        .await
+        .await?;
+        Ok(ours.files)
     }
 
-    /// Puts every object of the batch, in parallel within the concurrency limit.
+    /// Puts every object of the batch, in parallel within the concurrency limit; answers the
+    /// manifest's entries. A replay adopts what an earlier attempt put of `planned` files
+    /// that Kafka no longer holds all of (see `adopt`).
     async fn put_objects(
         self: Arc<Self>,
         job: &UploadJob,
+        planned: Vec<PlannedFile>,
         stop: &CancellationToken,
-    ) -> Result<(), UploadError> {
-        let mut files = JoinSet::new();
+    ) -> Result<Vec<ManifestFile>, UploadError> {
+        let mut planned: HashMap<_, _> = planned
+            .into_iter()
+            .map(|file| ((file.destination.clone(), file.first_offset), file))
+            .collect();
+        let mut uploads = JoinSet::new();
         let batch = Arc::new(job.batch.clone());
         for index in 0..batch.files.len() {
             let this = Arc::clone(&self);
             let batch = Arc::clone(&batch);
+            let file = &batch.files[index];
+            let plan = planned.remove(&(file.destination.clone(), file.first_offset));
             let (epoch, may_exist) = (job.epoch, job.may_exist);
             let stop = stop.clone();
-            files.spawn(async move {
-                this.upload_file(&batch, epoch, &batch.files[index], may_exist, &stop)
-                    .await
+            uploads.spawn(async move {
+                let file = &batch.files[index];
+                let result = this
+                    .upload_file(&batch, epoch, file, plan.as_ref(), may_exist, &stop)
+                    .await;
+                (index, result)
             });
         }
+        let mut files: Vec<Option<ManifestFile>> = vec![None; batch.files.len()];
         let mut outcome = Ok(());
-        while let Some(result) = files.join_next().await {
+        while let Some(result) = uploads.join_next().await {
             match result {
-                Ok(Ok(())) => {}
-                Ok(Err(err)) => {
+                Ok((index, Ok(file))) => files[index] = Some(file),
+                Ok((_, Err(err))) => {
                     outcome = Err(err);
-                    files.abort_all();
+                    uploads.abort_all();
                 }
                 Err(join) if join.is_cancelled() => {}
                 Err(join) => std::panic::resume_unwind(join.into_panic()),
             }
         }
-        outcome
+        outcome?;
+        let mut files: Vec<ManifestFile> = files.into_iter().flatten().collect();
+        if job.may_exist {
+            // Planned files Kafka kept no record of: the objects an attempt put are the batch's.
+            let mut rest: Vec<PlannedFile> = planned.into_values().collect();
+            rest.sort_by_key(|file| file.first_offset);
+            for plan in rest {
+                if let Some(adopted) = self.adopt(&batch, job.epoch, &plan, None, stop).await? {
+                    self.uploader
+                        .metrics
+                        .emit(ObjectAlreadyPresent { key: &adopted.key });
+                    files.push(adopted);
+                }
+            }
+        }
+        Ok(files)
     }
 
-    /// Puts one object, retrying until it is in S3 or the partition is no longer ours.
+    /// Puts one object, retrying until it is in S3 or the partition is no longer ours; answers
+    /// its manifest entry. `planned`: the file as the batch's first attempt cut it.
     async fn upload_file(
         &self,
         batch: &SealedBatch,
         epoch: u64,
         file: &SealedFile,
+        planned: Option<&PlannedFile>,
         may_exist: bool,
         stop: &CancellationToken,
-    ) -> Result<(), UploadError> {
+    ) -> Result<ManifestFile, UploadError> {
         let u = &self.uploader;
+        let fewer_lines =
+            planned.filter(|p| (p.records, p.crc32) != (file.records, file.stream.crc32));
+        if let Some(plan) = fewer_lines.filter(|_| may_exist) {
+            // A replay Kafka deleted the head of: an attempt's object holds more of the file.
+            if let Some(adopted) = self.adopt(batch, epoch, plan, Some(file), stop).await? {
+                u.metrics.emit(ObjectAlreadyPresent { key: &adopted.key });
+                return Ok(adopted);
+            }
+        }
         let key = layout::object_key(
             &u.prefix,
             &batch.topic,
@@ -373,7 +459,7 @@ impl<S: ObjectStore> Shared<S> {
                 })
             }
         }
-        Ok(())
+        Ok(ManifestFile::of_sealed(&u.prefix, batch, file))
     }
 
     /// Runs `request` (given the number of failed attempts so far) under the concurrency limit

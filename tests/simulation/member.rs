@@ -18,11 +18,13 @@ use std::time::{Duration, Instant};
 use kafka_s3_archiver::buffer::{DiskUsage, Worker};
 use kafka_s3_archiver::commit::{Assignments, CommitOutcome, PendingCommits};
 use kafka_s3_archiver::config::Config;
+use kafka_s3_archiver::consume::replay_rules::RulesSource;
 use kafka_s3_archiver::consume::ArchiverContext;
 use kafka_s3_archiver::metrics::Metrics;
 use kafka_s3_archiver::pipeline::{CommitRequest, Fatal, SealTrigger, WorkerCommand};
-use kafka_s3_archiver::rules::CuttingRules;
-use kafka_s3_archiver::upload::{archive_end, Uploader};
+use kafka_s3_archiver::rules::{rules_key, CuttingRules};
+use kafka_s3_archiver::upload::store::ObjectStore;
+use kafka_s3_archiver::upload::{archive_end, kept_intent, Uploader};
 use tokio_util::sync::CancellationToken;
 
 use super::kafka::Cluster;
@@ -98,8 +100,25 @@ impl Member {
             metrics,
             Arc::new(Fatal::default()),
         )
-        .with_bucket_position(Box::new(move |partition| {
-            let lookup = archive_end(&lookup_store, &prefix, &topic, partition);
+        .with_bucket_position({
+            let (store, prefix, topic) = (lookup_store.clone(), prefix.clone(), topic.clone());
+            Box::new(move |partition| {
+                let lookup = archive_end(&store, &prefix, &topic, partition);
+                poll_ready(lookup).map_err(|err| err.to_string())
+            })
+        })
+        .with_rules_source({
+            let (store, prefix) = (lookup_store.clone(), prefix.clone());
+            RulesSource::new(
+                &config,
+                Box::new(move |hash| {
+                    let key = rules_key(&prefix, hash);
+                    poll_ready(store.get_bytes(&key)).map_err(|err| err.to_string())
+                }),
+            )
+        })
+        .with_kept_intents(Box::new(move |partition| {
+            let lookup = kept_intent(&lookup_store, &prefix, &topic, partition);
             poll_ready(lookup).map_err(|err| err.to_string())
         }));
         let mut member = Member {
