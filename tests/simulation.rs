@@ -37,6 +37,9 @@ const PARTITIONS: i32 = 2;
 const STEPS: usize = 300;
 const SOURCES: [&str; 3] = ["web", "ios", "android"];
 const DAYS: [&str; 2] = ["2026-12-01", "2026-12-02"];
+/// The file size caps a rolling change of settings moves between: a few lines a file, so that
+/// files are cut inside every batch and the two caps cut them in different places.
+const FILE_CAPS: [u64; 2] = [1024, 640];
 
 #[test]
 fn the_protocol_keeps_every_record_exactly_once_through_seeded_fault_schedules() {
@@ -158,7 +161,7 @@ fn run(seed: u64) -> Outcome {
     let volume = volumes.path().join("volume-0");
     let mut config = Config::default();
     config.kafka.topic = "events".into();
-    config.buffer.max_file_bytes = 2048;
+    config.buffer.max_file_bytes = FILE_CAPS[0];
     config.buffer.max_batch_bytes = 8192;
     let mut world = World {
         rng: fastrand::Rng::with_seed(seed),
@@ -168,9 +171,9 @@ fn run(seed: u64) -> Outcome {
         member: None,
         volumes,
         next_volume: 1,
-        volume_rules: vec![(volume.clone(), 2048)],
+        volume_rules: vec![(volume.clone(), FILE_CAPS[0])],
         volume,
-        rollout: 2048,
+        rollout: FILE_CAPS[0],
         faults: Faults::default(),
         needed_from: BTreeMap::new(),
         records: BTreeMap::new(),
@@ -275,7 +278,7 @@ impl World {
                 let (first, end) = self.produce(partition, count);
                 self.log(step, format!("produce p{partition} [{first}, {end})"));
             }
-            300..=549 => {
+            300..=529 => {
                 let max = self.rng.usize(1..60);
                 if let Some(member) = &mut self.member {
                     let read = member.poll(&self.cluster, max);
@@ -284,14 +287,14 @@ impl World {
                     }
                 }
             }
-            550..=749 => {
+            530..=729 => {
                 let millis = self.rng.u64(50..3000);
                 if let Some(member) = &mut self.member {
                     member.run_uploads(Duration::from_millis(millis));
                 }
                 self.log(step, format!("uploader runs {millis} ms"));
             }
-            750..=879 => {
+            730..=859 => {
                 let refuse = self.rng.u8(..100) < 5;
                 if let Some(member) = &mut self.member {
                     member.commit(&mut self.cluster, refuse);
@@ -302,19 +305,19 @@ impl World {
                     format!("commit round (refused: {refuse}) → {committed}"),
                 );
             }
-            880..=919 => {
+            860..=899 => {
                 if let Some(member) = &mut self.member {
                     member.seal();
                 }
                 self.log(step, "schedule seals".into());
             }
-            920..=939 => {
+            900..=919 => {
                 if let Some(member) = &mut self.member {
                     member.checkpoint();
                 }
                 self.log(step, "checkpoint".into());
             }
-            940..=959 => {
+            920..=939 => {
                 self.faults = Faults {
                     down: self.rng.u8(..100) < 30,
                     refuse: self.rng.f64() * 0.3,
@@ -324,14 +327,14 @@ impl World {
                 let faults = format!("{:?}", self.faults);
                 self.log(step, format!("s3 faults now {faults}"));
             }
-            960..=969 => {
+            940..=949 => {
                 if let Some(member) = &mut self.member {
                     member.paused = !member.paused;
                     let paused = member.paused;
                     self.log(step, format!("reading paused: {paused}"));
                 }
             }
-            970..=979 => {
+            950..=959 => {
                 // Anywhere, an interrupted batch's head included: its replay finds fewer records.
                 let log = &self.cluster.logs[&partition];
                 let keep = self.rng.i64(5..150);
@@ -342,13 +345,14 @@ impl World {
                     format!("retention deletes p{partition} below {before}"),
                 );
             }
-            980..=989 => {
+            960..=989 => {
                 if self.member.take().is_some() {
                     let next = match self.rng.u8(..100) {
-                        0..=19 => {
-                            if self.rng.u8(..100) < 40 {
+                        0..=24 => {
+                            if self.rng.bool() {
                                 // A rolling change of the cutting rules reaches the new pod.
-                                self.rollout = if self.rollout == 2048 { 3072 } else { 2048 };
+                                let other = FILE_CAPS.iter().find(|&&c| c != self.rollout);
+                                self.rollout = *other.unwrap();
                             }
                             self.volume = self
                                 .volumes
@@ -358,7 +362,7 @@ impl World {
                             self.volume_rules.push((self.volume.clone(), self.rollout));
                             "a fresh volume"
                         }
-                        20..=29 => {
+                        25..=49 => {
                             // A pod comes back on its own, earlier volume, with its settings.
                             let pick = self.rng.usize(..self.volume_rules.len());
                             self.volume = self.volume_rules[pick].0.clone();
