@@ -584,6 +584,16 @@ impl Config {
                 ),
             );
         }
+        if let Some(level) = self.kafka.properties.get("isolation.level") {
+            check(
+                level == "read_committed",
+                format!(
+                    "kafka.properties.isolation.level: {level:?} would deliver aborted transactions; \
+                     the archiver reads read_committed only, so that a replay is given exactly the \
+                     records its first attempt was and cuts the same objects"
+                ),
+            );
+        }
         for key in self.kafka.properties.keys() {
             check(
                 !RESERVED_KAFKA_PROPERTIES.contains(&key.as_str()),
@@ -1112,6 +1122,21 @@ mod tests {
         );
         let err = load_str("", &[], &["kafka.properties.\"open=1"]).unwrap_err();
         assert!(err.to_string().contains("not closed"), "{err}");
+    }
+
+    #[test]
+    fn an_isolation_level_that_would_give_a_replay_other_records_is_refused() {
+        // A replay must be given the records its first attempt was (issue 19, finding 6):
+        // under read_uncommitted a member reads aborted transactions that a read_committed one
+        // skips, and the two cut the same batch differently.
+        for (value, ok) in [("read_uncommitted", false), ("read_committed", true)] {
+            let toml = format!("[kafka.properties]\n\"isolation.level\" = \"{value}\"\n");
+            let result = load_str(&toml, &[], &[]);
+            assert_eq!(result.is_ok(), ok, "{value}");
+            if let Err(err) = result {
+                assert!(err.to_string().contains("isolation.level"), "{err}");
+            }
+        }
     }
 
     #[test]

@@ -39,6 +39,9 @@ const ARCHIVER_DEFAULTS: &[(&str, &str)] = &[
     // Feeds the lag metrics.
     ("statistics.interval.ms", "5000"),
     ("auto.offset.reset", "earliest"),
+    // librdkafka's default, said here because a replay depends on it: every member reads the
+    // same records of a batch (aborted transactions never), so it cuts the same objects.
+    ("isolation.level", "read_committed"),
     // What librdkafka prefetches ahead of the workers; its 64 MB default would be a large share
     // of a pod's memory and buys nothing once the workers are the bottleneck.
     ("queued.max.messages.kbytes", "16384"),
