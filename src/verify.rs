@@ -347,19 +347,31 @@ async fn deep_check(
         })
         .await
         .expect("object check thread");
-        report.lines_checked += checked.lines;
-        findings.extend(checked.findings);
-        for id in checked.message_ids {
-            if let Some(first) = seen.insert(id.clone(), key.clone()) {
-                findings.push(Finding {
-                    kind: "duplicate-message-id",
-                    partition: None,
-                    detail: format!("messageId {id} is in {first} and {key}"),
-                });
-            }
-        }
+        record_object(&mut seen, key, checked, report, findings);
     }
     Ok(())
+}
+
+/// Adds what one object of the deep check holds to the report: its findings, and a
+/// `duplicate-message-id` for each `messageId` an earlier object (in `seen`) holds too.
+pub fn record_object(
+    seen: &mut HashMap<String, String>,
+    key: &str,
+    checked: ObjectCheck,
+    report: &mut Report,
+    findings: &mut Vec<Finding>,
+) {
+    report.lines_checked += checked.lines;
+    findings.extend(checked.findings);
+    for id in checked.message_ids {
+        if let Some(first) = seen.insert(id.clone(), key.to_string()) {
+            findings.push(Finding {
+                kind: "duplicate-message-id",
+                partition: None,
+                detail: format!("messageId {id} is in {first} and {key}"),
+            });
+        }
+    }
 }
 
 /// What one downloaded object holds.

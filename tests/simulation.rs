@@ -3,14 +3,16 @@
 //! worker and its checkpoints on a real directory, recovery planning, the uploader and its
 //! retries, the commit queue) run against a simulated Kafka log and group and a simulated S3,
 //! through a schedule of produce, poll, seal, upload, commit, kill -9 (restarting on the same
-//! volume or a fresh one), S3 refusals, lost answers and outages, paused reading, retention
-//! deleting the log's head and the group losing its offsets, all drawn from one seed.
+//! volume, a fresh one, or a pod's own earlier volume), rolling changes of the cutting rules, S3
+//! refusals, lost answers and outages, paused reading, retention deleting the log's head (into
+//! interrupted batches too) and the group losing its offsets, all drawn from one seed.
 //!
 //! After the schedule the faults stop and a member runs until everything is committed; then the
 //! invariant the README states is checked: every record still in the log when the archiver first
 //! needed it is in the bucket exactly once, every record lost to retention is reported as
 //! `deleted` in a manifest (never filed as `no-record`), and no object is ever replaced by one
-//! with other lines.
+//! with other lines. And `verify --deep`'s own judgement of the bucket must agree: nothing but
+//! the deleted ranges when the invariant holds, something when records are lost or doubled.
 //!
 //! `SIM_SEED=N` runs one seed and prints its trace; `SIM_SEEDS=N` runs N seeds from
 //! `SIM_FIRST_SEED` (default: a random start, printed). A failing seed prints its trace.
@@ -188,7 +190,12 @@ fn run(seed: u64) -> Outcome {
     }));
     let adopted = world.adopted_objects();
     let mut violations = match result {
-        Ok(Ok(())) => world.check(),
+        Ok(Ok(())) => {
+            let broken = world.check();
+            let mut violations = world.check_verify(&broken);
+            violations.extend(broken);
+            violations
+        }
         Ok(Err(stuck)) => vec![stuck],
         Err(panic) => vec![format!(
             "the archiver's code panicked: {}",
@@ -446,6 +453,97 @@ impl World {
             .flat_map(|manifest| manifest.files)
             .filter(|file| file.deleted_from_kafka > 0)
             .count()
+    }
+
+    /// `verify --deep`'s own judgement of the bucket (the pure part of the command, given what
+    /// a listing, the downloads and the group's offsets would give it), against the oracle's:
+    /// clean but for the deleted ranges it must report when the guarantee holds, and not clean
+    /// when records are lost or archived twice (`broken`: the oracle's violations).
+    fn check_verify(&self, broken: &[String]) -> Vec<String> {
+        use kafka_s3_archiver::consume::lag::PartitionLag;
+        use kafka_s3_archiver::verify;
+        let bucket = self.store.bucket.lock().unwrap();
+        let root = format!(
+            "{}{}/",
+            self.config.s3.prefix,
+            kafka_s3_archiver::layout::ROOT
+        );
+        let objects: BTreeMap<String, i64> = bucket
+            .objects
+            .iter()
+            .filter(|(key, _)| key.starts_with(&root))
+            .map(|(key, object)| (key.clone(), object.body.len() as i64))
+            .collect();
+        let manifest_root = format!("{root}_manifests/events/");
+        let mut manifests: BTreeMap<i32, Vec<Manifest>> = BTreeMap::new();
+        for (key, object) in bucket.objects.range(manifest_root.clone()..) {
+            if !key.starts_with(&manifest_root) {
+                break;
+            }
+            let manifest: Manifest = serde_json::from_slice(&object.body).unwrap();
+            manifests
+                .entry(manifest.partition)
+                .or_default()
+                .push(manifest);
+        }
+        let kafka: std::collections::HashMap<i32, PartitionLag> = self
+            .cluster
+            .logs
+            .iter()
+            .map(|(&partition, log)| {
+                let lag = PartitionLag {
+                    partition,
+                    low_watermark: log.start,
+                    high_watermark: log.end(),
+                    end_offset: log.end(),
+                    committed: self.cluster.committed.get(&partition).map(|(o, _)| *o),
+                };
+                (partition, lag)
+            })
+            .collect();
+        let (mut report, mut findings) = (verify::Report::default(), Vec::new());
+        let referenced = verify::analyze(
+            "events",
+            &root,
+            &objects,
+            manifests,
+            &kafka,
+            &mut report,
+            &mut findings,
+        );
+        let mut keys: Vec<&String> = referenced
+            .keys()
+            .filter(|k| objects.contains_key(*k))
+            .collect();
+        keys.sort();
+        let mut seen = std::collections::HashMap::new();
+        for key in keys {
+            let dead_letter = key.starts_with(&format!("{root}_"));
+            let expected = referenced.get(key).cloned();
+            let checked =
+                verify::inspect_object(key, &bucket.objects[key].body, expected, dead_letter);
+            verify::record_object(&mut seen, key, checked, &mut report, &mut findings);
+        }
+        let reported: Vec<String> = findings
+            .iter()
+            .filter(|f| f.kind != "deleted-before-archived")
+            .map(|f| format!("{}: {}", f.kind, f.detail))
+            .collect();
+        let lost_or_twice = broken.iter().any(|v| {
+            v.contains("more than once") || v.contains("missing") || v.contains("not reported")
+        });
+        if lost_or_twice && reported.is_empty() {
+            return vec![
+                "verify finds nothing wrong, yet records are lost or archived twice".into(),
+            ];
+        }
+        if broken.is_empty() {
+            return reported
+                .into_iter()
+                .map(|finding| format!("verify reports {finding}, yet the guarantee holds"))
+                .collect();
+        }
+        Vec::new()
     }
 
     /// The guarantee, checked against what the bucket holds.
