@@ -24,6 +24,7 @@ fn events() -> Vec<Record> {
         near_midnight: 0.05,
         seed: 7,
         minimal: false,
+        pad_bytes: 0,
     });
     (0..40_000)
         .map(|offset| {

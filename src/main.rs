@@ -81,6 +81,12 @@ enum Command {
         /// Small events with only the fields routing needs.
         #[arg(long)]
         minimal: bool,
+        /// Pad each event to at least this many bytes (a `padding` property of random letters).
+        #[arg(long, default_value_t = 0)]
+        pad_bytes: usize,
+        /// Send every event to this partition instead of partitioning by user.
+        #[arg(long)]
+        partition: Option<i32>,
         /// How the producer compresses its batches: none, gzip, snappy, lz4 or zstd.
         #[arg(long, default_value = "none")]
         compression: String,
@@ -201,6 +207,8 @@ fn real_main() -> anyhow::Result<ExitCode> {
             near_midnight,
             seed,
             minimal,
+            pad_bytes,
+            partition,
             compression,
         } => {
             let config = config.load()?;
@@ -214,12 +222,14 @@ fn real_main() -> anyhow::Result<ExitCode> {
                 near_midnight,
                 seed,
                 minimal,
+                pad_bytes,
             });
             let settings = ProduceSettings {
                 kafka: config.kafka.clone(),
                 count,
                 rate,
                 compression,
+                partition,
             };
             eprintln!(
                 "producing {count} events for {} sources over {days} days from {start_day} to {} at {}",

@@ -25,6 +25,10 @@ pub struct GeneratorSettings {
     /// Only the fields routing and tests need (about 200 bytes instead of about 900): for brokers
     /// with small logs, such as librdkafka's mock cluster (5 MB per partition).
     pub minimal: bool,
+    /// Grows each event to at least this many bytes with a `padding` property of random
+    /// letters (about as compressible as base64): large events for memory benchmarks, or a
+    /// small log filled fast enough for retention to delete what the archiver has not read.
+    pub pad_bytes: usize,
 }
 
 /// Deterministic stream of Segment events.
@@ -113,7 +117,7 @@ impl EventGenerator {
                 self.sources[source],
                 time(received)
             );
-            return (user, event);
+            return (user, self.padded(event));
         }
         let mut event = String::with_capacity(1024);
         let _ = write!(
@@ -176,7 +180,23 @@ impl EventGenerator {
             }
         }
         event.push('}');
-        (user, event)
+        (user, self.padded(event))
+    }
+
+    /// `event` with a `padding` field that makes it `pad_bytes` long, if it is shorter.
+    fn padded(&mut self, mut event: String) -> String {
+        const FIELD: &str = r#","padding":""#;
+        if self.settings.pad_bytes > event.len() {
+            let letters = self
+                .settings
+                .pad_bytes
+                .saturating_sub(event.len() + FIELD.len() + 1);
+            event.pop();
+            event.push_str(FIELD);
+            event.push_str(&alnum(&mut self.rng, letters));
+            event.push_str("\"}");
+        }
+        event
     }
 
     fn received_at(&mut self) -> DateTime<Utc> {
@@ -226,6 +246,8 @@ pub struct ProduceSettings {
     pub rate: u64,
     /// librdkafka's `compression.type` for the produced batches.
     pub compression: String,
+    /// Every event to this partition; `None`: the producer's partitioner, by user.
+    pub partition: Option<i32>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -289,6 +311,9 @@ pub fn produce(
         let mut record = BaseRecord::to(&settings.kafka.topic)
             .key(&key)
             .payload(&payload);
+        if let Some(partition) = settings.partition {
+            record = record.partition(partition);
+        }
         loop {
             match producer.send(record) {
                 Ok(()) => break,
@@ -338,6 +363,7 @@ mod tests {
             near_midnight: 0.2,
             seed,
             minimal: false,
+            pad_bytes: 0,
         })
     }
 
@@ -369,6 +395,22 @@ mod tests {
         }
         assert_eq!(days.len(), 3);
         assert_eq!(kinds.len(), 6, "{kinds:?}");
+    }
+
+    #[test]
+    fn padded_events_are_as_long_as_asked_and_still_valid() {
+        let mut generator = EventGenerator::new(GeneratorSettings {
+            minimal: true,
+            pad_bytes: 4096,
+            ..generator(3).settings
+        });
+        for _ in 0..50 {
+            let (_, payload) = generator.next_event();
+            assert_eq!(payload.len(), 4096);
+            let value: serde_json::Value = serde_json::from_str(&payload).unwrap();
+            assert!(value["padding"].as_str().unwrap().len() > 3800);
+            assert!(value["messageId"].is_string());
+        }
     }
 
     #[test]

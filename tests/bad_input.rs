@@ -112,6 +112,7 @@ fn every_bad_message_goes_to_the_dead_letter_with_its_reason() {
         near_midnight: 0.1,
         seed: 41,
         minimal: false,
+        pad_bytes: 0,
     });
     // Good events interleaved with every bad class, on both partitions, in a known order.
     let mut sent: Vec<(i32, Sent)> = Vec::new();

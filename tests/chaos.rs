@@ -2,11 +2,14 @@
 //! scaled between one and three, one of them frozen past its session timeout and thawed (a
 //! zombie), S3 requests failed, reset and delayed by a proxy, the brokers taken down once —
 //! while events are produced. And what operators do: the local disk budget at its minimum (so
-//! pressure seals and pauses meet replays), a rolling change of cutting rules half way (members
+//! pressure seals and pauses meet replays), retention deleting records the members have not read
+//! (a burst of large events into one partition during a long S3 outage: the mock cluster keeps
+//! 5 MB a partition), a rolling change of cutting rules half way (members
 //! started after it cut smaller files into `date` folders, and replay the intents of the others
 //! with the others' rules), and one member fenced by the coordinator (`FENCED_INSTANCE_ID`, a
 //! fatal error: it must exit non-zero, and is restarted). Once everything is caught up, every
-//! produced event must be in the bucket exactly once, and `verify --deep` must be clean.
+//! produced event must be in the bucket exactly once, but for those retention deleted before
+//! they were archived, which manifests must report; and `verify --deep` must find nothing else.
 //!
 //! Seeded: the seed is printed, and `CHAOS_SEED=N` replays the same choices. `CHAOS_SECONDS`
 //! (default 60, the CI setting; 150 for the full run) and `CHAOS_EVENTS` (default 200000) size it.
@@ -20,6 +23,8 @@ use support::s3_proxy::{FaultProxy, FaultRates};
 use support::*;
 
 const SLOTS: usize = 3;
+/// Events of 4 KB in the burst into partition 0 during the S3 outage: 8 MB.
+const BURST_EVENTS: u64 = 2_000;
 const SESSION_TIMEOUT_MS: u64 = 6_000;
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
@@ -198,6 +203,8 @@ fn chaos_run(seed: u64, mock_log: &mut Option<std::path::PathBuf>) {
     // all 200k in the log.
     let rig = Rig::start_mock(12);
     *mock_log = Some(rig.dir.path().join("mock_kafka.log"));
+    // Every record, read as it is produced: retention deletes some before the end.
+    let tail = rig.tail_topic(12);
     let faults = FaultRates {
         internal_error: 0.025,
         slow_down: 0.025,
@@ -234,7 +241,9 @@ fn chaos_run(seed: u64, mock_log: &mut Option<std::path::PathBuf>) {
     let deadline = started + Duration::from_secs(seconds);
     let rules_change = started + Duration::from_secs(seconds / 2);
     let fence_at = started + Duration::from_secs(seconds / 3);
-    // An S3 outage: every request fails for twelve seconds, so buffers fill up to the budget.
+    // An S3 outage: every request fails for twelve seconds, so buffers fill up to the budget,
+    // the members pause, and a burst of large events into partition 0 (8 MB, past the mock
+    // cluster's 5 MB a partition) makes retention delete records no member has read.
     let outage_at = started + Duration::from_secs(seconds * 2 / 3);
     let mut outage = false;
     while Instant::now() < deadline {
@@ -262,7 +271,9 @@ fn chaos_run(seed: u64, mock_log: &mut Option<std::path::PathBuf>) {
                 internal_error: 1.0,
                 ..faults
             });
-            std::thread::sleep(Duration::from_secs(12));
+            let outage_started = Instant::now();
+            rig.produce_burst(0, BURST_EVENTS, 4096, 800, seed);
+            std::thread::sleep(Duration::from_secs(12).saturating_sub(outage_started.elapsed()));
             proxy.set_rates(faults);
             continue;
         }
@@ -364,18 +375,21 @@ fn chaos_run(seed: u64, mock_log: &mut Option<std::path::PathBuf>) {
     }
     assert_eq!(fleet.fenced, 1, "no member was fenced");
     rig.broker.control("clear Heartbeat");
-    let records = rig.read_topic(12);
+    let records = tail.finish();
     let ends = end_offsets(&records);
     let produced: i64 = ends.values().sum();
+    let burst = if outage { BURST_EVENTS } else { 0 };
     assert_eq!(
-        produced as u64, events,
+        produced as u64,
+        events + burst,
         "the topic does not hold what was produced"
     );
-    let readable: usize = records.values().map(BTreeMap::len).sum();
+    let read: usize = records.values().map(BTreeMap::len).sum();
     assert_eq!(
-        readable as i64, produced,
-        "the broker dropped records (log size limit)"
+        read as i64, produced,
+        "the test's own reader fell behind retention: it cannot tell what was produced"
     );
+    let log_starts = rig.log_starts(12);
     {
         let mut running: Vec<&mut Process> = fleet.slots.iter_mut().flatten().collect();
         rig.wait_committed(&ends, Duration::from_secs(300), &mut running);
@@ -395,9 +409,42 @@ fn chaos_run(seed: u64, mock_log: &mut Option<std::path::PathBuf>) {
     let out = rig.dir.path().join("bucket");
     rig.s3.download(&out);
     let objects = archived_objects(&out, &rig.topic);
-    assert_exactly_once(&objects, &records, None);
-    let (clean, report) = rig.verify(true);
-    assert!(clean, "verify --deep: {report:#}");
+    // verify --deep: nothing but the ranges retention deleted before they were archived, each
+    // below its partition's log start.
+    let (_, report) = rig.verify(true);
+    let mut reported: BTreeMap<i32, Vec<(i64, i64)>> = BTreeMap::new();
+    for finding in report["findings"].as_array().expect("findings") {
+        let detail = finding["detail"].as_str().unwrap_or_default();
+        assert_eq!(
+            finding["kind"], "deleted-before-archived",
+            "verify --deep: {report:#}"
+        );
+        let partition = finding["partition"].as_i64().expect("partition") as i32;
+        let range = detail
+            .strip_prefix("offsets ")
+            .and_then(|rest| rest.split_once(' '))
+            .and_then(|(range, _)| range.split_once(".."))
+            .and_then(|(a, b)| Some((a.parse::<i64>().ok()?, b.parse::<i64>().ok()?)))
+            .unwrap_or_else(|| panic!("unreadable finding: {detail}"));
+        assert!(
+            range.1 < log_starts[&partition],
+            "partition {partition}: {range:?} reported deleted, yet the log starts at {}",
+            log_starts[&partition]
+        );
+        reported.entry(partition).or_default().push(range);
+    }
+    let deleted = Deleted {
+        log_starts: log_starts.clone(),
+        reported,
+    };
+    assert_exactly_once_or_deleted(&objects, &records, &deleted);
+    if outage {
+        assert!(
+            log_starts[&0] > 0,
+            "retention never deleted from partition 0: the burst did not fill it"
+        );
+    }
+    let archived: usize = objects.iter().map(|o| o.lines.len()).sum();
 
     let logs = fleet.finished_logs.join("\n");
     let rebalances =
@@ -440,7 +487,11 @@ fn chaos_run(seed: u64, mock_log: &mut Option<std::path::PathBuf>) {
         ("batches_replayed", replays.to_string()),
         ("s3_requests", requests.to_string()),
         ("s3_faults", faults.to_string()),
-        ("lost", "0".to_string()),
+        ("log_start_p0", log_starts[&0].to_string()),
+        (
+            "deleted_before_archived",
+            (produced - archived as i64).to_string(),
+        ),
         ("duplicated", "0".to_string()),
         ("seconds", started.elapsed().as_secs().to_string()),
     ]);

@@ -277,6 +277,73 @@ impl Rig {
         );
     }
 
+    /// Runs `kafka-s3-archiver produce` for `count` minimal events padded to `pad_bytes`, all to
+    /// `partition`, at `rate` a second: fills one partition of a small log fast.
+    pub fn produce_burst(
+        &self,
+        partition: i32,
+        count: u64,
+        pad_bytes: usize,
+        rate: u64,
+        seed: u64,
+    ) {
+        run_ok(
+            Command::new(ARCHIVER)
+                .args(["produce", "--count", &count.to_string()])
+                .args(["--rate", &rate.to_string(), "--minimal"])
+                .args(["--pad-bytes", &pad_bytes.to_string()])
+                .args(["--partition", &partition.to_string()])
+                .args(["--sources", "4", "--days", "2", "--start-day", "2026-11-20"])
+                .args(["--seed", &seed.to_string()])
+                .env("ARCHIVER_KAFKA_BROKERS", self.broker.bootstrap())
+                .env("ARCHIVER_KAFKA_TOPIC", &self.topic),
+        );
+    }
+
+    /// Follows the topic from its start until [`TopicTail::finish`]: a record is read as soon as
+    /// it is produced, before retention can delete it, so a test knows every record there was.
+    pub fn tail_topic(&self, partitions: u32) -> TopicTail {
+        let consumer: BaseConsumer = self
+            .client()
+            .set("group.id", "archiver-test-tail")
+            .set("auto.offset.reset", "earliest")
+            .create()
+            .expect("tail reader");
+        let mut tpl = TopicPartitionList::new();
+        for partition in 0..partitions as i32 {
+            tpl.add_partition_offset(&self.topic, partition, Offset::Beginning)
+                .unwrap();
+        }
+        consumer.assign(&tpl).unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopping = std::sync::Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
+            let mut records: BTreeMap<i32, BTreeMap<i64, Vec<u8>>> = BTreeMap::new();
+            let mut quiet_since = Instant::now();
+            loop {
+                match consumer.poll(Duration::from_millis(100)) {
+                    Some(Ok(message)) => {
+                        let payload = message.payload().unwrap_or_default().to_vec();
+                        records
+                            .entry(message.partition())
+                            .or_default()
+                            .insert(message.offset(), payload);
+                        quiet_since = Instant::now();
+                    }
+                    Some(Err(_)) | None => {}
+                }
+                let stopping = stopping.load(std::sync::atomic::Ordering::Relaxed);
+                if stopping && quiet_since.elapsed() > Duration::from_secs(2) {
+                    return records;
+                }
+            }
+        });
+        TopicTail {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
     fn client(&self) -> ClientConfig {
         let mut config = ClientConfig::new();
         config
@@ -556,5 +623,24 @@ fn high_watermark(consumer: &BaseConsumer, topic: &str, partition: i32) -> i64 {
             }
             Err(error) => panic!("high watermark of {topic}/{partition}: {error}"),
         }
+    }
+}
+
+/// A reader following the topic (see [`Rig::tail_topic`]).
+pub struct TopicTail {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<BTreeMap<i32, BTreeMap<i64, Vec<u8>>>>>,
+}
+
+impl TopicTail {
+    /// Every record it read (partition → offset → payload), once the topic has been quiet for
+    /// two seconds.
+    pub fn finish(mut self) -> BTreeMap<i32, BTreeMap<i64, Vec<u8>>> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread
+            .take()
+            .expect("finished once")
+            .join()
+            .expect("tail reader thread")
     }
 }
