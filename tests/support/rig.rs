@@ -318,19 +318,16 @@ impl Rig {
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let stopping = std::sync::Arc::clone(&stop);
         let thread = std::thread::spawn(move || {
-            let mut records: BTreeMap<i32, BTreeMap<i64, Vec<u8>>> = BTreeMap::new();
+            let mut records = TopicRecords::new();
             let mut quiet_since = Instant::now();
             loop {
-                match consumer.poll(Duration::from_millis(100)) {
-                    Some(Ok(message)) => {
-                        let payload = message.payload().unwrap_or_default().to_vec();
-                        records
-                            .entry(message.partition())
-                            .or_default()
-                            .insert(message.offset(), payload);
-                        quiet_since = Instant::now();
-                    }
-                    Some(Err(_)) | None => {}
+                if let Some(Ok(message)) = consumer.poll(Duration::from_millis(100)) {
+                    let payload = message.payload().unwrap_or_default().to_vec();
+                    records
+                        .entry(message.partition())
+                        .or_default()
+                        .insert(message.offset(), payload);
+                    quiet_since = Instant::now();
                 }
                 let stopping = stopping.load(std::sync::atomic::Ordering::Relaxed);
                 if stopping && quiet_since.elapsed() > Duration::from_secs(2) {
@@ -629,13 +626,16 @@ fn high_watermark(consumer: &BaseConsumer, topic: &str, partition: i32) -> i64 {
 /// A reader following the topic (see [`Rig::tail_topic`]).
 pub struct TopicTail {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    thread: Option<std::thread::JoinHandle<BTreeMap<i32, BTreeMap<i64, Vec<u8>>>>>,
+    thread: Option<std::thread::JoinHandle<TopicRecords>>,
 }
+
+/// Partition → offset → payload.
+pub type TopicRecords = BTreeMap<i32, BTreeMap<i64, Vec<u8>>>;
 
 impl TopicTail {
     /// Every record it read (partition → offset → payload), once the topic has been quiet for
     /// two seconds.
-    pub fn finish(mut self) -> BTreeMap<i32, BTreeMap<i64, Vec<u8>>> {
+    pub fn finish(mut self) -> TopicRecords {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
         self.thread
             .take()
