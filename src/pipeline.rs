@@ -308,24 +308,27 @@ pub struct KeptIntent {
     pub files: Vec<PlannedFile>,
 }
 
+impl PlannedFile {
+    /// A sealed file, as its batch's intent keeps it.
+    pub fn of(file: &SealedFile) -> PlannedFile {
+        PlannedFile {
+            destination: file.destination.clone(),
+            first_offset: file.first_offset,
+            records: file.records,
+            crc32: file.stream.crc32,
+            uncompressed_bytes: file.stream.uncompressed_len,
+            compressed_bytes: file.stream.compressed_len,
+            codec: file.codec,
+        }
+    }
+}
+
 impl KeptIntent {
     /// The intent of `batch` with the files it was cut into.
     pub fn of_batch(batch: &SealedBatch) -> KeptIntent {
         KeptIntent {
             intent: BatchIntent::new(batch.start, batch.end, batch.rules.clone()),
-            files: batch
-                .files
-                .iter()
-                .map(|file| PlannedFile {
-                    destination: file.destination.clone(),
-                    first_offset: file.first_offset,
-                    records: file.records,
-                    crc32: file.stream.crc32,
-                    uncompressed_bytes: file.stream.uncompressed_len,
-                    compressed_bytes: file.stream.compressed_len,
-                    codec: file.codec,
-                })
-                .collect(),
+            files: batch.files.iter().map(PlannedFile::of).collect(),
         }
     }
 

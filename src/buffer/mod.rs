@@ -73,6 +73,41 @@ pub enum Flow {
 }
 
 /// One buffer worker: owns some partitions and their files.
+/// The start of a local batch overlapping `intent` that cannot be continued into the files its
+/// first upload cut (`planned`, as the bucket keeps them; empty: nothing to compare with): a
+/// sealed batch must hold exactly those files, an open one only files of the plan, none
+/// longer. Another member may have recorded the intent while this volume's batch waited, after
+/// Kafka deleted records this batch had read.
+fn unplanned_local_batch(
+    checkpoint: &crate::checkpoint::Checkpoint,
+    intent: &BatchIntent,
+    planned: &[PlannedFile],
+) -> Option<i64> {
+    if planned.is_empty() {
+        return None;
+    }
+    let plan: HashMap<(&crate::layout::Destination, i64), &PlannedFile> = planned
+        .iter()
+        .map(|file| ((&file.destination, file.first_offset), file))
+        .collect();
+    let overlaps =
+        |b: &&crate::checkpoint::BatchState| b.start <= intent.end && b.end >= intent.start;
+    let sealed_differs = checkpoint.sealed.iter().filter(overlaps).find(|batch| {
+        batch.files.len() != plan.len()
+            || batch.files.iter().any(|f| {
+                plan.get(&(&f.destination, f.first_offset))
+                    .is_none_or(|p| (p.records, p.crc32) != (f.records, f.stream.crc32))
+            })
+    });
+    let open_differs = checkpoint.open.iter().filter(overlaps).find(|batch| {
+        batch.files.iter().any(|f| {
+            plan.get(&(&f.destination, f.first_offset))
+                .is_none_or(|p| f.records > p.records)
+        })
+    });
+    sealed_differs.or(open_differs).map(|batch| batch.start)
+}
+
 /// What an assignment says of the interrupted batch a partition replays, if any.
 struct Replay {
     /// The intent the group's commit (or the bucket) holds.
@@ -270,8 +305,13 @@ impl Worker {
             });
             if let Some(batch) = foreign {
                 tracing::warn!(partition, start = batch.start, rules = %batch.rules, "local batches were cut under other rules; reading from the committed offset");
+                return false;
             }
-            foreign.is_none()
+            let unplanned = intent.as_ref().and_then(|i| unplanned_local_batch(checkpoint, i, &planned_files));
+            if let Some(start) = unplanned {
+                tracing::warn!(partition, start, "a local batch holds other files than the intent's first upload (it read records Kafka deleted since, or an attempt of its own); reading from the committed offset");
+            }
+            unplanned.is_none()
         });
         let recorded = intent.as_ref().map(|i| (i.start, i.end));
         let plan = plan_recovery(local, &self.topic, partition, committed, recorded);

@@ -432,20 +432,42 @@ impl<S: ObjectStore> Shared<S> {
         };
         let started = Instant::now();
         let still_ours = || u.assignments.is_current(batch.partition, epoch);
-        let outcome = self
-            .with_retries(batch.partition, epoch, stop, |attempt| {
-                // A failed attempt may still have written the object (a lost answer).
-                let may_exist = may_exist || attempt > 0;
-                u.store.put_file(
-                    &key,
-                    &file.path,
-                    file.stream.compressed_len,
-                    &metadata,
-                    may_exist,
-                    &still_ours,
-                )
-            })
-            .await?;
+        let outcome = loop {
+            let outcome = self
+                .with_retries(batch.partition, epoch, stop, |attempt| {
+                    // A failed attempt may still have written the object (a lost answer).
+                    let may_exist = may_exist || attempt > 0;
+                    u.store.put_file(
+                        &key,
+                        &file.path,
+                        file.stream.compressed_len,
+                        &metadata,
+                        may_exist,
+                        &still_ours,
+                    )
+                })
+                .await?;
+            if outcome != PutOutcome::Conflict {
+                break outcome;
+            }
+            // Another attempt of this batch put the key first: adopted when it holds these lines
+            // as its last ones, never replaced. Otherwise this member is a zombie that has not
+            // heard yet (it will), or the bucket holds what the batch cannot account for.
+            let plan = planned.cloned().unwrap_or_else(|| PlannedFile::of(file));
+            if let Some(adopted) = self.adopt(batch, epoch, &plan, Some(file), stop).await? {
+                u.metrics.emit(ObjectAlreadyPresent { key: &adopted.key });
+                return Ok(adopted);
+            }
+            tracing::warn!(
+                key,
+                partition = batch.partition,
+                "an object with other lines holds the key: not replacing it; trying again while the partition is this member's"
+            );
+            tokio::select! {
+                _ = stop.cancelled() => return Err(UploadError::ShuttingDown),
+                _ = tokio::time::sleep(u.max_backoff) => {}
+            }
+        };
         match outcome {
             PutOutcome::Written => u.metrics.emit(ObjectUploaded {
                 key: &key,
@@ -453,7 +475,7 @@ impl<S: ObjectStore> Shared<S> {
                 took: started.elapsed(),
             }),
             PutOutcome::AlreadyPresent => u.metrics.emit(ObjectAlreadyPresent { key: &key }),
-            PutOutcome::Abandoned => {
+            PutOutcome::Abandoned | PutOutcome::Conflict => {
                 return Err(UploadError::NotOwner {
                     partition: batch.partition,
                 })

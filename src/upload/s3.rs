@@ -123,6 +123,9 @@ pub enum PutOutcome {
     /// The partition stopped being this member's during a multipart upload, which was aborted
     /// before it could complete: the new owner uploads the object.
     Abandoned,
+    /// The key holds an object with other lines, which is never replaced: another attempt of
+    /// the batch put it (a replay Kafka deleted the head of, or a zombie still uploading).
+    Conflict,
 }
 
 /// Asked between the parts of a multipart upload and before completing it.

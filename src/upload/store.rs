@@ -54,8 +54,8 @@ pub trait ObjectStore: Send + Sync + 'static {
 
     /// Puts the local file `path` at `key`, unless the key already holds the same lines.
     /// `may_exist` (a replayed batch, a retried request) looks first; otherwise a conditional
-    /// put, where the store takes one, finds out. An object with the same key but other content
-    /// is replaced: the batch being uploaded is the one the group's intent names.
+    /// put, where the store takes one, finds out. An object with the same key but other lines
+    /// is left alone (`Conflict`): loaders may have ingested it, and the uploader decides.
     fn put_file(
         &self,
         key: &str,
@@ -76,11 +76,7 @@ pub trait ObjectStore: Send + Sync + 'static {
                     if self.holds_same_content(key, metadata).await? {
                         return Ok(PutOutcome::AlreadyPresent);
                     }
-                    tracing::warn!(
-                        key,
-                        "replacing an object that holds other lines than the batch being uploaded"
-                    );
-                    put(false).await
+                    Ok(PutOutcome::Conflict)
                 }
                 result => result,
             }

@@ -62,6 +62,9 @@ pub struct Cluster {
     pub logs: BTreeMap<i32, Log>,
     /// The group's committed offset and metadata of each partition.
     pub committed: BTreeMap<i32, (i64, String)>,
+    /// The group's generation: a member joining starts a new one, and the coordinator refuses
+    /// commits from members of an older one (a zombie's).
+    pub generation: u64,
     /// Each log's start, as the brokers answer a ListOffsets from any thread (the buffer
     /// worker's `LogStarts`).
     starts: Arc<Mutex<BTreeMap<i32, i64>>>,
@@ -73,6 +76,7 @@ impl Cluster {
             topic: topic.to_string(),
             logs: (0..partitions).map(|p| (p, Log::default())).collect(),
             committed: BTreeMap::new(),
+            generation: 0,
             starts: Arc::new(Mutex::new((0..partitions).map(|p| (p, 0)).collect())),
         }
     }

@@ -45,6 +45,8 @@ pub struct Member {
     /// Stands in for `Instant::now()` of the poll thread: the start plus the simulated time.
     clock_base: Instant,
     pub elapsed: Duration,
+    /// The group generation it joined: its commits are refused once another member joined.
+    generation: u64,
 }
 
 impl Member {
@@ -132,6 +134,7 @@ impl Member {
             paused: false,
             clock_base: Instant::now(),
             elapsed: Duration::ZERO,
+            generation: cluster.generation,
         };
         member.assign(cluster);
         member
@@ -213,12 +216,16 @@ impl Member {
             self.pending.push(request, now);
         }
         let assignments = Arc::clone(&self.assignments);
+        let generation = self.generation;
         let outcomes = self.pending.run(
             now,
             |partition, epoch| assignments.is_current(partition, epoch),
             |attempt| {
                 if refuse {
                     return Err("simulated COORDINATOR_NOT_AVAILABLE".into());
+                }
+                if generation != cluster.generation {
+                    return Err("simulated ILLEGAL_GENERATION".into());
                 }
                 cluster.committed.insert(
                     attempt.partition,
@@ -239,6 +246,27 @@ impl Member {
         }
         // The uploader may have been waiting on an intent's answer.
         self.runtime.block_on(tokio::task::yield_now());
+    }
+}
+
+impl Member {
+    /// A zombie learns it lost its partitions (the rebalance callback's revocation): its
+    /// in-flight work for them is dropped, and what waited on the group is told "not owner".
+    pub fn revoke_all(&mut self, cluster: &mut Cluster) {
+        for &partition in self.positions.keys() {
+            self.assignments.revoke(partition);
+            let (reply, answer) = std::sync::mpsc::sync_channel(1);
+            let command = WorkerCommand::Revoke {
+                partition,
+                keep_local: false,
+                reply,
+            };
+            self.worker.handle(command).expect("revoke");
+            answer.recv().unwrap();
+        }
+        self.positions.clear();
+        self.commit(cluster, false);
+        self.run_uploads(Duration::from_secs(10));
     }
 }
 
