@@ -23,7 +23,7 @@ use crate::pipeline::{BufferError, Fatal};
 use crate::rules::{rules_key, CuttingRules};
 use crate::schedule::{Cadence, Schedule, SystemClock, UploadNow};
 use crate::upload::s3::S3Store;
-use crate::upload::{archive_end, kept_intent, Uploader};
+use crate::upload::{archive_end, planned_files, Uploader};
 
 /// Commands a buffer worker may have queued before the poll loop blocks on it. A command holds a
 /// poll round of one partition (up to 1000 records, about a megabyte of typical events). The one
@@ -173,8 +173,11 @@ pub async fn run(
     let context = {
         let (store, runtime) = (store.clone(), tokio::runtime::Handle::current());
         let (prefix, topic) = (config.s3.prefix.clone(), config.kafka.topic.clone());
-        context.with_kept_intents(Box::new(move |partition| {
-            on_poll_thread(&runtime, kept_intent(&store, &prefix, &topic, partition))
+        context.with_kept_intents(Box::new(move |partition, intent| {
+            on_poll_thread(
+                &runtime,
+                planned_files(&store, &prefix, &topic, partition, intent),
+            )
         }))
     };
     let context = context.with_auth(Auth::for_config(&config.kafka));

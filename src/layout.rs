@@ -216,6 +216,24 @@ pub fn intent_key(prefix: &str, topic: &str, partition: i32) -> String {
     format!("{prefix}{ROOT}/_manifests/_intents/{topic}/{partition}.json")
 }
 
+/// Where the files a batch is cut into are kept before its intent is committed, named by their
+/// hash (`pipeline::plan_hash`):
+/// `{prefix}segment-logs/_manifests/_plans/{topic}/{partition}/{start:020}-{end:020}-{hash}.json`.
+/// Content-addressed, so the member that records an intent cannot overwrite the plan of another
+/// attempt of the same range, and whoever replays the intent reads the very plan it names.
+pub fn plan_key(
+    prefix: &str,
+    topic: &str,
+    partition: i32,
+    start: i64,
+    end: i64,
+    hash: &str,
+) -> String {
+    format!(
+        "{prefix}{ROOT}/_manifests/_plans/{topic}/{partition}/{start:020}-{end:020}-{hash}.json"
+    )
+}
+
 /// Where the manifest of batch `[start, end]` goes:
 /// `{prefix}segment-logs/_manifests/{topic}/{partition}/{start:020}-{end:020}.json`.
 pub fn manifest_key(prefix: &str, topic: &str, partition: i32, start: i64, end: i64) -> String {

@@ -222,6 +222,10 @@ pub struct UploadJob {
     /// Its objects may already be in the bucket (a replayed intent, a sealed batch resumed from
     /// the local checkpoint): each is looked up before it is put.
     pub may_exist: bool,
+    /// The files the batch's first attempt cut, when this upload continues a recorded intent
+    /// whose plan the bucket keeps: the intent it records again names that same plan, and its
+    /// files adopt what the attempt put. Empty: the batch's own files are its plan.
+    pub plan: Vec<PlannedFile>,
 }
 
 /// The intent recorded before a batch's upload, as committed-offset metadata of its first
@@ -243,6 +247,13 @@ pub struct BatchIntent {
     /// Version 1 only: the file size cap the batch was cut with.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_file_bytes: Option<u64>,
+    /// The hash of the files the batch's first attempt cut ([`plan_hash`]), kept in the bucket
+    /// (`layout::plan_key`) before the intent is committed: whoever replays it cuts where those
+    /// files begin, even when the member that recorded it never got further (a crash right
+    /// after the commit, a zombie that thaws later and puts its objects). `None`: an earlier
+    /// release, which kept the files beside the intent only after the commit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<String>,
 }
 
 impl BatchIntent {
@@ -255,6 +266,15 @@ impl BatchIntent {
             end,
             rules: rules_hash,
             max_file_bytes: None,
+            plan: None,
+        }
+    }
+
+    /// The intent naming the plan its batch's files were cut by.
+    pub fn with_plan(self, hash: String) -> BatchIntent {
+        BatchIntent {
+            plan: Some(hash),
+            ..self
         }
     }
 
@@ -298,14 +318,24 @@ pub struct PlannedFile {
     pub codec: Codec,
 }
 
-/// The intent as the bucket keeps it (`layout::intent_key`): the committed one, with the files
-/// its batch was cut into, which do not fit in commit metadata.
+/// The intent as the bucket keeps it (`layout::plan_key` before its commit, `layout::intent_key`
+/// after): the committed one, with the files its batch was cut into, which do not fit in commit
+/// metadata.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KeptIntent {
     #[serde(flatten)]
     pub intent: BatchIntent,
     #[serde(default)]
     pub files: Vec<PlannedFile>,
+}
+
+/// The name of a plan: an MD5 of its files, as an intent records it. Content-addressed, so a
+/// plan put twice (a replay, a zombie) is the same object, and one an intent names is the one
+/// its batch was cut by.
+pub fn plan_hash(files: &[PlannedFile]) -> String {
+    use md5::Digest as _;
+    let digest = md5::Md5::digest(serde_json::to_vec(files).expect("plan serializes"));
+    digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 impl PlannedFile {
@@ -324,11 +354,29 @@ impl PlannedFile {
 }
 
 impl KeptIntent {
-    /// The intent of `batch` with the files it was cut into.
-    pub fn of_batch(batch: &SealedBatch) -> KeptIntent {
+    /// The intent of `batch`, naming the plan it is cut by: `first_attempt`'s files (a replay
+    /// keeps them: Kafka may hold fewer records by now), or its own when that is empty.
+    pub fn of_batch(batch: &SealedBatch, first_attempt: &[PlannedFile]) -> KeptIntent {
+        let files = if first_attempt.is_empty() {
+            batch.files.iter().map(PlannedFile::of).collect()
+        } else {
+            first_attempt.to_vec()
+        };
         KeptIntent {
-            intent: BatchIntent::new(batch.start, batch.end, batch.rules.clone()),
-            files: batch.files.iter().map(PlannedFile::of).collect(),
+            intent: BatchIntent::new(batch.start, batch.end, batch.rules.clone())
+                .with_plan(plan_hash(&files)),
+            files,
+        }
+    }
+
+    /// Whether these are the files `intent` names (its plan's hash matches), or, for an
+    /// intent an earlier release recorded without one, whether it is the same intent.
+    pub fn is_plan_of(&self, intent: &BatchIntent) -> bool {
+        let same_range = (self.intent.start, self.intent.end, &self.intent.rules)
+            == (intent.start, intent.end, &intent.rules);
+        match &intent.plan {
+            Some(hash) => same_range && plan_hash(&self.files) == *hash,
+            None => self.intent == *intent,
         }
     }
 
@@ -417,5 +465,49 @@ mod tests {
         let earlier = KeptIntent::decode(kept.intent.encode().as_bytes()).unwrap();
         assert!(earlier.files.is_empty());
         assert_eq!(KeptIntent::decode(b"{}"), None);
+    }
+
+    #[test]
+    fn an_intent_names_its_plan_and_only_that_plan_is_taken_for_it() {
+        let file = |records| PlannedFile {
+            destination: Destination::Events {
+                source: "web".into(),
+                day: "2026-12-01".into(),
+            },
+            first_offset: 10,
+            records,
+            crc32: 7,
+            uncompressed_bytes: 30,
+            compressed_bytes: 20,
+            codec: Codec::Gzip,
+        };
+        let first = vec![file(3)];
+        let hash = plan_hash(&first);
+        assert_eq!(hash.len(), 32);
+        assert_ne!(hash, plan_hash(&[file(2)]), "other cuts, another plan");
+        let intent = BatchIntent::new(10, 20, "abc".into()).with_plan(hash.clone());
+        // Commit metadata carries the name; an earlier release reading it ignores the field.
+        assert_eq!(BatchIntent::decode(&intent.encode()), Some(intent.clone()));
+        let plan = KeptIntent {
+            intent: intent.clone(),
+            files: first.clone(),
+        };
+        assert!(plan.is_plan_of(&intent));
+        // A zombie's later attempt of the same range kept other files: not this intent's plan.
+        let other = KeptIntent {
+            intent: intent.clone(),
+            files: vec![file(2)],
+        };
+        assert!(!other.is_plan_of(&intent));
+        let elsewhere = BatchIntent::new(10, 21, "abc".into()).with_plan(hash);
+        assert!(!plan.is_plan_of(&elsewhere));
+        // An intent an earlier release recorded names no plan: the same intent's files serve.
+        let legacy = BatchIntent::new(10, 20, "abc".into());
+        let kept = KeptIntent {
+            intent: legacy.clone(),
+            files: first,
+        };
+        assert!(kept.is_plan_of(&legacy));
+        assert!(!plan.is_plan_of(&legacy));
     }
 }

@@ -315,7 +315,17 @@ fn interrupt_before_the_manifests(
     seed: u64,
     extra: &[(&str, &str)],
 ) -> BTreeMap<String, (String, String)> {
-    let proxy = refusing(rig, "/_manifests/segment-events/", seed);
+    // Puts only: before each object the member looks for the batch's manifest.
+    let proxy = FaultProxy::start(
+        rig.s3.port,
+        FaultRates {
+            refuse_with: Some("AccessDenied"),
+            refuse_only: Some("/_manifests/segment-events/"),
+            refuse_method: Some("PUT"),
+            ..FaultRates::default()
+        },
+        seed,
+    );
     let proxied = proxy.endpoint();
     let mut settings = vec![
         ("ARCHIVER_SCHEDULE_INTERVAL_SECS", "2"),

@@ -3,7 +3,8 @@
 //! worker and its checkpoints on a real directory, recovery planning, the uploader and its
 //! retries, the commit queue) run against a simulated Kafka log and group and a simulated S3,
 //! through a schedule of produce, poll, seal, upload, commit, kill -9 (restarting on the same
-//! volume, a fresh one, or a pod's own earlier volume), rolling changes of the cutting rules, S3
+//! volume, a fresh one, or a pod's own earlier volume), zombies (a member frozen past its session
+//! timeout that thaws after another took over), rolling changes of the cutting rules, S3
 //! refusals, lost answers and outages, paused reading, retention deleting the log's head (into
 //! interrupted batches too) and the group losing its offsets, all drawn from one seed.
 //!
@@ -113,12 +114,6 @@ fn the_protocol_keeps_every_record_exactly_once_through_seeded_fault_schedules()
         adopted.into_inner()
     );
     assert!(failed.is_empty(), "{}", failed.join("\n"));
-}
-
-/// Whether `SIM_OPEN` (comma-separated) turns on a fault whose finding is still open: the
-/// default schedule leaves it out, so the suite checks what is fixed.
-fn open(fault: &str) -> bool {
-    std::env::var("SIM_OPEN").is_ok_and(|v| v.split(',').any(|f| f == fault || f == "all"))
 }
 
 fn env(name: &str) -> Option<u64> {
@@ -311,10 +306,10 @@ impl World {
                     }
                 }
             }
-            // Open (issue 19): a zombie that recorded its intent but not yet the files it cut
-            // puts them after the group moved on, and a replay that retention shifted cut them
-            // elsewhere (seeds 573, 793 with SIM_OPEN=zombies).
-            520..=529 if open("zombies") => {
+            // A member freezes past its session timeout (another pod takes over) and thaws
+            // later, its uploads going on before it hears: what it recorded names the plan its
+            // batch was cut by, and what another finished it leaves alone.
+            520..=529 => {
                 if let Some((mut zombie, _)) = self.zombie.take() {
                     // It thaws: its uploads go on before it hears of the rebalance.
                     let millis = self.rng.u64(50..3000);
@@ -336,7 +331,6 @@ impl World {
                     );
                 }
             }
-            520..=529 => {}
             530..=729 => {
                 let millis = self.rng.u64(50..3000);
                 if let Some(member) = &mut self.member {

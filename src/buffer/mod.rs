@@ -414,11 +414,20 @@ impl Worker {
             }
         }
         for batch in buffer.sealed() {
-            // Sealed before a restart: its upload may have begun.
+            // Sealed before a restart: its upload may have begun, under the intent the group
+            // holds if it is this batch's (its files are that plan's: checked above).
+            let continues_intent = intent
+                .as_ref()
+                .is_some_and(|i| (i.start, i.end) == (batch.start, batch.end));
             let _ = self.uploads.send(UploadJob {
                 epoch,
                 batch: batch.clone(),
                 may_exist: true,
+                plan: if continues_intent {
+                    planned_files.clone()
+                } else {
+                    Vec::new()
+                },
             });
         }
         self.hot_files += buffer.hot_files();
@@ -610,6 +619,7 @@ impl Worker {
         };
         let hot_before = buffer.hot_files();
         let was_replaying = buffer.replaying();
+        let plan = buffer.planned_files().to_vec();
         let sealed = buffer
             .seal()
             .map_err(|source| BufferError::Io { partition, source })?;
@@ -630,6 +640,7 @@ impl Worker {
                 batch,
                 // A replayed intent's objects may be up already, from the interrupted upload.
                 may_exist: was_replaying,
+                plan,
             });
         }
         Ok(())

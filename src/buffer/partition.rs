@@ -78,6 +78,8 @@ struct CutPlan {
     firsts: HashMap<Destination, Vec<i64>>,
     /// `(destination, first offset)` → index of the open file.
     open: HashMap<(Destination, i64), usize>,
+    /// The plan as the bucket keeps it: the replay's intent names it again.
+    files: Vec<PlannedFile>,
 }
 
 impl CutPlan {
@@ -320,7 +322,17 @@ impl PartitionBuffer {
             .enumerate()
             .map(|(index, file)| ((file.destination.clone(), file.first_offset), index))
             .collect();
-        self.plan = Some(CutPlan { firsts, open });
+        self.plan = Some(CutPlan {
+            firsts,
+            open,
+            files: files.to_vec(),
+        });
+    }
+
+    /// The files the open batch (a replay) is cut into, as its first upload cut them; empty
+    /// when it is cut by size.
+    pub fn planned_files(&self) -> &[PlannedFile] {
+        self.plan.as_ref().map_or(&[], |plan| &plan.files)
     }
 
     pub fn partition(&self) -> i32 {
@@ -824,7 +836,7 @@ mod tests {
         for (tick, record) in records().iter().enumerate() {
             buffer.append(record, tick as u64).unwrap();
         }
-        let planned = crate::pipeline::KeptIntent::of_batch(&buffer.seal().unwrap().unwrap());
+        let planned = crate::pipeline::KeptIntent::of_batch(&buffer.seal().unwrap().unwrap(), &[]);
         let planned_lines: HashMap<(Destination, i64), Vec<String>> = buffer.sealed()[0]
             .files
             .iter()

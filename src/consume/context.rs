@@ -25,9 +25,7 @@ use crate::commit::Assignments;
 use crate::kafka_client::Auth;
 use crate::metrics::events::PartitionHeld;
 use crate::metrics::Metrics;
-use crate::pipeline::{
-    worker_for, BatchIntent, BufferError, Fatal, KeptIntent, PlannedFile, WorkerCommand,
-};
+use crate::pipeline::{worker_for, BatchIntent, BufferError, Fatal, PlannedFile, WorkerCommand};
 use crate::upload::ArchiveEnd;
 
 /// How long an assignment keeps asking for the committed offsets before the member gives up and
@@ -103,8 +101,10 @@ enum Hold {
 /// Looks up the last offset the bucket holds for a partition (blocking).
 pub type BucketPosition = Box<dyn Fn(i32) -> Result<ArchiveEnd, String> + Send + Sync>;
 
-/// Looks up the intent the bucket keeps for a partition (blocking).
-pub type KeptIntents = Box<dyn Fn(i32) -> Result<Option<KeptIntent>, String> + Send + Sync>;
+/// Looks up the files a partition's intent says its batch was first cut into, as the bucket
+/// keeps them (blocking; empty when it keeps none).
+pub type KeptIntents =
+    Box<dyn Fn(i32, &BatchIntent) -> Result<Vec<PlannedFile>, String> + Send + Sync>;
 
 impl ArchiverContext {
     pub fn new(
@@ -240,8 +240,8 @@ impl ArchiverContext {
         self
     }
 
-    /// The files `intent`'s first upload cut, as the bucket keeps them beside it; empty when it
-    /// keeps another intent's, or none (an earlier release).
+    /// The files `intent`'s first upload cut, as the bucket keeps them (the plan it names);
+    /// empty when it keeps none (an earlier release's intent, kept for another).
     fn planned_files(
         &self,
         partition: i32,
@@ -250,17 +250,13 @@ impl ArchiverContext {
         let Some(lookup) = &self.kept_intents else {
             return Ok(Vec::new());
         };
-        let kept = committed::fetch_until_known(
-            "the intent the bucket keeps",
+        committed::fetch_until_known(
+            "the plan the intent names",
             COMMITTED_PATIENCE,
             Instant::now,
             std::thread::sleep,
-            || lookup(partition),
-        )?;
-        Ok(kept
-            .filter(|kept| kept.intent == *intent)
-            .map(|kept| kept.files)
-            .unwrap_or_default())
+            || lookup(partition, intent),
+        )
     }
 
     fn worker(&self, partition: i32) -> &SyncSender<WorkerCommand> {
@@ -345,7 +341,8 @@ impl ArchiverContext {
                 Some(Ok(files)) => files,
                 Some(Err(err)) => {
                     self.fatal.raise(format!(
-                        "cannot read the files partition {partition}'s interrupted batch was cut                          into: {err}; stopping rather than cutting its replay elsewhere"
+                        "cannot read the files partition {partition}'s interrupted batch was cut \
+                         into: {err}; stopping rather than cutting its replay elsewhere"
                     ));
                     return Vec::new();
                 }

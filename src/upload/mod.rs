@@ -1,9 +1,10 @@
 //! Upload: the exactly-once protocol for one sealed batch, in this order:
 //!
-//! 1. record the intent — commit the batch's first offset with `[start, end]` and the cutting
-//!    rules as metadata (fenced by the group generation, so a zombie cannot), then keep the same
-//!    intent in the bucket with the files the batch was cut into, so a group that loses its
-//!    offsets loses no intent and a replay cuts where the first attempt did;
+//! 1. record the intent — keep the files the batch was cut into (its plan) in the bucket under
+//!    their hash, so a replay cuts where the first attempt did; commit the batch's first offset
+//!    with `[start, end]`, the cutting rules and the plan's hash as metadata (fenced by the
+//!    group generation, so a zombie cannot); then keep the same intent in the bucket beside the
+//!    partition, so a group that loses its offsets loses no intent;
 //! 2. put every object (deterministic keys: a replay rewrites the same ones);
 //! 3. put the batch manifest;
 //! 4. commit `end + 1`.
@@ -106,6 +107,37 @@ pub async fn kept_intent(
     Ok(kept.and_then(|bytes| KeptIntent::decode(&bytes)))
 }
 
+/// The files `intent`'s batch was first cut into, as the bucket keeps them: the plan it names,
+/// or for an intent an earlier release recorded, the partition's kept intent when it is that
+/// one. Empty when the bucket keeps neither (the replay then cuts by size again).
+pub async fn planned_files(
+    store: &impl ObjectStore,
+    prefix: &str,
+    topic: &str,
+    partition: i32,
+    intent: &BatchIntent,
+) -> Result<Vec<PlannedFile>, S3Error> {
+    if let Some(hash) = &intent.plan {
+        let key = layout::plan_key(prefix, topic, partition, intent.start, intent.end, hash);
+        let plan = store.get_bytes(&key).await?;
+        if let Some(plan) = plan.and_then(|bytes| KeptIntent::decode(&bytes)) {
+            if plan.is_plan_of(intent) {
+                return Ok(plan.files);
+            }
+        }
+        tracing::warn!(
+            partition,
+            key,
+            "the plan the intent names is not in the bucket (deleted?): looking for it beside the partition's intent"
+        );
+    }
+    Ok(kept_intent(store, prefix, topic, partition)
+        .await?
+        .filter(|kept| kept.is_plan_of(intent))
+        .map(|kept| kept.files)
+        .unwrap_or_default())
+}
+
 /// Why a batch was not uploaded.
 #[derive(Debug, thiserror::Error)]
 pub enum UploadError {
@@ -113,6 +145,10 @@ pub enum UploadError {
     NotOwner { partition: i32 },
     #[error("uploader is shutting down")]
     ShuttingDown,
+    /// Not a failure: the batch's manifest is up, so every object it lists is (another
+    /// attempt, or a member that took the partition over, finished it).
+    #[error("batch at {start} of partition {partition} was finished by another attempt")]
+    Finished { partition: i32, start: i64 },
 }
 
 /// The upload stage: one task per partition with batches to upload, all of them sharing one
@@ -258,17 +294,29 @@ impl<S: ObjectStore> Shared<S> {
             }
         }
         let planned = self.record_intent(job, stop).await?;
-        let files = Arc::clone(&self).put_objects(job, planned, stop).await?;
+        let files = match Arc::clone(&self).put_objects(job, planned, stop).await {
+            Err(UploadError::Finished { .. }) => return Ok(()),
+            files => files?,
+        };
         let body = Manifest::with_files(batch, files).to_json();
+        let key = &key;
         self.with_retries(batch.partition, epoch, stop, |_| {
-            u.store.put_bytes(&key, body.clone(), "application/json")
+            let body = body.clone();
+            async move {
+                // Another attempt's manifest is never replaced: it lists what that attempt put.
+                if u.store.head_metadata(key).await?.is_none() {
+                    u.store.put_bytes(key, body, "application/json").await?;
+                }
+                Ok(())
+            }
         })
         .await
     }
 
-    /// Commits the batch's first offset with its intent and waits until the broker took it,
-    /// then keeps the intent in the bucket. Answers the files the batch's first attempt cut:
-    /// this batch's own, or those an earlier attempt kept.
+    /// Keeps the batch's plan in the bucket, commits the batch's first offset with the intent
+    /// that names it and waits until the broker took it, then keeps the intent in the bucket
+    /// for a group that loses its offsets. Answers the files the batch's first attempt cut: this
+    /// batch's own, or those of the attempt it continues (`UploadJob::plan`).
     async fn record_intent(
         &self,
         job: &UploadJob,
@@ -287,13 +335,35 @@ impl<S: ObjectStore> Shared<S> {
             .await?;
             self.rules_stored.store(true, Ordering::Relaxed);
         }
-        let intent = BatchIntent::new(job.batch.start, job.batch.end, job.batch.rules.clone());
+        let ours = KeptIntent::of_batch(&job.batch, &job.plan);
+        let body = ours.encode();
+        // Before the commit: whoever replays the intent reads the plan it names, so a member
+        // that stops right after committing (or freezes, and thaws as a zombie) cannot leave a
+        // replay that cuts elsewhere than the objects it may still put.
+        let hash = ours
+            .intent
+            .plan
+            .as_deref()
+            .expect("a batch's intent names its plan");
+        let plan_key = layout::plan_key(
+            &u.prefix,
+            &job.batch.topic,
+            partition,
+            job.batch.start,
+            job.batch.end,
+            hash,
+        );
+        self.with_retries(partition, epoch, stop, |_| {
+            u.store
+                .put_bytes(&plan_key, body.clone(), "application/json")
+        })
+        .await?;
         let (reply, answer) = tokio::sync::oneshot::channel();
         let request = CommitRequest {
-            partition: job.batch.partition,
-            epoch: job.epoch,
+            partition,
+            epoch,
             next_offset: job.batch.start,
-            metadata: intent.encode(),
+            metadata: ours.intent.encode(),
             reply: Some(reply),
         };
         if u.commits.send(request).is_err() {
@@ -310,19 +380,6 @@ impl<S: ObjectStore> Shared<S> {
         // After the commit, so only the owner the group accepted writes it; before any object,
         // so no object of the batch is in the bucket without an intent that names its range.
         let key = layout::intent_key(&u.prefix, &job.batch.topic, partition);
-        let ours = KeptIntent::of_batch(&job.batch);
-        if job.may_exist {
-            // A replay keeps the first attempt's files: Kafka may hold fewer records by now.
-            let kept = self
-                .with_retries(partition, epoch, stop, |_| u.store.get_bytes(&key))
-                .await?
-                .and_then(|bytes| KeptIntent::decode(&bytes))
-                .filter(|kept| kept.intent == ours.intent && !kept.files.is_empty());
-            if let Some(kept) = kept {
-                return Ok(kept.files);
-            }
-        }
-        let body = ours.encode();
         self.with_retries(partition, epoch, stop, |_| {
             u.store.put_bytes(&key, body.clone(), "application/json")
         })
@@ -432,21 +489,44 @@ impl<S: ObjectStore> Shared<S> {
         };
         let started = Instant::now();
         let still_ours = || u.assignments.is_current(batch.partition, epoch);
+        let manifest = layout::manifest_key(
+            &u.prefix,
+            &batch.topic,
+            batch.partition,
+            batch.start,
+            batch.end,
+        );
+        let (key_ref, manifest, metadata, still_ours) = (&key, &manifest, &metadata, &still_ours);
         let outcome = loop {
             let outcome = self
-                .with_retries(batch.partition, epoch, stop, |attempt| {
+                .with_retries(batch.partition, epoch, stop, |attempt| async move {
+                    // A batch whose manifest is up is finished: a member that froze mid-upload
+                    // (a zombie that has not heard yet) and thaws after another finished it
+                    // puts nothing more, not even objects the other's replay cut elsewhere.
+                    if u.store.head_metadata(manifest).await?.is_some() {
+                        return Ok(None);
+                    }
                     // A failed attempt may still have written the object (a lost answer).
                     let may_exist = may_exist || attempt > 0;
-                    u.store.put_file(
-                        &key,
-                        &file.path,
-                        file.stream.compressed_len,
-                        &metadata,
-                        may_exist,
-                        &still_ours,
-                    )
+                    u.store
+                        .put_file(
+                            key_ref,
+                            &file.path,
+                            file.stream.compressed_len,
+                            metadata,
+                            may_exist,
+                            still_ours,
+                        )
+                        .await
+                        .map(Some)
                 })
                 .await?;
+            let Some(outcome) = outcome else {
+                return Err(UploadError::Finished {
+                    partition: batch.partition,
+                    start: batch.start,
+                });
+            };
             if outcome != PutOutcome::Conflict {
                 break outcome;
             }

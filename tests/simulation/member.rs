@@ -24,7 +24,7 @@ use kafka_s3_archiver::metrics::Metrics;
 use kafka_s3_archiver::pipeline::{CommitRequest, Fatal, SealTrigger, WorkerCommand};
 use kafka_s3_archiver::rules::{rules_key, CuttingRules};
 use kafka_s3_archiver::upload::store::ObjectStore;
-use kafka_s3_archiver::upload::{archive_end, kept_intent, Uploader};
+use kafka_s3_archiver::upload::{archive_end, planned_files, Uploader};
 use tokio_util::sync::CancellationToken;
 
 use super::kafka::Cluster;
@@ -119,8 +119,8 @@ impl Member {
                 }),
             )
         })
-        .with_kept_intents(Box::new(move |partition| {
-            let lookup = kept_intent(&lookup_store, &prefix, &topic, partition);
+        .with_kept_intents(Box::new(move |partition, intent| {
+            let lookup = planned_files(&lookup_store, &prefix, &topic, partition, intent);
             poll_ready(lookup).map_err(|err| err.to_string())
         }));
         let mut member = Member {

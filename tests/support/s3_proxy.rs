@@ -22,6 +22,9 @@ pub struct FaultRates {
     pub refuse_with: Option<&'static str>,
     /// Limits `refuse_with` to requests whose start line (method and path) contains this.
     pub refuse_only: Option<&'static str>,
+    /// Limits `refuse_with` further to requests of this method (`PUT`: the member may still
+    /// look the keys up).
+    pub refuse_method: Option<&'static str>,
 }
 
 #[derive(Debug, Default)]
@@ -205,6 +208,9 @@ fn serve(
                 rates
                     .refuse_only
                     .is_none_or(|p| request.start_line.contains(p))
+                    && rates
+                        .refuse_method
+                        .is_none_or(|m| request.start_line.starts_with(&format!("{m} ")))
             });
             let fault = if let Some(code) = refused {
                 Fault::Refuse(code)
