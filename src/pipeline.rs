@@ -75,8 +75,7 @@ pub struct Record {
 
 /// A command from the poll loop to the worker owning a partition.
 pub enum WorkerCommand {
-    /// Restore or start the partition; replies with the offset to read from, or `None` to let
-    /// the consumer use the committed offset.
+    /// Restore or start the partition; replies where to read from (see [`Assigned`]).
     Assign {
         partition: i32,
         epoch: u64,
@@ -92,7 +91,7 @@ pub enum WorkerCommand {
         /// The files the intent's first upload cut, as the bucket keeps them with the intent
         /// (empty when it keeps none): the replay cuts where they begin.
         planned_files: Vec<PlannedFile>,
-        reply: SyncSender<Result<Option<i64>, BufferError>>,
+        reply: SyncSender<Result<Assigned, BufferError>>,
     },
     /// Forget the partition. `keep_local` keeps its files and checkpoint for a restart on this
     /// volume (shutdown); otherwise they are deleted, as the new owner replays from the commit.
@@ -391,6 +390,18 @@ impl KeptIntent {
         let intent = BatchIntent::decode(&serde_json::to_string(&kept.intent).ok()?)?;
         Some(KeptIntent { intent, ..kept })
     }
+}
+
+/// A buffer worker's answer to an assignment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Assigned {
+    /// The offset to read from; `None` lets the consumer use the committed one.
+    pub read_from: Option<i64>,
+    /// For a partition the group never committed: the first offset this member's archive of
+    /// it holds or reads. The poll thread commits it before any record is read, so a member
+    /// that takes the partition over on another volume starts there too, and reports what
+    /// retention deleted since instead of starting at the log's new start without a word.
+    pub first_contact: Option<i64>,
 }
 
 /// A commit the uploader asks the poll thread for: an intent (`metadata` set, at the batch's

@@ -265,11 +265,7 @@ fn chaos_run(seed: u64, mock_log: &mut Option<std::path::PathBuf>) {
         if Instant::now() >= fence_at {
             fleet.fence();
         }
-        // Once partition 0 has a commit: a member that took over a partition the group never
-        // committed, on another volume, starts at the log's start and cannot know what the
-        // member before it read (an open case, issue 19).
-        let p0_committed = || rig.committed(12).get(&0).copied().flatten().is_some();
-        if !outage && Instant::now() >= outage_at && p0_committed() {
+        if !outage && Instant::now() >= outage_at {
             outage = true;
             proxy.set_rates(FaultRates {
                 internal_error: 1.0,

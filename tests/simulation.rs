@@ -153,8 +153,8 @@ struct World {
     /// The file size cap a pod on a fresh volume runs with: the rollout's current settings.
     rollout: u64,
     faults: Faults,
-    /// Per partition: where a member started with nothing committed and nothing in the bucket:
-    /// the records before it were deleted before the archiver ever needed them.
+    /// Per partition: where the first member started with nothing committed and nothing in the
+    /// bucket: the records before it were deleted before the archiver ever needed them.
     needed_from: BTreeMap<i32, i64>,
     /// Per partition: the offsets that held a record.
     records: BTreeMap<i32, BTreeSet<i64>>,
@@ -230,6 +230,18 @@ impl World {
         self.trace.push(format!("[{step:>3}] {what}"));
     }
 
+    /// With its offsets gone and nothing in the bucket, nothing remembers where the archiver
+    /// first read a partition: the next member needs the log from where it then stands.
+    fn forget_first_contact_of_unarchived(&mut self) {
+        let prefix = self.config.s3.prefix.clone();
+        let bucket = self.store.bucket.lock().unwrap();
+        self.needed_from.retain(|&partition, _| {
+            let manifests =
+                kafka_s3_archiver::layout::manifest_prefix(&prefix, "events", partition);
+            bucket.objects.keys().any(|k| k.starts_with(&manifests))
+        });
+    }
+
     fn start_member(&mut self) {
         let prefix = self.config.s3.prefix.clone();
         for (&partition, log) in &self.cluster.logs {
@@ -237,8 +249,10 @@ impl World {
                 kafka_s3_archiver::layout::manifest_prefix(&prefix, "events", partition);
             let bucket = self.store.bucket.lock().unwrap();
             let archived = bucket.objects.keys().any(|k| k.starts_with(&manifests));
+            // The first member to start needs the log from where it stood then: a member
+            // after it on another volume cannot make retention's deletions since unneeded.
             if !self.cluster.committed.contains_key(&partition) && !archived {
-                self.needed_from.insert(partition, log.start);
+                self.needed_from.entry(partition).or_insert(log.start);
             }
         }
         let seed = self.rng.u64(..);
@@ -254,7 +268,7 @@ impl World {
             self.volume.clone(),
             &config,
             &self.store,
-            &self.cluster,
+            &mut self.cluster,
             seed,
         );
         self.member = Some(member);
@@ -425,6 +439,7 @@ impl World {
             _ => {
                 if self.member.is_none() && self.rng.bool() {
                     self.cluster.committed.clear();
+                    self.forget_first_contact_of_unarchived();
                     self.log(step, "the group's offsets expire".into());
                 } else if self.member.is_none() {
                     self.start_member();

@@ -24,7 +24,7 @@ use crate::config::Config;
 use crate::metrics::events::{BatchReplayed, BatchSealed, RecordsDeletedBeforeArchived};
 use crate::metrics::Metrics;
 use crate::pipeline::{
-    BatchIntent, BufferError, PlannedFile, Record, SealTrigger, UploadJob, WorkerCommand,
+    Assigned, BatchIntent, BufferError, PlannedFile, Record, SealTrigger, UploadJob, WorkerCommand,
 };
 use crate::route::Router;
 use crate::rules::CuttingRules;
@@ -270,7 +270,7 @@ impl Worker {
         committed: Committed,
         log_start: Option<i64>,
         replay: Replay,
-    ) -> Result<Option<i64>, BufferError> {
+    ) -> Result<Assigned, BufferError> {
         let Replay {
             intent,
             rules: replay_rules,
@@ -430,6 +430,12 @@ impl Worker {
                 },
             });
         }
+        // The group never committed the partition: where this member's archive of it starts is
+        // committed before anything is read (see `Assigned::first_contact`).
+        let first_contact = match committed {
+            Committed::Nothing => buffer.first_offset(),
+            Committed::Offset(_) => None,
+        };
         self.hot_files += buffer.hot_files();
         let deleted_through_end = buffer.replay_tail().is_some_and(|(first, end)| {
             log_start.is_some_and(|start| start > end) && resume_from == Some(first)
@@ -443,7 +449,10 @@ impl Worker {
             self.seal(partition, SealTrigger::Replay)?;
         }
         self.refresh_disk_usage();
-        Ok(resume_from)
+        Ok(Assigned {
+            read_from: resume_from,
+            first_contact,
+        })
     }
 
     fn revoke(&mut self, partition: i32, keep_local: bool) -> Result<(), BufferError> {
@@ -767,6 +776,18 @@ mod tests {
             intent: Option<BatchIntent>,
             log_start: Option<i64>,
         ) -> Option<i64> {
+            self.assigned(partition, committed, intent, log_start)
+                .read_from
+        }
+
+        /// Assigns `partition`; the worker's whole answer.
+        fn assigned(
+            &self,
+            partition: i32,
+            committed: Committed,
+            intent: Option<BatchIntent>,
+            log_start: Option<i64>,
+        ) -> Assigned {
             let (reply, answer) = sync_channel(1);
             self.commands
                 .send(WorkerCommand::Assign {
@@ -973,6 +994,45 @@ mod tests {
         worker.records(0, &[record(75, 0, 20)]);
         worker.barrier();
         assert_eq!(worker.metrics.offset_resets.get(), 1);
+        worker.stop();
+    }
+
+    #[test]
+    fn a_partition_the_group_never_committed_has_its_start_committed_at_first_contact() {
+        // Issue 19: without it, a member taking the partition over on another volume starts at
+        // the log's start as it is then, and what retention deleted in between (records the
+        // first member had read, not yet archived) is lost without a report.
+        let worker = TestWorker::start(|_| {}, Arc::new(DiskUsage::default()));
+        let fresh = worker.assigned(0, Committed::Nothing, None, Some(40));
+        assert_eq!((fresh.read_from, fresh.first_contact), (Some(40), Some(40)));
+        // A partition with a commit already has its start on record: nothing more to commit.
+        let committed = worker.assigned(1, Committed::Offset(7), None, Some(0));
+        assert_eq!(
+            (committed.read_from, committed.first_contact),
+            (Some(7), None)
+        );
+        // Resumed from its volume: the local batch's start, not where reading goes on, or a
+        // takeover would skip the records the batch holds.
+        worker.records(0, &(40..60).map(|o| record(o, 0, 20)).collect::<Vec<_>>());
+        worker.barrier();
+        let revoke = |partition| {
+            let (reply, answer) = sync_channel(1);
+            worker
+                .commands
+                .send(WorkerCommand::Revoke {
+                    partition,
+                    keep_local: true,
+                    reply,
+                })
+                .unwrap();
+            answer.recv().unwrap();
+        };
+        revoke(0);
+        let resumed = worker.assigned(0, Committed::Nothing, None, Some(45));
+        assert_eq!(
+            (resumed.read_from, resumed.first_contact),
+            (Some(60), Some(40))
+        );
         worker.stop();
     }
 

@@ -348,6 +348,17 @@ impl PartitionBuffer {
         self.next_offset
     }
 
+    /// The lowest offset this buffer holds or reads next: where the archive of the partition
+    /// starts as far as this member knows; `None` before its first record when nothing told
+    /// it where the log starts.
+    pub fn first_offset(&self) -> Option<i64> {
+        self.sealed
+            .first()
+            .map(|batch| batch.start)
+            .or(self.open.start)
+            .or(self.next_offset)
+    }
+
     /// Uncompressed bytes of the open batch.
     pub fn open_bytes(&self) -> u64 {
         self.open.uncompressed_bytes

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::config::RDKafkaLogLevel;
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, RebalanceProtocol};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
 use rdkafka::error::KafkaError;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::RDKafkaRespErr;
@@ -25,7 +25,9 @@ use crate::commit::Assignments;
 use crate::kafka_client::Auth;
 use crate::metrics::events::PartitionHeld;
 use crate::metrics::Metrics;
-use crate::pipeline::{worker_for, BatchIntent, BufferError, Fatal, PlannedFile, WorkerCommand};
+use crate::pipeline::{
+    worker_for, Assigned, BatchIntent, BufferError, Fatal, PlannedFile, WorkerCommand,
+};
 use crate::upload::ArchiveEnd;
 
 /// How long an assignment keeps asking for the committed offsets before the member gives up and
@@ -264,31 +266,44 @@ impl ArchiverContext {
     }
 
     /// Sets up each newly assigned partition and writes the offset to start from into `tpl`.
-    fn on_assign(&self, consumer: &BaseConsumer<Self>, tpl: &mut TopicPartitionList) {
+    /// Answers the first contacts to commit once the assignment is applied.
+    fn on_assign(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        tpl: &mut TopicPartitionList,
+    ) -> Vec<(i32, i64)> {
         let partitions: Vec<i32> = tpl
             .elements_for_topic(&self.topic)
             .iter()
             .map(|e| e.partition())
             .collect();
         if partitions.is_empty() || self.shutting_down.load(Ordering::SeqCst) {
-            return;
+            return Vec::new();
         }
         let mut replies = Vec::new();
         for (partition, command, answer) in self.assignment_commands(consumer, &partitions) {
             if self.worker(partition).send(command).is_err() {
                 self.fatal.raise("buffer worker stopped".into());
-                return;
+                return Vec::new();
             }
             replies.push((partition, answer));
         }
+        let mut first_contacts = Vec::new();
         for (partition, answer) in replies {
             match answer.recv() {
-                Ok(Ok(Some(offset))) => {
-                    let _ =
-                        tpl.set_partition_offset(&self.topic, partition, Offset::Offset(offset));
-                    self.note_start(partition, offset);
+                Ok(Ok(assigned)) => {
+                    if let Some(offset) = assigned.read_from {
+                        let _ = tpl.set_partition_offset(
+                            &self.topic,
+                            partition,
+                            Offset::Offset(offset),
+                        );
+                        self.note_start(partition, offset);
+                    }
+                    if let Some(offset) = assigned.first_contact {
+                        first_contacts.push((partition, offset));
+                    }
                 }
-                Ok(Ok(None)) => {}
                 Ok(Err(err)) => self.fatal.raise(err.to_string()),
                 Err(_) => self.fatal.raise("buffer worker stopped".into()),
             }
@@ -297,6 +312,37 @@ impl ArchiverContext {
             .assigned_partitions
             .set(self.assignments.partitions().len() as i64);
         tracing::info!(partitions = ?partitions, "partitions assigned");
+        first_contacts
+    }
+
+    /// Commits where this member's archive of each partition the group never committed starts
+    /// (`Assigned::first_contact`), before any record of it is read: without it, a member that
+    /// takes the partition over on another volume would start at the log's start as it is then,
+    /// and lose, unreported, what retention deleted of what this member had read. One try: if
+    /// it fails the batch's intent records the start soon after, and the warning says what is
+    /// at stake until then.
+    pub fn commit_first_contacts(&self, client: &impl GroupClient, first_contacts: &[(i32, i64)]) {
+        for &(partition, offset) in first_contacts {
+            match client.commit_position(&self.topic, partition, offset) {
+                Ok(()) => {
+                    tracing::info!(
+                        partition,
+                        offset,
+                        "the group had no commit for this partition: committed where this member's archive of it starts"
+                    );
+                    self.committed
+                        .lock()
+                        .expect("lock")
+                        .insert(partition, offset);
+                }
+                Err(error) => tracing::warn!(
+                    partition,
+                    offset,
+                    %error,
+                    "cannot commit where this member's archive of the partition starts: until its first batch's intent is committed, a member taking it over on another volume starts at the log's start and cannot report what retention deletes before it"
+                ),
+            }
+        }
     }
 
     /// Where each newly assigned partition stands (its commit and intent, the bucket, the rules
@@ -489,7 +535,7 @@ impl ArchiverContext {
 }
 
 /// The answer to an `Assign` command: the offset to read from, or `None` for the committed one.
-pub type AssignAnswer = Receiver<Result<Option<i64>, BufferError>>;
+pub type AssignAnswer = Receiver<Result<Assigned, BufferError>>;
 
 /// What setting up an assignment asks of the group: librdkafka's consumer in production, the
 /// simulation's group (`tests/simulation.rs`) in its runs.
@@ -505,6 +551,10 @@ pub trait GroupClient {
     /// The partition's first offset in the log now (`None` when the broker names none): a hint,
     /// without which a deleted range is still recorded as a gap, only not known as deleted.
     fn log_start(&self, topic: &str, partition: i32) -> Result<Option<i64>, String>;
+
+    /// Commits `offset` as the partition's position, without metadata (no intent), and waits
+    /// for the coordinator's answer.
+    fn commit_position(&self, topic: &str, partition: i32, offset: i64) -> Result<(), String>;
 }
 
 impl<C: ConsumerContext> GroupClient for BaseConsumer<C> {
@@ -541,6 +591,14 @@ impl<C: ConsumerContext> GroupClient for BaseConsumer<C> {
             Ok(_) => Ok(None),
             Err(err) => Err(err.to_string()),
         }
+    }
+
+    fn commit_position(&self, topic: &str, partition: i32, offset: i64) -> Result<(), String> {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, partition, Offset::Offset(offset))
+            .map_err(|err| err.to_string())?;
+        self.commit(&tpl, CommitMode::Sync)
+            .map_err(|err| err.to_string())
     }
 }
 
@@ -665,15 +723,18 @@ impl ConsumerContext for ArchiverContext {
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 self.metrics.rebalances.with_label_values(&["assign"]).inc();
-                self.on_assign(consumer, tpl);
+                let first_contacts = self.on_assign(consumer, tpl);
                 let result = if cooperative {
                     consumer.incremental_assign(tpl)
                 } else {
                     consumer.assign(tpl)
                 };
-                if let Err(err) = result {
-                    self.fatal
-                        .raise(format!("cannot apply partition assignment: {err}"));
+                match result {
+                    // Before `poll` returns, so before any record of these partitions is read.
+                    Ok(()) => self.commit_first_contacts(consumer, &first_contacts),
+                    Err(err) => self
+                        .fatal
+                        .raise(format!("cannot apply partition assignment: {err}")),
                 }
                 // librdkafka keeps a partition's pause across its revocation: one paused for the
                 // disk budget, revoked and assigned back would never be read again (seen in the

@@ -121,4 +121,8 @@ impl GroupClient for Cluster {
         assert_eq!(topic, self.topic);
         Ok(self.logs.get(&partition).map(|log| log.start))
     }
+
+    fn commit_position(&self, _topic: &str, _partition: i32, _offset: i64) -> Result<(), String> {
+        Err("the simulation commits through a member's assignment (AssigningGroup)".into())
+    }
 }

@@ -1,5 +1,6 @@
 //! One archiver process of the simulation, built from the archiver's own parts: the assignment
-//! set-up of the rebalance callback (`ArchiverContext::assignment_commands`), a buffer `Worker`
+//! set-up of the rebalance callback (`ArchiverContext::assignment_commands`, then
+//! `commit_first_contacts` once the assignment is applied), a buffer `Worker`
 //! on a real directory (its volume), the `Uploader` on a single-threaded runtime whose clock
 //! only moves when the simulation says, and the poll thread's `PendingCommits`. What stands in
 //! for librdkafka is the forwarding: records read from the simulated log at this member's
@@ -9,6 +10,7 @@
 //! A kill -9 is dropping the member: the runtime and its tasks go with it, nothing is flushed
 //! or checkpointed on the way out beyond what the files' own buffers hold.
 
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::mpsc::Receiver;
@@ -18,6 +20,8 @@ use std::time::{Duration, Instant};
 use kafka_s3_archiver::buffer::{DiskUsage, Worker};
 use kafka_s3_archiver::commit::{Assignments, CommitOutcome, PendingCommits};
 use kafka_s3_archiver::config::Config;
+use kafka_s3_archiver::consume::committed::CommittedEntry;
+use kafka_s3_archiver::consume::context::GroupClient;
 use kafka_s3_archiver::consume::replay_rules::RulesSource;
 use kafka_s3_archiver::consume::ArchiverContext;
 use kafka_s3_archiver::metrics::Metrics;
@@ -49,13 +53,40 @@ pub struct Member {
     generation: u64,
 }
 
+/// The group while a member's assignment is set up: the cluster as it stands, and the positions
+/// the member commits meanwhile (the coordinator takes them at once; they land in the cluster
+/// when the assignment is done).
+struct AssigningGroup<'a> {
+    cluster: &'a Cluster,
+    positions: RefCell<Vec<(i32, i64)>>,
+}
+
+impl GroupClient for AssigningGroup<'_> {
+    fn committed_entries(
+        &self,
+        topic: &str,
+        partitions: &[i32],
+    ) -> Result<Vec<CommittedEntry>, String> {
+        self.cluster.committed_entries(topic, partitions)
+    }
+
+    fn log_start(&self, topic: &str, partition: i32) -> Result<Option<i64>, String> {
+        self.cluster.log_start(topic, partition)
+    }
+
+    fn commit_position(&self, _topic: &str, partition: i32, offset: i64) -> Result<(), String> {
+        self.positions.borrow_mut().push((partition, offset));
+        Ok(())
+    }
+}
+
 impl Member {
     /// Starts a member on `volume` and assigns it every partition of the topic.
     pub fn start(
         volume: PathBuf,
         config: &Config,
         store: &SimStore,
-        cluster: &Cluster,
+        cluster: &mut Cluster,
         seed: u64,
     ) -> Member {
         let mut config = config.clone();
@@ -142,18 +173,29 @@ impl Member {
 
     /// The rebalance callback's work for every partition, then librdkafka's start: the offset
     /// the worker answered, else the committed one, else the log's start.
-    fn assign(&mut self, cluster: &Cluster) {
+    fn assign(&mut self, cluster: &mut Cluster) {
         let partitions: Vec<i32> = cluster.logs.keys().copied().collect();
-        let commands = self.context.assignment_commands(cluster, &partitions);
+        let group = AssigningGroup {
+            cluster,
+            positions: RefCell::default(),
+        };
+        let commands = self.context.assignment_commands(&group, &partitions);
         assert_eq!(commands.len(), partitions.len(), "every partition set up");
+        let mut first_contacts = Vec::new();
         for (partition, command, answer) in commands {
             self.worker.handle(command).expect("assign");
-            let start = answer.recv().unwrap().expect("assign answered");
+            let assigned = answer.recv().unwrap().expect("assign answered");
             let log = &cluster.logs[&partition];
-            let start = start
+            let start = assigned
+                .read_from
                 .or_else(|| cluster.committed.get(&partition).map(|(o, _)| *o))
                 .unwrap_or(log.start);
             self.positions.insert(partition, start);
+            first_contacts.extend(assigned.first_contact.map(|offset| (partition, offset)));
+        }
+        self.context.commit_first_contacts(&group, &first_contacts);
+        for (partition, offset) in group.positions.into_inner() {
+            cluster.committed.insert(partition, (offset, String::new()));
         }
     }
 
