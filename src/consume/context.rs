@@ -318,30 +318,29 @@ impl ArchiverContext {
     /// Commits where this member's archive of each partition the group never committed starts
     /// (`Assigned::first_contact`), before any record of it is read: without it, a member that
     /// takes the partition over on another volume would start at the log's start as it is then,
-    /// and lose, unreported, what retention deleted of what this member had read. One try: if
-    /// it fails the batch's intent records the start soon after, and the warning says what is
-    /// at stake until then.
+    /// and lose, unreported, what retention deleted of what this member had read. One try, one
+    /// round trip for all of them: if it fails the batches' intents record the starts soon
+    /// after, and the warning says what is at stake until then.
     pub fn commit_first_contacts(&self, client: &impl GroupClient, first_contacts: &[(i32, i64)]) {
-        for &(partition, offset) in first_contacts {
-            match client.commit_position(&self.topic, partition, offset) {
-                Ok(()) => {
-                    tracing::info!(
-                        partition,
-                        offset,
-                        "the group had no commit for this partition: committed where this member's archive of it starts"
-                    );
-                    self.committed
-                        .lock()
-                        .expect("lock")
-                        .insert(partition, offset);
-                }
-                Err(error) => tracing::warn!(
-                    partition,
-                    offset,
-                    %error,
-                    "cannot commit where this member's archive of the partition starts: until its first batch's intent is committed, a member taking it over on another volume starts at the log's start and cannot report what retention deletes before it"
-                ),
+        if first_contacts.is_empty() {
+            return;
+        }
+        match client.commit_positions(&self.topic, first_contacts) {
+            Ok(()) => {
+                tracing::info!(
+                    positions = ?first_contacts,
+                    "the group had no commit for these partitions: committed where this member's archive of each starts"
+                );
+                self.committed
+                    .lock()
+                    .expect("lock")
+                    .extend(first_contacts.iter().copied());
             }
+            Err(error) => tracing::warn!(
+                positions = ?first_contacts,
+                %error,
+                "cannot commit where this member's archive of these partitions starts: until their first batches' intents are committed, a member taking one over on another volume starts at the log's start and cannot report what retention deletes before it"
+            ),
         }
     }
 
@@ -534,7 +533,7 @@ impl ArchiverContext {
     }
 }
 
-/// The answer to an `Assign` command: the offset to read from, or `None` for the committed one.
+/// The answer to an `Assign` command (see [`Assigned`]).
 pub type AssignAnswer = Receiver<Result<Assigned, BufferError>>;
 
 /// What setting up an assignment asks of the group: librdkafka's consumer in production, the
@@ -552,9 +551,9 @@ pub trait GroupClient {
     /// without which a deleted range is still recorded as a gap, only not known as deleted.
     fn log_start(&self, topic: &str, partition: i32) -> Result<Option<i64>, String>;
 
-    /// Commits `offset` as the partition's position, without metadata (no intent), and waits
-    /// for the coordinator's answer.
-    fn commit_position(&self, topic: &str, partition: i32, offset: i64) -> Result<(), String>;
+    /// Commits each `(partition, offset)` as that partition's position, without metadata (no
+    /// intent), in one request, and waits for the coordinator's answer.
+    fn commit_positions(&self, topic: &str, positions: &[(i32, i64)]) -> Result<(), String>;
 }
 
 impl<C: ConsumerContext> GroupClient for BaseConsumer<C> {
@@ -593,10 +592,12 @@ impl<C: ConsumerContext> GroupClient for BaseConsumer<C> {
         }
     }
 
-    fn commit_position(&self, topic: &str, partition: i32, offset: i64) -> Result<(), String> {
+    fn commit_positions(&self, topic: &str, positions: &[(i32, i64)]) -> Result<(), String> {
         let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(topic, partition, Offset::Offset(offset))
-            .map_err(|err| err.to_string())?;
+        for &(partition, offset) in positions {
+            tpl.add_partition_offset(topic, partition, Offset::Offset(offset))
+                .map_err(|err| err.to_string())?;
+        }
         self.commit(&tpl, CommitMode::Sync)
             .map_err(|err| err.to_string())
     }

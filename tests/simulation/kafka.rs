@@ -7,8 +7,6 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use kafka_s3_archiver::buffer::LogStarts;
-use kafka_s3_archiver::consume::committed::CommittedEntry;
-use kafka_s3_archiver::consume::context::GroupClient;
 use kafka_s3_archiver::pipeline::Record;
 
 /// One partition's log: `entries[i]` is offset `start + i`; `None` is a control record.
@@ -93,36 +91,5 @@ impl Cluster {
     pub fn log_starts(&self) -> LogStarts {
         let starts = Arc::clone(&self.starts);
         Arc::new(move |partition| starts.lock().unwrap().get(&partition).copied())
-    }
-}
-
-impl GroupClient for Cluster {
-    fn committed_entries(
-        &self,
-        topic: &str,
-        partitions: &[i32],
-    ) -> Result<Vec<CommittedEntry>, String> {
-        assert_eq!(topic, self.topic);
-        Ok(partitions
-            .iter()
-            .map(|&partition| {
-                let committed = self.committed.get(&partition);
-                CommittedEntry {
-                    partition,
-                    offset: committed.map(|(offset, _)| *offset),
-                    metadata: committed.map(|(_, m)| m.clone()).unwrap_or_default(),
-                    error: None,
-                }
-            })
-            .collect())
-    }
-
-    fn log_start(&self, topic: &str, partition: i32) -> Result<Option<i64>, String> {
-        assert_eq!(topic, self.topic);
-        Ok(self.logs.get(&partition).map(|log| log.start))
-    }
-
-    fn commit_position(&self, _topic: &str, _partition: i32, _offset: i64) -> Result<(), String> {
-        Err("the simulation commits through a member's assignment (AssigningGroup)".into())
     }
 }

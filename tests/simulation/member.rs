@@ -67,15 +67,29 @@ impl GroupClient for AssigningGroup<'_> {
         topic: &str,
         partitions: &[i32],
     ) -> Result<Vec<CommittedEntry>, String> {
-        self.cluster.committed_entries(topic, partitions)
+        assert_eq!(topic, self.cluster.topic);
+        Ok(partitions
+            .iter()
+            .map(|&partition| {
+                let committed = self.cluster.committed.get(&partition);
+                CommittedEntry {
+                    partition,
+                    offset: committed.map(|(offset, _)| *offset),
+                    metadata: committed.map(|(_, m)| m.clone()).unwrap_or_default(),
+                    error: None,
+                }
+            })
+            .collect())
     }
 
     fn log_start(&self, topic: &str, partition: i32) -> Result<Option<i64>, String> {
-        self.cluster.log_start(topic, partition)
+        assert_eq!(topic, self.cluster.topic);
+        Ok(self.cluster.logs.get(&partition).map(|log| log.start))
     }
 
-    fn commit_position(&self, _topic: &str, partition: i32, offset: i64) -> Result<(), String> {
-        self.positions.borrow_mut().push((partition, offset));
+    fn commit_positions(&self, topic: &str, positions: &[(i32, i64)]) -> Result<(), String> {
+        assert_eq!(topic, self.cluster.topic);
+        self.positions.borrow_mut().extend_from_slice(positions);
         Ok(())
     }
 }
