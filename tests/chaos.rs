@@ -314,7 +314,7 @@ fn chaos_run(seed: u64, mock_log: &mut Option<std::path::PathBuf>) {
                 zombies += 1;
             }
         } else if !broker_restarted {
-            restart_brokers(&rig);
+            restart_brokers(&fleet);
             broker_restarted = true;
         }
     }
@@ -324,7 +324,7 @@ fn chaos_run(seed: u64, mock_log: &mut Option<std::path::PathBuf>) {
         }
     }
     if !broker_restarted {
-        restart_brokers(&rig);
+        restart_brokers(&fleet);
     }
     if !fleet.new_rules {
         fleet.new_rules = true;
@@ -511,14 +511,26 @@ fn chaos_run(seed: u64, mock_log: &mut Option<std::path::PathBuf>) {
 }
 
 /// Takes the three mock brokers down for three seconds: the closest the mock cluster has to a
-/// broker restart (its data lives in the process, so the process itself must stay up).
-fn restart_brokers(rig: &Rig) {
+/// broker restart (its data lives in the process, so the process itself must stay up). A member
+/// still in its start-up checks then stops by design (no broker answered: a clear error, which
+/// Kubernetes would restart), so the restart waits until every running member is consuming.
+fn restart_brokers(fleet: &Fleet) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline
+        && fleet
+            .slots
+            .iter()
+            .flatten()
+            .any(|member| !member.log_text().contains("consuming topic="))
+    {
+        std::thread::sleep(Duration::from_millis(200));
+    }
     for broker in 1..=3 {
-        rig.broker.control(&format!("down {broker}"));
+        fleet.rig.broker.control(&format!("down {broker}"));
     }
     std::thread::sleep(Duration::from_secs(3));
     for broker in 1..=3 {
-        rig.broker.control(&format!("up {broker}"));
+        fleet.rig.broker.control(&format!("up {broker}"));
     }
 }
 
