@@ -776,3 +776,78 @@ fn a_replay_whose_head_was_deleted_is_reported_and_adopts_the_earlier_objects() 
         "every earlier object lost its first record: the test needs some that kept it"
     );
 }
+
+/// An object the batch cannot account for holds one of its keys (here: other lines, put by
+/// something else while the batch waited to be replayed). The member neither replaces it nor
+/// retries in silence: readiness turns off naming the key, a gauge the alert reads counts it, and
+/// once the operator moves the object away the batch goes up and the partition goes on.
+#[test]
+fn an_object_with_other_lines_at_a_key_turns_readiness_off_naming_it() {
+    let rig = Rig::start_mock(2);
+    rig.produce(2_000, 3, 2, 81);
+    let uploaded = interrupt_before_the_manifests(&rig, 5, &[]);
+    let key = uploaded.keys().next().expect("an object put").clone();
+    let foreign = rig.dir.path().join("foreign.gz");
+    std::fs::write(&foreign, b"{\"not\":\"the batch's lines\"}\n").unwrap();
+    let s3_uri = format!("s3://{BUCKET}/{key}");
+    rig.s3.aws(&[
+        "s3",
+        "cp",
+        "--only-show-errors",
+        foreign.to_str().unwrap(),
+        &s3_uri,
+    ]);
+
+    let records = rig.read_topic(2);
+    let ends = end_offsets(&records);
+    let mut second = rig.archiver(
+        "second",
+        &rig.dir.path().join("second-volume"),
+        &[
+            ("ARCHIVER_SCHEDULE_INTERVAL_SECS", "2"),
+            ("ARCHIVER_SCHEDULE_OFFSET_SECS", "0"),
+            ("ARCHIVER_S3_RETRY_MAX_BACKOFF_MS", "500"),
+        ],
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let body = loop {
+        let (status, body) = second.http_get("/readyz");
+        if status == 503 && body.contains(&key) {
+            break body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "readiness never named {key}: {status} {body}\n{}",
+            second.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(body.contains("other lines"), "{body}");
+    assert_eq!(second.scrape().get("archiver_object_conflicts"), Some(&1.0));
+    // Several retries later the object is still the foreign one, and the error said so once.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        rig.s3.head(&key)["ContentLength"],
+        serde_json::json!(std::fs::metadata(&foreign).unwrap().len()),
+        "the foreign object was replaced"
+    );
+    let log = second.log_text();
+    let reported = log
+        .lines()
+        .filter(|line| line.contains("holds the key") && line.contains(&key))
+        .count();
+    assert_eq!(reported, 1, "{log}");
+
+    // The operator moves the object away: the batch goes up, readiness comes back.
+    rig.s3.aws(&["s3", "rm", "--only-show-errors", &s3_uri]);
+    rig.wait_committed(&ends, Duration::from_secs(60), &mut [&mut second]);
+    let (status, body) = second.http_get("/readyz");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(second.scrape().get("archiver_object_conflicts"), Some(&0.0));
+    assert!(second.terminate(Duration::from_secs(40)).success());
+    let out = rig.dir.path().join("bucket");
+    rig.s3.download(&out);
+    assert_exactly_once(&archived_objects(&out, &rig.topic), &records, None);
+    let (clean, report) = rig.verify(true);
+    assert!(clean, "verify --deep found problems: {report:#}");
+}

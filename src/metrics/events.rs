@@ -290,6 +290,46 @@ impl<R: std::fmt::Display> Event for PartitionHeld<'_, R> {
     }
 }
 
+/// An object the batch cannot account for holds one of its keys (other lines, not another
+/// attempt's of this batch): it is never replaced, and the upload waits, readiness off naming
+/// the key, until the object is moved away or the partition moves. Reported once per wait.
+pub struct ObjectKeyConflict<'a> {
+    pub key: &'a str,
+    pub partition: i32,
+    pub batch_start: i64,
+    pub batch_end: i64,
+}
+
+impl Event for ObjectKeyConflict<'_> {
+    fn emit(self, metrics: &Metrics) {
+        tracing::error!(
+            key = self.key,
+            partition = self.partition,
+            batch_start = self.batch_start,
+            batch_end = self.batch_end,
+            "an object with other lines holds the key: not replacing it; the batch waits (readiness off) until the object is moved away"
+        );
+        let mut keys = metrics.health.conflicting_keys.lock().expect("lock");
+        keys.insert(self.key.to_string());
+        metrics.object_conflicts.set(keys.len() as i64);
+    }
+}
+
+/// The upload that waited on a conflicting key is over: the key was freed and the object put,
+/// or the partition moved, or the member stops.
+pub struct ObjectKeyConflictEnded<'a> {
+    pub key: &'a str,
+}
+
+impl Event for ObjectKeyConflictEnded<'_> {
+    fn emit(self, metrics: &Metrics) {
+        tracing::info!(key = self.key, "no longer waiting on the key");
+        let mut keys = metrics.health.conflicting_keys.lock().expect("lock");
+        keys.remove(self.key);
+        metrics.object_conflicts.set(keys.len() as i64);
+    }
+}
+
 /// The local disk budget was used up (reading pauses) or freed again (reading resumes).
 pub struct DiskBudget {
     pub over: bool,
@@ -385,6 +425,20 @@ mod tests {
             last_lost: 1,
             replaying: true,
         });
+        metrics.emit(ObjectKeyConflict {
+            key: "k",
+            partition: 3,
+            batch_start: 0,
+            batch_end: 99,
+        });
+        assert_eq!(metrics.object_conflicts.get(), 1);
+        let problems = metrics.health.ready().unwrap_err();
+        assert!(
+            problems.iter().any(|p| p.contains("holds k")),
+            "{problems:?}"
+        );
+        metrics.emit(ObjectKeyConflictEnded { key: "k" });
+        assert_eq!(metrics.object_conflicts.get(), 0);
         assert_eq!(metrics.partitions_held.get(), 1);
         assert_eq!(metrics.exactly_once_degraded.get(), 1);
         assert_eq!(metrics.offset_resets.get(), 1);

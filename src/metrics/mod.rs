@@ -2,7 +2,7 @@
 //! place, with bounded labels (partition numbers, a closed set of reasons and error kinds), and
 //! the small HTTP server that exposes them with `/healthz` and `/readyz`.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -41,6 +41,8 @@ pub struct Metrics {
     pub offset_resets: IntCounter,
     pub consume_errors: IntCounterVec,
     pub partitions_held: IntGauge,
+    /// Keys an upload waits on because an object with other lines holds them (readiness off).
+    pub object_conflicts: IntGauge,
     pub offsets_without_record: IntCounterVec,
     pub upload_bytes: IntCounter,
     pub upload_duration: Histogram,
@@ -161,6 +163,10 @@ impl Metrics {
             partitions_held: gauge(
                 "partitions_held",
                 "Assigned partitions this member does not read: their interrupted batch was cut under rules it cannot reproduce (see the log)",
+            ),
+            object_conflicts: gauge(
+                "object_conflicts",
+                "Keys an upload waits on because an object with other lines holds them, never replaced (see the log and /readyz)",
             ),
             consume_errors: counter_vec(
                 "consume_errors_total",
@@ -331,6 +337,9 @@ pub struct Health {
     pub oldest_pending_ms: Mutex<HashMap<i32, Option<i64>>>,
     /// Why the process is stopping on an error it cannot get past; never ready again.
     pub fatal: Mutex<Option<String>>,
+    /// Keys an upload waits on because an object with other lines holds them: the batch cannot
+    /// go up (nor its offsets be committed) until an operator moves the object away.
+    pub conflicting_keys: Mutex<BTreeSet<String>>,
 }
 
 /// How long the poll loop may go without a round before the process counts as stuck.
@@ -374,6 +383,11 @@ impl Health {
         }
         if self.s3_failing.load(Ordering::Relaxed) {
             problems.push("s3 uploads are failing".to_string());
+        }
+        for key in self.conflicting_keys.lock().expect("conflicts lock").iter() {
+            problems.push(format!(
+                "an object with other lines holds {key}: not replacing it; the upload waits until it is moved away"
+            ));
         }
         if problems.is_empty() {
             Ok(())
@@ -507,6 +521,16 @@ mod tests {
         let (_, _, body) = respond(&metrics, "/readyz");
         assert!(
             body.contains("stopping: fatal kafka error (FencedInstanceId)"),
+            "{body}"
+        );
+        health
+            .conflicting_keys
+            .lock()
+            .unwrap()
+            .insert("segment-logs/s/d/t-0-1.gz".into());
+        let (_, _, body) = respond(&metrics, "/readyz");
+        assert!(
+            body.contains("an object with other lines holds segment-logs/s/d/t-0-1.gz"),
             "{body}"
         );
         // A poll loop that stopped turning is not alive.

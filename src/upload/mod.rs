@@ -33,7 +33,8 @@ use tokio_util::sync::CancellationToken;
 use crate::commit::Assignments;
 use crate::layout;
 use crate::metrics::events::{
-    BatchUploaded, ObjectAlreadyPresent, ObjectUploaded, S3RequestFailed,
+    BatchUploaded, ObjectAlreadyPresent, ObjectKeyConflict, ObjectKeyConflictEnded, ObjectUploaded,
+    S3RequestFailed,
 };
 use crate::metrics::Metrics;
 use crate::pipeline::{
@@ -497,7 +498,10 @@ impl<S: ObjectStore> Shared<S> {
             batch.end,
         );
         let (key_ref, manifest, metadata, still_ours) = (&key, &manifest, &metadata, &still_ours);
-        let outcome = loop {
+        // Set while the key holds an object with other lines: readiness names it until the
+        // loop ends, however it ends (put, partition moved, shutdown).
+        let mut conflict: Option<WaitingOnKey<'_>> = None;
+        loop {
             let outcome = self
                 .with_retries(batch.partition, epoch, stop, |attempt| async move {
                     // A batch whose manifest is up is finished: a member that froze mid-upload
@@ -527,40 +531,53 @@ impl<S: ObjectStore> Shared<S> {
                     start: batch.start,
                 });
             };
-            if outcome != PutOutcome::Conflict {
-                break outcome;
+            match outcome {
+                PutOutcome::Written => {
+                    u.metrics.emit(ObjectUploaded {
+                        key: &key,
+                        bytes: file.stream.compressed_len,
+                        took: started.elapsed(),
+                    });
+                    break;
+                }
+                PutOutcome::AlreadyPresent => {
+                    u.metrics.emit(ObjectAlreadyPresent { key: &key });
+                    break;
+                }
+                PutOutcome::Abandoned => {
+                    return Err(UploadError::NotOwner {
+                        partition: batch.partition,
+                    })
+                }
+                PutOutcome::Conflict => {}
             }
             // Another attempt of this batch put the key first: adopted when it holds these lines
             // as its last ones, never replaced. Otherwise this member is a zombie that has not
-            // heard yet (it will), or the bucket holds what the batch cannot account for.
+            // heard yet (it will), or the bucket holds what the batch cannot account for, which
+            // only an operator can settle.
             let plan = planned.cloned().unwrap_or_else(|| PlannedFile::of(file));
             if let Some(adopted) = self.adopt(batch, epoch, &plan, Some(file), stop).await? {
                 u.metrics.emit(ObjectAlreadyPresent { key: &adopted.key });
                 return Ok(adopted);
             }
-            tracing::warn!(
-                key,
-                partition = batch.partition,
-                "an object with other lines holds the key: not replacing it; trying again while the partition is this member's"
-            );
+            if conflict.is_none() {
+                u.metrics.emit(ObjectKeyConflict {
+                    key: &key,
+                    partition: batch.partition,
+                    batch_start: batch.start,
+                    batch_end: batch.end,
+                });
+                conflict = Some(WaitingOnKey {
+                    metrics: &u.metrics,
+                    key: &key,
+                });
+            }
             tokio::select! {
                 _ = stop.cancelled() => return Err(UploadError::ShuttingDown),
                 _ = tokio::time::sleep(u.max_backoff) => {}
             }
-        };
-        match outcome {
-            PutOutcome::Written => u.metrics.emit(ObjectUploaded {
-                key: &key,
-                bytes: file.stream.compressed_len,
-                took: started.elapsed(),
-            }),
-            PutOutcome::AlreadyPresent => u.metrics.emit(ObjectAlreadyPresent { key: &key }),
-            PutOutcome::Abandoned | PutOutcome::Conflict => {
-                return Err(UploadError::NotOwner {
-                    partition: batch.partition,
-                })
-            }
         }
+        drop(conflict);
         Ok(ManifestFile::of_sealed(&u.prefix, batch, file))
     }
 
@@ -630,5 +647,18 @@ impl<S: ObjectStore> Shared<S> {
             attempts,
             retry_in: delay,
         });
+    }
+}
+
+/// An upload waiting on a key that holds an object with other lines: while it lives, readiness
+/// and `archiver_object_conflicts` name the key.
+struct WaitingOnKey<'a> {
+    metrics: &'a Metrics,
+    key: &'a str,
+}
+
+impl Drop for WaitingOnKey<'_> {
+    fn drop(&mut self) {
+        self.metrics.emit(ObjectKeyConflictEnded { key: self.key });
     }
 }

@@ -66,34 +66,147 @@ pub trait ObjectStore: Send + Sync + 'static {
         still_ours: StillOurs<'_>,
     ) -> impl Future<Output = Result<PutOutcome, S3Error>> + Send {
         async move {
-            if may_exist && self.holds_same_content(key, metadata).await? {
-                return Ok(PutOutcome::AlreadyPresent);
+            if may_exist {
+                match self.compare_present(key, metadata).await? {
+                    Present::SameLines => return Ok(PutOutcome::AlreadyPresent),
+                    // Known before the put: a store that ignores `If-None-Match` would replace it.
+                    Present::OtherLines => return Ok(PutOutcome::Conflict),
+                    Present::Nothing => {}
+                }
             }
             let put =
                 |conditional| self.put_file_once(key, path, len, metadata, conditional, still_ours);
             match put(self.conditional_writes()).await {
                 Err(err) if err.code.as_deref() == Some("PreconditionFailed") => {
-                    if self.holds_same_content(key, metadata).await? {
-                        return Ok(PutOutcome::AlreadyPresent);
+                    match self.compare_present(key, metadata).await? {
+                        Present::SameLines => Ok(PutOutcome::AlreadyPresent),
+                        Present::OtherLines | Present::Nothing => Ok(PutOutcome::Conflict),
                     }
-                    Ok(PutOutcome::Conflict)
                 }
                 result => result,
             }
         }
     }
 
-    /// Whether `key` exists with the same record count and content checksum.
-    fn holds_same_content(
+    /// What `key` holds, compared with the lines `metadata` describes (record count and
+    /// content checksum).
+    fn compare_present(
         &self,
         key: &str,
         metadata: &ObjectMetadata,
-    ) -> impl Future<Output = Result<bool, S3Error>> + Send {
+    ) -> impl Future<Output = Result<Present, S3Error>> + Send {
         async move {
-            Ok(self
-                .head_metadata(key)
-                .await?
-                .is_some_and(|present| metadata.same_content(&present)))
+            Ok(match self.head_metadata(key).await? {
+                None => Present::Nothing,
+                Some(present) if metadata.same_content(&present) => Present::SameLines,
+                Some(_) => Present::OtherLines,
+            })
         }
+    }
+}
+
+/// What a key holds, as `put_file` weighs it.
+pub enum Present {
+    Nothing,
+    SameLines,
+    OtherLines,
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::layout::Codec;
+
+    /// A store that ignores `If-None-Match` (Garage 2.5): a put always overwrites.
+    #[derive(Default)]
+    struct Overwriting {
+        objects: Mutex<HashMap<String, HashMap<String, String>>>,
+    }
+
+    impl ObjectStore for Overwriting {
+        fn conditional_writes(&self) -> bool {
+            false
+        }
+
+        async fn head_metadata(
+            &self,
+            key: &str,
+        ) -> Result<Option<HashMap<String, String>>, S3Error> {
+            Ok(self.objects.lock().unwrap().get(key).cloned())
+        }
+
+        async fn put_file_once(
+            &self,
+            key: &str,
+            _path: &Path,
+            _len: u64,
+            metadata: &ObjectMetadata,
+            _conditional: bool,
+            _still_ours: StillOurs<'_>,
+        ) -> Result<PutOutcome, S3Error> {
+            let fields = HashMap::from([
+                ("record-count".into(), metadata.record_count.to_string()),
+                (
+                    "content-crc32".into(),
+                    format!("{:08x}", metadata.content_crc32),
+                ),
+            ]);
+            self.objects.lock().unwrap().insert(key.into(), fields);
+            Ok(PutOutcome::Written)
+        }
+
+        async fn put_bytes(&self, _: &str, _: Vec<u8>, _: &str) -> Result<(), S3Error> {
+            unreachable!("put_file puts files")
+        }
+
+        async fn get_bytes(&self, _: &str) -> Result<Option<Vec<u8>>, S3Error> {
+            unreachable!("put_file reads no object")
+        }
+
+        async fn list(&self, _: &str) -> Result<Vec<(String, i64)>, S3Error> {
+            unreachable!("put_file lists nothing")
+        }
+    }
+
+    fn lines(record_count: u64, content_crc32: u32) -> ObjectMetadata {
+        ObjectMetadata {
+            topic: "t".into(),
+            partition: 0,
+            batch_start: 0,
+            batch_end: 9,
+            first_offset: 0,
+            record_count,
+            content_crc32,
+            codec: Codec::Gzip,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_key_seen_to_hold_other_lines_is_not_put_on_a_store_that_ignores_if_none_match() {
+        let store = Overwriting::default();
+        let still_ours = || true;
+        let path = Path::new("unused");
+        let first = store
+            .put_file("k", path, 1, &lines(10, 0xaa), false, &still_ours)
+            .await
+            .unwrap();
+        assert_eq!(first, PutOutcome::Written);
+        let again = store
+            .put_file("k", path, 1, &lines(10, 0xaa), true, &still_ours)
+            .await
+            .unwrap();
+        assert_eq!(again, PutOutcome::AlreadyPresent);
+        let other = store
+            .put_file("k", path, 1, &lines(7, 0xbb), true, &still_ours)
+            .await
+            .unwrap();
+        assert_eq!(other, PutOutcome::Conflict);
+        assert_eq!(
+            store.objects.lock().unwrap()["k"]["record-count"],
+            "10",
+            "the object with other lines was replaced"
+        );
     }
 }
