@@ -43,7 +43,7 @@ fn alert_rules_check_and_pass_their_unit_tests() {
     let check = run(Command::new(tool("PROMTOOL_BIN", "promtool"))
         .args(["check", "rules", "alerts.yml"])
         .current_dir(&rules));
-    assert!(check.contains("SUCCESS: 11 rules found"), "{check}");
+    assert!(check.contains("SUCCESS: 12 rules found"), "{check}");
     let tests = run(Command::new(tool("PROMTOOL_BIN", "promtool"))
         .args(["test", "rules", "alerts.test.yml"])
         .current_dir(&rules));

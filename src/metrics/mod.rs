@@ -5,6 +5,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use prometheus::{
     Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
@@ -418,46 +419,102 @@ pub async fn serve(
             source,
         })?;
     tracing::info!(address = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "serving /metrics, /healthz and /readyz");
-    Ok(tokio::spawn(async move {
-        loop {
-            let (mut stream, _) = tokio::select! {
-                _ = stop.cancelled() => return,
-                accepted = listener.accept() => match accepted {
-                    Ok(accepted) => accepted,
-                    Err(_) => continue,
-                },
-            };
-            let metrics = metrics.clone();
-            tokio::spawn(async move {
-                let mut request = vec![0u8; 4096];
-                let mut read = 0;
-                // The request line is all we need; stop at the end of the head.
-                while read < request.len() {
-                    match tokio::time::timeout(
-                        std::time::Duration::from_secs(5),
-                        stream.read(&mut request[read..]),
-                    )
-                    .await
-                    {
-                        Ok(Ok(0)) | Err(_) | Ok(Err(_)) => break,
-                        Ok(Ok(n)) => read += n,
-                    }
-                    if request[..read].windows(4).any(|w| w == b"\r\n\r\n") {
-                        break;
-                    }
-                }
-                let head = String::from_utf8_lossy(&request[..read]);
-                let path = head.split_whitespace().nth(1).unwrap_or("/");
-                let (status, content_type, body) = respond(&metrics, path);
-                let response = format!(
-                    "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = stream.write_all(response.as_bytes()).await;
-                let _ = stream.shutdown().await;
-            });
+    Ok(tokio::spawn(serve_on(
+        listener,
+        metrics,
+        ServeLimits::default(),
+        stop,
+    )))
+}
+
+/// What clients may take of the metrics server.
+#[derive(Debug, Clone, Copy)]
+pub struct ServeLimits {
+    /// Connections served at once; a scraper and the kubelet's probes need a handful.
+    pub max_connections: usize,
+    /// From accept to the last byte written, reading and writing included: a client that
+    /// trickles its request or reads the answer slowly holds its slot no longer than this.
+    pub request_deadline: Duration,
+}
+
+impl Default for ServeLimits {
+    fn default() -> Self {
+        ServeLimits {
+            max_connections: 32,
+            request_deadline: Duration::from_secs(10),
         }
-    }))
+    }
+}
+
+/// Serves until `stop` fires. Anyone who reaches the port is a client (the NetworkPolicy in
+/// `deploy/` admits only the scraper), so none may hold more than `limits` allow: connections past
+/// the cap are closed at once, each request is cut off at its deadline however slowly it trickles,
+/// and a failing `accept` (file descriptors exhausted) backs off instead of spinning.
+async fn serve_on(
+    listener: TcpListener,
+    metrics: Metrics,
+    limits: ServeLimits,
+    stop: CancellationToken,
+) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let mut accept_backoff = ACCEPT_BACKOFF_MIN;
+    loop {
+        let stream = tokio::select! {
+            _ = stop.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        let stream = match stream {
+            Ok((stream, _)) => {
+                accept_backoff = ACCEPT_BACKOFF_MIN;
+                stream
+            }
+            Err(error) => {
+                tracing::warn!(%error, retry_in = ?accept_backoff, "metrics server cannot accept a connection");
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(accept_backoff) => {}
+                }
+                accept_backoff = (accept_backoff * 2).min(ACCEPT_BACKOFF_MAX);
+                continue;
+            }
+        };
+        // Dropped at once when every slot is taken: closing is cheaper than queueing.
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            continue;
+        };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(limits.request_deadline, answer(stream, &metrics)).await;
+            drop(slot);
+        });
+    }
+}
+
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(50);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+/// Reads one request head (the request line is all it needs) and writes the answer.
+async fn answer(mut stream: tokio::net::TcpStream, metrics: &Metrics) {
+    let mut request = vec![0u8; 4096];
+    let mut read = 0;
+    while read < request.len() {
+        match stream.read(&mut request[read..]).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => read += n,
+        }
+        if request[..read].windows(4).any(|w| w == b"\r\n\r\n") {
+            break;
+        }
+    }
+    let head = String::from_utf8_lossy(&request[..read]);
+    let path = head.split_whitespace().nth(1).unwrap_or("/");
+    let (status, content_type, body) = respond(metrics, path);
+    let response = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = stream.write_all(response.as_bytes()).await;
+    let _ = stream.shutdown().await;
 }
 
 fn respond(metrics: &Metrics, path: &str) -> (&'static str, &'static str, String) {
@@ -538,6 +595,78 @@ mod tests {
             .last_poll_ms
             .store(Health::now_ms() - POLL_STALL_MS - 1000, Ordering::Relaxed);
         assert_eq!(respond(&metrics, "/healthz").0, "503 Service Unavailable");
+    }
+
+    async fn serving(limits: ServeLimits) -> (std::net::SocketAddr, CancellationToken) {
+        let stop = CancellationToken::new();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(serve_on(listener, Metrics::new(), limits, stop.clone()));
+        (address, stop)
+    }
+
+    /// Whether the server closed `stream` within `within` (a read answers end of file or an
+    /// error), sending a byte every 100 ms meanwhile as a trickling client does.
+    async fn closed_within(stream: &mut tokio::net::TcpStream, within: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + within;
+        let mut byte = [0u8; 1];
+        while tokio::time::Instant::now() < deadline {
+            if stream.write_all(b"G").await.is_err() {
+                return true;
+            }
+            match tokio::time::timeout(Duration::from_millis(100), stream.read(&mut byte)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return true,
+                Ok(Ok(_)) | Err(_) => {}
+            }
+        }
+        false
+    }
+
+    #[tokio::test]
+    async fn a_trickling_client_is_cut_off_at_the_request_deadline() {
+        let (address, stop) = serving(ServeLimits {
+            request_deadline: Duration::from_millis(500),
+            ..ServeLimits::default()
+        })
+        .await;
+        let mut trickler = tokio::net::TcpStream::connect(address).await.unwrap();
+        assert!(
+            closed_within(&mut trickler, Duration::from_secs(3)).await,
+            "a client sending a byte every 100 ms held its connection past the deadline"
+        );
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn connections_past_the_cap_are_closed_and_the_scrape_after_them_answered() {
+        let (address, stop) = serving(ServeLimits {
+            max_connections: 4,
+            request_deadline: Duration::from_secs(5),
+        })
+        .await;
+        let mut idle = Vec::new();
+        for _ in 0..4 {
+            idle.push(tokio::net::TcpStream::connect(address).await.unwrap());
+        }
+        // Give the server time to take the four in.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut fifth = tokio::net::TcpStream::connect(address).await.unwrap();
+        let mut rest = Vec::new();
+        let closed = tokio::time::timeout(Duration::from_secs(2), fifth.read_to_end(&mut rest))
+            .await
+            .is_ok();
+        assert!(closed, "a connection past the cap was held");
+        // Their slots come back as they go (or at the deadline), and the scraper gets its answer.
+        drop(idle);
+        let mut scraper = tokio::net::TcpStream::connect(address).await.unwrap();
+        scraper
+            .write_all(b"GET /healthz HTTP/1.1\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = String::new();
+        scraper.read_to_string(&mut answer).await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+        stop.cancel();
     }
 
     #[test]

@@ -4,7 +4,8 @@
 - core kinds validate strictly against the Kubernetes 1.37 schemas (kubernetes-validate);
 - custom resources (ServiceMonitor, PrometheusRule, ScaledObject) carry their required fields;
 - the PrometheusRule holds exactly the groups of deploy/prometheus/alerts.yml;
-- autoscaling is capped, and the StatefulSet wires static membership, probes and the volume.
+- autoscaling is capped, and the StatefulSet wires static membership, probes and the volume;
+- a NetworkPolicy admits only the scraper, and only to the metrics port.
 
 Prints the archiver.toml of every ConfigMap and overlay after a line `--- CONFIG name`, so the
 Rust side can load each with the real config loader. Exits non-zero listing every problem.
@@ -124,6 +125,21 @@ for sts in by_kind.get("StatefulSet", []):
         if "emptyDir" in volume:
             need((volume["emptyDir"] or {}).get("sizeLimit"), f"StatefulSet: emptyDir {volume['name']} needs a sizeLimit")
     need(pod.get("terminationGracePeriodSeconds", 30) > 25, "StatefulSet: grace period must exceed shutdown.grace_secs (25)")
+
+# The metrics port is the only way in, and anyone who reaches it is a client: only the scraper may.
+policies = by_kind.get("NetworkPolicy", [])
+need(policies, "NetworkPolicy: none admits only the scraper to the metrics port")
+for policy in policies:
+    spec = policy["spec"]
+    need(
+        spec.get("podSelector", {}).get("matchLabels", {}).get("app.kubernetes.io/name") == "kafka-s3-archiver",
+        "NetworkPolicy: must select the archiver's pods",
+    )
+    need("Ingress" in spec.get("policyTypes", []), "NetworkPolicy: must restrict ingress")
+    for rule in spec.get("ingress", []):
+        need(rule.get("from"), "NetworkPolicy: an ingress rule admits every source")
+        ports = [p.get("port") for p in rule.get("ports", [])]
+        need(ports and all(p in ("metrics", 9187) for p in ports), f"NetworkPolicy: ingress to ports {ports}, not only metrics")
 
 for config_map in by_kind.get("ConfigMap", []):
     for key, value in config_map.get("data", {}).items():
