@@ -61,6 +61,11 @@ pub struct KafkaConfig {
     /// Booleans and numbers are taken as librdkafka spells them (`false`, `5000`).
     #[serde(deserialize_with = "scalars_as_strings")]
     pub properties: BTreeMap<String, String>,
+    /// Properties read from files at start (one trailing newline dropped): a Secret mounted
+    /// as a volume, so passwords never sit in the ConfigMap, a flag or the pod spec.
+    /// `ARCHIVER_KAFKA_PROPERTY_{NAME}` variables (`SASL_PASSWORD` is `sasl.password`) are the
+    /// other way in, for `secretKeyRef`.
+    pub property_files: BTreeMap<String, PathBuf>,
 }
 
 impl Default for KafkaConfig {
@@ -76,6 +81,7 @@ impl Default for KafkaConfig {
             auth: KafkaAuth::None,
             aws_region: String::new(),
             properties: BTreeMap::new(),
+            property_files: BTreeMap::new(),
         }
     }
 }
@@ -465,6 +471,9 @@ pub struct ConfigError {
 }
 
 const ENV_PREFIX: &str = "ARCHIVER_";
+/// `ARCHIVER_KAFKA_PROPERTY_SASL_PASSWORD` sets `kafka.properties."sasl.password"`: librdkafka's
+/// names are dotted lower case, which environment variable names cannot be.
+const ENV_PROPERTY_PREFIX: &str = "KAFKA_PROPERTY_";
 /// Top-level tables of the config file, which `ARCHIVER_{SECTION}_{KEY}` variables address.
 const SECTIONS: &[&str] = &[
     "kafka", "s3", "routing", "buffer", "schedule", "shutdown", "metrics", "output",
@@ -500,6 +509,12 @@ impl Config {
             let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
                 continue;
             };
+            if let Some(property) = rest.strip_prefix(ENV_PROPERTY_PREFIX) {
+                // Taken as written, never as TOML: a secret is whatever bytes it is.
+                let property = property.to_ascii_lowercase().replace('_', ".");
+                properties_table(&mut root).insert(property, toml::Value::String(value));
+                continue;
+            }
             // Only variables naming a section are ours: Kubernetes injects `{SERVICE}_PORT` and
             // the like for every Service, and a Service named "archiver" must not break start-up.
             let Some((section, key)) = rest.split_once('_') else {
@@ -528,6 +543,7 @@ impl Config {
         }
         let mut config = deserialize_collecting(root, &mut problems);
         if let Some(config) = &mut config {
+            config.kafka.read_property_files(&mut problems);
             if config.kafka.aws_region.is_empty() {
                 config.kafka.aws_region = config.s3.region.clone();
             }
@@ -818,6 +834,49 @@ fn is_valid_topic(topic: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
+/// `kafka.properties` of the TOML tree, made a table if it is not one yet.
+fn properties_table(root: &mut toml::Table) -> &mut toml::Table {
+    let mut table = root;
+    for part in ["kafka", "properties"] {
+        let entry = table
+            .entry(part)
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        if !entry.is_table() {
+            *entry = toml::Value::Table(toml::Table::new());
+        }
+        table = entry.as_table_mut().expect("just made a table");
+    }
+    table
+}
+
+impl KafkaConfig {
+    /// Adds `property_files` to `properties`, naming the property and the path (never the
+    /// content) of a file that cannot be read.
+    fn read_property_files(&mut self, problems: &mut Vec<String>) {
+        for (property, path) in &self.property_files {
+            if self.properties.contains_key(property) {
+                problems.push(format!(
+                    "kafka.property_files.{property}: kafka.properties sets it too: set it in one place only"
+                ));
+                continue;
+            }
+            match std::fs::read_to_string(path) {
+                Ok(text) => {
+                    let value = text
+                        .strip_suffix('\n')
+                        .map(|v| v.strip_suffix('\r').unwrap_or(v))
+                        .unwrap_or(&text);
+                    self.properties.insert(property.clone(), value.to_string());
+                }
+                Err(err) => problems.push(format!(
+                    "kafka.property_files.{property}: cannot read {}: {err}",
+                    path.display()
+                )),
+            }
+        }
+    }
+}
+
 /// Sets `parts` in the TOML tree to `raw`, read as a TOML value when it parses as one
 /// (numbers, booleans, arrays) and as a string otherwise.
 /// Splits a dotted key as TOML writes it: `kafka.properties."sasl.mechanism"` is three keys,
@@ -947,6 +1006,65 @@ mod tests {
             env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
             &sets.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
         )
+    }
+
+    /// Kubernetes hands a Secret to a container as an environment variable (`secretKeyRef`) or
+    /// as a mounted file; either reaches a librdkafka property without passing the ConfigMap.
+    #[test]
+    fn secret_properties_come_from_the_environment_or_from_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let password = dir.path().join("password");
+        std::fs::write(&password, "[s3cr3t] true\n").unwrap();
+        let config = load_str(
+            &format!(
+                "[kafka.property_files]\n\"sasl.password\" = {:?}\n",
+                password.to_str().unwrap()
+            ),
+            &[
+                ("ARCHIVER_KAFKA_PROPERTY_SASL_USERNAME", "archiver"),
+                ("ARCHIVER_KAFKA_PROPERTY_SSL_KEY_PASSWORD", "5000"),
+            ],
+            &[],
+        )
+        .unwrap();
+        let properties = &config.kafka.properties;
+        // Taken as written: a trailing newline (`kubectl create secret --from-file`) dropped,
+        // nothing parsed as TOML.
+        assert_eq!(properties["sasl.password"], "[s3cr3t] true");
+        assert_eq!(properties["sasl.username"], "archiver");
+        assert_eq!(properties["ssl.key.password"], "5000");
+
+        let missing = load_str(
+            "[kafka.property_files]\n\"sasl.password\" = \"/no/such/secret\"\n",
+            &[],
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            missing.contains("kafka.property_files.sasl.password: cannot read /no/such/secret"),
+            "{missing}"
+        );
+        let twice = load_str(
+            &format!(
+                "[kafka.properties]\n\"sasl.password\" = \"x\"\n[kafka.property_files]\n\"sasl.password\" = {:?}\n",
+                password.to_str().unwrap()
+            ),
+            &[],
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(twice.contains("sets it too"), "{twice}");
+        // A reserved property cannot come in this way either.
+        let reserved = load_str(
+            "",
+            &[("ARCHIVER_KAFKA_PROPERTY_ENABLE_AUTO_COMMIT", "true")],
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(reserved.contains("enable.auto.commit"), "{reserved}");
     }
 
     #[test]

@@ -616,23 +616,7 @@ impl ClientContext for ArchiverContext {
     }
 
     fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
-        match level {
-            RDKafkaLogLevel::Emerg
-            | RDKafkaLogLevel::Alert
-            | RDKafkaLogLevel::Critical
-            | RDKafkaLogLevel::Error => {
-                tracing::error!(target: "librdkafka", facility = fac, "{message}")
-            }
-            RDKafkaLogLevel::Warning => {
-                tracing::warn!(target: "librdkafka", facility = fac, "{message}")
-            }
-            RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
-                tracing::info!(target: "librdkafka", facility = fac, "{message}")
-            }
-            RDKafkaLogLevel::Debug => {
-                tracing::debug!(target: "librdkafka", facility = fac, "{message}")
-            }
-        }
+        self.auth.log(level, fac, message);
     }
 
     /// librdkafka's statistics (every few seconds): per-partition lag for the metrics.
@@ -690,6 +674,8 @@ impl ClientContext for ArchiverContext {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
+        let reason = self.auth.redact(reason);
+        let reason = reason.as_str();
         if let Some(code) = error.rdkafka_error_code() {
             *self.last_error.lock().expect("last error lock") = Some((code, reason.to_string()));
         }

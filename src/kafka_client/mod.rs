@@ -3,16 +3,18 @@
 //! operator's `kafka.properties` (security, tuning), then what the role's guarantees rely on,
 //! which no property overrides. Security settings therefore reach every client the same way.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use rdkafka::client::OAuthToken;
-use rdkafka::config::ClientConfig;
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::ConsumerContext;
+use rdkafka::error::KafkaError;
 use rdkafka::producer::{DeliveryResult, ProducerContext};
 use rdkafka::ClientContext;
 
-use crate::config::KafkaAuth;
+use crate::config::{is_secret_property, redact_secrets, KafkaAuth};
 use msk_iam::MskIamSigner;
 
 pub mod headers;
@@ -140,10 +142,13 @@ pub fn client_config(kafka: &KafkaConfig, role: ClientRole) -> ClientConfig {
 }
 
 /// How a client authenticates beyond its properties: the token source every client context
-/// asks when the broker wants an OAUTHBEARER token.
+/// asks when the broker wants an OAUTHBEARER token, and the secrets its messages must not show.
 #[derive(Debug, Clone, Default)]
 pub struct Auth {
     msk_iam: Option<MskIamSigner>,
+    /// The values of the secret properties (`sasl.password`, ...), redacted from everything
+    /// librdkafka says at run time.
+    secrets: Arc<BTreeMap<String, String>>,
 }
 
 impl Auth {
@@ -151,6 +156,41 @@ impl Auth {
         Auth {
             msk_iam: (kafka.auth == KafkaAuth::AwsMskIam)
                 .then(|| MskIamSigner::new(&kafka.aws_region)),
+            secrets: Arc::new(
+                kafka
+                    .properties
+                    .iter()
+                    .filter(|(key, _)| is_secret_property(key))
+                    .map(|(key, value)| (key.clone(), value.clone()))
+                    .collect(),
+            ),
+        }
+    }
+
+    /// `text` with every secret property's value replaced by `[redacted]`.
+    pub fn redact(&self, text: &str) -> String {
+        redact_secrets(text, self.secrets.iter())
+    }
+
+    /// A line of librdkafka's runtime log, at its level, secrets redacted.
+    pub fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        let message = self.redact(message);
+        match level {
+            RDKafkaLogLevel::Emerg
+            | RDKafkaLogLevel::Alert
+            | RDKafkaLogLevel::Critical
+            | RDKafkaLogLevel::Error => {
+                tracing::error!(target: "librdkafka", facility, "{message}")
+            }
+            RDKafkaLogLevel::Warning => {
+                tracing::warn!(target: "librdkafka", facility, "{message}")
+            }
+            RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
+                tracing::info!(target: "librdkafka", facility, "{message}")
+            }
+            RDKafkaLogLevel::Debug => {
+                tracing::debug!(target: "librdkafka", facility, "{message}")
+            }
         }
     }
 
@@ -176,6 +216,15 @@ impl ClientContext for AuthContext {
         _config: Option<&str>,
     ) -> Result<OAuthToken, Box<dyn std::error::Error>> {
         self.0.token()
+    }
+
+    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        self.0.log(level, facility, message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        let reason = self.0.redact(reason);
+        tracing::warn!(target: "librdkafka", error = %error, reason, "kafka client error");
     }
 }
 
@@ -222,6 +271,15 @@ impl ClientContext for ProducerCounting {
         _config: Option<&str>,
     ) -> Result<OAuthToken, Box<dyn std::error::Error>> {
         self.auth.token()
+    }
+
+    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        self.auth.log(level, facility, message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        let reason = self.auth.redact(reason);
+        tracing::warn!(target: "librdkafka", error = %error, reason, "kafka client error");
     }
 }
 
@@ -332,5 +390,62 @@ mod tests {
             panic!("a token without kafka.auth");
         };
         assert!(err.to_string().contains("kafka.auth"), "{err}");
+    }
+
+    /// librdkafka's runtime log and error callbacks quote what they reject or fail with, SASL
+    /// passwords and JAAS configs included: every context redacts them, not only at creation.
+    #[test]
+    fn every_client_context_redacts_secrets_from_librdkafka_logs_and_errors() {
+        let mut kafka = KafkaConfig::default();
+        kafka
+            .properties
+            .insert("sasl.password".into(), "hunter2-secret".into());
+        let auth = Auth::for_config(&kafka);
+        let logged = captured_logs(|| {
+            let inspector = AuthContext(auth.clone());
+            inspector.log(
+                RDKafkaLogLevel::Error,
+                "SASL",
+                "auth failed for hunter2-secret",
+            );
+            inspector.error(
+                rdkafka::error::KafkaError::Global(
+                    rdkafka::types::RDKafkaErrorCode::Authentication,
+                ),
+                "bad password hunter2-secret",
+            );
+            let producer = ProducerCounting {
+                deliveries: Arc::default(),
+                auth: auth.clone(),
+            };
+            producer.log(RDKafkaLogLevel::Warning, "SASL", "retrying hunter2-secret");
+        });
+        assert!(!logged.contains("hunter2-secret"), "{logged}");
+        assert_eq!(logged.matches("[redacted]").count(), 3, "{logged}");
+    }
+
+    /// What `f` logs through `tracing`, as text.
+    fn captured_logs(f: impl FnOnce()) -> String {
+        #[derive(Clone, Default)]
+        struct Buffer(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Buffer {
+            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(bytes);
+                Ok(bytes.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buffer = Buffer::default();
+        let writer = buffer.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::DEBUG)
+            .finish();
+        tracing::subscriber::with_default(subscriber, f);
+        let text = buffer.0.lock().unwrap().clone();
+        String::from_utf8(text).unwrap()
     }
 }

@@ -13,6 +13,7 @@ Rust side can load each with the real config loader. Exits non-zero listing ever
 
 import pathlib
 import sys
+import tomllib
 
 import kubernetes_validate
 import yaml
@@ -68,7 +69,7 @@ by_kind = {}
 for path, doc in docs:
     kind = doc.get("kind")
     by_kind.setdefault(kind, []).append(doc)
-    if doc.get("apiVersion", "").split("/")[0] in ("v1", "apps", "policy", "autoscaling"):
+    if doc.get("apiVersion", "").split("/")[0] in ("v1", "apps", "policy", "autoscaling", "networking.k8s.io"):
         try:
             kubernetes_validate.validate(doc, "1.37.0", strict=True)
         except Exception as error:  # ValidationError and schema lookup errors alike
@@ -145,6 +146,21 @@ for config_map in by_kind.get("ConfigMap", []):
     for key, value in config_map.get("data", {}).items():
         if key.endswith(".toml"):
             configs[f"configmap/{key}"] = value
+
+# Secrets come from Secrets (ARCHIVER_KAFKA_PROPERTY_* from a secretKeyRef, or property_files),
+# never from a ConfigMap, whose values anyone who can read the namespace's config sees.
+SECRET_MARKERS = ("password", "secret", "jaas", "token", "credential", ".key.pem", "oauthbearer.config")
+for name, text in configs.items():
+    properties = tomllib.loads(text).get("kafka", {}).get("properties", {})
+    for key in properties:
+        need(
+            not any(marker in key.lower() for marker in SECRET_MARKERS),
+            f"{name}: kafka.properties.{key} is a secret; take it from a Secret",
+        )
+for sts in by_kind.get("StatefulSet", []):
+    for env in sts["spec"]["template"]["spec"]["containers"][0].get("env", []):
+        if env["name"].startswith("ARCHIVER_KAFKA_PROPERTY_"):
+            need("secretKeyRef" in env.get("valueFrom", {}), f"StatefulSet: {env['name']} must come from a secretKeyRef")
 
 for name, text in configs.items():
     print(f"--- CONFIG {name}")
