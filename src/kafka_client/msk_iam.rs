@@ -2,12 +2,15 @@
 //! SigV4-presigned `GET https://kafka.{region}.amazonaws.com/?Action=kafka-cluster:Connect`
 //! (service `kafka-cluster`, valid 15 minutes), base64url-encoded without padding. Credentials
 //! come from the SDK's default chain, as S3's do (IRSA web identity on EKS). librdkafka asks for
-//! a fresh token before the current one expires (`ClientContext::generate_oauth_token`).
+//! a fresh token before the current one expires (`ClientContext::generate_oauth_token`); a token
+//! never outlives the credentials it was signed with, and the chain's answer is reused until
+//! near its end rather than fetched for every token.
 //!
 //! The token is checked against AWS's reference signer (`aws-msk-iam-sasl-signer-python`) in
 //! `tests/msk_iam.rs`: same credentials, region and time give the same signed request.
 
 use std::borrow::Cow;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use aws_sdk_s3::config::{Credentials, ProvideCredentials};
@@ -83,26 +86,91 @@ fn uri_encode(value: &str) -> String {
     out
 }
 
+/// When a token signed at `now` with `credentials` stops working: after its 15 minutes, or
+/// when the (temporary) credentials it was signed with expire, whichever comes first.
+fn token_expiry(now: SystemTime, credentials: &Credentials) -> SystemTime {
+    let signed_for = now + TOKEN_VALIDITY;
+    credentials
+        .expiry()
+        .map_or(signed_for, |expiry| expiry.min(signed_for))
+}
+
+/// Credentials without an expiry (static keys) are asked for again after this long, so a
+/// rotated key or profile is picked up.
+const CREDENTIALS_RECHECK: Duration = Duration::from_secs(3_600);
+/// Temporary credentials are replaced this long before they expire: a token signed with them
+/// should live a good part of its 15 minutes.
+const CREDENTIALS_MARGIN: Duration = Duration::from_secs(300);
+
+/// What the chain gave last, and when.
+#[derive(Debug, Clone)]
+struct FetchedCredentials {
+    credentials: Credentials,
+    at: SystemTime,
+}
+
+impl FetchedCredentials {
+    fn reusable(&self, now: SystemTime) -> bool {
+        match self.credentials.expiry() {
+            Some(expiry) => now + CREDENTIALS_MARGIN < expiry,
+            None => now < self.at + CREDENTIALS_RECHECK,
+        }
+    }
+}
+
 /// Makes tokens for the clients of one cluster.
 #[derive(Debug, Clone)]
 pub struct MskIamSigner {
     region: String,
+    /// Shared by the clones every client context holds: one chain call serves them all.
+    last: Arc<Mutex<Option<FetchedCredentials>>>,
 }
 
 impl MskIamSigner {
     pub fn new(region: &str) -> MskIamSigner {
         MskIamSigner {
             region: region.to_string(),
+            last: Arc::default(),
         }
     }
 
-    /// A fresh token, valid for 15 minutes, signed with what the SDK's default credential chain
-    /// (environment, profile, IRSA web identity, instance metadata) gives now. librdkafka asks
-    /// from its own threads, every few minutes: the chain runs on a thread of its own, with a
-    /// runtime of its own, so that no caller's async executor is ever blocked or re-entered.
+    /// A fresh token, valid for 15 minutes (less when the credentials expire sooner), signed
+    /// with what the SDK's default credential chain (environment, profile, IRSA web identity,
+    /// instance metadata) gave, reused until near its end.
     pub fn token(&self) -> Result<OAuthToken, Box<dyn std::error::Error>> {
+        let now = SystemTime::now();
+        let credentials = self.credentials(now)?;
+        let url = presigned_url(&self.region, &credentials, now)
+            .map_err(|err| format!("msk iam: cannot sign the token: {err}"))?;
+        let lifetime_ms = token_expiry(now, &credentials)
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        Ok(OAuthToken {
+            token: token_of(&url),
+            principal_name: credentials.access_key_id().to_string(),
+            lifetime_ms,
+        })
+    }
+
+    fn credentials(&self, now: SystemTime) -> Result<Credentials, String> {
+        let mut last = self.last.lock().expect("credentials lock");
+        if let Some(fetched) = last.as_ref().filter(|fetched| fetched.reusable(now)) {
+            return Ok(fetched.credentials.clone());
+        }
+        let credentials = self.ask_the_chain()?;
+        *last = Some(FetchedCredentials {
+            credentials: credentials.clone(),
+            at: now,
+        });
+        Ok(credentials)
+    }
+
+    /// librdkafka asks for tokens from its own threads: the chain runs on a thread of its own,
+    /// with a runtime of its own, so that no caller's async executor is ever blocked or
+    /// re-entered.
+    fn ask_the_chain(&self) -> Result<Credentials, String> {
         let region = self.region.clone();
-        let credentials = std::thread::Builder::new()
+        std::thread::Builder::new()
             .name("msk-iam-credentials".into())
             .spawn(move || -> Result<Credentials, String> {
                 let runtime = tokio::runtime::Builder::new_current_thread()
@@ -122,22 +190,11 @@ impl MskIamSigner {
                         .await
                         .map_err(|err| err.to_string())
                 })
-            })?
+            })
+            .map_err(|err| format!("msk iam: cannot start the credentials thread: {err}"))?
             .join()
-            .map_err(|_| "msk iam: the credentials thread panicked")?
-            .map_err(|err| format!("msk iam: no aws credentials: {err}"))?;
-        let now = SystemTime::now();
-        let url = presigned_url(&self.region, &credentials, now)
-            .map_err(|err| format!("msk iam: cannot sign the token: {err}"))?;
-        let expires = now + TOKEN_VALIDITY;
-        let lifetime_ms = expires
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as i64);
-        Ok(OAuthToken {
-            token: token_of(&url),
-            principal_name: credentials.access_key_id().to_string(),
-            lifetime_ms,
-        })
+            .map_err(|_| "msk iam: the credentials thread panicked".to_string())?
+            .map_err(|err| format!("msk iam: no aws credentials: {err}"))
     }
 }
 
@@ -179,5 +236,42 @@ mod tests {
             .decode(&token)
             .unwrap();
         assert_eq!(decoded, url.as_bytes());
+    }
+
+    /// A token signed with credentials that expire before its 15 minutes must not outlive
+    /// them: librdkafka refreshes at 80 % of the lifetime it is told, so it asks again in time.
+    #[test]
+    fn a_token_expires_no_later_than_its_credentials() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_764_633_600);
+        let lasting = Credentials::new("AKID", "secret", None, None, "test");
+        assert_eq!(token_expiry(now, &lasting), now + TOKEN_VALIDITY);
+        let short = Credentials::new(
+            "AKID",
+            "secret",
+            Some("session".into()),
+            Some(now + Duration::from_secs(300)),
+            "test",
+        );
+        assert_eq!(token_expiry(now, &short), now + Duration::from_secs(300));
+    }
+
+    /// The chain (an STS or instance-metadata call) runs when the credentials it gave last are
+    /// near their end, not for every token.
+    #[test]
+    fn credentials_are_reused_until_near_their_end() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_764_633_600);
+        let session = |expiry: SystemTime| {
+            Credentials::new("AKID", "secret", Some("s".into()), Some(expiry), "test")
+        };
+        let fetched = |credentials: Credentials| FetchedCredentials {
+            credentials,
+            at: now,
+        };
+        let hours = fetched(session(now + Duration::from_secs(3_600)));
+        assert!(hours.reusable(now + Duration::from_secs(600)));
+        assert!(!hours.reusable(now + Duration::from_secs(3_600 - 60)));
+        let no_expiry = fetched(Credentials::new("AKID", "secret", None, None, "test"));
+        assert!(no_expiry.reusable(now + Duration::from_secs(1_800)));
+        assert!(!no_expiry.reusable(now + CREDENTIALS_RECHECK + Duration::from_secs(1)));
     }
 }
