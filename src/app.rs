@@ -134,7 +134,7 @@ pub async fn run(
             store: store.clone(),
             prefix: config.s3.prefix.clone(),
             assignments: Arc::clone(&assignments),
-            commits: commit_tx,
+            commits: commit_tx.clone(),
             metrics: metrics.clone(),
             concurrency: config.s3.concurrency,
             initial_backoff: Duration::from_millis(config.s3.retry_initial_backoff_ms),
@@ -148,6 +148,7 @@ pub async fn run(
     let context = ArchiverContext::new(
         config.kafka.topic.clone(),
         worker_txs.clone(),
+        commit_tx,
         Arc::clone(&assignments),
         metrics.clone(),
         Arc::clone(&fatal),

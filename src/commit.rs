@@ -43,6 +43,15 @@ impl Assignments {
             .remove(&partition);
     }
 
+    /// The epoch of `partition`'s assignment now, if this member owns it.
+    pub fn epoch(&self, partition: i32) -> Option<u64> {
+        self.current
+            .lock()
+            .expect("assignments lock")
+            .get(&partition)
+            .copied()
+    }
+
     /// Whether work started under `epoch` still belongs to this member.
     pub fn is_current(&self, partition: i32, epoch: u64) -> bool {
         self.current

@@ -153,9 +153,14 @@ struct World {
     /// The file size cap a pod on a fresh volume runs with: the rollout's current settings.
     rollout: u64,
     faults: Faults,
-    /// Per partition: where the first member started with nothing committed and nothing in the
-    /// bucket: the records before it were deleted before the archiver ever needed them.
+    /// Per partition: where the first member to read it started, with nothing committed and
+    /// nothing in the bucket: the records before it were deleted before the archiver ever
+    /// needed them.
     needed_from: BTreeMap<i32, i64>,
+    /// Per partition the member running now found with nothing committed and nothing in the
+    /// bucket: the log's start then, which becomes `needed_from` once it reads the partition or the
+    /// group holds a commit of it.
+    starts_uncommitted: BTreeMap<i32, i64>,
     /// Per partition: the offsets that held a record.
     records: BTreeMap<i32, BTreeSet<i64>>,
     trace: Vec<String>,
@@ -188,6 +193,7 @@ fn run(seed: u64) -> Outcome {
         rollout: FILE_CAPS[0],
         faults: Faults::default(),
         needed_from: BTreeMap::new(),
+        starts_uncommitted: BTreeMap::new(),
         records: BTreeMap::new(),
         trace: Vec::new(),
     };
@@ -242,6 +248,29 @@ impl World {
         });
     }
 
+    /// A partition the running member found uncommitted whose start the group now holds:
+    /// the archive of it starts with this member, as if it had read it.
+    fn note_recorded_starts(&mut self) {
+        for (&partition, &start) in &self.starts_uncommitted {
+            if self.cluster.committed.contains_key(&partition) {
+                self.needed_from.entry(partition).or_insert(start);
+            }
+        }
+    }
+
+    /// The partitions a poll read: the first read of one the group never committed is where
+    /// the archiver first needs its log. Answers the reads for the trace.
+    fn note_read(&mut self, read: Vec<(i32, String)>) -> String {
+        let mut texts = Vec::new();
+        for (partition, text) in read {
+            if let Some(&start) = self.starts_uncommitted.get(&partition) {
+                self.needed_from.entry(partition).or_insert(start);
+            }
+            texts.push(text);
+        }
+        texts.join(", ")
+    }
+
     fn start_member(&mut self) {
         let prefix = self.config.s3.prefix.clone();
         for (&partition, log) in &self.cluster.logs {
@@ -249,12 +278,18 @@ impl World {
                 kafka_s3_archiver::layout::manifest_prefix(&prefix, "events", partition);
             let bucket = self.store.bucket.lock().unwrap();
             let archived = bucket.objects.keys().any(|k| k.starts_with(&manifests));
-            // The first member to start needs the log from where it stood then: a member
-            // after it on another volume cannot make retention's deletions since unneeded.
+            // The first member to read needs the log from where it stood when it started: a
+            // member after it on another volume cannot make retention's deletions since
+            // unneeded.
             if !self.cluster.committed.contains_key(&partition) && !archived {
-                self.needed_from.entry(partition).or_insert(log.start);
+                self.starts_uncommitted.insert(partition, log.start);
+            } else {
+                self.starts_uncommitted.remove(&partition);
             }
         }
+        // The coordinator may refuse the commits made in the rebalance callback (a rebalance
+        // still in progress), the first contacts among them.
+        let refuse_first_contacts = self.rng.u8(..100) < 20;
         let seed = self.rng.u64(..);
         // Joining starts a new generation: the members before it can no longer commit.
         self.cluster.generation += 1;
@@ -270,7 +305,14 @@ impl World {
             &self.store,
             &mut self.cluster,
             seed,
+            refuse_first_contacts,
         );
+        self.note_recorded_starts();
+        if refuse_first_contacts {
+            self.trace.push(
+                "      a member starts; the coordinator refuses its assignment's commits".into(),
+            );
+        }
         self.member = Some(member);
     }
 
@@ -316,7 +358,8 @@ impl World {
                 if let Some(member) = &mut self.member {
                     let read = member.poll(&self.cluster, max);
                     if !read.is_empty() {
-                        self.log(step, format!("poll: {}", read.join(", ")));
+                        let read = self.note_read(read);
+                        self.log(step, format!("poll: {read}"));
                     }
                 }
             }
@@ -357,6 +400,7 @@ impl World {
                 if let Some(member) = &mut self.member {
                     member.commit(&mut self.cluster, refuse);
                 }
+                self.note_recorded_starts();
                 let committed = format!("{:?}", self.cluster.committed);
                 self.log(
                     step,
@@ -483,10 +527,13 @@ impl World {
         for _ in 0..200 {
             let member = self.member.as_mut().unwrap();
             member.paused = false;
-            member.poll(&self.cluster, 10_000);
+            let read = member.poll(&self.cluster, 10_000);
+            self.note_read(read);
+            let member = self.member.as_mut().unwrap();
             member.seal();
             member.run_uploads(Duration::from_secs(10));
             member.commit(&mut self.cluster, false);
+            self.note_recorded_starts();
             let done = self.cluster.logs.iter().all(|(partition, log)| {
                 let last = self.records.get(partition).and_then(|r| r.last().copied());
                 match last.filter(|&o| o >= log.start) {

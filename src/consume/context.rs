@@ -4,9 +4,9 @@
 //! committed intent or the bucket says; a revoked one drops its in-flight batch before another
 //! member can read it. Also librdkafka's logs, statistics and errors.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::mpsc::{sync_channel, Receiver, Sender, SyncSender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,7 +26,8 @@ use crate::kafka_client::Auth;
 use crate::metrics::events::PartitionHeld;
 use crate::metrics::Metrics;
 use crate::pipeline::{
-    worker_for, Assigned, BatchIntent, BufferError, Fatal, PlannedFile, WorkerCommand,
+    worker_for, Assigned, BatchIntent, BufferError, CommitRequest, Fatal, PlannedFile,
+    WorkerCommand,
 };
 use crate::upload::ArchiveEnd;
 
@@ -90,6 +91,12 @@ pub struct ArchiverContext {
     /// Where each assigned partition started reading: librdkafka knows no position before the
     /// first record, and a batch that cannot be read right after a restart is there.
     starts: std::sync::Mutex<HashMap<i32, i64>>,
+    /// The poll loop's commit queue: a first contact the coordinator refused is retried there,
+    /// in order with the intents that follow it (an intent supersedes it, never the reverse).
+    commits: Sender<CommitRequest>,
+    /// Partitions whose first contact the group has not taken yet: paused, never read, until a
+    /// commit of theirs goes in (see [`ArchiverContext::commit_first_contacts`]).
+    awaiting_first_contact: std::sync::Mutex<BTreeSet<i32>>,
 }
 
 /// Why a partition is not set up.
@@ -112,6 +119,7 @@ impl ArchiverContext {
     pub fn new(
         topic: String,
         workers: Vec<SyncSender<WorkerCommand>>,
+        commits: Sender<CommitRequest>,
         assignments: Arc<Assignments>,
         metrics: Metrics,
         fatal: Arc<Fatal>,
@@ -132,6 +140,8 @@ impl ArchiverContext {
             held: std::sync::Mutex::default(),
             last_error: std::sync::Mutex::default(),
             starts: std::sync::Mutex::default(),
+            commits,
+            awaiting_first_contact: std::sync::Mutex::default(),
         }
     }
 
@@ -165,12 +175,35 @@ impl ArchiverContext {
             .copied()
     }
 
-    /// The group committed `next_offset` for `partition` (for the committed-lag metric).
-    pub(super) fn note_committed(&self, partition: i32, next_offset: i64) {
+    /// The group committed `next_offset` for `partition` (for the committed-lag metric). Answers
+    /// whether the partition was waiting for its first contact to go in: the group now holds
+    /// where its archive starts (that commit or an intent after it), so it is to be resumed.
+    pub fn note_committed(&self, partition: i32, next_offset: i64) -> bool {
         self.committed
             .lock()
             .expect("lock")
             .insert(partition, next_offset);
+        let waited = self
+            .awaiting_first_contact
+            .lock()
+            .expect("awaiting lock")
+            .remove(&partition);
+        if waited {
+            tracing::info!(
+                partition,
+                committed = next_offset,
+                "the group holds where this member's archive of the partition starts: reading it"
+            );
+        }
+        waited
+    }
+
+    /// Whether `partition` is paused until the group takes its first contact.
+    pub fn awaits_first_contact(&self, partition: i32) -> bool {
+        self.awaiting_first_contact
+            .lock()
+            .expect("awaiting lock")
+            .contains(&partition)
     }
 
     /// Tokens for a broker that asks for them (`kafka.auth`).
@@ -318,14 +351,20 @@ impl ArchiverContext {
     /// Commits where this member's archive of each partition the group never committed starts
     /// (`Assigned::first_contact`), before any record of it is read: without it, a member that
     /// takes the partition over on another volume would start at the log's start as it is then,
-    /// and lose, unreported, what retention deleted of what this member had read. One try, one
-    /// round trip for all of them: if it fails the batches' intents record the starts soon
-    /// after, and the warning says what is at stake until then.
-    pub fn commit_first_contacts(&self, client: &impl GroupClient, first_contacts: &[(i32, i64)]) {
+    /// and lose, unreported, what retention deleted of what this member had read. One round
+    /// trip for all of them. A refused commit (a rebalance still in progress, the coordinator
+    /// moving) goes to the poll loop's commit queue, retried with backoff, and its partitions
+    /// are answered: the caller pauses them, and they are read only once the group holds a
+    /// commit of theirs ([`ArchiverContext::note_committed`]).
+    pub fn commit_first_contacts(
+        &self,
+        client: &impl GroupClient,
+        first_contacts: &[(i32, i64)],
+    ) -> Vec<i32> {
         if first_contacts.is_empty() {
-            return;
+            return Vec::new();
         }
-        match client.commit_positions(&self.topic, first_contacts) {
+        let error = match client.commit_positions(&self.topic, first_contacts) {
             Ok(()) => {
                 tracing::info!(
                     positions = ?first_contacts,
@@ -335,13 +374,36 @@ impl ArchiverContext {
                     .lock()
                     .expect("lock")
                     .extend(first_contacts.iter().copied());
+                return Vec::new();
             }
-            Err(error) => tracing::warn!(
-                positions = ?first_contacts,
-                %error,
-                "cannot commit where this member's archive of these partitions starts: until their first batches' intents are committed, a member taking one over on another volume starts at the log's start and cannot report what retention deletes before it"
-            ),
+            Err(error) => error,
+        };
+        tracing::warn!(
+            positions = ?first_contacts,
+            %error,
+            "cannot commit yet where this member's archive of these partitions starts: they stay paused, not read, and the commit is retried"
+        );
+        let mut waiting = Vec::new();
+        let mut awaiting = self.awaiting_first_contact.lock().expect("awaiting lock");
+        for &(partition, offset) in first_contacts {
+            let Some(epoch) = self.assignments.epoch(partition) else {
+                continue;
+            };
+            let request = CommitRequest {
+                partition,
+                epoch,
+                next_offset: offset,
+                metadata: String::new(),
+                reply: None,
+            };
+            if self.commits.send(request).is_err() {
+                self.fatal.raise("the commit queue is closed".into());
+                return Vec::new();
+            }
+            awaiting.insert(partition);
+            waiting.push(partition);
         }
+        waiting
     }
 
     /// Where each newly assigned partition stands (its commit and intent, the bucket, the rules
@@ -448,6 +510,10 @@ impl ArchiverContext {
             }
             self.committed.lock().expect("lock").remove(&partition);
             self.starts.lock().expect("starts lock").remove(&partition);
+            self.awaiting_first_contact
+                .lock()
+                .expect("awaiting lock")
+                .remove(&partition);
             self.metrics.forget_partition(partition);
             if keep_local {
                 continue;
@@ -716,28 +782,33 @@ impl ConsumerContext for ArchiverContext {
                 } else {
                     consumer.assign(tpl)
                 };
-                match result {
+                let awaiting = match result {
                     // Before `poll` returns, so before any record of these partitions is read.
                     Ok(()) => self.commit_first_contacts(consumer, &first_contacts),
-                    Err(err) => self
-                        .fatal
-                        .raise(format!("cannot apply partition assignment: {err}")),
-                }
+                    Err(err) => {
+                        self.fatal
+                            .raise(format!("cannot apply partition assignment: {err}"));
+                        Vec::new()
+                    }
+                };
                 // librdkafka keeps a partition's pause across its revocation: one paused for the
                 // disk budget, revoked and assigned back would never be read again (seen in the
                 // chaos test). Whatever is assigned starts unpaused; backpressure pauses it anew.
                 if let Err(err) = consumer.resume(tpl) {
                     tracing::warn!(error = %err, "cannot resume the newly assigned partitions");
                 }
-                let held = self.held_partitions();
-                if !held.is_empty() {
+                // Held partitions, and those whose start the group does not hold yet, are not
+                // read (pausing also drops what librdkafka fetched of them meanwhile).
+                let not_read: Vec<i32> =
+                    self.held_partitions().into_iter().chain(awaiting).collect();
+                if !not_read.is_empty() {
                     let mut list = TopicPartitionList::new();
-                    for partition in held {
+                    for partition in not_read {
                         list.add_partition(&self.topic, partition);
                     }
                     if let Err(err) = consumer.pause(&list) {
                         self.fatal
-                            .raise(format!("cannot pause the held partitions: {err}"));
+                            .raise(format!("cannot pause the partitions not to be read: {err}"));
                     }
                 }
             }
@@ -761,5 +832,99 @@ impl ConsumerContext for ArchiverContext {
                 let _ = consumer.unassign();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A coordinator that answers every commit with `refusal`, if any.
+    struct Coordinator {
+        refusal: Option<&'static str>,
+        committed: std::cell::RefCell<Vec<(i32, i64)>>,
+    }
+
+    impl GroupClient for Coordinator {
+        fn committed_entries(&self, _: &str, _: &[i32]) -> Result<Vec<CommittedEntry>, String> {
+            unreachable!("not asked in these tests")
+        }
+
+        fn log_start(&self, _: &str, _: i32) -> Result<Option<i64>, String> {
+            unreachable!("not asked in these tests")
+        }
+
+        fn commit_positions(&self, _: &str, positions: &[(i32, i64)]) -> Result<(), String> {
+            match self.refusal {
+                Some(refusal) => Err(refusal.into()),
+                None => {
+                    self.committed.borrow_mut().extend_from_slice(positions);
+                    Ok(())
+                }
+            }
+        }
+    }
+
+    fn context_with_queue() -> (ArchiverContext, Receiver<CommitRequest>) {
+        let (worker, _) = sync_channel(1);
+        let (commits, queue) = std::sync::mpsc::channel();
+        let context = ArchiverContext::new(
+            "events".into(),
+            vec![worker],
+            commits,
+            Arc::new(Assignments::default()),
+            Metrics::new(),
+            Arc::new(Fatal::default()),
+        );
+        (context, queue)
+    }
+
+    #[test]
+    fn a_first_contact_the_coordinator_takes_leaves_the_partition_readable() {
+        let (context, queue) = context_with_queue();
+        context.assignments.assign(3);
+        let coordinator = Coordinator {
+            refusal: None,
+            committed: Default::default(),
+        };
+        assert!(context
+            .commit_first_contacts(&coordinator, &[(3, 40)])
+            .is_empty());
+        assert_eq!(coordinator.committed.into_inner(), vec![(3, 40)]);
+        assert!(!context.awaits_first_contact(3));
+        assert!(queue.try_recv().is_err(), "nothing left to retry");
+    }
+
+    #[test]
+    fn a_refused_first_contact_keeps_its_partition_unread_until_a_commit_of_it_goes_in() {
+        let (context, queue) = context_with_queue();
+        let epoch = context.assignments.assign(3);
+        context.assignments.assign(5);
+        let coordinator = Coordinator {
+            refusal: Some("Broker: Group rebalance in progress"),
+            committed: Default::default(),
+        };
+        let paused = context.commit_first_contacts(&coordinator, &[(3, 40), (5, 0)]);
+        assert_eq!(paused, vec![3, 5], "the caller pauses both");
+        assert!(context.awaits_first_contact(3) && context.awaits_first_contact(5));
+        // Retried through the poll loop's commit queue, as a position without an intent, under
+        // the assignment's epoch (a revocation meanwhile makes it stale).
+        let retry = queue.try_recv().expect("partition 3's retry");
+        assert_eq!(
+            (
+                retry.partition,
+                retry.epoch,
+                retry.next_offset,
+                retry.metadata.as_str()
+            ),
+            (3, epoch, 40, "")
+        );
+        assert!(retry.reply.is_none());
+        assert_eq!(queue.try_recv().expect("partition 5's retry").partition, 5);
+        // Any commit of the partition (the retry, or an intent that superseded it) resumes it.
+        assert!(context.note_committed(3, 40), "resume partition 3");
+        assert!(!context.awaits_first_contact(3));
+        assert!(!context.note_committed(3, 57), "already readable");
+        assert!(context.awaits_first_contact(5), "partition 5 still waits");
     }
 }

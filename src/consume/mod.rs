@@ -300,9 +300,15 @@ impl PollLoop {
         for outcome in outcomes {
             match outcome {
                 CommitOutcome::Committed(attempt) => {
-                    self.consumer
-                        .context()
-                        .note_committed(attempt.partition, attempt.next_offset);
+                    let context = self.consumer.context();
+                    if context.note_committed(attempt.partition, attempt.next_offset) {
+                        // The group holds where the partition's archive starts: read it.
+                        let mut tpl = TopicPartitionList::new();
+                        tpl.add_partition(&self.topic, attempt.partition);
+                        if let Err(err) = self.consumer.resume(&tpl) {
+                            tracing::warn!(error = %err, partition = attempt.partition, "cannot resume the partition");
+                        }
+                    }
                     self.metrics.emit(OffsetCommitted {
                         partition: attempt.partition,
                         offset: attempt.next_offset,
@@ -345,8 +351,15 @@ impl PollLoop {
             return;
         }
         let was_over = backpressure.over_budget();
-        let change =
-            backpressure.plan(used, &self.assignments.partitions(), &self.disk.replaying());
+        // A partition waiting for its first contact to go in stays paused whatever the budget.
+        let context = self.consumer.context();
+        let readable: Vec<i32> = self
+            .assignments
+            .partitions()
+            .into_iter()
+            .filter(|&partition| !context.awaits_first_contact(partition))
+            .collect();
+        let change = backpressure.plan(used, &readable, &self.disk.replaying());
         if backpressure.over_budget() != was_over {
             self.metrics.emit(DiskBudget {
                 over: backpressure.over_budget(),
@@ -421,9 +434,11 @@ mod tests {
 
     fn context() -> ArchiverContext {
         let (tx, _rx) = sync_channel(1);
+        let (commits, _) = std::sync::mpsc::channel();
         ArchiverContext::new(
             "t".into(),
             vec![tx],
+            commits,
             Arc::new(Assignments::default()),
             Metrics::new(),
             Arc::new(Fatal::default()),

@@ -59,6 +59,9 @@ pub struct Member {
 struct AssigningGroup<'a> {
     cluster: &'a Cluster,
     positions: RefCell<Vec<(i32, i64)>>,
+    /// The coordinator refuses commits made during the assignment (a rebalance still in
+    /// progress, as librdkafka's mock cluster and real brokers answer when members come and go).
+    refuse_commits: bool,
 }
 
 impl GroupClient for AssigningGroup<'_> {
@@ -89,19 +92,24 @@ impl GroupClient for AssigningGroup<'_> {
 
     fn commit_positions(&self, topic: &str, positions: &[(i32, i64)]) -> Result<(), String> {
         assert_eq!(topic, self.cluster.topic);
+        if self.refuse_commits {
+            return Err("simulated REBALANCE_IN_PROGRESS".into());
+        }
         self.positions.borrow_mut().extend_from_slice(positions);
         Ok(())
     }
 }
 
 impl Member {
-    /// Starts a member on `volume` and assigns it every partition of the topic.
+    /// Starts a member on `volume` and assigns it every partition of the topic;
+    /// `refuse_first_contacts`: the coordinator refuses the commits made during the assignment.
     pub fn start(
         volume: PathBuf,
         config: &Config,
         store: &SimStore,
         cluster: &mut Cluster,
         seed: u64,
+        refuse_first_contacts: bool,
     ) -> Member {
         let mut config = config.clone();
         config.buffer.data_dir = volume.clone();
@@ -128,7 +136,7 @@ impl Member {
             store: store.clone(),
             prefix: config.s3.prefix.clone(),
             assignments: Arc::clone(&assignments),
-            commits: commit_tx,
+            commits: commit_tx.clone(),
             metrics: metrics.clone(),
             concurrency: 4,
             initial_backoff: Duration::from_millis(100),
@@ -143,6 +151,7 @@ impl Member {
         let context = ArchiverContext::new(
             topic.clone(),
             vec![worker_tx],
+            commit_tx,
             Arc::clone(&assignments),
             metrics,
             Arc::new(Fatal::default()),
@@ -181,17 +190,18 @@ impl Member {
             elapsed: Duration::ZERO,
             generation: cluster.generation,
         };
-        member.assign(cluster);
+        member.assign(cluster, refuse_first_contacts);
         member
     }
 
     /// The rebalance callback's work for every partition, then librdkafka's start: the offset
     /// the worker answered, else the committed one, else the log's start.
-    fn assign(&mut self, cluster: &mut Cluster) {
+    fn assign(&mut self, cluster: &mut Cluster, refuse_commits: bool) {
         let partitions: Vec<i32> = cluster.logs.keys().copied().collect();
         let group = AssigningGroup {
             cluster,
             positions: RefCell::default(),
+            refuse_commits,
         };
         let commands = self.context.assignment_commands(&group, &partitions);
         assert_eq!(commands.len(), partitions.len(), "every partition set up");
@@ -214,13 +224,17 @@ impl Member {
     }
 
     /// One poll round: up to `max` records of each partition to the worker. Says what it read:
-    /// per partition, the offsets looked at and whether the position had to be reset.
-    pub fn poll(&mut self, cluster: &Cluster, max: usize) -> Vec<String> {
+    /// per partition read, the offsets looked at and whether the position had to be reset.
+    pub fn poll(&mut self, cluster: &Cluster, max: usize) -> Vec<(i32, String)> {
         let mut read = Vec::new();
         if self.paused {
             return read;
         }
         for (&partition, position) in self.positions.iter_mut() {
+            if self.context.awaits_first_contact(partition) {
+                // Paused until the group holds where its archive starts.
+                continue;
+            }
             let log = &cluster.logs[&partition];
             let mut reset = String::new();
             if *position < log.start || *position > log.end() {
@@ -232,7 +246,7 @@ impl Member {
             let (records, next) = log.read(from, max);
             *position = next;
             if next > from {
-                read.push(format!("p{partition} [{from}, {next}){reset}"));
+                read.push((partition, format!("p{partition} [{from}, {next}){reset}")));
             }
             if !records.is_empty() {
                 self.worker
@@ -292,6 +306,9 @@ impl Member {
         );
         for outcome in outcomes {
             if let CommitOutcome::Committed(attempt) = outcome {
+                // The poll loop resumes a partition that waited for its first contact.
+                self.context
+                    .note_committed(attempt.partition, attempt.next_offset);
                 self.worker
                     .handle(WorkerCommand::Committed {
                         partition: attempt.partition,
