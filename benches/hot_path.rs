@@ -81,6 +81,7 @@ fn hot_path(c: &mut Criterion) {
         compression_level: 6,
         max_file_bytes: 256 << 20,
         max_batch_bytes: 1 << 30,
+        max_batch_files: 1000,
         codec: kafka_s3_archiver::layout::Codec::Gzip,
         zstd_level: 3,
     };

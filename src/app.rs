@@ -19,7 +19,7 @@ use crate::consume::replay_rules::RulesSource;
 use crate::consume::{create_consumer, ArchiverContext, ConsumeError, PollLoop};
 use crate::kafka_client::Auth;
 use crate::metrics::Metrics;
-use crate::pipeline::{BufferError, Fatal};
+use crate::pipeline::{BufferError, Fatal, QueuedRecords};
 use crate::rules::{rules_key, CuttingRules};
 use crate::schedule::{Cadence, Schedule, SystemClock, UploadNow};
 use crate::upload::s3::S3Store;
@@ -31,6 +31,11 @@ use crate::upload::{archive_end, planned_files, Uploader};
 /// eat what they have queued: 8 left them idle a third of the time, 48 keeps both cores busy
 /// for about 100 MB of queued records in all (`scripts/bench.sh`).
 const WORKER_QUEUE: usize = 48;
+
+/// Bytes of records queued for the buffer workers, at most: the count of commands above bounds
+/// them only for typical events, and a producer decides how large events are (1 MB events
+/// would make those 48 commands gigabytes). About what 48 commands of typical events hold.
+const QUEUED_RECORD_BYTES: u64 = 64 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -100,6 +105,7 @@ pub async fn run(
     let worker_count = config.worker_count();
     let mut worker_txs = Vec::with_capacity(worker_count);
     let mut worker_threads = Vec::with_capacity(worker_count);
+    let queued = Arc::new(QueuedRecords::new(QUEUED_RECORD_BYTES));
     for index in 0..worker_count {
         let (tx, rx) = sync_channel(WORKER_QUEUE);
         let worker = Worker::new(
@@ -110,13 +116,14 @@ pub async fn run(
             Arc::clone(&disk),
             Arc::clone(&log_starts),
         );
-        let fatal = Arc::clone(&fatal);
+        let (fatal, queued) = (Arc::clone(&fatal), Arc::clone(&queued));
         let thread = std::thread::Builder::new()
             .name(format!("buffer-{index}"))
             .spawn(move || {
-                let result =
-                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| worker.run(rx)))
-                        .unwrap_or(Err(BufferError::Panicked));
+                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    worker.run(rx, &queued)
+                }))
+                .unwrap_or(Err(BufferError::Panicked));
                 if let Err(err) = &result {
                     fatal.raise(err.to_string());
                 }
@@ -187,6 +194,7 @@ pub async fn run(
         consumer,
         topic: config.kafka.topic.clone(),
         workers: worker_txs,
+        queued,
         commits: commit_rx,
         assignments,
         disk,

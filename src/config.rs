@@ -5,7 +5,7 @@
 //! Credentials are deliberately absent: they come from the AWS SDK's default chain and from
 //! librdkafka properties the operator passes through `kafka.properties`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -339,6 +339,20 @@ pub struct RoutingConfig {
     /// Events nested deeper than this (objects and arrays) are dead-lettered: they are not
     /// analytics events, and downstream JSON readers refuse them.
     pub max_json_depth: usize,
+    /// The source ids to archive; empty (the default) archives every well-formed one. Anyone
+    /// who can produce to the topic picks the source id, and each new one is a folder and a
+    /// file: events of a source not listed are dead letters (`source-not-allowed`). Left out
+    /// of the cutting rules when empty, so rules (and their hash) stay those of releases
+    /// before it.
+    #[serde(skip_serializing_if = "BTreeSet::is_empty")]
+    pub allowed_sources: BTreeSet<String>,
+    /// How many days an event's `receivedAt` may lie before or after its Kafka timestamp; off
+    /// (the default) when unset. A producer picks `receivedAt`, and each day is a folder and a
+    /// file: events outside the window are dead letters (`received-at-outside-window`). Keep it
+    /// off where old days are archived on purpose (`restore` backfilling a month). Records
+    /// without a Kafka timestamp are not checked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub received_at_window_days: Option<u32>,
 }
 
 impl Default for RoutingConfig {
@@ -354,6 +368,8 @@ impl Default for RoutingConfig {
             day_format: DayFormat::EpochMs,
             max_message_bytes: 1 << 20,
             max_json_depth: 64,
+            allowed_sources: BTreeSet::new(),
+            received_at_window_days: None,
         }
     }
 }
@@ -369,6 +385,11 @@ pub struct BufferConfig {
     pub max_file_bytes: u64,
     /// A partition's batch is sealed early once it holds this many uncompressed bytes.
     pub max_batch_bytes: u64,
+    /// A partition's batch is sealed early once it holds this many files. A producer decides
+    /// the source id and day of every record, so it can open a file per record; each file costs
+    /// an inode, a checkpoint entry, memory while it uploads and a PUT. A replay is not cut by
+    /// it: it opens the files its first attempt did.
+    pub max_batch_files: usize,
     /// Local disk budget: above half of it batches are sealed early, at it partitions pause.
     pub max_disk_bytes: u64,
     /// Live compressors at once (each ~330 KB); colder files are sync-flushed and closed and
@@ -389,6 +410,7 @@ impl Default for BufferConfig {
             compression_level: 6,
             max_file_bytes: 256 << 20,
             max_batch_bytes: 1 << 30,
+            max_batch_files: 1000,
             max_disk_bytes: 20 << 30,
             max_open_compressors: 64,
             checkpoint_interval_secs: 10,
@@ -708,6 +730,13 @@ impl Config {
         if self.routing.source.is_empty() {
             problems.push("routing.source: needs at least one rule".into());
         }
+        for source in &self.routing.allowed_sources {
+            if let Err(reason) = crate::layout::check_source_id(source) {
+                problems.push(format!(
+                    "routing.allowed_sources: source id {source:?} {reason}"
+                ));
+            }
+        }
         for (write_key, source) in &self.routing.write_keys {
             if let Err(reason) = crate::layout::check_source_id(source) {
                 problems.push(format!(
@@ -743,6 +772,10 @@ impl Config {
         check(
             self.buffer.max_batch_bytes >= self.buffer.max_file_bytes.min(1 << 20),
             "buffer.max_batch_bytes: must be at least 1 MiB or buffer.max_file_bytes",
+        );
+        check(
+            self.buffer.max_batch_files >= 1,
+            "buffer.max_batch_files: must be at least 1",
         );
         check(
             self.buffer.max_disk_bytes >= 2 * self.buffer.max_batch_bytes.min(1 << 30),

@@ -73,6 +73,72 @@ pub struct Record {
     pub headers: Vec<(Vec<u8>, Option<Vec<u8>>)>,
 }
 
+impl Record {
+    /// The bytes the record holds in memory: what [`QueuedRecords`] counts.
+    pub fn held_bytes(&self) -> u64 {
+        let headers: usize = self
+            .headers
+            .iter()
+            .map(|(key, value)| key.len() + value.as_ref().map_or(0, Vec::len))
+            .sum();
+        (self.payload.as_ref().map_or(0, Vec::len)
+            + self.key.as_ref().map_or(0, Vec::len)
+            + headers) as u64
+    }
+}
+
+/// Bytes of records the poll loop handed to the buffer workers that they have not written yet.
+/// The poll loop waits while they are over the budget: what sits in the workers' queues is
+/// bounded by bytes, whatever the size of the records (48 commands of 1,000 records of 1 MB
+/// each would be gigabytes).
+#[derive(Debug)]
+pub struct QueuedRecords {
+    bytes: std::sync::Mutex<u64>,
+    written: std::sync::Condvar,
+    budget: u64,
+}
+
+impl QueuedRecords {
+    pub fn new(budget: u64) -> QueuedRecords {
+        QueuedRecords {
+            bytes: std::sync::Mutex::new(0),
+            written: std::sync::Condvar::new(),
+            budget,
+        }
+    }
+
+    /// Counts `bytes` more as queued, once they fit in the budget (or nothing is queued: a
+    /// single round larger than the budget still goes). Answers `false` without counting them
+    /// when `give_up` says so while waiting (the member is stopping; a worker that died never
+    /// writes what it holds).
+    pub fn admit(&self, bytes: u64, give_up: impl Fn() -> bool) -> bool {
+        let mut queued = self.bytes.lock().expect("queued lock");
+        while *queued > 0 && *queued + bytes > self.budget {
+            if give_up() {
+                return false;
+            }
+            queued = self
+                .written
+                .wait_timeout(queued, std::time::Duration::from_millis(100))
+                .expect("queued lock")
+                .0;
+        }
+        *queued += bytes;
+        true
+    }
+
+    /// A worker wrote (or dropped) records holding `bytes`.
+    pub fn written(&self, bytes: u64) {
+        let mut queued = self.bytes.lock().expect("queued lock");
+        *queued = queued.saturating_sub(bytes);
+        self.written.notify_all();
+    }
+
+    pub fn get(&self) -> u64 {
+        *self.bytes.lock().expect("queued lock")
+    }
+}
+
 /// A command from the poll loop to the worker owning a partition.
 pub enum WorkerCommand {
     /// Restore or start the partition; replies where to read from (see [`Assigned`]).
@@ -154,6 +220,16 @@ impl SealTrigger {
     }
 }
 
+/// A filesystem block: the least a local file costs, however few bytes it holds.
+pub const MIN_FILE_DISK_BYTES: u64 = 4096;
+
+/// What a local file of `compressed_len` bytes counts for in the disk budget: at least a block,
+/// so a producer that opens a file per record (a source id or a day each) fills the budget, and
+/// pauses reading, long before the volume runs out of blocks and inodes.
+pub fn file_disk_charge(compressed_len: u64) -> u64 {
+    compressed_len.max(MIN_FILE_DISK_BYTES)
+}
+
 /// A batch closed to new records, on its way to S3.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SealedBatch {
@@ -188,6 +264,14 @@ impl SealedBatch {
 
     pub fn compressed_bytes(&self) -> u64 {
         self.files.iter().map(|f| f.stream.compressed_len).sum()
+    }
+
+    /// What the batch's files count for in the local disk budget (see [`file_disk_charge`]).
+    pub fn disk_charge(&self) -> u64 {
+        self.files
+            .iter()
+            .map(|f| file_disk_charge(f.stream.compressed_len))
+            .sum()
     }
 
     pub fn state(&self) -> BatchState {
@@ -427,6 +511,32 @@ pub enum CommitResult {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn queued_records_wait_for_the_workers_once_over_budget() {
+        let queued = std::sync::Arc::new(QueuedRecords::new(100));
+        // One round larger than the budget still goes when nothing is queued.
+        assert!(queued.admit(150, || false));
+        assert_eq!(queued.get(), 150);
+        // The next waits until a worker wrote enough, however long that takes.
+        let admitted = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let waiter = {
+            let (queued, admitted) = (queued.clone(), admitted.clone());
+            std::thread::spawn(move || {
+                assert!(queued.admit(60, || false));
+                admitted.store(true, std::sync::atomic::Ordering::SeqCst);
+            })
+        };
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        assert!(!admitted.load(std::sync::atomic::Ordering::SeqCst));
+        queued.written(150);
+        waiter.join().unwrap();
+        assert_eq!(queued.get(), 60);
+        // A member that stops gives up waiting, counting nothing.
+        assert!(queued.admit(40, || true), "fits: no wait");
+        assert!(!queued.admit(1, || true));
+        assert_eq!(queued.get(), 100);
+    }
 
     #[test]
     fn intents_round_trip_and_foreign_metadata_is_ignored() {

@@ -10,7 +10,7 @@ use std::borrow::Cow;
 use std::fmt;
 
 use base64::Engine as _;
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, NaiveDate, Utc};
 use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, Visitor};
 use serde::{Deserialize, Serialize};
 
@@ -36,10 +36,14 @@ pub enum DeadLetterReason {
     /// A header key that is not UTF-8: legal on the wire, but no reader of the archive (nor the
     /// dead letter's own `key`) can name it, so the record is kept whole, key in base64.
     BadHeader,
+    /// A source id `routing.allowed_sources` does not list.
+    SourceNotAllowed,
+    /// A `receivedAt` further from the Kafka timestamp than `routing.received_at_window_days`.
+    ReceivedAtOutsideWindow,
 }
 
 impl DeadLetterReason {
-    pub const ALL: [DeadLetterReason; 13] = [
+    pub const ALL: [DeadLetterReason; 15] = [
         DeadLetterReason::Tombstone,
         DeadLetterReason::Empty,
         DeadLetterReason::TooLarge,
@@ -53,6 +57,8 @@ impl DeadLetterReason {
         DeadLetterReason::NoReceivedAt,
         DeadLetterReason::BadReceivedAt,
         DeadLetterReason::BadHeader,
+        DeadLetterReason::SourceNotAllowed,
+        DeadLetterReason::ReceivedAtOutsideWindow,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -70,6 +76,8 @@ impl DeadLetterReason {
             DeadLetterReason::NoReceivedAt => "no-received-at",
             DeadLetterReason::BadReceivedAt => "bad-received-at",
             DeadLetterReason::BadHeader => "bad-header",
+            DeadLetterReason::SourceNotAllowed => "source-not-allowed",
+            DeadLetterReason::ReceivedAtOutsideWindow => "received-at-outside-window",
         }
     }
 }
@@ -101,6 +109,10 @@ pub struct Router {
     day_format: DayFormat,
     max_message_bytes: usize,
     max_json_depth: usize,
+    /// `routing.allowed_sources`: empty allows every source.
+    allowed_sources: std::collections::HashSet<String>,
+    /// `routing.received_at_window_days`, in days.
+    received_at_window: Option<i64>,
     /// Top-level JSON fields the rules read, received-at first.
     wanted_fields: Vec<String>,
 }
@@ -126,6 +138,8 @@ impl Router {
             day_format: config.day_format,
             max_message_bytes: config.max_message_bytes,
             max_json_depth: config.max_json_depth,
+            allowed_sources: config.allowed_sources.iter().cloned().collect(),
+            received_at_window: config.received_at_window_days.map(i64::from),
             wanted_fields,
         }
     }
@@ -190,6 +204,9 @@ impl Router {
         let fields = extract_fields(payload, &self.wanted_fields)?;
 
         let source = self.source_of(record, &fields)?;
+        if !self.allowed_sources.is_empty() && !self.allowed_sources.contains(&source) {
+            return Err(DeadLetterReason::SourceNotAllowed);
+        }
         let day = match &fields[0] {
             Some(FieldValue::Str(text)) => match DateTime::parse_from_rfc3339(text) {
                 Ok(time) => Ok(time.with_timezone(&Utc).date_naive()),
@@ -199,7 +216,10 @@ impl Router {
             None => Err(DeadLetterReason::NoReceivedAt),
         };
         let day = match day {
-            Ok(day) => day,
+            Ok(day) => {
+                self.check_window(record, day)?;
+                day
+            }
             Err(reason) if self.fallback_to_kafka_timestamp => record
                 .timestamp_ms
                 .and_then(DateTime::<Utc>::from_timestamp_millis)
@@ -228,6 +248,24 @@ impl Router {
             },
             line,
         ))
+    }
+
+    /// A `receivedAt` day within the window around the record's Kafka timestamp (when both are
+    /// set; the day from the timestamp itself is never checked).
+    fn check_window(&self, record: &Record, day: NaiveDate) -> Result<(), DeadLetterReason> {
+        let (Some(window), Some(kafka_day)) = (
+            self.received_at_window,
+            record
+                .timestamp_ms
+                .and_then(DateTime::<Utc>::from_timestamp_millis)
+                .map(|t| t.date_naive()),
+        ) else {
+            return Ok(());
+        };
+        if (day - kafka_day).num_days().abs() > window {
+            return Err(DeadLetterReason::ReceivedAtOutsideWindow);
+        }
+        Ok(())
     }
 
     fn source_of(
@@ -596,6 +634,51 @@ mod tests {
             "valid one-line events are not copied"
         );
         assert_eq!(routed.dead_letter, None);
+    }
+
+    /// Opt-in bounds on what a producer can make the archiver open: only listed sources, and
+    /// only received-days near the record's Kafka timestamp (2015-05-27 here).
+    #[test]
+    fn sources_outside_the_allowlist_and_days_outside_the_window_are_dead_letters() {
+        let config = RoutingConfig {
+            allowed_sources: ["web".to_string()].into(),
+            received_at_window_days: Some(2),
+            ..RoutingConfig::default()
+        };
+        let bounded = Router::new(&config, "events", 3);
+        let reason = |source: &str, received: &str| {
+            let payload =
+                format!(r#"{{"projectId":"{source}","receivedAt":"{received}T10:00:00Z"}}"#);
+            bounded.route(&record(payload.as_bytes())).dead_letter
+        };
+        assert_eq!(reason("web", "2015-05-27"), None);
+        assert_eq!(reason("web", "2015-05-25"), None, "two days before");
+        assert_eq!(reason("web", "2015-05-29"), None, "two days after");
+        assert_eq!(
+            reason("ios", "2015-05-27"),
+            Some(DeadLetterReason::SourceNotAllowed)
+        );
+        assert_eq!(
+            reason("web", "2015-05-24"),
+            Some(DeadLetterReason::ReceivedAtOutsideWindow)
+        );
+        assert_eq!(
+            reason("web", "9999-01-01"),
+            Some(DeadLetterReason::ReceivedAtOutsideWindow)
+        );
+        // Without a Kafka timestamp there is nothing to hold the day against.
+        let mut untimed = record(br#"{"projectId":"web","receivedAt":"0001-01-01T00:00:00Z"}"#);
+        untimed.timestamp_ms = None;
+        assert_eq!(bounded.route(&untimed).dead_letter, None);
+        // Off by default: any source, any day.
+        assert_eq!(
+            router()
+                .route(&record(
+                    br#"{"projectId":"ios","receivedAt":"0001-01-01T00:00:00Z"}"#
+                ))
+                .dead_letter,
+            None
+        );
     }
 
     #[test]

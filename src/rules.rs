@@ -133,6 +133,13 @@ mod tests {
             CuttingRules::of(&chained).hash(),
             "bf9499a97661a6195b72b4852666f40b"
         );
+        // Bounds on sources and days decide what is archived: in the rules when set.
+        other = config.clone();
+        other.routing.allowed_sources.insert("web".into());
+        assert_ne!(CuttingRules::of(&other).hash(), rules.hash());
+        other = config.clone();
+        other.routing.received_at_window_days = Some(7);
+        assert_ne!(CuttingRules::of(&other).hash(), rules.hash());
         assert_eq!(
             rules_key("team/", "abc"),
             "team/segment-logs/_manifests/_rules/abc.json"

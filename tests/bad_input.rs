@@ -361,6 +361,189 @@ fn a_header_key_that_is_not_utf8_is_a_dead_letter_not_a_poison_pill() {
     assert_eq!(back.headers[0], (hostile_key.to_vec(), Some(b"v".to_vec())));
 }
 
+/// A producer that gives every record a source id and a day of its own opens a file per
+/// record. The batch is sealed at `buffer.max_batch_files`, so what one batch opens, checkpoints
+/// and uploads stays bounded: every event is still archived exactly once, the member stays
+/// ready, and its memory stays small.
+#[test]
+fn a_flood_of_distinct_sources_and_days_is_cut_into_capped_batches() {
+    const FLOOD: usize = 3_000;
+    const CAP: usize = 250;
+    let rig = Rig::start(1);
+    rig.produce(100, 2, 1, 21);
+    {
+        let producer: BaseProducer = ClientConfig::new()
+            .set("bootstrap.servers", rig.broker.bootstrap())
+            .set("linger.ms", "20")
+            .create()
+            .unwrap();
+        for i in 0..FLOOD {
+            // Days of years 1 to 9999 are all valid received-days.
+            let day = chrono::NaiveDate::from_ymd_opt(1 + (i as i32 * 37) % 9999, 1, 1).unwrap()
+                + chrono::Days::new((i % 365) as u64);
+            let payload = format!(
+                r#"{{"projectId":"flood-{i:05}","messageId":"flood-{i}","receivedAt":"{day}T10:00:00.000Z"}}"#
+            );
+            loop {
+                match producer.send(BaseRecord::<(), _>::to(&rig.topic).payload(&payload)) {
+                    Ok(()) => break,
+                    Err((_, _)) => {
+                        producer.poll(Duration::from_millis(50));
+                    }
+                }
+            }
+        }
+        producer.flush(Duration::from_secs(60)).unwrap();
+    }
+    rig.produce(100, 2, 1, 22);
+    let records = rig.read_topic(1);
+    assert_eq!(records[&0].len(), FLOOD + 200);
+
+    let cap = CAP.to_string();
+    // A 30 s schedule: the flood is read and cut in a few seconds, so its batches are sealed
+    // by the file cap; the schedule seals the events after it.
+    let settings = [
+        ("ARCHIVER_SCHEDULE_INTERVAL_SECS", "30"),
+        ("ARCHIVER_SCHEDULE_OFFSET_SECS", "0"),
+        ("ARCHIVER_BUFFER_MAX_BATCH_FILES", cap.as_str()),
+    ];
+    let data = rig.dir.path().join("data-flood");
+    let mut archiver = rig.archiver("archiver", &data, &settings);
+    // Readiness, sampled while the flood is archived: once ready, it stays so.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let (stop, port) = (stop.clone(), archiver.metrics_port.unwrap());
+        std::thread::spawn(move || {
+            let (mut ready_once, mut unready) = (false, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let (status, body) = http_get(port, "/readyz");
+                if status == 200 {
+                    ready_once = true;
+                } else if ready_once {
+                    unready.push(body);
+                }
+                std::thread::sleep(Duration::from_millis(250));
+            }
+            unready
+        })
+    };
+    rig.wait_committed(
+        &end_offsets(&records),
+        Duration::from_secs(240),
+        &mut [&mut archiver],
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let unready = sampler.join().unwrap();
+    let peak_kb = peak_rss_kb(&archiver);
+    let status = archiver.terminate(Duration::from_secs(40));
+    assert!(status.success(), "{}", archiver.log_text());
+    assert!(unready.is_empty(), "readiness went off: {unready:?}");
+
+    let out = rig.dir.path().join("bucket");
+    rig.s3.download(&out);
+    let objects = archived_objects(&out, &rig.topic);
+    assert_exactly_once(&objects, &records, None);
+    let batches: Vec<usize> = files_under(&out)
+        .iter()
+        .filter(|(key, _)| kafka_s3_archiver::layout::manifest_range(key).is_some())
+        .map(|(_, path)| {
+            let manifest: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+            manifest["files"].as_array().expect("files").len()
+        })
+        .collect();
+    assert!(
+        batches.iter().all(|&files| files <= CAP),
+        "a batch opened more than {CAP} files: {batches:?}"
+    );
+    assert!(batches.len() >= FLOOD / CAP, "{batches:?}");
+    let (clean, report) = rig.verify(true);
+    assert!(clean, "verify --deep: {report:#}");
+    eprintln!(
+        "{} objects in {} batches (at most {} files each), peak RSS {} MB",
+        objects.len(),
+        batches.len(),
+        batches.iter().max().unwrap(),
+        peak_kb / 1024
+    );
+    assert!(peak_kb < 200 * 1024, "peak RSS {peak_kb} kB");
+}
+
+/// Reads its peak resident memory (VmHWM) of a running process, in kB.
+fn peak_rss_kb(process: &Process) -> u64 {
+    std::fs::read_to_string(format!("/proc/{}/status", process.pid()))
+        .unwrap()
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|kb| kb.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM")
+}
+
+/// A producer decides how large events are: the records between the poll loop and the buffer
+/// workers are bounded by bytes, not by a count that large events make gigabytes of.
+#[test]
+fn large_events_are_queued_by_bytes_not_by_count() {
+    const EVENTS: usize = 160;
+    const PAD: usize = 900_000;
+    let rig = Rig::start(1);
+    {
+        let producer: BaseProducer = ClientConfig::new()
+            .set("bootstrap.servers", rig.broker.bootstrap())
+            .create()
+            .unwrap();
+        let mut rng = fastrand::Rng::with_seed(24);
+        for i in 0..EVENTS {
+            // Hardly compressible, as the worst producer would make it: deflate is slowest here.
+            let pad: String = (0..PAD).map(|_| rng.alphanumeric()).collect();
+            let payload = format!(
+                r#"{{"projectId":"large","messageId":"large-{i}","receivedAt":"2026-11-20T10:00:00.000Z","pad":"{pad}"}}"#
+            );
+            loop {
+                match producer.send(BaseRecord::<(), _>::to(&rig.topic).payload(&payload)) {
+                    Ok(()) => break,
+                    Err(_) => {
+                        producer.poll(Duration::from_millis(50));
+                    }
+                }
+            }
+            producer.poll(Duration::ZERO);
+        }
+        producer.flush(Duration::from_secs(120)).unwrap();
+    }
+    let records = rig.read_topic(1);
+    assert_eq!(records[&0].len(), EVENTS);
+
+    let settings = [
+        ("ARCHIVER_SCHEDULE_INTERVAL_SECS", "3"),
+        ("ARCHIVER_SCHEDULE_OFFSET_SECS", "0"),
+        ("ARCHIVER_BUFFER_WORKERS", "1"),
+    ];
+    let data = rig.dir.path().join("data-large");
+    let mut archiver = rig.archiver("archiver", &data, &settings);
+    rig.wait_committed(
+        &end_offsets(&records),
+        Duration::from_secs(240),
+        &mut [&mut archiver],
+    );
+    let peak_kb = peak_rss_kb(&archiver);
+    let status = archiver.terminate(Duration::from_secs(40));
+    assert!(status.success(), "{}", archiver.log_text());
+
+    let out = rig.dir.path().join("bucket");
+    rig.s3.download(&out);
+    assert_exactly_once(&archived_objects(&out, &rig.topic), &records, None);
+    let total_mb = (EVENTS * PAD) >> 20;
+    eprintln!(
+        "{total_mb} MB of events archived with a peak RSS of {} MB",
+        peak_kb >> 10
+    );
+    assert!(
+        peak_kb < 250 << 10,
+        "peak RSS {} MB for {total_mb} MB of 0.9 MB events",
+        peak_kb >> 10
+    );
+}
+
 fn check(rig: &Rig, extra: &[(&str, &str)]) -> (bool, String) {
     let mut command = Command::new(ARCHIVER);
     command

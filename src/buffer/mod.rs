@@ -24,7 +24,8 @@ use crate::config::Config;
 use crate::metrics::events::{BatchReplayed, BatchSealed, RecordsDeletedBeforeArchived};
 use crate::metrics::Metrics;
 use crate::pipeline::{
-    Assigned, BatchIntent, BufferError, PlannedFile, Record, SealTrigger, UploadJob, WorkerCommand,
+    Assigned, BatchIntent, BufferError, PlannedFile, QueuedRecords, Record, SealTrigger, UploadJob,
+    WorkerCommand,
 };
 use crate::route::Router;
 use crate::rules::CuttingRules;
@@ -161,6 +162,7 @@ impl Worker {
                 compression_level: config.buffer.compression_level,
                 max_file_bytes: config.buffer.max_file_bytes,
                 max_batch_bytes: config.buffer.max_batch_bytes,
+                max_batch_files: config.buffer.max_batch_files,
                 codec: config.output.compression,
                 zstd_level: config.output.zstd_level,
             },
@@ -182,9 +184,23 @@ impl Worker {
 
     /// Runs until `Stop` or until the poll loop goes away. An I/O error is fatal: the process
     /// stops, and what was not committed is resumed or replayed by the next run.
-    pub fn run(mut self, commands: Receiver<WorkerCommand>) -> Result<(), BufferError> {
+    /// Handles commands until told to stop; the bytes of each `Records` command are given back
+    /// to `queued` once handled.
+    pub fn run(
+        mut self,
+        commands: Receiver<WorkerCommand>,
+        queued: &QueuedRecords,
+    ) -> Result<(), BufferError> {
         while let Ok(command) = commands.recv() {
-            if self.handle(command)? == Flow::Stopped {
+            let bytes = match &command {
+                WorkerCommand::Records { records, .. } => {
+                    records.iter().map(Record::held_bytes).sum()
+                }
+                _ => 0,
+            };
+            let flow = self.handle(command);
+            queued.written(bytes);
+            if flow? == Flow::Stopped {
                 return Ok(());
             }
         }
@@ -757,7 +773,8 @@ mod tests {
                 Arc::clone(&log_starts),
             );
             let (commands, queue) = sync_channel(4);
-            let thread = std::thread::spawn(move || worker.run(queue));
+            let thread =
+                std::thread::spawn(move || worker.run(queue, &QueuedRecords::new(u64::MAX)));
             TestWorker {
                 commands,
                 sealed,

@@ -15,7 +15,7 @@ use crate::buffer::zstd_object;
 use crate::checkpoint::{self, BatchState, Checkpoint, FileState, Gap, GapCause};
 use crate::layout;
 use crate::layout::{Codec, Destination};
-use crate::pipeline::{PlannedFile, Record, SealedBatch, SealedFile};
+use crate::pipeline::{file_disk_charge, PlannedFile, Record, SealedBatch, SealedFile};
 use crate::route::{DeadLetterReason, Router};
 
 /// Cutting rules and compression settings, the same for every partition.
@@ -24,6 +24,8 @@ pub struct BufferSettings {
     pub compression_level: u32,
     pub max_file_bytes: u64,
     pub max_batch_bytes: u64,
+    /// A batch is sealed early once it holds this many files.
+    pub max_batch_files: usize,
     /// How sealed files become objects (`output.compression`); part of the cutting rules.
     pub codec: Codec,
     pub zstd_level: i32,
@@ -365,9 +367,15 @@ impl PartitionBuffer {
     }
 
     /// Compressed bytes on local disk, open and sealed.
+    /// What this partition's local files count for in the disk budget.
     pub fn disk_bytes(&self) -> u64 {
-        let open: u64 = self.open.files.iter().map(|f| f.gz.compressed_len()).sum();
-        let sealed: u64 = self.sealed.iter().map(SealedBatch::compressed_bytes).sum();
+        let open: u64 = self
+            .open
+            .files
+            .iter()
+            .map(|f| file_disk_charge(f.gz.compressed_len()))
+            .sum();
+        let sealed: u64 = self.sealed.iter().map(SealedBatch::disk_charge).sum();
         open + sealed
     }
 
@@ -581,9 +589,12 @@ impl PartitionBuffer {
         }
     }
 
-    /// Whether the open batch reached its size cap and should be sealed now.
+    /// Whether the open batch reached its size or file cap and should be sealed now. A replay
+    /// is never: it ends where its intent does, with the files its first attempt opened.
     pub fn batch_full(&self) -> bool {
-        self.seal_at.is_none() && self.open.uncompressed_bytes >= self.settings.max_batch_bytes
+        self.seal_at.is_none()
+            && (self.open.uncompressed_bytes >= self.settings.max_batch_bytes
+                || self.open.files.len() >= self.settings.max_batch_files)
     }
 
     /// Files holding a compressor, as `(last_used tick, index)`.
@@ -764,6 +775,7 @@ mod tests {
         compression_level: 6,
         max_file_bytes: 2_000,
         max_batch_bytes: 1 << 30,
+        max_batch_files: 1000,
         codec: Codec::Gzip,
         zstd_level: 3,
     };
@@ -1045,6 +1057,44 @@ mod tests {
         let batch = buffer.seal().unwrap().unwrap();
         assert_eq!((batch.start, batch.end, batch.records()), (100, 299, 200));
         assert!(!buffer.replaying());
+    }
+
+    /// A producer that gives every record a source of its own opens a file per record: the
+    /// batch is full at its file cap, and every file counts at least a block on disk.
+    #[test]
+    fn a_batch_is_full_at_its_file_cap_and_a_file_costs_at_least_a_block() {
+        let settings = BufferSettings {
+            max_batch_files: 10,
+            ..SETTINGS
+        };
+        let distinct = |offset: i64| event(offset, &format!("source-{offset}"), 27);
+        let dir = tempfile::tempdir().unwrap();
+        let mut buffer =
+            PartitionBuffer::fresh(dir.path(), "t", 0, router(), settings, Some(0)).unwrap();
+        for offset in 0..9 {
+            buffer.append(&distinct(offset), 0).unwrap().unwrap();
+            assert!(!buffer.batch_full(), "full at {} files", offset + 1);
+        }
+        buffer.append(&distinct(9), 0).unwrap().unwrap();
+        assert!(buffer.batch_full(), "10 files: the cap");
+        assert_eq!(buffer.open_files(), 10);
+        assert!(buffer.disk_bytes() >= 10 * crate::pipeline::MIN_FILE_DISK_BYTES);
+        let batch = buffer.seal().unwrap().unwrap();
+        assert_eq!((batch.start, batch.end, batch.files.len()), (0, 9, 10));
+        assert!(buffer.disk_bytes() >= 10 * crate::pipeline::MIN_FILE_DISK_BYTES);
+
+        // A replay of a batch cut under a larger cap opens every file its first attempt did.
+        let replay_dir = tempfile::tempdir().unwrap();
+        let mut replay =
+            PartitionBuffer::fresh(replay_dir.path(), "t", 0, router(), settings, Some(0)).unwrap();
+        replay.set_seal_at(Some(19));
+        for offset in 0..19 {
+            replay.append(&distinct(offset), 0).unwrap().unwrap();
+            assert!(!replay.batch_full(), "a replay cut at {} files", offset + 1);
+        }
+        replay.append(&distinct(19), 0).unwrap().unwrap();
+        let batch = replay.seal().unwrap().unwrap();
+        assert_eq!((batch.start, batch.end, batch.files.len()), (0, 19, 20));
     }
 
     /// A replayed batch whose last offsets hold no record (compacted away, transaction markers)

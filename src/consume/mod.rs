@@ -26,7 +26,9 @@ use crate::metrics::events::{
     ConsumeErrorSeen, DiskBudget, ExactlyOnceDegraded, OffsetCommitFailed, OffsetCommitted,
 };
 use crate::metrics::Metrics;
-use crate::pipeline::{worker_for, BatchIntent, CommitRequest, Fatal, Record, WorkerCommand};
+use crate::pipeline::{
+    worker_for, BatchIntent, CommitRequest, Fatal, QueuedRecords, Record, WorkerCommand,
+};
 use crate::schedule::{Cadence, Due};
 use backpressure::Backpressure;
 use errors::{fatal_kafka_error, permanent_consume_error, ErrorPlace};
@@ -42,6 +44,9 @@ pub use context::{ArchiverContext, BucketPosition, KeptIntents};
 
 /// Records handed to the workers per poll round, at most.
 const MAX_RECORDS_PER_ROUND: usize = 1000;
+/// Bytes of records per poll round, at most (one record more than this still goes): a round of
+/// 1,000 records of 1 MB would be a gigabyte.
+const MAX_BYTES_PER_ROUND: u64 = 8 << 20;
 /// How long one poll waits for a record when the topic is idle.
 const POLL_WAIT: Duration = Duration::from_millis(100);
 /// Broker round trips in rebalance callbacks.
@@ -79,6 +84,8 @@ pub struct PollLoop {
     pub topic: String,
     /// One channel per buffer worker; a partition's records go to [`worker_for`] it.
     pub workers: Vec<SyncSender<WorkerCommand>>,
+    /// Bytes of records in the workers' queues: a round waits until its records fit.
+    pub queued: Arc<QueuedRecords>,
     /// Intents and completions the uploader asks to commit.
     pub commits: Receiver<CommitRequest>,
     /// Epochs of the partitions owned now: a commit of an older epoch is dropped.
@@ -177,8 +184,8 @@ impl PollLoop {
         self.metrics.health.polled();
         let mut by_partition: HashMap<i32, Vec<Record>> = HashMap::new();
         let mut wait = POLL_WAIT;
-        let mut count = 0;
-        while count < MAX_RECORDS_PER_ROUND {
+        let (mut count, mut bytes) = (0, 0);
+        while count < MAX_RECORDS_PER_ROUND && bytes < MAX_BYTES_PER_ROUND {
             let Some(result) = self.consumer.poll(wait) else {
                 break;
             };
@@ -187,6 +194,7 @@ impl PollLoop {
                 Ok(message) => {
                     count += 1;
                     let record = record_of(&message);
+                    bytes += record.held_bytes();
                     self.metrics
                         .health
                         .brokers_down_since_ms
@@ -205,6 +213,14 @@ impl PollLoop {
                     break;
                 }
             }
+        }
+        if bytes > 0
+            && !self.queued.admit(bytes, || {
+                self.fatal.get().is_some() || self.shutdown.is_cancelled()
+            })
+        {
+            // Stopping: what was polled is read again by whoever resumes the partitions.
+            return Ok(());
         }
         for (partition, records) in by_partition {
             let worker = worker_for(&self.workers, partition);
