@@ -544,6 +544,64 @@ fn large_events_are_queued_by_bytes_not_by_count() {
     );
 }
 
+/// A restore's run name is public (a dry run prints it, every message it sends carries it), and
+/// anyone who can produce to the target topic can write a position header. A forged position
+/// past the plan's end must not make the run count its lines as sent.
+#[test]
+fn a_forged_restore_position_cannot_make_a_restore_skip_lines() {
+    let rig = Rig::start(1);
+    rig.produce(200, 2, 1, 31);
+    rig.archive_to_the_end("archiver", 1, &[]);
+    let restore = [
+        "restore",
+        "--topic",
+        rig.topic.as_str(),
+        "--from",
+        "2026-11-20",
+        "--to",
+        "2026-11-21",
+    ];
+    let dry = rig.command_ok(&[&restore[..], &["--dry-run"]].concat());
+    let run = dry
+        .split("dry run of restore ")
+        .nth(1)
+        .and_then(|rest| rest.split(':').next())
+        .unwrap_or_else(|| panic!("no run name in: {dry}"))
+        .to_string();
+    {
+        let producer: BaseProducer = ClientConfig::new()
+            .set("bootstrap.servers", rig.broker.bootstrap())
+            .create()
+            .unwrap();
+        let forged = format!("{run}:999999:0");
+        let headers = OwnedHeaders::new().insert(Header {
+            key: "kafka-s3-archiver-restore",
+            value: Some(forged.as_bytes()),
+        });
+        producer
+            .send(
+                BaseRecord::<(), _>::to(&rig.topic)
+                    .payload(r#"{"forged":true}"#)
+                    .headers(headers),
+            )
+            .map_err(|(err, _)| err)
+            .unwrap();
+        producer.flush(Duration::from_secs(30)).unwrap();
+    }
+    let stdout = rig.command_ok(&restore);
+    assert_eq!(
+        number_after(&stdout, "sent"),
+        200,
+        "the forged position made the restore skip lines: {stdout}"
+    );
+    let again = rig.command_ok(&restore);
+    assert_eq!(
+        number_after(&again, "sent"),
+        0,
+        "a rerun still finds what the run itself sent: {again}"
+    );
+}
+
 fn check(rig: &Rig, extra: &[(&str, &str)]) -> (bool, String) {
     let mut command = Command::new(ARCHIVER);
     command

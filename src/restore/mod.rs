@@ -37,7 +37,7 @@ use crate::kafka_client::{
 };
 use crate::upload::s3::{S3Error, S3Store};
 use plan::{plan_key, run_name, select, Plan, PlannedObject, Selection, PLAN_VERSION};
-use position::{partition_for, Position, Sent, POSITION_HEADER};
+use position::{partition_for, Position, RunMarker, Sent, POSITION_HEADER};
 
 pub mod plan;
 pub mod position;
@@ -109,6 +109,8 @@ pub enum RestoreError {
     },
     #[error("the stored plan {key} cannot be read: {message}")]
     BadPlan { key: String, message: String },
+    #[error("cannot draw the key the restore signs its positions with: {0}")]
+    SigningKey(String),
     #[error(
         "{key}: {message} (after {lines} lines; --skip-corrupt skips such objects and counts them)"
     )]
@@ -162,12 +164,14 @@ pub async fn restore(
         None => {
             let root = format!("{prefix}{}/", crate::layout::ROOT);
             let objects = select(&prefix, &options.selection, store.list(&root).await?);
+            let position_key = RunMarker::new_key().map_err(RestoreError::SigningKey)?;
             let plan = Plan {
                 version: PLAN_VERSION,
                 run: run.clone(),
                 target_topic: options.target_topic.clone(),
                 partitions,
                 objects,
+                position_key: Some(position_key.iter().map(|b| format!("{b:02x}")).collect()),
             };
             if !options.dry_run && !plan.objects.is_empty() {
                 let json = serde_json::to_vec_pretty(&plan).expect("plan serializes");
@@ -183,6 +187,9 @@ pub async fn restore(
             topic: options.selection.archived_topic.clone(),
         });
     }
+    let marker = plan
+        .marker()
+        .map_err(|message| RestoreError::BadPlan { key, message })?;
     if plan.partitions != partitions {
         return Err(RestoreError::PartitionsChanged {
             topic: options.target_topic.clone(),
@@ -214,7 +221,7 @@ pub async fn restore(
     let config = config.clone();
     let options = options.clone();
     let result = tokio::task::spawn_blocking(move || {
-        let sender = Sender::new(&config, &options, &plan, runtime, next_body)?;
+        let sender = Sender::new(&config, &options, &plan, marker, runtime, next_body)?;
         let mut summary = sender.run(&mut progress)?;
         summary.elapsed = started.elapsed();
         Ok(summary)
@@ -273,7 +280,7 @@ fn read_sent(
     kafka: &crate::config::KafkaConfig,
     topic: &str,
     partitions: i32,
-    run: &str,
+    run: &RunMarker,
 ) -> Result<Sent, RestoreError> {
     let consumer = inspector(kafka).map_err(|err| RestoreError::Kafka(err.to_string()))?;
     // Per partition still looked for: (log start, where the last pass began).
@@ -324,7 +331,7 @@ fn last_of_run(
     consumer: &Inspector,
     topic: &str,
     starts: &HashMap<i32, i64>,
-    run: &str,
+    run: &RunMarker,
 ) -> Result<HashMap<i32, Position>, RestoreError> {
     let mut tpl = TopicPartitionList::new();
     for (&partition, &from) in starts {
@@ -346,7 +353,7 @@ fn last_of_run(
                 // is not UTF-8 (a re-driven `bad-header` dead letter), on which it panics.
                 let position = headers::find(&message, POSITION_HEADER.as_bytes())
                     .flatten()
-                    .and_then(|value| Position::decode(&value, run));
+                    .and_then(|value| run.decode(&value));
                 if let Some(position) = position {
                     let entry = found.entry(partition).or_insert(position);
                     *entry = (*entry).max(position);
@@ -368,6 +375,8 @@ fn last_of_run(
 struct Sender<'a> {
     options: &'a RestoreOptions,
     plan: &'a Plan,
+    /// What marks this run's messages (signed positions).
+    marker: RunMarker,
     runtime: tokio::runtime::Handle,
     /// The plan's object bodies, in plan order, requested ahead.
     bodies: std::sync::Mutex<tokio::sync::mpsc::Receiver<Result<ByteStream, S3Error>>>,
@@ -389,15 +398,11 @@ impl<'a> Sender<'a> {
         config: &Config,
         options: &'a RestoreOptions,
         plan: &'a Plan,
+        marker: RunMarker,
         runtime: tokio::runtime::Handle,
         bodies: tokio::sync::mpsc::Receiver<Result<ByteStream, S3Error>>,
     ) -> Result<Sender<'a>, RestoreError> {
-        let sent_before = read_sent(
-            &config.kafka,
-            &plan.target_topic,
-            plan.partitions,
-            &plan.run,
-        )?;
+        let sent_before = read_sent(&config.kafka, &plan.target_topic, plan.partitions, &marker)?;
         let deliveries = Arc::new(Deliveries::default());
         let producer = if options.dry_run {
             None
@@ -421,6 +426,7 @@ impl<'a> Sender<'a> {
         Ok(Sender {
             options,
             plan,
+            marker,
             runtime,
             bodies: std::sync::Mutex::new(bodies),
             sent_before,
@@ -654,7 +660,7 @@ impl<'a> Sender<'a> {
         position: Position,
         outgoing: &Outgoing,
     ) -> Result<(), RestoreError> {
-        let header = position.encode(&self.plan.run);
+        let header = self.marker.encode(position);
         let mut headers = OwnedHeaders::new();
         for (key, value) in &outgoing.headers {
             headers = headers::insert(headers, key, value.as_deref());

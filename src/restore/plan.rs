@@ -48,6 +48,27 @@ pub struct Plan {
     /// over this many partitions, on every run.
     pub partitions: i32,
     pub objects: Vec<PlannedObject>,
+    /// The key this run signs its position headers with, hex (see `position.rs`); absent in
+    /// plans made before positions were signed, whose runs go on unsigned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub position_key: Option<String>,
+}
+
+impl Plan {
+    /// How this run marks what it sends.
+    pub fn marker(&self) -> Result<super::position::RunMarker, String> {
+        let key = match &self.position_key {
+            None => None,
+            Some(hex) => Some(
+                (0..hex.len() / 2)
+                    .map(|i| u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok())
+                    .collect::<Option<Vec<u8>>>()
+                    .filter(|key| !key.is_empty() && key.len() * 2 == hex.len())
+                    .ok_or("position_key is not hex")?,
+            ),
+        };
+        Ok(super::position::RunMarker::new(&self.run, key))
+    }
 }
 
 pub const PLAN_VERSION: u32 = 1;

@@ -7,8 +7,16 @@
 //! gaps; so what reached a partition is always a prefix of what was meant for it, and the last
 //! message of this run in each partition says where that prefix ends. A rerun sends a line only
 //! if it lies after the end of its partition's prefix.
+//!
+//! Anyone who can produce to the target topic could write a header with a high position of the
+//! run and make a rerun count lines as sent that never were: a position is signed
+//! (`{run}:{object}:{line}:{mac}`, HMAC-SHA256 under a key kept in the run's plan, in the bucket,
+//! which producers to the topic cannot read), and one whose signature does not check is not the
+//! run's. Plans made before positions were signed have no key, and their runs go on unsigned.
 
 use std::collections::HashMap;
+
+use hmac::{KeyInit, Mac};
 
 /// The header holding a message's position.
 pub const POSITION_HEADER: &str = "kafka-s3-archiver-restore";
@@ -20,20 +28,91 @@ pub struct Position {
     pub line: u64,
 }
 
-impl Position {
-    pub fn encode(self, run: &str) -> String {
-        format!("{run}:{}:{}", self.object, self.line)
+/// Bytes of the signature kept in a header (of HMAC-SHA256's 32): forging one is a 2^-128 guess.
+const MAC_BYTES: usize = 16;
+
+type HmacSha256 = hmac::Hmac<sha2::Sha256>;
+
+/// How one restore marks the messages it sends: its run name and, for a signed run, the key.
+#[derive(Clone)]
+pub struct RunMarker {
+    run: String,
+    key: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for RunMarker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key.
+        f.debug_struct("RunMarker")
+            .field("run", &self.run)
+            .field("signed", &self.key.is_some())
+            .finish()
+    }
+}
+
+impl RunMarker {
+    /// `key`: the run's signing key, `None` for a run whose plan has none (unsigned).
+    pub fn new(run: &str, key: Option<Vec<u8>>) -> RunMarker {
+        RunMarker {
+            run: run.to_string(),
+            key,
+        }
     }
 
-    /// The position in a header value, if the message was sent by `run`.
-    pub fn decode(value: &[u8], run: &str) -> Option<Position> {
+    /// A fresh signing key for a new plan, from the operating system's random source.
+    pub fn new_key() -> Result<Vec<u8>, String> {
+        let mut key = vec![0; 32];
+        getrandom::getrandom(&mut key).map_err(|err| err.to_string())?;
+        Ok(key)
+    }
+
+    fn mac(&self, key: &[u8], unsigned: &str) -> HmacSha256 {
+        let mut mac = <HmacSha256 as KeyInit>::new_from_slice(key).expect("any key length");
+        mac.update(unsigned.as_bytes());
+        mac
+    }
+
+    /// The header value of the line at `position`.
+    pub fn encode(&self, position: Position) -> String {
+        let unsigned = format!("{}:{}:{}", self.run, position.object, position.line);
+        match &self.key {
+            None => unsigned,
+            Some(key) => {
+                let tag = self.mac(key, &unsigned).finalize().into_bytes();
+                let hex: String = tag[..MAC_BYTES]
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect();
+                format!("{unsigned}:{hex}")
+            }
+        }
+    }
+
+    /// The position in a header value, if this run sent it: its name, and for a signed run a
+    /// signature that checks (anything else is another run's, or forged).
+    pub fn decode(&self, value: &[u8]) -> Option<Position> {
         let text = std::str::from_utf8(value).ok()?;
-        let rest = text.strip_prefix(run)?.strip_prefix(':')?;
-        let (object, line) = rest.split_once(':')?;
-        Some(Position {
+        let rest = text.strip_prefix(&self.run)?.strip_prefix(':')?;
+        let mut fields = rest.split(':');
+        let (object, line) = (fields.next()?, fields.next()?);
+        let position = Position {
             object: object.parse().ok()?,
             line: line.parse().ok()?,
-        })
+        };
+        match (&self.key, fields.next(), fields.next()) {
+            (None, None, _) => Some(position),
+            (Some(key), Some(hex), None) if hex.len() == 2 * MAC_BYTES => {
+                let tag: Vec<u8> = (0..MAC_BYTES)
+                    .map(|i| u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok())
+                    .collect::<Option<_>>()?;
+                let unsigned = format!("{}:{object}:{line}", self.run);
+                self.mac(key, &unsigned)
+                    .verify_truncated_left(&tag)
+                    .ok()
+                    .map(|()| position)
+            }
+            _ => None,
+        }
     }
 }
 
@@ -127,11 +206,47 @@ mod tests {
             object: 3,
             line: 1_234,
         };
-        let header = position.encode("abcd");
+        let unsigned = RunMarker::new("abcd", None);
+        let header = unsigned.encode(position);
         assert_eq!(header, "abcd:3:1234");
-        assert_eq!(Position::decode(header.as_bytes(), "abcd"), Some(position));
-        assert_eq!(Position::decode(header.as_bytes(), "abc"), None);
-        assert_eq!(Position::decode(b"other:1:2", "abcd"), None);
+        assert_eq!(unsigned.decode(header.as_bytes()), Some(position));
+        assert_eq!(RunMarker::new("abc", None).decode(header.as_bytes()), None);
+        assert_eq!(unsigned.decode(b"other:1:2"), None);
+    }
+
+    /// A producer to the target topic can copy a run's headers and write any it likes, but
+    /// without the key in the plan it cannot sign a position the run did not send.
+    #[test]
+    fn a_forged_position_is_not_the_runs() {
+        let key = RunMarker::new_key().unwrap();
+        assert_eq!(key.len(), 32);
+        assert_ne!(key, RunMarker::new_key().unwrap(), "a fresh key each plan");
+        let key_hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+        let run = RunMarker::new("abcd", Some(key));
+        let sent = Position {
+            object: 3,
+            line: 1_234,
+        };
+        let header = run.encode(sent);
+        assert!(header.starts_with("abcd:3:1234:"), "{header}");
+        assert_eq!(header.len(), "abcd:3:1234:".len() + 32);
+        assert_eq!(run.decode(header.as_bytes()), Some(sent));
+        // Forgeries: unsigned, a seen signature on a higher position, another key's signature.
+        assert_eq!(run.decode(b"abcd:99:0"), None);
+        let signature = header.rsplit(':').next().unwrap();
+        assert_eq!(
+            run.decode(format!("abcd:99:0:{signature}").as_bytes()),
+            None
+        );
+        let other = RunMarker::new("abcd", Some(RunMarker::new_key().unwrap()));
+        assert_eq!(run.decode(other.encode(sent).as_bytes()), None);
+        assert_eq!(run.decode(format!("{header}:1").as_bytes()), None);
+        // An unsigned run (a plan made before signing) does not take signed headers either.
+        assert_eq!(RunMarker::new("abcd", None).decode(header.as_bytes()), None);
+        assert!(
+            !format!("{run:?}").contains(&key_hex[..16]),
+            "the key never shows"
+        );
     }
 
     #[test]
