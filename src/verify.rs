@@ -8,7 +8,6 @@
 //! decompressed on blocking threads.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::Read;
 
 use futures_util::{Stream, StreamExt};
 use serde::Serialize;
@@ -23,6 +22,9 @@ use crate::upload::s3::S3Store;
 
 /// Objects downloaded at once by a check.
 const FETCH_CONCURRENCY: usize = 16;
+/// KiB of objects downloaded and not yet checked, at most (a larger object goes alone): sixteen
+/// objects of a few hundred megabytes each would be gigabytes.
+const FETCH_KIB: u32 = 64 << 10;
 
 /// One problem found.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -137,9 +139,11 @@ pub async fn verify(config: &Config, deep: bool) -> Result<Report, VerifyError> 
 
     // Manifests, per partition, in offset order.
     let mut manifests: BTreeMap<i32, Vec<Manifest>> = BTreeMap::new();
-    let manifest_keys = objects.keys().filter(|k| k.starts_with(&manifest_root));
+    let manifest_keys = objects
+        .iter()
+        .filter(|(k, _)| k.starts_with(&manifest_root));
     let mut fetched = fetch_in_order(&store, manifest_keys);
-    while let Some((key, bytes)) = fetched.next().await {
+    while let Some((key, bytes, _held)) = fetched.next().await {
         let bytes = bytes?;
         match serde_json::from_slice::<Manifest>(&bytes) {
             Ok(manifest) if manifest.topic == topic => manifests
@@ -330,13 +334,14 @@ async fn deep_check(
 ) -> Result<(), VerifyError> {
     let root = format!("{}{}/", config.s3.prefix, layout::ROOT);
     let mut seen: HashMap<String, String> = HashMap::new();
-    let mut keys: Vec<&String> = referenced
+    let mut keys: Vec<(&String, &i64)> = referenced
         .keys()
-        .filter(|k| objects.contains_key(*k))
+        .filter_map(|k| objects.get_key_value(k))
         .collect();
     keys.sort();
     let mut fetched = fetch_in_order(store, keys);
-    while let Some((key, bytes)) = fetched.next().await {
+    // `_held`: the object's share of the download budget, given back once it is checked.
+    while let Some((key, bytes, _held)) = fetched.next().await {
         let bytes = bytes?;
         let expected = referenced.get(key.as_str()).cloned();
         let dead_letter = key.starts_with(&format!("{root}_"));
@@ -368,7 +373,8 @@ pub fn record_object(
             findings.push(Finding {
                 kind: "duplicate-message-id",
                 partition: None,
-                detail: format!("messageId {id} is in {first} and {key}"),
+                // Escaped: an id is whatever a producer wrote, control characters included.
+                detail: format!("messageId {id:?} is in {first} and {key}"),
             });
         }
     }
@@ -383,10 +389,10 @@ pub struct ObjectCheck {
     pub message_ids: Vec<String>,
 }
 
-/// An object's lines, decoded as its key's extension says: exactly the first gzip member or
-/// zstd frame (what a reader that stops there gets), and whether bytes follow it.
-fn decode_object(key: &str, bytes: &[u8]) -> Result<(Vec<u8>, bool), String> {
-    let mut content = Vec::new();
+/// An object's content, decoded as its key's extension says: exactly the first gzip member or
+/// zstd frame (what a reader that stops there gets), read as it is inflated; `trailing` tells,
+/// once the content is read to its end, whether bytes follow that member or frame.
+fn decode_object<'a>(key: &str, bytes: &'a [u8]) -> Result<DecodedObject<'a>, String> {
     match Codec::of_key(key) {
         Some(Codec::Zstd) => {
             let frame = zstd::zstd_safe::find_frame_compressed_size(bytes).map_err(|code| {
@@ -395,23 +401,48 @@ fn decode_object(key: &str, bytes: &[u8]) -> Result<(Vec<u8>, bool), String> {
                     zstd::zstd_safe::get_error_name(code)
                 )
             })?;
-            zstd::stream::read::Decoder::new(&bytes[..frame])
-                .and_then(|decoder| decoder.single_frame().read_to_end(&mut content))
-                .map_err(|err| format!("not a valid zstd frame: {err}"))?;
-            Ok((content, frame < bytes.len()))
+            let decoder = zstd::stream::read::Decoder::with_buffer(&bytes[..frame])
+                .map_err(|err| format!("not a valid zstd frame: {err}"))?
+                .single_frame();
+            Ok(DecodedObject::Zstd {
+                content: std::io::BufReader::new(decoder),
+                trailing: frame < bytes.len(),
+            })
         }
-        _ => {
-            let mut decoder = flate2::bufread::GzDecoder::new(bytes);
-            decoder
-                .read_to_end(&mut content)
-                .map_err(|err| format!("not a valid gzip member: {err}"))?;
-            Ok((content, !decoder.into_inner().is_empty()))
+        _ => Ok(DecodedObject::Gzip(Box::new(std::io::BufReader::new(
+            flate2::bufread::GzDecoder::new(bytes),
+        )))),
+    }
+}
+
+enum DecodedObject<'a> {
+    Gzip(Box<std::io::BufReader<flate2::bufread::GzDecoder<&'a [u8]>>>),
+    Zstd {
+        content: std::io::BufReader<zstd::stream::read::Decoder<'a, &'a [u8]>>,
+        trailing: bool,
+    },
+}
+
+impl DecodedObject<'_> {
+    fn content(&mut self) -> &mut dyn std::io::BufRead {
+        match self {
+            DecodedObject::Gzip(content) => content,
+            DecodedObject::Zstd { content, .. } => content,
+        }
+    }
+
+    /// Whether bytes follow the member or frame (valid once the content was read to its end).
+    fn trailing(self) -> bool {
+        match self {
+            DecodedObject::Gzip(content) => !content.into_inner().into_inner().is_empty(),
+            DecodedObject::Zstd { trailing, .. } => trailing,
         }
     }
 }
 
 /// Checks an object's bytes: exactly one gzip member, with the line count and CRC32 its manifest
-/// records (`expected`); collects its events' `messageId`s.
+/// records (`expected`); collects its events' `messageId`s. The content is read a line at a
+/// time, never inflated whole: an object can hold hundreds of megabytes.
 pub fn inspect_object(
     key: &str,
     bytes: &[u8],
@@ -419,64 +450,102 @@ pub fn inspect_object(
     dead_letter: bool,
 ) -> ObjectCheck {
     let mut check = ObjectCheck::default();
-    let (content, trailing) = match decode_object(key, bytes) {
-        Ok(decoded) => decoded,
-        Err(err) => {
-            check.findings.push(Finding {
-                kind: "corrupt-object",
-                partition: None,
-                detail: format!("{key}: {err}"),
-            });
-            return check;
-        }
-    };
-    if trailing {
+    let corrupt = |check: &mut ObjectCheck, err: String| {
         check.findings.push(Finding {
             kind: "corrupt-object",
             partition: None,
-            detail: format!("{key}: bytes follow the first gzip member or zstd frame"),
+            detail: format!("{key}: {err}"),
         });
+    };
+    let mut decoded = match decode_object(key, bytes) {
+        Ok(decoded) => decoded,
+        Err(err) => {
+            corrupt(&mut check, err);
+            return check;
+        }
+    };
+    let mut crc = crc32fast::Hasher::new();
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        match decoded.content().read_until(b'\n', &mut line) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(err) => {
+                let format = match Codec::of_key(key) {
+                    Some(Codec::Zstd) => "zstd frame",
+                    _ => "gzip member",
+                };
+                check.message_ids.clear();
+                corrupt(&mut check, format!("not a valid {format}: {err}"));
+                return check;
+            }
+        }
+        crc.update(&line);
+        let text = line.strip_suffix(b"\n").unwrap_or(&line);
+        if text.is_empty() {
+            continue;
+        }
+        check.lines += 1;
+        if dead_letter {
+            continue;
+        }
+        if let Ok(event) = serde_json::from_slice::<serde_json::Value>(text) {
+            if let Some(id) = event.get("messageId").and_then(|v| v.as_str()) {
+                check.message_ids.push(id.to_string());
+            }
+        }
     }
-    let lines: Vec<&[u8]> = content
-        .split(|&b| b == b'\n')
-        .filter(|l| !l.is_empty())
-        .collect();
-    check.lines = lines.len() as u64;
-    if let Some((records, crc)) = expected {
-        let actual_crc = format!("{:08x}", crc32fast::hash(&content));
-        if records != check.lines || crc != actual_crc {
+    if decoded.trailing() {
+        corrupt(
+            &mut check,
+            "bytes follow the first gzip member or zstd frame".into(),
+        );
+    }
+    if let Some((records, expected_crc)) = expected {
+        let actual_crc = format!("{:08x}", crc.finalize());
+        if records != check.lines || expected_crc != actual_crc {
             check.findings.push(Finding {
                 kind: "count-mismatch",
                 partition: None,
                 detail: format!(
-                    "{key}: manifest says {records} lines (crc32 {crc}), object has {} (crc32 {actual_crc})",
+                    "{key}: manifest says {records} lines (crc32 {expected_crc}), object has {} (crc32 {actual_crc})",
                     check.lines
                 ),
             });
         }
     }
-    if dead_letter {
-        return check;
-    }
-    for line in lines {
-        let Ok(event) = serde_json::from_slice::<serde_json::Value>(line) else {
-            continue;
-        };
-        if let Some(id) = event.get("messageId").and_then(|v| v.as_str()) {
-            check.message_ids.push(id.to_string());
-        }
-    }
     check
 }
 
-/// Objects fetched a few at a time (one by one, a bucket of thousands of small objects took
-/// minutes), handed back in the order of `keys` so findings come out the same on every run.
+/// Objects (key, size) fetched a few at a time (one by one, a bucket of thousands of small
+/// objects took minutes), handed back in the order of `keys` so findings come out the same on
+/// every run, each with its share of the download budget ([`FETCH_KIB`]): a download waits until
+/// the objects before it were checked and their shares dropped.
 fn fetch_in_order<'a>(
     store: &'a S3Store,
-    keys: impl IntoIterator<Item = &'a String> + 'a,
-) -> impl Stream<Item = (&'a String, Result<Vec<u8>, VerifyError>)> + 'a {
+    keys: impl IntoIterator<Item = (&'a String, &'a i64)> + 'a,
+) -> impl Stream<
+    Item = (
+        &'a String,
+        Result<Vec<u8>, VerifyError>,
+        tokio::sync::OwnedSemaphorePermit,
+    ),
+> + 'a {
+    let budget = std::sync::Arc::new(tokio::sync::Semaphore::new(FETCH_KIB as usize));
     futures_util::stream::iter(keys)
-        .map(move |key| async move { (key, get(store, key).await) })
+        .map(move |(key, &size)| {
+            let budget = std::sync::Arc::clone(&budget);
+            async move {
+                let kib =
+                    u32::try_from(size.max(0) / 1024 + 1).map_or(FETCH_KIB, |k| k.min(FETCH_KIB));
+                let held = budget
+                    .acquire_many_owned(kib)
+                    .await
+                    .expect("the budget is never closed");
+                (key, get(store, key).await, held)
+            }
+        })
         .buffered(FETCH_CONCURRENCY)
 }
 
@@ -746,5 +815,31 @@ mod tests {
 
         let dead = inspect_object("k", &gzip(text), None, true);
         assert!(dead.message_ids.is_empty());
+
+        // Cut short: what was read is no finding of its own, the break is.
+        let whole = gzip(&text.repeat(1000));
+        let cut = inspect_object("k", &whole[..whole.len() / 2], None, false);
+        assert_eq!(cut.findings.len(), 1, "{:?}", cut.findings);
+        assert_eq!(cut.findings[0].kind, "corrupt-object");
+        assert!(cut.message_ids.is_empty());
+    }
+
+    /// A `messageId` is whatever a producer wrote: printed escaped, it cannot forge report lines
+    /// or terminal escapes.
+    #[test]
+    fn duplicate_ids_are_printed_escaped() {
+        let text = "{\"messageId\":\"x\\nFAKE \\u001b[2J\"}\n";
+        let (mut seen, mut report, mut findings) = (HashMap::new(), Report::default(), Vec::new());
+        for key in ["a", "b"] {
+            let checked = inspect_object(key, &gzip(text), None, false);
+            record_object(&mut seen, key, checked, &mut report, &mut findings);
+        }
+        assert_eq!(findings.len(), 1);
+        let detail = &findings[0].detail;
+        assert!(
+            !detail.contains('\n') && !detail.contains('\u{1b}'),
+            "{detail}"
+        );
+        assert!(detail.contains(r"x\nFAKE \u{1b}[2J"), "{detail}");
     }
 }
