@@ -152,10 +152,13 @@ pub fn assert_exactly_once(
 }
 
 /// What retention deleted from a topic while it was archived: per partition, the log's start
-/// once everything was archived, and the ranges manifests report as deleted before archived.
+/// once everything was archived, the ranges manifests report as deleted before archived, and
+/// where the archive of the partition began (the first position the group committed for it:
+/// what retention deleted before any member held the partition, the archive never needed).
 pub struct Deleted {
     pub log_starts: BTreeMap<i32, i64>,
     pub reported: BTreeMap<i32, Vec<(i64, i64)>>,
+    pub archive_starts: BTreeMap<i32, i64>,
 }
 
 /// [`assert_exactly_once`] for a topic retention deleted from: a record below the log's start
@@ -178,6 +181,11 @@ fn assert_archived(
 ) {
     let log_start =
         |partition: i32| deleted.map_or(0, |d| d.log_starts.get(&partition).copied().unwrap_or(0));
+    let archive_start = |partition: i32| {
+        deleted.map_or(0, |d| {
+            d.archive_starts.get(&partition).copied().unwrap_or(0)
+        })
+    };
     let reported = |partition: i32, offset: i64| {
         deleted.is_some_and(|d| {
             d.reported
@@ -283,6 +291,7 @@ fn assert_archived(
             .keys()
             .filter(|&&o| o < limit && !seen_here.contains_key(&o))
             .filter(|&&o| !(o < log_start(partition) && reported(partition, o)))
+            .filter(|&&o| !(o < log_start(partition) && o < archive_start(partition)))
             .copied()
             .collect();
         assert!(
