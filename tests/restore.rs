@@ -99,6 +99,16 @@ fn a_restore_killed_again_and_again_sends_its_selection_exactly_once_and_archive
     assert_eq!(sent_last + sent_before, selected as u64, "{last}");
     let again = restore_to_end(&rig, target, &sources, &[]);
     assert_eq!(number_after(&again, "sent"), 0, "{again}");
+    // Keys pick the partitions: the same restore with other key fields is refused, not run.
+    let other_keys = restore_command(&rig, target, &sources, &["--key-field", "messageId"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&other_keys.stderr);
+    assert!(
+        !other_keys.status.success() && stderr.contains("--key-field"),
+        "a rerun with other key fields went ahead: {stderr}\n{}",
+        String::from_utf8_lossy(&other_keys.stdout)
+    );
 
     // The target holds each selected line once, with its source header, keyed by the user.
     let messages = rig.read_messages(target, 3);

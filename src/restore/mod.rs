@@ -109,6 +109,16 @@ pub enum RestoreError {
     },
     #[error("the stored plan {key} cannot be read: {message}")]
     BadPlan { key: String, message: String },
+    #[error(
+        "restore {run} was started with --key-field {planned:?} and is run again with {now:?}: \
+         keys pick the partitions, so lines would be looked for where they were never sent \
+         (duplicates and skips); run it again with --key-field {planned:?}"
+    )]
+    KeyFieldsChanged {
+        run: String,
+        planned: Vec<String>,
+        now: Vec<String>,
+    },
     #[error("cannot draw the key the restore signs its positions with: {0}")]
     SigningKey(String),
     #[error(
@@ -172,6 +182,7 @@ pub async fn restore(
                 partitions,
                 objects,
                 position_key: Some(position_key.iter().map(|b| format!("{b:02x}")).collect()),
+                key_fields: Some(options.key_fields.clone()),
             };
             if !options.dry_run && !plan.objects.is_empty() {
                 let json = serde_json::to_vec_pretty(&plan).expect("plan serializes");
@@ -190,6 +201,17 @@ pub async fn restore(
     let marker = plan
         .marker()
         .map_err(|message| RestoreError::BadPlan { key, message })?;
+    if let Some(planned) = plan
+        .key_fields
+        .as_ref()
+        .filter(|planned| **planned != options.key_fields)
+    {
+        return Err(RestoreError::KeyFieldsChanged {
+            run: plan.run.clone(),
+            planned: planned.clone(),
+            now: options.key_fields.clone(),
+        });
+    }
     if plan.partitions != partitions {
         return Err(RestoreError::PartitionsChanged {
             topic: options.target_topic.clone(),

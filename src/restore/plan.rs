@@ -52,6 +52,10 @@ pub struct Plan {
     /// plans made before positions were signed, whose runs go on unsigned.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub position_key: Option<String>,
+    /// `--key-field`s the run keys events by, which pick each line's partition: a rerun with
+    /// others would look for lines where they were never sent. Absent in earlier plans.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_fields: Option<Vec<String>>,
 }
 
 impl Plan {
