@@ -5,7 +5,8 @@
 //! attempt's file under the same key. An object already there is kept and listed in the
 //! manifest, the lines Kafka no longer holds counted as `deleted_from_kafka`, rather than
 //! replaced by fewer lines or left beside the replay's as a stray; so is a planned file none of
-//! whose records Kafka still holds, when an attempt put it.
+//! whose records Kafka still holds, when an attempt put it (when none had, the manifest names
+//! it as one that may still appear: `Manifest::may_appear`).
 
 use std::collections::HashMap;
 use std::io::Read as _;

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{Gap, GapCause};
 use crate::layout;
-use crate::pipeline::{SealedBatch, SealedFile};
+use crate::pipeline::{PlannedFile, SealedBatch, SealedFile};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Manifest {
@@ -23,6 +23,13 @@ pub struct Manifest {
     /// they account for every offset of the batch.
     #[serde(default)]
     pub gaps: Vec<Gap>,
+    /// Files of a replay's plan that Kafka kept none of the records of and that no attempt had
+    /// put when the replay looked: the first attempt, frozen past its session timeout (a zombie
+    /// that has not heard yet), may still put one after this manifest. Such an object is the
+    /// batch's, holding these lines, which the batch's `deleted` gap already accounts for; no
+    /// other object holds them. Listed so that no later object of the batch lies in no manifest.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub may_appear: Vec<ManifestFile>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -69,6 +76,29 @@ impl ManifestFile {
     }
 }
 
+impl ManifestFile {
+    /// The entry of a file as the batch's first attempt cut it, whose every line Kafka deleted
+    /// since (see [`Manifest::may_appear`]).
+    pub fn of_planned(prefix: &str, batch: &SealedBatch, planned: &PlannedFile) -> ManifestFile {
+        ManifestFile {
+            key: layout::object_key(
+                prefix,
+                &batch.topic,
+                batch.partition,
+                &planned.destination,
+                planned.first_offset,
+                planned.codec,
+            ),
+            first_offset: planned.first_offset,
+            records: planned.records,
+            uncompressed_bytes: planned.uncompressed_bytes,
+            compressed_bytes: planned.compressed_bytes,
+            crc32: format!("{:08x}", planned.crc32),
+            deleted_from_kafka: planned.records,
+        }
+    }
+}
+
 /// 2: manifests list their gaps, and `verify` checks that they account for every offset.
 pub const VERSION: u32 = 2;
 
@@ -95,6 +125,7 @@ impl Manifest {
             records: files.iter().map(|f| f.records).sum(),
             files,
             gaps: batch.gaps.clone(),
+            may_appear: Vec::new(),
         }
     }
 

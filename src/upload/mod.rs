@@ -294,12 +294,17 @@ impl<S: ObjectStore> Shared<S> {
                 return Ok(());
             }
         }
-        let planned = self.record_intent(job, stop).await?;
-        let files = match Arc::clone(&self).put_objects(job, planned, stop).await {
+        let planned = match self.record_intent(job, stop).await {
+            Err(UploadError::Finished { .. }) => return Ok(()),
+            planned => planned?,
+        };
+        let (files, may_appear) = match Arc::clone(&self).put_objects(job, planned, stop).await {
             Err(UploadError::Finished { .. }) => return Ok(()),
             files => files?,
         };
-        let body = Manifest::with_files(batch, files).to_json();
+        let mut manifest = Manifest::with_files(batch, files);
+        manifest.may_appear = may_appear;
+        let body = manifest.to_json();
         let key = &key;
         self.with_retries(batch.partition, epoch, stop, |_| {
             let body = body.clone();
@@ -381,22 +386,48 @@ impl<S: ObjectStore> Shared<S> {
         // After the commit, so only the owner the group accepted writes it; before any object,
         // so no object of the batch is in the bucket without an intent that names its range.
         let key = layout::intent_key(&u.prefix, &job.batch.topic, partition);
-        self.with_retries(partition, epoch, stop, |_| {
-            u.store.put_bytes(&key, body.clone(), "application/json")
-        })
-        .await?;
+        let manifest = layout::manifest_key(
+            &u.prefix,
+            &job.batch.topic,
+            partition,
+            job.batch.start,
+            job.batch.end,
+        );
+        let (key, manifest, body) = (&key, &manifest, &body);
+        let finished = self
+            .with_retries(partition, epoch, stop, |_| async move {
+                // A member that froze after its commit (a zombie that has not heard yet) and
+                // thaws once another finished the batch would put back an intent older than
+                // the one the bucket keeps now: a group that then loses its offsets would cut
+                // the newer batch's range again, beside the objects it already put.
+                if u.store.head_metadata(manifest).await?.is_some() {
+                    return Ok(true);
+                }
+                u.store
+                    .put_bytes(key, body.clone(), "application/json")
+                    .await
+                    .map(|()| false)
+            })
+            .await?;
+        if finished {
+            return Err(UploadError::Finished {
+                partition,
+                start: job.batch.start,
+            });
+        }
         Ok(ours.files)
     }
 
     /// Puts every object of the batch, in parallel within the concurrency limit; answers the
-    /// manifest's entries. A replay adopts what an earlier attempt put of `planned` files
+    /// manifest's entries, and those of planned files Kafka kept nothing of and no attempt put
+    /// (`Manifest::may_appear`). A replay adopts what an earlier attempt put of `planned` files
     /// that Kafka no longer holds all of (see `adopt`).
     async fn put_objects(
         self: Arc<Self>,
         job: &UploadJob,
         planned: Vec<PlannedFile>,
         stop: &CancellationToken,
-    ) -> Result<Vec<ManifestFile>, UploadError> {
+    ) -> Result<(Vec<ManifestFile>, Vec<ManifestFile>), UploadError> {
         let mut planned: HashMap<_, _> = planned
             .into_iter()
             .map(|file| ((file.destination.clone(), file.first_offset), file))
@@ -433,20 +464,28 @@ impl<S: ObjectStore> Shared<S> {
         }
         outcome?;
         let mut files: Vec<ManifestFile> = files.into_iter().flatten().collect();
+        let mut may_appear = Vec::new();
         if job.may_exist {
             // Planned files Kafka kept no record of: the objects an attempt put are the batch's.
             let mut rest: Vec<PlannedFile> = planned.into_values().collect();
             rest.sort_by_key(|file| file.first_offset);
             for plan in rest {
-                if let Some(adopted) = self.adopt(&batch, job.epoch, &plan, None, stop).await? {
-                    self.uploader
-                        .metrics
-                        .emit(ObjectAlreadyPresent { key: &adopted.key });
-                    files.push(adopted);
+                match self.adopt(&batch, job.epoch, &plan, None, stop).await? {
+                    Some(adopted) => {
+                        self.uploader
+                            .metrics
+                            .emit(ObjectAlreadyPresent { key: &adopted.key });
+                        files.push(adopted);
+                    }
+                    None => may_appear.push(ManifestFile::of_planned(
+                        &self.uploader.prefix,
+                        &batch,
+                        &plan,
+                    )),
                 }
             }
         }
-        Ok(files)
+        Ok((files, may_appear))
     }
 
     /// Puts one object, retrying until it is in S3 or the partition is no longer ours; answers
