@@ -331,6 +331,12 @@ fn real_main() -> anyhow::Result<ExitCode> {
                     summary.already_sent
                 );
             }
+            if summary.left_out > 0 {
+                println!(
+                    "left out: {} objects of the selection that no batch manifest lists (the log names them)",
+                    summary.left_out
+                );
+            }
             if summary.corrupt > 0 {
                 println!("skipped as corrupt: {}", summary.corrupt);
             }

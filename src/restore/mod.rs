@@ -16,7 +16,7 @@
 //! (`anonymousId`, then `userId`, then `messageId` by default) so per-user order survives.
 //! Dead letters go out as the original record: its key, headers and payload bytes.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::io::{BufRead, BufReader, Read};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -35,6 +35,7 @@ use crate::kafka_client::headers::{self, RawHeader};
 use crate::kafka_client::{
     client_config, inspector, Auth, ClientRole, Deliveries, Inspector, ProducerCounting,
 };
+use crate::upload::manifest::Manifest;
 use crate::upload::s3::{S3Error, S3Store};
 use plan::{plan_key, run_name, select, Plan, PlannedObject, Selection, PLAN_VERSION};
 use position::{partition_for, Position, RunMarker, Sent, POSITION_HEADER};
@@ -82,6 +83,8 @@ pub struct RestoreSummary {
     pub sent_bytes: u64,
     /// Objects or lines skipped as corrupt (`skip_corrupt`).
     pub corrupt: u64,
+    /// Objects of the selection no batch manifest lists, left out (`Plan::left_out`).
+    pub left_out: usize,
     pub elapsed: Duration,
 }
 
@@ -129,6 +132,16 @@ pub enum RestoreError {
         lines: u64,
         message: String,
     },
+    #[error(
+        "{key}: the download broke after {lines} lines, {attempts} times in a row ({message}); \
+         run the same restore again to go on from there"
+    )]
+    BodyBroke {
+        key: String,
+        lines: u64,
+        attempts: u32,
+        message: String,
+    },
     #[error("{key} line {line}: {message} (--skip-corrupt skips such lines and counts them)")]
     BadLine {
         key: String,
@@ -157,7 +170,11 @@ pub async fn restore(
         .expect("metadata thread")?;
 
     let key = plan_key(&prefix, &run);
-    let plan = match store.get_bytes(&key).await? {
+    let stored = store.get_bytes(&key).await?;
+    // A plan made now has a signing key no message was ever signed with: nothing of the run is
+    // in the target yet, and there is nothing to look for.
+    let first_run = stored.is_none();
+    let plan = match stored {
         Some(bytes) => {
             let plan: Plan =
                 serde_json::from_slice(&bytes).map_err(|err| RestoreError::BadPlan {
@@ -173,7 +190,11 @@ pub async fn restore(
         }
         None => {
             let root = format!("{prefix}{}/", crate::layout::ROOT);
-            let objects = select(&prefix, &options.selection, store.list(&root).await?);
+            let listing = store.list(&root).await?;
+            let selected = select(&prefix, &options.selection, listing.iter().cloned());
+            let topic = &options.selection.archived_topic;
+            let (objects, left_out) =
+                keep_manifest_listed(&store, &prefix, topic, &listing, selected).await?;
             let position_key = RunMarker::new_key().map_err(RestoreError::SigningKey)?;
             let plan = Plan {
                 version: PLAN_VERSION,
@@ -183,6 +204,7 @@ pub async fn restore(
                 objects,
                 position_key: Some(position_key.iter().map(|b| format!("{b:02x}")).collect()),
                 key_fields: Some(options.key_fields.clone()),
+                left_out,
             };
             if !options.dry_run && !plan.objects.is_empty() {
                 let json = serde_json::to_vec_pretty(&plan).expect("plan serializes");
@@ -191,6 +213,13 @@ pub async fn restore(
             plan
         }
     };
+    if !plan.left_out.is_empty() {
+        tracing::warn!(
+            objects = plan.left_out.len(),
+            first = ?plan.left_out.iter().take(10).collect::<Vec<_>>(),
+            "left out: objects of the selection that no batch manifest lists (an interrupted upload's earlier attempt, a copy, a batch still uploading)"
+        );
+    }
     if plan.objects.is_empty() {
         return Err(RestoreError::NothingSelected {
             bucket: store.bucket().to_string(),
@@ -243,7 +272,11 @@ pub async fn restore(
     let config = config.clone();
     let options = options.clone();
     let result = tokio::task::spawn_blocking(move || {
-        let sender = Sender::new(&config, &options, &plan, marker, runtime, next_body)?;
+        let bodies = ObjectBodies {
+            ahead: std::sync::Mutex::new(next_body),
+            store,
+        };
+        let sender = Sender::new(&config, &options, &plan, marker, first_run, runtime, bodies)?;
         let mut summary = sender.run(&mut progress)?;
         summary.elapsed = started.elapsed();
         Ok(summary)
@@ -252,6 +285,47 @@ pub async fn restore(
     .expect("restore thread");
     prefetch.abort();
     result
+}
+
+/// The selected objects a batch manifest lists (or names as one that may appear), and the keys
+/// of those none does, which the restore leaves out (see [`plan::manifests_of`]).
+async fn keep_manifest_listed(
+    store: &S3Store,
+    prefix: &str,
+    topic: &str,
+    listing: &[(String, i64)],
+    selected: Vec<PlannedObject>,
+) -> Result<(Vec<PlannedObject>, Vec<String>), RestoreError> {
+    let manifests = plan::manifests_of(prefix, topic, listing, &selected);
+    let mut fetches = futures_util::stream::iter(manifests)
+        .map(|key| async move {
+            let bytes = store.get_bytes(&key).await;
+            (key, bytes)
+        })
+        .buffer_unordered(PREFETCH_OBJECTS);
+    let mut listed: HashSet<String> = HashSet::new();
+    while let Some((key, bytes)) = fetches.next().await {
+        match bytes?.map(|bytes| serde_json::from_slice::<Manifest>(&bytes)) {
+            Some(Ok(manifest)) => listed.extend(
+                manifest
+                    .files
+                    .into_iter()
+                    .chain(manifest.may_appear)
+                    .map(|file| file.key),
+            ),
+            Some(Err(err)) => {
+                tracing::warn!(key, error = %err, "a batch manifest that cannot be read: the objects of its batch are left out")
+            }
+            None => {}
+        }
+    }
+    let (kept, left_out): (Vec<_>, Vec<_>) = selected
+        .into_iter()
+        .partition(|object| listed.contains(&object.key));
+    Ok((
+        kept,
+        left_out.into_iter().map(|object| object.key).collect(),
+    ))
 }
 
 /// Progress of a run, for a progress bar or a log line.
@@ -297,7 +371,9 @@ fn target_partitions(kafka: &crate::config::KafkaConfig, topic: &str) -> Result<
 
 /// The last position of `run` in each partition of `topic`: read back from the end of every
 /// partition at once, further back for those where no message of the run turned up, until one
-/// does or the log's start is reached.
+/// does or the log's start is reached. Each pass reads up to the ends the partitions had when
+/// the search began, so a topic others keep producing to (a live topic, a dead-letter re-drive)
+/// does not keep it reading: every message of an earlier run lies before those ends.
 fn read_sent(
     kafka: &crate::config::KafkaConfig,
     topic: &str,
@@ -307,6 +383,8 @@ fn read_sent(
     let consumer = inspector(kafka).map_err(|err| RestoreError::Kafka(err.to_string()))?;
     // Per partition still looked for: (log start, where the last pass began).
     let mut pending: HashMap<i32, (i64, i64)> = HashMap::new();
+    // Per partition, its end when the search began.
+    let mut ends: HashMap<i32, i64> = HashMap::new();
     for partition in 0..partitions {
         let (low, high) = consumer
             .fetch_watermarks(topic, partition, BROKER_TIMEOUT)
@@ -315,6 +393,7 @@ fn read_sent(
             })?;
         if high > low {
             pending.insert(partition, (low, high));
+            ends.insert(partition, high);
         }
     }
     let mut last = HashMap::new();
@@ -324,7 +403,7 @@ fn read_sent(
             .iter()
             .map(|(&partition, &(low, began))| (partition, (began - window).max(low)))
             .collect();
-        let found = last_of_run(&consumer, topic, &starts, run)?;
+        let found = last_of_run(&consumer, topic, &starts, &ends, run)?;
         for (partition, from) in starts {
             let low = pending[&partition].0;
             match found.get(&partition) {
@@ -345,14 +424,19 @@ fn read_sent(
     Ok(Sent::new(last))
 }
 
-/// The highest position of `run` in each partition among its messages from `starts`, read to
-/// the end (until the partitions stay quiet: some brokers report a lower high watermark than
-/// they serve). A pass further back reads the previous pass's messages again: each pass
-/// reaches four times further, so that costs at most a third more.
+/// How long a partition may deliver nothing before its read counts as done (its last offsets
+/// hold no message: transaction markers, compaction; or it sits at an open transaction).
+const READ_BACK_IDLE: Duration = Duration::from_millis(1500);
+
+/// The highest position of `run` in each partition among its messages from `starts` to `ends`
+/// (or until the partition stays quiet), then for `READ_BACK_IDLE` more: some brokers report a
+/// lower high watermark than they already serve. A pass further back reads the previous pass's
+/// messages again: each pass reaches four times further, so that costs at most a third more.
 fn last_of_run(
     consumer: &Inspector,
     topic: &str,
     starts: &HashMap<i32, i64>,
+    ends: &HashMap<i32, i64>,
     run: &RunMarker,
 ) -> Result<HashMap<i32, Position>, RestoreError> {
     let mut tpl = TopicPartitionList::new();
@@ -363,34 +447,73 @@ fn last_of_run(
     consumer
         .assign(&tpl)
         .map_err(|err| RestoreError::Kafka(err.to_string()))?;
+    let poll = || match consumer.poll(Duration::from_millis(100)) {
+        Some(Ok(message)) => Ok(Some(ReadBack {
+            partition: message.partition(),
+            offset: message.offset(),
+            // Not rdkafka's `headers()`: the target topic may hold a record whose header key is
+            // not UTF-8 (a re-driven `bad-header` dead letter), on which it panics.
+            position: headers::find(&message, POSITION_HEADER.as_bytes())
+                .flatten()
+                .and_then(|value| run.decode(&value)),
+        })),
+        Some(Err(err)) => Err(RestoreError::Kafka(format!(
+            "cannot read back {topic}: {err}"
+        ))),
+        None => Ok(None),
+    };
+    let found = read_back_to_ends(starts, ends, poll, Instant::now);
+    let _ = consumer.unassign();
+    found
+}
+
+/// One message read back: where it is, and the run's position if it carries one.
+struct ReadBack {
+    partition: i32,
+    offset: i64,
+    position: Option<Position>,
+}
+
+/// The highest position among the messages `poll` gives, read until every partition reached
+/// its end (`ends`: the offset after its last message when the search began) or stayed quiet
+/// for `READ_BACK_IDLE`, then for `READ_BACK_IDLE` more. Never until the topic goes quiet: a
+/// topic others keep producing to never does. `now`: the clock (a test's own).
+fn read_back_to_ends(
+    starts: &HashMap<i32, i64>,
+    ends: &HashMap<i32, i64>,
+    mut poll: impl FnMut() -> Result<Option<ReadBack>, RestoreError>,
+    now: impl Fn() -> Instant,
+) -> Result<HashMap<i32, Position>, RestoreError> {
     let mut found: HashMap<i32, Position> = HashMap::new();
-    let idle = Duration::from_millis(1500);
-    let mut last_message = Instant::now();
-    while last_message.elapsed() < idle {
-        match consumer.poll(Duration::from_millis(100)) {
-            Some(Ok(message)) => {
-                last_message = Instant::now();
-                let partition = message.partition();
-                // Not rdkafka's `headers()`: the target topic may hold a record whose header key
-                // is not UTF-8 (a re-driven `bad-header` dead letter), on which it panics.
-                let position = headers::find(&message, POSITION_HEADER.as_bytes())
-                    .flatten()
-                    .and_then(|value| run.decode(&value));
-                if let Some(position) = position {
-                    let entry = found.entry(partition).or_insert(position);
-                    *entry = (*entry).max(position);
-                }
-            }
-            Some(Err(err)) => {
-                return Err(RestoreError::Kafka(format!(
-                    "cannot read back {topic}: {err}"
-                )))
-            }
-            None => {}
+    // Partitions not read to their end yet, each with when it last delivered a message.
+    let began = now();
+    let mut reading: HashMap<i32, Instant> = starts
+        .iter()
+        .filter(|(partition, from)| ends.get(partition).is_some_and(|end| *from < end))
+        .map(|(&partition, _)| (partition, began))
+        .collect();
+    let mut all_read: Option<Instant> = None;
+    loop {
+        let at = now();
+        reading.retain(|_, last| at.duration_since(*last) < READ_BACK_IDLE);
+        if reading.is_empty() && at.duration_since(*all_read.get_or_insert(at)) >= READ_BACK_IDLE {
+            return Ok(found);
+        }
+        let Some(message) = poll()? else {
+            continue;
+        };
+        let partition = message.partition;
+        let end = ends.get(&partition).copied().unwrap_or(i64::MIN);
+        if message.offset >= end - 1 {
+            reading.remove(&partition);
+        } else if let Some(last) = reading.get_mut(&partition) {
+            *last = now();
+        }
+        if let Some(position) = message.position {
+            let entry = found.entry(partition).or_insert(position);
+            *entry = (*entry).max(position);
         }
     }
-    let _ = consumer.unassign();
-    Ok(found)
 }
 
 /// Sends a plan's lines; runs on a blocking thread and reads objects through `runtime`.
@@ -400,8 +523,7 @@ struct Sender<'a> {
     /// What marks this run's messages (signed positions).
     marker: RunMarker,
     runtime: tokio::runtime::Handle,
-    /// The plan's object bodies, in plan order, requested ahead.
-    bodies: std::sync::Mutex<tokio::sync::mpsc::Receiver<Result<ByteStream, S3Error>>>,
+    bodies: ObjectBodies,
     sent_before: Sent,
     producer: Option<ThreadedProducer<ProducerCounting>>,
     deliveries: Arc<Deliveries>,
@@ -421,10 +543,15 @@ impl<'a> Sender<'a> {
         options: &'a RestoreOptions,
         plan: &'a Plan,
         marker: RunMarker,
+        first_run: bool,
         runtime: tokio::runtime::Handle,
-        bodies: tokio::sync::mpsc::Receiver<Result<ByteStream, S3Error>>,
+        bodies: ObjectBodies,
     ) -> Result<Sender<'a>, RestoreError> {
-        let sent_before = read_sent(&config.kafka, &plan.target_topic, plan.partitions, &marker)?;
+        let sent_before = if first_run {
+            Sent::new(HashMap::new())
+        } else {
+            read_sent(&config.kafka, &plan.target_topic, plan.partitions, &marker)?
+        };
         let deliveries = Arc::new(Deliveries::default());
         let producer = if options.dry_run {
             None
@@ -450,7 +577,7 @@ impl<'a> Sender<'a> {
             plan,
             marker,
             runtime,
-            bodies: std::sync::Mutex::new(bodies),
+            bodies,
             sent_before,
             producer,
             deliveries,
@@ -458,10 +585,10 @@ impl<'a> Sender<'a> {
     }
 
     fn run(&self, progress: &mut dyn FnMut(&Progress)) -> Result<RestoreSummary, RestoreError> {
-        let started = Instant::now();
-        let mut summary = RestoreSummary {
+        let summary = RestoreSummary {
             run: self.plan.run.clone(),
             objects: self.plan.objects.len(),
+            left_out: self.plan.left_out.len(),
             object_bytes: self
                 .plan
                 .objects
@@ -470,41 +597,31 @@ impl<'a> Sender<'a> {
                 .sum(),
             ..RestoreSummary::default()
         };
-        let mut report = Progress {
+        let report = Progress {
             objects: summary.objects,
             compressed_total: summary.object_bytes,
             ..Progress::default()
         };
-        let mut last_report = Instant::now();
+        let mut tally = Tally {
+            summary,
+            report,
+            started: Instant::now(),
+            last_report: Instant::now(),
+            progress,
+        };
         for (index, object) in self.plan.objects.iter().enumerate() {
-            let result = self.send_object(
-                index as u32,
-                object,
-                &mut summary,
-                started,
-                &mut || {
-                    if last_report.elapsed() >= PROGRESS_EVERY {
-                        last_report = Instant::now();
-                        true
-                    } else {
-                        false
-                    }
-                },
-                &mut report,
-                progress,
-            );
-            match result {
+            match self.send_object(index as u32, object, &mut tally) {
                 Ok(()) => {}
                 Err(err @ (RestoreError::Corrupt { .. } | RestoreError::BadLine { .. }))
                     if self.options.skip_corrupt =>
                 {
                     tracing::warn!(error = %err, "skipping what cannot be restored");
-                    summary.corrupt += 1;
+                    tally.summary.corrupt += 1;
                 }
                 Err(err) => return Err(err),
             }
-            report.objects_done = index + 1;
-            report.compressed_read += object.bytes.max(0) as u64;
+            tally.report.objects_done = index + 1;
+            tally.report.compressed_read += object.bytes.max(0) as u64;
         }
         if let Some(producer) = &self.producer {
             // Every line handed over must be acknowledged before the run says it is done.
@@ -525,11 +642,8 @@ impl<'a> Sender<'a> {
                 return Err(RestoreError::Delivery { failed, first });
             }
         }
-        report.sent = summary.sent;
-        report.sent_bytes = summary.sent_bytes;
-        report.elapsed = started.elapsed();
-        progress(&report);
-        Ok(summary)
+        tally.report_now();
+        Ok(tally.summary)
     }
 
     fn check_fatal(
@@ -544,23 +658,65 @@ impl<'a> Sender<'a> {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Sends the object's lines. A download that breaks (connection reset, timeout: a body
+    /// fetched ahead can sit idle a long while) is fetched again and goes on after the lines
+    /// already handled; only bytes that do not decode are corrupt.
     fn send_object(
         &self,
         index: u32,
         object: &PlannedObject,
-        summary: &mut RestoreSummary,
-        started: Instant,
-        due: &mut dyn FnMut() -> bool,
-        report: &mut Progress,
-        progress: &mut dyn FnMut(&Progress),
+        tally: &mut Tally<'_>,
     ) -> Result<(), RestoreError> {
-        let body = self
+        let mut body = self
             .bodies
+            .ahead
             .lock()
             .expect("bodies lock")
             .blocking_recv()
             .ok_or(RestoreError::FetcherStopped)??;
+        let mut handled = 0;
+        let mut breaks = 0;
+        loop {
+            let lines = LinesFrom {
+                index,
+                object,
+                handled,
+            };
+            match self.send_lines(lines, body, tally) {
+                Err(RestoreError::BodyBroke { lines, message, .. }) => {
+                    breaks += 1;
+                    if breaks >= BODY_ATTEMPTS {
+                        return Err(RestoreError::BodyBroke {
+                            key: object.key.clone(),
+                            lines,
+                            attempts: breaks,
+                            message,
+                        });
+                    }
+                    tracing::warn!(key = object.key, lines, attempt = breaks, %message, "the download broke: fetching the object again, going on after the lines handled");
+                    handled = lines;
+                    std::thread::sleep(BODY_RETRY_BACKOFF * 2u32.pow(breaks - 1));
+                    let store = &self.bodies.store;
+                    body = self.runtime.block_on(store.get_stream(&object.key))?;
+                }
+                result => return result,
+            }
+        }
+    }
+
+    /// Sends the lines of one download of an object from line `handled` on (the earlier ones
+    /// were handled before its previous download broke).
+    fn send_lines(
+        &self,
+        from: LinesFrom<'_>,
+        body: ByteStream,
+        tally: &mut Tally<'_>,
+    ) -> Result<(), RestoreError> {
+        let LinesFrom {
+            index,
+            object,
+            handled,
+        } = from;
         let reader = StreamRead {
             body,
             runtime: self.runtime.clone(),
@@ -570,13 +726,8 @@ impl<'a> Sender<'a> {
         let compressed = BufReader::with_capacity(1 << 16, reader);
         let decoded: Box<dyn Read> = match crate::layout::Codec::of_key(&object.key) {
             Some(crate::layout::Codec::Zstd) => Box::new(
-                zstd::stream::read::Decoder::with_buffer(compressed).map_err(|err| {
-                    RestoreError::Corrupt {
-                        key: object.key.clone(),
-                        lines: 0,
-                        message: err.to_string(),
-                    }
-                })?,
+                zstd::stream::read::Decoder::with_buffer(compressed)
+                    .map_err(|err| read_failure(&object.key, 0, err))?,
             ),
             _ => Box::new(flate2::bufread::MultiGzDecoder::new(compressed)),
         };
@@ -587,11 +738,7 @@ impl<'a> Sender<'a> {
             line.clear();
             let read = lines
                 .read_until(b'\n', &mut line)
-                .map_err(|err| RestoreError::Corrupt {
-                    key: object.key.clone(),
-                    lines: number,
-                    message: format!("not a valid compressed object: {err}"),
-                })?;
+                .map_err(|err| read_failure(&object.key, number, err))?;
             if read == 0 {
                 return Ok(());
             }
@@ -606,12 +753,15 @@ impl<'a> Sender<'a> {
                 line: number,
             };
             number += 1;
+            if position.line < handled {
+                continue;
+            }
             let outgoing = match self.outgoing(object, &line) {
                 Ok(Some(outgoing)) => outgoing,
                 Ok(None) => continue,
                 Err(message) if self.options.skip_corrupt => {
                     tracing::warn!(key = object.key, line = position.line, %message, "skipping a line that cannot be restored");
-                    summary.corrupt += 1;
+                    tally.summary.corrupt += 1;
                     continue;
                 }
                 Err(message) => {
@@ -624,21 +774,14 @@ impl<'a> Sender<'a> {
             };
             let partition = partition_for(outgoing.key.as_deref(), position, self.plan.partitions);
             if self.sent_before.contains(partition, position) {
-                summary.already_sent += 1;
+                tally.summary.already_sent += 1;
                 continue;
             }
-            self.pace(summary.sent, started);
+            self.pace(tally.summary.sent, tally.started);
             if let Some(producer) = &self.producer {
                 self.send(producer, partition, position, &outgoing)?;
             }
-            summary.sent += 1;
-            summary.sent_bytes += outgoing.payload.len() as u64;
-            if due() {
-                report.sent = summary.sent;
-                report.sent_bytes = summary.sent_bytes;
-                report.elapsed = started.elapsed();
-                progress(report);
-            }
+            tally.sent(outgoing.payload.len() as u64);
         }
     }
 
@@ -768,6 +911,88 @@ fn dead_letter_record(line: &[u8], reasons: &BTreeSet<String>) -> Result<Option<
     }))
 }
 
+/// What a run has done so far, and the progress it shows (every `PROGRESS_EVERY`).
+struct Tally<'p> {
+    summary: RestoreSummary,
+    report: Progress,
+    started: Instant,
+    last_report: Instant,
+    progress: &'p mut dyn FnMut(&Progress),
+}
+
+impl Tally<'_> {
+    /// A line of `bytes` went to the producer.
+    fn sent(&mut self, bytes: u64) {
+        self.summary.sent += 1;
+        self.summary.sent_bytes += bytes;
+        if self.last_report.elapsed() >= PROGRESS_EVERY {
+            self.last_report = Instant::now();
+            self.report_now();
+        }
+    }
+
+    fn report_now(&mut self) {
+        self.report.sent = self.summary.sent;
+        self.report.sent_bytes = self.summary.sent_bytes;
+        self.report.elapsed = self.started.elapsed();
+        (self.progress)(&self.report);
+    }
+}
+
+/// The plan's object bodies: those requested ahead, in plan order, and the store to fetch one
+/// again whose download broke.
+struct ObjectBodies {
+    ahead: std::sync::Mutex<tokio::sync::mpsc::Receiver<Result<ByteStream, S3Error>>>,
+    store: S3Store,
+}
+
+/// Downloads of one object in a row that may break before the run stops (each waits twice as
+/// long as the one before it, from `BODY_RETRY_BACKOFF`).
+const BODY_ATTEMPTS: u32 = 5;
+const BODY_RETRY_BACKOFF: Duration = Duration::from_millis(250);
+
+/// Which lines of which object a download goes on with.
+struct LinesFrom<'p> {
+    index: u32,
+    object: &'p PlannedObject,
+    /// Lines of the object handled by earlier downloads of it.
+    handled: u64,
+}
+
+/// The transport under an object's body failed: the bytes so far were fine, the rest is still
+/// in the bucket.
+#[derive(Debug)]
+struct BodyBroke(String);
+
+impl std::fmt::Display for BodyBroke {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for BodyBroke {}
+
+/// What reading an object's lines failed on, after `lines` lines: its download (`BodyBroke`,
+/// fetched again), or bytes that do not decode (`Corrupt`).
+fn read_failure(key: &str, lines: u64, err: std::io::Error) -> RestoreError {
+    match err
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<BodyBroke>())
+    {
+        Some(broke) => RestoreError::BodyBroke {
+            key: key.to_string(),
+            lines,
+            attempts: 1,
+            message: broke.0.clone(),
+        },
+        None => RestoreError::Corrupt {
+            key: key.to_string(),
+            lines,
+            message: format!("not a valid compressed object: {err}"),
+        },
+    }
+}
+
 /// An object's body as a blocking reader: chunks are awaited on the runtime, never whole.
 struct StreamRead {
     body: ByteStream,
@@ -785,7 +1010,7 @@ impl Read for StreamRead {
                     self.chunk.extend_from_slice(&bytes);
                     self.at = 0;
                 }
-                Some(Err(err)) => return Err(std::io::Error::other(err)),
+                Some(Err(err)) => return Err(std::io::Error::other(BodyBroke(err.to_string()))),
                 None => return Ok(0),
             }
         }
@@ -834,5 +1059,174 @@ mod tests {
             .unwrap()
             .is_none());
         assert!(dead_letter_record(b"{}", &all).is_err());
+    }
+
+    /// A body that gives `good` bytes, then fails as a broken connection does.
+    struct Breaking {
+        bytes: Vec<u8>,
+        good: usize,
+        at: usize,
+    }
+
+    impl Read for Breaking {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            if self.at >= self.good {
+                return Err(std::io::Error::other(BodyBroke("connection reset".into())));
+            }
+            let n = buf.len().min(self.good - self.at);
+            buf[..n].copy_from_slice(&self.bytes[self.at..self.at + n]);
+            self.at += n;
+            Ok(n)
+        }
+    }
+
+    /// The lines read, and what stopped the reading.
+    fn read_lines(decoded: &mut dyn Read) -> (u64, RestoreError) {
+        let mut lines = BufReader::new(decoded);
+        let (mut number, mut line) = (0, Vec::new());
+        loop {
+            line.clear();
+            match lines.read_until(b'\n', &mut line) {
+                Ok(0) => panic!("read to the end"),
+                Ok(_) => number += 1,
+                Err(err) => return (number, read_failure("k", number, err)),
+            }
+        }
+    }
+
+    #[test]
+    fn a_broken_download_is_told_from_a_corrupt_object_through_either_decoder() {
+        use std::io::Write as _;
+        let text: String = (0..20_000)
+            .map(|n| format!("{{\"messageId\":\"m{n}\",\"n\":{}}}\n", n * 7919 % 10007))
+            .collect();
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(text.as_bytes()).unwrap();
+        let gz = gz.finish().unwrap();
+        let zst = zstd::encode_all(text.as_bytes(), 3).unwrap();
+
+        for (name, bytes) in [("gzip", gz), ("zstd", zst)] {
+            let good = bytes.len() / 2;
+            let body = || Breaking {
+                bytes: bytes.clone(),
+                good,
+                at: 0,
+            };
+            let mut decoded: Box<dyn Read> = match name {
+                "gzip" => Box::new(flate2::bufread::MultiGzDecoder::new(BufReader::new(body()))),
+                _ => Box::new(zstd::stream::read::Decoder::new(body()).unwrap()),
+            };
+            let (lines, err) = read_lines(&mut decoded);
+            assert!(lines > 100, "{name}: {lines} lines before the break");
+            assert!(
+                matches!(&err, RestoreError::BodyBroke { lines: l, .. } if *l == lines),
+                "{name}: {err}"
+            );
+
+            // The same place holding other bytes: corrupt, not a broken download.
+            let mut damaged = bytes.clone();
+            for byte in &mut damaged[good..good + 64] {
+                *byte ^= 0x5a;
+            }
+            let mut decoded: Box<dyn Read> = match name {
+                "gzip" => Box::new(flate2::bufread::MultiGzDecoder::new(&damaged[..])),
+                _ => Box::new(zstd::stream::read::Decoder::new(&damaged[..]).unwrap()),
+            };
+            let (_, err) = read_lines(&mut decoded);
+            assert!(matches!(err, RestoreError::Corrupt { .. }), "{name}: {err}");
+        }
+    }
+
+    /// A clock that moves only when the test says.
+    struct TestClock(std::cell::Cell<Instant>);
+
+    impl TestClock {
+        fn advance(&self, by: Duration) {
+            self.0.set(self.0.get() + by);
+        }
+    }
+
+    #[test]
+    fn reading_back_stops_at_the_ends_the_search_began_with_on_a_topic_that_never_goes_quiet() {
+        let clock = TestClock(std::cell::Cell::new(Instant::now()));
+        let starts = HashMap::from([(0, 0), (1, 0)]);
+        let ends = HashMap::from([(0, 1_000), (1, 500)]);
+        // Both partitions: the earlier run's messages first (positions), then live traffic
+        // arriving faster than it is read, for ever.
+        let mut next = [0i64, 0];
+        let mut polls = 0u64;
+        let poll = || {
+            polls += 1;
+            assert!(
+                polls < 1_000_000,
+                "still reading a topic that never goes quiet"
+            );
+            clock.advance(Duration::from_millis(1));
+            let partition = (polls % 2) as i32;
+            let offset = next[partition as usize];
+            next[partition as usize] += 1;
+            let sent_by_the_run = if partition == 0 { 800 } else { 300 };
+            Ok(Some(ReadBack {
+                partition,
+                offset,
+                position: (offset < sent_by_the_run).then_some(Position {
+                    object: 0,
+                    line: offset as u64,
+                }),
+            }))
+        };
+        let found = read_back_to_ends(&starts, &ends, poll, || clock.0.get()).unwrap();
+        assert_eq!(
+            found[&0],
+            Position {
+                object: 0,
+                line: 799
+            }
+        );
+        assert_eq!(
+            found[&1],
+            Position {
+                object: 0,
+                line: 299
+            }
+        );
+        // Both ends reached after 2,000 messages, then 1.5 s more at one a millisecond.
+        assert!(polls < 4_000, "{polls} polls");
+    }
+
+    #[test]
+    fn a_partition_whose_last_offsets_hold_no_message_is_read_until_it_stays_quiet() {
+        let clock = TestClock(std::cell::Cell::new(Instant::now()));
+        let starts = HashMap::from([(0, 0)]);
+        // Offsets 98 and 99 are transaction markers: no message reaches them.
+        let ends = HashMap::from([(0, 100)]);
+        let mut offset = 0;
+        let poll = || {
+            if offset == 98 {
+                clock.advance(Duration::from_millis(100));
+                return Ok(None);
+            }
+            offset += 1;
+            let line = offset as u64 - 1;
+            Ok(Some(ReadBack {
+                partition: 0,
+                offset: offset - 1,
+                position: Some(Position { object: 2, line }),
+            }))
+        };
+        let began = clock.0.get();
+        let found = read_back_to_ends(&starts, &ends, poll, || clock.0.get()).unwrap();
+        assert_eq!(
+            found[&0],
+            Position {
+                object: 2,
+                line: 97
+            }
+        );
+        let took = clock.0.get() - began;
+        assert!(
+            took <= READ_BACK_IDLE * 2 + Duration::from_millis(200),
+            "{took:?}"
+        );
     }
 }

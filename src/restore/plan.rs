@@ -56,6 +56,10 @@ pub struct Plan {
     /// others would look for lines where they were never sent. Absent in earlier plans.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_fields: Option<Vec<String>>,
+    /// Objects of the selection that no batch manifest lists, left out (see
+    /// [`manifests_of`]): said again by every run of the restore.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub left_out: Vec<String>,
 }
 
 impl Plan {
@@ -179,6 +183,43 @@ pub fn select(
     chosen.into_iter().map(|(_, object)| object).collect()
 }
 
+/// The manifests of the selected objects' batches: for each object, the listing's manifest
+/// whose range covers its first offset (none for a batch still uploading). Restoring what those
+/// manifests list, not everything the listing holds, leaves out strays (an interrupted
+/// attempt's objects, copies made by hand) whose lines the listed objects already hold.
+pub fn manifests_of(
+    prefix: &str,
+    topic: &str,
+    listing: &[(String, i64)],
+    objects: &[PlannedObject],
+) -> BTreeSet<String> {
+    let root = format!("{prefix}{}/", layout::ROOT);
+    let manifest_root = format!("{root}_manifests/{topic}/");
+    let mut ranges: std::collections::HashMap<i32, Vec<(i64, i64, &str)>> = Default::default();
+    for (key, _) in listing {
+        let Some(rest) = key.strip_prefix(&manifest_root) else {
+            continue;
+        };
+        let partition = rest.split('/').next().and_then(|p| p.parse::<i32>().ok());
+        if let (Some(partition), Some((start, end))) = (partition, layout::manifest_range(key)) {
+            ranges.entry(partition).or_default().push((start, end, key));
+        }
+    }
+    for list in ranges.values_mut() {
+        list.sort_unstable();
+    }
+    objects
+        .iter()
+        .filter_map(|object| {
+            let (_, _, partition, offset) = place(&root, topic, &object.key)?;
+            let list = ranges.get(&partition)?;
+            let after = list.partition_point(|(start, _, _)| *start <= offset);
+            let (_, end, key) = list.get(after.checked_sub(1)?)?;
+            (offset <= *end).then(|| key.to_string())
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -192,6 +233,36 @@ mod tests {
             dead_letter: false,
             reasons: BTreeSet::new(),
         }
+    }
+
+    #[test]
+    fn each_object_is_matched_to_the_manifest_whose_range_covers_it() {
+        let listing: Vec<(String, i64)> = [
+            "segment-logs/_manifests/events/0/00000000000000000000-00000000000000000099.json",
+            "segment-logs/_manifests/events/0/00000000000000000100-00000000000000000199.json",
+            "segment-logs/_manifests/events/1/00000000000000000000-00000000000000000049.json",
+            "segment-logs/_manifests/other/0/00000000000000000000-00000000000000099999.json",
+        ]
+        .iter()
+        .map(|k| (k.to_string(), 10))
+        .collect();
+        let object = |key: &str| PlannedObject {
+            key: key.into(),
+            bytes: 1,
+            source: Some("web".into()),
+            day: parse_day("2015-05-27").unwrap(),
+        };
+        let objects = [
+            object("segment-logs/web/1432684800000/events-0-00000000000000000100.gz"),
+            object("segment-logs/web/1432684800000/events-0-00000000000000000101.gz"),
+            // Past every manifest of partition 1: a batch still uploading.
+            object("segment-logs/web/1432684800000/events-1-00000000000000000050.gz"),
+        ];
+        let manifests = manifests_of("", "events", &listing, &objects);
+        assert_eq!(
+            manifests.into_iter().collect::<Vec<_>>(),
+            ["segment-logs/_manifests/events/0/00000000000000000100-00000000000000000199.json"]
+        );
     }
 
     #[test]

@@ -1,8 +1,10 @@
 //! An HTTP fault proxy between the archiver and the S3 server: a seeded share of requests is
-//! answered `500 InternalError` or `503 SlowDown`, has its connection reset mid-body, or is
-//! delayed; the rest is forwarded unchanged. Requests are parsed (HTTP/1.1 with Content-Length
-//! or chunked bodies), so faults hit individual requests on kept-alive connections.
+//! answered `500 InternalError` or `503 SlowDown`, has its connection reset mid-body (the
+//! request's, or the answer's), or is delayed; the rest is forwarded unchanged. Requests are
+//! parsed (HTTP/1.1 with Content-Length or chunked bodies), so faults hit individual requests on
+//! kept-alive connections.
 
+use std::collections::HashSet;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -25,6 +27,9 @@ pub struct FaultRates {
     /// Limits `refuse_with` further to requests of this method (`PUT`: the member may still
     /// look the keys up).
     pub refuse_method: Option<&'static str>,
+    /// The first `GET` of each path containing this has its answer cut: the head and half the
+    /// body go through, then the connection drops (a download that breaks mid-body).
+    pub cut_first_get: Option<&'static str>,
 }
 
 #[derive(Debug, Default)]
@@ -34,6 +39,8 @@ pub struct FaultCounts {
     pub slow_down: AtomicU64,
     pub reset: AtomicU64,
     pub delayed: AtomicU64,
+    /// The requests (start lines) whose answer was cut (`cut_first_get`).
+    pub cut: Mutex<HashSet<String>>,
 }
 
 impl FaultCounts {
@@ -201,7 +208,7 @@ fn serve(
         counts.requests.fetch_add(1, Ordering::Relaxed);
         let is_head = request.start_line.starts_with("HEAD ");
         let rates = *rates.lock().unwrap();
-        let (fault, delay) = {
+        let (fault, delay, cut) = {
             let mut rng = rng.lock().unwrap();
             let roll = rng.f64();
             let refused = rates.refuse_with.filter(|_| {
@@ -223,7 +230,16 @@ fn serve(
             } else {
                 Fault::None
             };
-            (fault, rng.f64() < rates.delay)
+            let cut = request.start_line.starts_with("GET ")
+                && rates
+                    .cut_first_get
+                    .is_some_and(|p| request.start_line.contains(p))
+                && counts
+                    .cut
+                    .lock()
+                    .unwrap()
+                    .insert(request.start_line.clone());
+            (fault, rng.f64() < rates.delay, cut)
         };
         if delay {
             counts.delayed.fetch_add(1, Ordering::Relaxed);
@@ -285,6 +301,13 @@ fn serve(
         } else {
             read_body(&mut upstream_reader, &response)?
         };
+        if cut && response.start_line.contains(" 200 ") && response_body.len() > 1 {
+            client_out.write_all(&response.raw)?;
+            client_out.write_all(&response_body[..response_body.len() / 2])?;
+            client_out.flush()?;
+            let _ = client_out.shutdown(Shutdown::Both);
+            return Ok(());
+        }
         client_out.write_all(&response.raw)?;
         client_out.write_all(&response_body)?;
     }
