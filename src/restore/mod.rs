@@ -202,7 +202,7 @@ pub async fn restore(
                 target_topic: options.target_topic.clone(),
                 partitions,
                 objects,
-                position_key: Some(position_key.iter().map(|b| format!("{b:02x}")).collect()),
+                position_key: Some(position::to_hex(&position_key)),
                 key_fields: Some(options.key_fields.clone()),
                 left_out,
             };

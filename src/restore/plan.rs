@@ -68,10 +68,8 @@ impl Plan {
         let key = match &self.position_key {
             None => None,
             Some(hex) => Some(
-                (0..hex.len() / 2)
-                    .map(|i| u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok())
-                    .collect::<Option<Vec<u8>>>()
-                    .filter(|key| !key.is_empty() && key.len() * 2 == hex.len())
+                super::position::from_hex(hex)
+                    .filter(|key| !key.is_empty())
                     .ok_or("position_key is not hex")?,
             ),
         };
@@ -102,7 +100,7 @@ pub fn run_name(selection: &Selection, prefix: &str, target_topic: &str) -> Stri
     );
     hasher.update(text.as_bytes());
     let digest = hasher.finalize();
-    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+    super::position::to_hex(&digest[..8])
 }
 
 /// A day as the archive names its folders (`1432684800000`, `2015-05-27`, `day=2015-05-27`);

@@ -18,6 +18,21 @@ use std::collections::HashMap;
 
 use hmac::{KeyInit, Mac};
 
+/// Lower-case hex of `bytes`: how a plan keeps its signing key and a header its signature.
+pub fn to_hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The bytes `text` spells in hex (an even number of digits), `None` if it is not hex.
+pub fn from_hex(text: &str) -> Option<Vec<u8>> {
+    if text.len() % 2 != 0 {
+        return None;
+    }
+    (0..text.len() / 2)
+        .map(|i| u8::from_str_radix(text.get(2 * i..2 * i + 2)?, 16).ok())
+        .collect()
+}
+
 /// The header holding a message's position.
 pub const POSITION_HEADER: &str = "kafka-s3-archiver-restore";
 
@@ -79,11 +94,7 @@ impl RunMarker {
             None => unsigned,
             Some(key) => {
                 let tag = self.mac(key, &unsigned).finalize().into_bytes();
-                let hex: String = tag[..MAC_BYTES]
-                    .iter()
-                    .map(|b| format!("{b:02x}"))
-                    .collect();
-                format!("{unsigned}:{hex}")
+                format!("{unsigned}:{}", to_hex(&tag[..MAC_BYTES]))
             }
         }
     }
@@ -102,9 +113,7 @@ impl RunMarker {
         match (&self.key, fields.next(), fields.next()) {
             (None, None, _) => Some(position),
             (Some(key), Some(hex), None) if hex.len() == 2 * MAC_BYTES => {
-                let tag: Vec<u8> = (0..MAC_BYTES)
-                    .map(|i| u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok())
-                    .collect::<Option<_>>()?;
+                let tag = from_hex(hex)?;
                 let unsigned = format!("{}:{object}:{line}", self.run);
                 self.mac(key, &unsigned)
                     .verify_truncated_left(&tag)
@@ -214,6 +223,16 @@ mod tests {
         assert_eq!(unsigned.decode(b"other:1:2"), None);
     }
 
+    #[test]
+    fn hex_round_trips_and_refuses_what_is_not_hex() {
+        assert_eq!(to_hex(&[0x00, 0xab, 0x7f]), "00ab7f");
+        assert_eq!(from_hex("00ab7f"), Some(vec![0x00, 0xab, 0x7f]));
+        assert_eq!(from_hex("00AB7F"), Some(vec![0x00, 0xab, 0x7f]));
+        assert_eq!(from_hex("0ab"), None);
+        assert_eq!(from_hex("zz"), None);
+        assert_eq!(from_hex("é1"), None);
+    }
+
     /// A producer to the target topic can copy a run's headers and write any it likes, but
     /// without the key in the plan it cannot sign a position the run did not send.
     #[test]
@@ -221,7 +240,7 @@ mod tests {
         let key = RunMarker::new_key().unwrap();
         assert_eq!(key.len(), 32);
         assert_ne!(key, RunMarker::new_key().unwrap(), "a fresh key each plan");
-        let key_hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+        let key_hex = to_hex(&key);
         let run = RunMarker::new("abcd", Some(key));
         let sent = Position {
             object: 3,
