@@ -35,6 +35,7 @@ use crate::kafka_client::headers::{self, RawHeader};
 use crate::kafka_client::{
     client_config, inspector, Auth, ClientRole, Deliveries, Inspector, ProducerCounting,
 };
+use crate::retry::{Backoff, ErrorClass, NoJitter};
 use crate::upload::manifest::Manifest;
 use crate::upload::s3::{S3Error, S3Store};
 use plan::{plan_key, run_name, select, Plan, PlannedObject, Selection, PLAN_VERSION};
@@ -675,7 +676,7 @@ impl<'a> Sender<'a> {
             .blocking_recv()
             .ok_or(RestoreError::FetcherStopped)??;
         let mut handled = 0;
-        let mut breaks = 0;
+        let mut backoff = Backoff::new(BODY_RETRY_BACKOFF, BODY_RETRY_MAX_BACKOFF, NoJitter);
         loop {
             let lines = LinesFrom {
                 index,
@@ -684,7 +685,8 @@ impl<'a> Sender<'a> {
             };
             match self.send_lines(lines, body, tally) {
                 Err(RestoreError::BodyBroke { lines, message, .. }) => {
-                    breaks += 1;
+                    let delay = backoff.next_delay(ErrorClass::Transient);
+                    let breaks = backoff.attempts();
                     if breaks >= BODY_ATTEMPTS {
                         return Err(RestoreError::BodyBroke {
                             key: object.key.clone(),
@@ -695,7 +697,7 @@ impl<'a> Sender<'a> {
                     }
                     tracing::warn!(key = object.key, lines, attempt = breaks, %message, "the download broke: fetching the object again, going on after the lines handled");
                     handled = lines;
-                    std::thread::sleep(BODY_RETRY_BACKOFF * 2u32.pow(breaks - 1));
+                    std::thread::sleep(delay);
                     let store = &self.bodies.store;
                     body = self.runtime.block_on(store.get_stream(&object.key))?;
                 }
@@ -946,10 +948,11 @@ struct ObjectBodies {
     store: S3Store,
 }
 
-/// Downloads of one object in a row that may break before the run stops (each waits twice as
-/// long as the one before it, from `BODY_RETRY_BACKOFF`).
+/// Downloads of one object in a row that may break before the run stops; between them, the
+/// archiver's one backoff (`retry::Backoff`) from `BODY_RETRY_BACKOFF`.
 const BODY_ATTEMPTS: u32 = 5;
 const BODY_RETRY_BACKOFF: Duration = Duration::from_millis(250);
+const BODY_RETRY_MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// Which lines of which object a download goes on with.
 struct LinesFrom<'p> {

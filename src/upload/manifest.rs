@@ -74,9 +74,7 @@ impl ManifestFile {
             deleted_from_kafka: 0,
         }
     }
-}
 
-impl ManifestFile {
     /// The entry of a file as the batch's first attempt cut it, whose every line Kafka deleted
     /// since (see [`Manifest::may_appear`]).
     pub fn of_planned(prefix: &str, batch: &SealedBatch, planned: &PlannedFile) -> ManifestFile {
