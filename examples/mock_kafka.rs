@@ -7,6 +7,7 @@
 //! answering `ok` or `error: ...`; exits when stdin closes:
 //!
 //! - `down BROKER` / `up BROKER`: take a broker down or bring it back (ids from 1);
+//! - `topic NAME PARTITIONS`: create another topic (a restore's target);
 //! - `rtt BROKER MILLIS`: add round-trip time to a broker;
 //! - `errors API ERROR COUNT`: fail the next COUNT requests of API (e.g. `OffsetCommit`) with
 //!   ERROR (e.g. `REBALANCE_IN_PROGRESS`); `clear API` forgets them.
@@ -57,6 +58,14 @@ fn main() {
                 parse(id).and_then(|id| cluster.broker_down(id).map_err(|e| e.to_string()))
             }
             ["up", id] => parse(id).and_then(|id| cluster.broker_up(id).map_err(|e| e.to_string())),
+            ["topic", name, partitions] => partitions
+                .parse()
+                .map_err(|_| "bad partitions".to_string())
+                .and_then(|partitions| {
+                    cluster
+                        .create_topic(name, partitions, brokers.min(3))
+                        .map_err(|e| e.to_string())
+                }),
             ["rtt", id, millis] => parse(id).and_then(|id| {
                 let millis: u64 = millis.parse().map_err(|_| "bad millis".to_string())?;
                 cluster

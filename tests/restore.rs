@@ -39,12 +39,18 @@ fn restore_to_end(rig: &Rig, target: &str, sources: &[String], args: &[&str]) ->
 /// of two partitions: the rig, and how many lines a restore of every source sends.
 fn archived_and_a_target(count: u64, sources: usize, seed: u64, target: &str) -> (Rig, u64) {
     let rig = Rig::start(1);
+    let selected = archive_and_create(&rig, count, sources, seed, target);
+    (rig, selected)
+}
+
+/// [`archived_and_a_target`] on a rig of one partition already started: how many lines a
+/// restore of every source sends.
+fn archive_and_create(rig: &Rig, count: u64, sources: usize, seed: u64, target: &str) -> u64 {
     rig.produce(count, sources, 1, seed);
     rig.archive_to_the_end("archiver", 1, &[]);
     rig.broker.create_topic(target, 2);
-    let dry = restore_to_end(&rig, target, &[], &["--dry-run"]);
-    let selected = number_after(&dry, "would send");
-    (rig, selected)
+    let dry = restore_to_end(rig, target, &[], &["--dry-run"]);
+    number_after(&dry, "would send")
 }
 
 /// Each of the `selected` lines is in `target` once (its messages that `restored` picks).
@@ -463,4 +469,49 @@ fn an_object_no_manifest_lists_is_left_out_and_named() {
     );
 
     each_line_once(&rig, target, selected, |_| true);
+}
+
+/// The target's brokers go down for longer than the producer's delivery timeout
+/// (`message.timeout.ms`) and come back mid-run. librdkafka's idempotent producer drops the
+/// messages that time out in its queue and carries on with the later ones, so a partition would
+/// hold its lines with a hole in them, and a rerun, which goes on after the last line of each
+/// partition, would never send the lines of the hole. The run stops instead, leaving each
+/// partition a prefix of its lines, and says why; the rerun sends the rest.
+#[test]
+fn brokers_down_past_the_delivery_timeout_leave_no_hole_a_rerun_skips() {
+    let target = "restored";
+    let rig = Rig::start_mock(1);
+    // The mock cluster keeps a few thousand messages of each partition.
+    let selected = archive_and_create(&rig, 5_000, 2, 37, target);
+    assert!(selected >= 4_000, "only {selected} lines selected");
+
+    // About seven seconds of sending, with the outage from the second to the sixth.
+    let mut command = restore_command(&rig, target, &[], &["--rate", "700"]);
+    command.env(
+        "ARCHIVER_KAFKA_PROPERTIES",
+        r#"{"message.timeout.ms"="2000"}"#,
+    );
+    let mut first = Process::spawn(command, rig.dir.path().join("restore-outage.log"));
+    std::thread::sleep(Duration::from_millis(1500));
+    for broker in 1..=3 {
+        rig.broker.control(&format!("down {broker}"));
+    }
+    std::thread::sleep(Duration::from_secs(4));
+    for broker in 1..=3 {
+        rig.broker.control(&format!("up {broker}"));
+    }
+    let status = first.wait_exit(Duration::from_secs(120));
+    let rerun = restore_to_end(&rig, target, &[], &[]);
+    each_line_once(&rig, target, selected, |_| true);
+
+    let log = first.log_text();
+    assert!(!status.success(), "the run went through the outage: {log}");
+    assert!(
+        log.contains("acknowledged none") && log.contains("message.timeout.ms"),
+        "the run does not say why it stopped: {log}"
+    );
+    assert!(
+        number_after(&rerun, ": sent") > 0,
+        "the rerun had nothing left to send: {rerun}"
+    );
 }

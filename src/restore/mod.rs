@@ -38,9 +38,11 @@ use crate::kafka_client::{
 use crate::retry::{Backoff, ErrorClass, NoJitter};
 use crate::upload::manifest::Manifest;
 use crate::upload::s3::{S3Error, S3Store};
+use delivery::{take_delivery_timeout, AcknowledgementWatch};
 use plan::{plan_key, run_name, select, Plan, PlannedObject, Selection, PLAN_VERSION};
 use position::{partition_for, Position, RunMarker, Sent, POSITION_HEADER};
 
+pub mod delivery;
 pub mod plan;
 pub mod position;
 
@@ -50,6 +52,8 @@ const BROKER_TIMEOUT: Duration = Duration::from_secs(10);
 const PREFETCH_OBJECTS: usize = 8;
 /// How often progress is reported.
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+/// How often a run waiting for the broker's last acknowledgements says so.
+const WAITING_TOLD_EVERY: Duration = Duration::from_secs(30);
 
 /// What to restore and how fast.
 #[derive(Debug, Clone)]
@@ -151,6 +155,13 @@ pub enum RestoreError {
     },
     #[error("{failed} messages were not delivered (first error: {first}); run the same restore again to send what is missing")]
     Delivery { failed: u64, first: String },
+    #[error(
+        "the broker acknowledged none of the {waiting} messages waiting for {seconds:.0} s \
+         (kafka.properties.message.timeout.ms; is a partition's leader down or unreachable?): \
+         the run stopped, leaving each partition its lines up to a point; run the same restore \
+         again to send the rest"
+    )]
+    Unacknowledged { waiting: u64, seconds: f64 },
 }
 
 /// Runs a restore to its end (or, with `dry_run`, counts it).
@@ -528,6 +539,8 @@ struct Sender<'a> {
     sent_before: Sent,
     producer: Option<ThreadedProducer<ProducerCounting>>,
     deliveries: Arc<Deliveries>,
+    /// Stops the run when the broker stops acknowledging (`delivery.rs`).
+    acknowledgements: std::cell::RefCell<AcknowledgementWatch>,
 }
 
 /// One message to send.
@@ -554,6 +567,7 @@ impl<'a> Sender<'a> {
             read_sent(&config.kafka, &plan.target_topic, plan.partitions, &marker)?
         };
         let deliveries = Arc::new(Deliveries::default());
+        let mut timeout = None;
         let producer = if options.dry_run {
             None
         } else {
@@ -563,8 +577,10 @@ impl<'a> Sender<'a> {
                     max_in_flight_kbytes: (options.max_in_flight_bytes / 1024).max(1),
                 },
             );
-            // Delivery failures must not leave holes the next run would step over.
+            // Delivery failures must not leave holes the next run would step over: one failed
+            // message fails all after it, and none times out alone (`delivery.rs`).
             client.set("enable.gapless.guarantee", "true");
+            timeout = take_delivery_timeout(&mut client)?;
             let producer: ThreadedProducer<ProducerCounting> = client
                 .create_with_context(ProducerCounting {
                     deliveries: Arc::clone(&deliveries),
@@ -582,6 +598,7 @@ impl<'a> Sender<'a> {
             sent_before,
             producer,
             deliveries,
+            acknowledgements: AcknowledgementWatch::new(timeout, Instant::now()).into(),
         })
     }
 
@@ -626,37 +643,53 @@ impl<'a> Sender<'a> {
         }
         if let Some(producer) = &self.producer {
             // Every line handed over must be acknowledged before the run says it is done.
+            let mut told = Instant::now();
             loop {
-                match producer.flush(Duration::from_secs(30)) {
+                match producer.flush(Duration::from_secs(1)) {
                     Ok(()) => break,
                     Err(KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut)) => {
-                        self.check_fatal(producer)?;
-                        tracing::info!("waiting for the broker to acknowledge what was sent");
+                        self.check_delivery(producer)?;
+                        if told.elapsed() >= WAITING_TOLD_EVERY {
+                            told = Instant::now();
+                            let waiting = producer.in_flight_count();
+                            tracing::info!(
+                                waiting,
+                                "waiting for the broker to acknowledge what was sent"
+                            );
+                        }
                     }
                     Err(err) => return Err(RestoreError::Kafka(err.to_string())),
                 }
             }
-            self.check_fatal(producer)?;
-            let failed = self.deliveries.failed();
-            if failed > 0 {
-                let first = self.deliveries.first_error();
-                return Err(RestoreError::Delivery { failed, first });
-            }
+            self.check_delivery(producer)?;
         }
         tally.report_now();
         Ok(tally.summary)
     }
 
-    fn check_fatal(
+    /// Whether the run may go on sending: the producer has not stopped, no message failed,
+    /// and the broker still acknowledges (a run that goes on past a failure could deliver
+    /// later lines of a partition than the one that failed: a hole a rerun steps over).
+    fn check_delivery(
         &self,
         producer: &ThreadedProducer<ProducerCounting>,
     ) -> Result<(), RestoreError> {
-        match producer.client().fatal_error() {
-            Some((code, reason)) => Err(RestoreError::Kafka(format!(
+        if let Some((code, reason)) = producer.client().fatal_error() {
+            return Err(RestoreError::Kafka(format!(
                 "the producer stopped ({code:?}): {reason}; restore needs a broker with idempotent producers"
-            ))),
-            None => Ok(()),
+            )));
         }
+        let failed = self.deliveries.failed();
+        if failed > 0 {
+            let first = self.deliveries.first_error();
+            return Err(RestoreError::Delivery { failed, first });
+        }
+        let waiting = producer.in_flight_count().max(0) as u64;
+        self.acknowledgements.borrow_mut().check(
+            self.deliveries.delivered(),
+            waiting,
+            Instant::now(),
+        )
     }
 
     /// Sends the object's lines. A download that breaks (connection reset, timeout: a body
@@ -843,13 +876,14 @@ impl<'a> Sender<'a> {
         if let Some(key) = &outgoing.key {
             record = record.key(key);
         }
+        self.check_delivery(producer)?;
         loop {
             match producer.send(record) {
                 Ok(()) => return Ok(()),
                 // The in-flight bound is reached: wait for acknowledgements.
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
                     record = back;
-                    self.check_fatal(producer)?;
+                    self.check_delivery(producer)?;
                     std::thread::sleep(Duration::from_millis(10));
                 }
                 Err((err, _)) => return Err(RestoreError::Kafka(err.to_string())),

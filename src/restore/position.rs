@@ -4,7 +4,8 @@
 //! `kafka-s3-archiver-restore` header — and goes to the partition its key picks (Kafka's own
 //! murmur2 partitioner, so other clients place the same keys alike). Lines are produced in plan
 //! order by an idempotent producer, which writes each partition's messages in order and without
-//! gaps; so what reached a partition is always a prefix of what was meant for it, and the last
+//! gaps (no message of it times out alone, and any failure stops the whole run: `delivery.rs`);
+//! so what reached a partition is always a prefix of what was meant for it, and the last
 //! message of this run in each partition says where that prefix ends. A rerun sends a line only
 //! if it lies after the end of its partition's prefix.
 //!

@@ -47,8 +47,11 @@ impl Broker {
         broker
     }
 
-    /// Creates another topic on tansu.
+    /// Creates another topic.
     pub fn create_topic(&self, topic: &str, partitions: u32) {
+        if self.control.is_some() {
+            return self.control(&format!("topic {topic} {partitions}"));
+        }
         run_ok(
             Command::new(tool("TANSU_BIN", "tansu"))
                 .args([

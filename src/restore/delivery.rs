@@ -1,0 +1,162 @@
+//! How the restore's producer gives up: never one message at a time, always the whole run.
+//!
+//! A rerun goes on after the last line of the run in each partition (`position.rs`), which is
+//! right only if what reached a partition is a prefix of what was meant for it. librdkafka's
+//! idempotent producer keeps that through retries and broker restarts, and with
+//! `enable.gapless.guarantee` fails every later message when one fails, except for one case: a
+//! message that times out in its queue (`message.timeout.ms`) is dropped, and the messages
+//! after it go out once the leader is back — a hole that a rerun steps over. So the producer's
+//! messages never time out (`message.timeout.ms = 0`), and the run watches the acknowledgements
+//! instead: when the broker acknowledges nothing for the configured timeout while messages
+//! wait, the run stops as a whole. Dropping the producer then purges what it still holds, and
+//! each partition keeps a prefix; the rerun sends the rest.
+
+use std::time::{Duration, Instant};
+
+use rdkafka::ClientConfig;
+
+use super::RestoreError;
+
+/// Reads the delivery timeout the operator configured (`delivery.timeout.ms`, its alias
+/// `message.timeout.ms`, or the producers' default), and sets the producer's own to never, so
+/// no message of the run times out alone. `None`: wait for the broker however long it takes.
+pub fn take_delivery_timeout(client: &mut ClientConfig) -> Result<Option<Duration>, RestoreError> {
+    // The defaults set only `message.timeout.ms`: `delivery.timeout.ms`, if present, is the
+    // operator's.
+    let (key, value) = ["delivery.timeout.ms", "message.timeout.ms"]
+        .into_iter()
+        .find_map(|key| Some((key, client.get(key)?.to_string())))
+        .unwrap_or(("message.timeout.ms", "0".to_string()));
+    let millis: u64 = value.trim().parse().map_err(|_| {
+        RestoreError::Kafka(format!(
+            "kafka.properties.{key}: {value:?} is not a number of milliseconds"
+        ))
+    })?;
+    client.remove("delivery.timeout.ms");
+    client.set("message.timeout.ms", "0");
+    Ok((millis > 0).then(|| Duration::from_millis(millis)))
+}
+
+/// Watches the broker's acknowledgements and says when the run has to stop: messages wait and
+/// none was acknowledged for the whole timeout.
+#[derive(Debug)]
+pub struct AcknowledgementWatch {
+    timeout: Option<Duration>,
+    /// Acknowledged messages when last seen, and since when that count stands while messages
+    /// wait.
+    delivered: u64,
+    since: Instant,
+}
+
+impl AcknowledgementWatch {
+    pub fn new(timeout: Option<Duration>, now: Instant) -> AcknowledgementWatch {
+        AcknowledgementWatch {
+            timeout,
+            delivered: 0,
+            since: now,
+        }
+    }
+
+    /// `delivered`: messages acknowledged so far; `waiting`: messages the producer holds that
+    /// are not acknowledged yet (queued or in flight); `now`: the clock (a test's own).
+    pub fn check(
+        &mut self,
+        delivered: u64,
+        waiting: u64,
+        now: Instant,
+    ) -> Result<(), RestoreError> {
+        if delivered != self.delivered || waiting == 0 {
+            self.delivered = delivered;
+            self.since = now;
+            return Ok(());
+        }
+        let waited = now.saturating_duration_since(self.since);
+        match self.timeout {
+            Some(timeout) if waited >= timeout => Err(RestoreError::Unacknowledged {
+                waiting,
+                seconds: waited.as_secs_f64(),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// How long the current count has stood with messages waiting.
+    pub fn stalled_for(&self, now: Instant) -> Duration {
+        now.saturating_duration_since(self.since)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_producer_never_times_a_message_out_and_the_run_keeps_the_operators_timeout() {
+        let mut client = ClientConfig::new();
+        client.set("message.timeout.ms", "120000");
+        assert_eq!(
+            take_delivery_timeout(&mut client).unwrap(),
+            Some(Duration::from_secs(120))
+        );
+        assert_eq!(client.get("message.timeout.ms"), Some("0"));
+
+        // The alias is the operator's (the defaults never set it), and goes.
+        let mut client = ClientConfig::new();
+        client
+            .set("message.timeout.ms", "120000")
+            .set("delivery.timeout.ms", "5000");
+        assert_eq!(
+            take_delivery_timeout(&mut client).unwrap(),
+            Some(Duration::from_secs(5))
+        );
+        assert_eq!(client.get("delivery.timeout.ms"), None);
+        assert_eq!(client.get("message.timeout.ms"), Some("0"));
+
+        // 0 is librdkafka's "forever".
+        let mut client = ClientConfig::new();
+        client.set("message.timeout.ms", "0");
+        assert_eq!(take_delivery_timeout(&mut client).unwrap(), None);
+
+        let mut client = ClientConfig::new();
+        client.set("message.timeout.ms", "2 minutes");
+        let err = take_delivery_timeout(&mut client).unwrap_err().to_string();
+        assert!(
+            err.contains("message.timeout.ms") && err.contains("2 minutes"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_run_stops_when_nothing_is_acknowledged_for_the_timeout_while_messages_wait() {
+        let start = Instant::now();
+        let at = |millis: u64| start + Duration::from_millis(millis);
+        let mut watch = AcknowledgementWatch::new(Some(Duration::from_secs(2)), start);
+        watch.check(0, 10, at(0)).unwrap();
+        // Acknowledgements keep coming: however long the run, it goes on.
+        for second in 1..10 {
+            watch.check(second * 100, 10, at(second * 1000)).unwrap();
+        }
+        // They stop while messages wait: fine within the timeout, the end of the run after.
+        watch.check(900, 10, at(10_500)).unwrap();
+        watch.check(900, 10, at(10_999)).unwrap();
+        assert_eq!(watch.stalled_for(at(10_999)), Duration::from_millis(1999));
+        let err = watch.check(900, 10, at(11_000)).unwrap_err().to_string();
+        assert!(
+            err.contains("acknowledged none of the 10 messages") && err.contains("2 s"),
+            "{err}"
+        );
+
+        // Nothing waiting is not a stall: the sender may spend long on one download.
+        let mut watch = AcknowledgementWatch::new(Some(Duration::from_secs(2)), start);
+        watch.check(0, 0, at(0)).unwrap();
+        watch.check(0, 0, at(60_000)).unwrap();
+        watch.check(0, 5, at(60_001)).unwrap();
+        watch.check(0, 5, at(61_000)).unwrap();
+        assert!(watch.check(0, 5, at(62_001)).is_err());
+
+        // No timeout: the run waits however long it takes.
+        let mut watch = AcknowledgementWatch::new(None, start);
+        watch.check(0, 5, at(0)).unwrap();
+        watch.check(0, 5, at(3_600_000)).unwrap();
+    }
+}
