@@ -515,3 +515,54 @@ fn brokers_down_past_the_delivery_timeout_leave_no_hole_a_rerun_skips() {
         "the rerun had nothing left to send: {rerun}"
     );
 }
+
+/// A restore small enough that each target partition gets its lines in one record batch, run
+/// again: tansu reports such a partition's end as just past the start of that batch (high
+/// watermark 1 with 150 messages), and the rerun must still find the run's last messages there
+/// rather than send them again.
+#[test]
+fn a_rerun_of_a_restore_of_one_batch_per_partition_sends_nothing_again() {
+    let target = "restored";
+    let (rig, selected) = archived_and_a_target(300, 2, 41, target);
+    assert!(selected >= 200, "only {selected} lines selected");
+    let first = restore_to_end(&rig, target, &[], &[]);
+    assert_eq!(number_after(&first, ": sent"), selected, "{first}");
+    let rerun = restore_to_end(&rig, target, &[], &[]);
+    assert_eq!(number_after(&rerun, ": sent"), 0, "{rerun}");
+    each_line_once(&rig, target, selected, |_| true);
+}
+
+/// Retention (or compaction) removes the run's messages from a target partition after the run:
+/// the rerun finds none of them there, and must not send that partition's lines again (its
+/// consumers had them before retention took them). The mock cluster keeps 5 MB of each
+/// partition: 6 MB more written to partition 0 pushes the run's messages out.
+#[test]
+fn a_rerun_after_retention_removed_the_runs_messages_sends_nothing_again() {
+    let target = "restored";
+    let rig = Rig::start_mock(1);
+    let selected = archive_and_create(&rig, 2_000, 2, 43, target);
+    let first = restore_to_end(&rig, target, &[], &[]);
+    assert_eq!(number_after(&first, ": sent"), selected, "{first}");
+
+    let producer: rdkafka::producer::BaseProducer = rdkafka::config::ClientConfig::new()
+        .set("bootstrap.servers", rig.broker.bootstrap())
+        .create()
+        .unwrap();
+    let filler = vec![b'x'; 1024];
+    for _ in 0..6 * 1024 {
+        let record = rdkafka::producer::BaseRecord::<(), _>::to(target)
+            .partition(0)
+            .payload(&filler);
+        producer.send(record).map_err(|(err, _)| err).unwrap();
+        producer.poll(Duration::ZERO);
+    }
+    rdkafka::producer::Producer::flush(&producer, Duration::from_secs(30)).unwrap();
+    let kept = rig.read_messages(target, 2);
+    assert!(
+        kept[&0].values().all(|m| m.payload == filler),
+        "retention left messages of the run in partition 0"
+    );
+
+    let rerun = restore_to_end(&rig, target, &[], &[]);
+    assert_eq!(number_after(&rerun, ": sent"), 0, "{rerun}");
+}

@@ -10,12 +10,98 @@
 //! instead: when the broker acknowledges nothing for the configured timeout while messages
 //! wait, the run stops as a whole. Dropping the producer then purges what it still holds, and
 //! each partition keeps a prefix; the rerun sends the rest.
+//!
+//! The rerun finds that prefix's end by reading the target back, which fails when retention or
+//! compaction took the run's last messages of a partition: it would send them all again. So the
+//! run also keeps, beside its plan, the last position the broker acknowledged in each partition
+//! (`{run}.acknowledged.json`, rewritten every few seconds and at the end), and a rerun goes on
+//! after the later of the two.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rdkafka::ClientConfig;
+use rdkafka::client::OAuthToken;
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message;
+use rdkafka::producer::{DeliveryResult, ProducerContext};
+use rdkafka::{ClientConfig, ClientContext};
 
+use super::position::Position;
 use super::RestoreError;
+use crate::kafka_client::ProducerCounting;
+
+/// What a run keeps beside its plan: per target partition, the last position of the run the
+/// broker acknowledged there.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AcknowledgedRecord {
+    pub last: HashMap<i32, Position>,
+}
+
+/// The last acknowledged position of the run per partition, as delivery reports come in.
+#[derive(Debug, Default)]
+pub struct Acknowledged {
+    last: Mutex<HashMap<i32, Position>>,
+}
+
+impl Acknowledged {
+    /// Starts from what earlier runs sent, so a partition this run sends nothing to keeps it.
+    pub fn starting_from(last: HashMap<i32, Position>) -> Acknowledged {
+        Acknowledged {
+            last: Mutex::new(last),
+        }
+    }
+
+    fn note(&self, partition: i32, position: Position) {
+        let mut last = self.last.lock().expect("acknowledged lock");
+        let entry = last.entry(partition).or_insert(position);
+        *entry = (*entry).max(position);
+    }
+
+    pub fn record(&self) -> AcknowledgedRecord {
+        AcknowledgedRecord {
+            last: self.last.lock().expect("acknowledged lock").clone(),
+        }
+    }
+}
+
+/// The restore's producer context: the producers' counting and authentication, and each
+/// acknowledged message's position (the delivery opaque) noted per partition.
+pub struct RestoreProducerContext {
+    pub counting: ProducerCounting,
+    pub acknowledged: Arc<Acknowledged>,
+}
+
+impl ClientContext for RestoreProducerContext {
+    const ENABLE_REFRESH_OAUTH_TOKEN: bool = true;
+
+    fn generate_oauth_token(
+        &self,
+        config: Option<&str>,
+    ) -> Result<OAuthToken, Box<dyn std::error::Error>> {
+        self.counting.generate_oauth_token(config)
+    }
+
+    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        self.counting.log(level, facility, message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.counting.error(error, reason);
+    }
+}
+
+impl ProducerContext for RestoreProducerContext {
+    type DeliveryOpaque = Box<Position>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, position: Box<Position>) {
+        if let Ok(message) = result {
+            self.acknowledged.note(message.partition(), *position);
+        }
+        self.counting.delivery(result, ());
+    }
+}
 
 /// Reads the delivery timeout the operator configured (`delivery.timeout.ms`, its alias
 /// `message.timeout.ms`, or the producers' default), and sets the producer's own to never, so
@@ -89,6 +175,26 @@ impl AcknowledgementWatch {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_record_keeps_the_last_acknowledged_position_per_partition_from_where_runs_stood() {
+        let at = |object, line| Position { object, line };
+        let acknowledged =
+            Acknowledged::starting_from(HashMap::from([(0, at(0, 9)), (1, at(0, 4))]));
+        acknowledged.note(1, at(1, 0));
+        acknowledged.note(2, at(0, 7));
+        acknowledged.note(2, at(0, 3));
+        let record = acknowledged.record();
+        assert_eq!(
+            record.last,
+            HashMap::from([(0, at(0, 9)), (1, at(1, 0)), (2, at(0, 7))])
+        );
+        let json = serde_json::to_string(&record).unwrap();
+        assert_eq!(
+            serde_json::from_str::<AcknowledgedRecord>(&json).unwrap(),
+            record
+        );
+    }
 
     #[test]
     fn the_producer_never_times_a_message_out_and_the_run_keeps_the_operators_timeout() {

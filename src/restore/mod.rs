@@ -38,7 +38,10 @@ use crate::kafka_client::{
 use crate::retry::{Backoff, ErrorClass, NoJitter};
 use crate::upload::manifest::Manifest;
 use crate::upload::s3::{S3Error, S3Store};
-use delivery::{take_delivery_timeout, AcknowledgementWatch};
+use delivery::{
+    take_delivery_timeout, Acknowledged, AcknowledgedRecord, AcknowledgementWatch,
+    RestoreProducerContext,
+};
 use plan::{plan_key, run_name, select, Plan, PlannedObject, Selection, PLAN_VERSION};
 use position::{partition_for, Position, RunMarker, Sent, POSITION_HEADER};
 
@@ -52,6 +55,8 @@ const BROKER_TIMEOUT: Duration = Duration::from_secs(10);
 const PREFETCH_OBJECTS: usize = 8;
 /// How often progress is reported.
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+/// How often the positions acknowledged so far are kept in the bucket (`delivery.rs`).
+const RECORD_EVERY: Duration = Duration::from_secs(5);
 /// How often a run waiting for the broker's last acknowledgements says so.
 const WAITING_TOLD_EVERY: Duration = Duration::from_secs(30);
 
@@ -232,6 +237,20 @@ pub async fn restore(
             "left out: objects of the selection that no batch manifest lists (an interrupted upload's earlier attempt, a copy, a batch still uploading)"
         );
     }
+    // What earlier runs recorded as acknowledged, for partitions whose messages retention or
+    // compaction took since (`delivery.rs`).
+    let acknowledged_key = plan::acknowledged_key(&prefix, &run);
+    let recorded = match store.get_bytes(&acknowledged_key).await? {
+        Some(bytes) if !first_run => {
+            serde_json::from_slice::<AcknowledgedRecord>(&bytes)
+                .map_err(|err| RestoreError::BadPlan {
+                    key: acknowledged_key.clone(),
+                    message: err.to_string(),
+                })?
+                .last
+        }
+        _ => HashMap::new(),
+    };
     if plan.objects.is_empty() {
         return Err(RestoreError::NothingSelected {
             bucket: store.bucket().to_string(),
@@ -288,7 +307,12 @@ pub async fn restore(
             ahead: std::sync::Mutex::new(next_body),
             store,
         };
-        let sender = Sender::new(&config, &options, &plan, marker, first_run, runtime, bodies)?;
+        let before = SentBefore {
+            first_run,
+            recorded,
+            record_key: acknowledged_key,
+        };
+        let sender = Sender::new(&config, &options, &plan, marker, before, runtime, bodies)?;
         let mut summary = sender.run(&mut progress)?;
         summary.elapsed = started.elapsed();
         Ok(summary)
@@ -393,21 +417,16 @@ fn read_sent(
     run: &RunMarker,
 ) -> Result<Sent, RestoreError> {
     let consumer = inspector(kafka).map_err(|err| RestoreError::Kafka(err.to_string()))?;
-    // Per partition still looked for: (log start, where the last pass began).
-    let mut pending: HashMap<i32, (i64, i64)> = HashMap::new();
-    // Per partition, its end when the search began.
-    let mut ends: HashMap<i32, i64> = HashMap::new();
+    let mut watermarks = HashMap::new();
     for partition in 0..partitions {
-        let (low, high) = consumer
+        let low_high = consumer
             .fetch_watermarks(topic, partition, BROKER_TIMEOUT)
             .map_err(|err| {
                 RestoreError::Kafka(format!("cannot read the end of {topic}/{partition}: {err}"))
             })?;
-        if high > low {
-            pending.insert(partition, (low, high));
-            ends.insert(partition, high);
-        }
+        watermarks.insert(partition, low_high);
     }
+    let (mut pending, ends) = search_from(&watermarks);
     let mut last = HashMap::new();
     let mut window = 10_000;
     while !pending.is_empty() {
@@ -434,6 +453,28 @@ fn read_sent(
         window *= 4;
     }
     Ok(Sent::new(last))
+}
+
+/// Per partition: `(low, high)`, its log start and end.
+type Watermarks = HashMap<i32, (i64, i64)>;
+
+/// Where the search for a run's last messages begins, from each partition's `(low, high)`
+/// watermarks: per partition, its log start and the end the first pass reads back from; and
+/// per partition, its end when the search began. Every partition is searched, even one whose
+/// watermarks say it is empty: a broker may report a partition's end short of its last record
+/// batch (tansu reports 1 for a partition holding one batch of 150 messages; one that reports
+/// the batch's start would say 0, empty), and the first pass reads on past the ends for a while
+/// (`read_back_to_ends`).
+fn search_from(watermarks: &Watermarks) -> (Watermarks, HashMap<i32, i64>) {
+    let pending = watermarks
+        .iter()
+        .map(|(&partition, &(low, high))| (partition, (low, high.max(low))))
+        .collect();
+    let ends = watermarks
+        .iter()
+        .map(|(&partition, &(low, high))| (partition, high.max(low)))
+        .collect();
+    (pending, ends)
 }
 
 /// How long a partition may deliver nothing before its read counts as done (its last offsets
@@ -537,10 +578,24 @@ struct Sender<'a> {
     runtime: tokio::runtime::Handle,
     bodies: ObjectBodies,
     sent_before: Sent,
-    producer: Option<ThreadedProducer<ProducerCounting>>,
+    producer: Option<ThreadedProducer<RestoreProducerContext>>,
     deliveries: Arc<Deliveries>,
     /// Stops the run when the broker stops acknowledging (`delivery.rs`).
     acknowledgements: std::cell::RefCell<AcknowledgementWatch>,
+    /// The last position acknowledged per partition, kept in the bucket at `record_key` every
+    /// `RECORD_EVERY` and at the end, for a rerun after retention took the run's last messages.
+    acknowledged: Arc<Acknowledged>,
+    record_key: String,
+    recorded: std::cell::RefCell<(Instant, AcknowledgedRecord)>,
+}
+
+/// What the sender needs to know what earlier runs sent.
+struct SentBefore {
+    /// Nothing of a first run can be in the target yet (its signing key is new).
+    first_run: bool,
+    /// The last positions earlier runs recorded as acknowledged, and where they keep them.
+    recorded: HashMap<i32, Position>,
+    record_key: String,
 }
 
 /// One message to send.
@@ -557,15 +612,17 @@ impl<'a> Sender<'a> {
         options: &'a RestoreOptions,
         plan: &'a Plan,
         marker: RunMarker,
-        first_run: bool,
+        before: SentBefore,
         runtime: tokio::runtime::Handle,
         bodies: ObjectBodies,
     ) -> Result<Sender<'a>, RestoreError> {
-        let sent_before = if first_run {
+        let sent_before = if before.first_run {
             Sent::new(HashMap::new())
         } else {
             read_sent(&config.kafka, &plan.target_topic, plan.partitions, &marker)?
+                .or_later(&before.recorded)
         };
+        let acknowledged = Arc::new(Acknowledged::starting_from(sent_before.last().clone()));
         let deliveries = Arc::new(Deliveries::default());
         let mut timeout = None;
         let producer = if options.dry_run {
@@ -581,10 +638,13 @@ impl<'a> Sender<'a> {
             // message fails all after it, and none times out alone (`delivery.rs`).
             client.set("enable.gapless.guarantee", "true");
             timeout = take_delivery_timeout(&mut client)?;
-            let producer: ThreadedProducer<ProducerCounting> = client
-                .create_with_context(ProducerCounting {
-                    deliveries: Arc::clone(&deliveries),
-                    auth: Auth::for_config(&config.kafka),
+            let producer: ThreadedProducer<RestoreProducerContext> = client
+                .create_with_context(RestoreProducerContext {
+                    counting: ProducerCounting {
+                        deliveries: Arc::clone(&deliveries),
+                        auth: Auth::for_config(&config.kafka),
+                    },
+                    acknowledged: Arc::clone(&acknowledged),
                 })
                 .map_err(|err| RestoreError::Kafka(config.redact(&err.to_string())))?;
             Some(producer)
@@ -599,7 +659,36 @@ impl<'a> Sender<'a> {
             producer,
             deliveries,
             acknowledgements: AcknowledgementWatch::new(timeout, Instant::now()).into(),
+            recorded: (Instant::now(), acknowledged.record()).into(),
+            acknowledged,
+            record_key: before.record_key,
         })
+    }
+
+    /// Keeps what the broker acknowledged in the bucket, if it changed since it was last kept
+    /// and `RECORD_EVERY` passed (or `now`). A failure is told, not fatal: the record only
+    /// spares a rerun lines whose messages retention took, the read-back covers the rest.
+    fn record_acknowledged(&self, now: bool) {
+        let mut recorded = self.recorded.borrow_mut();
+        if self.producer.is_none() || !now && recorded.0.elapsed() < RECORD_EVERY {
+            return;
+        }
+        recorded.0 = Instant::now();
+        let record = self.acknowledged.record();
+        if record == recorded.1 {
+            return;
+        }
+        let json = serde_json::to_vec(&record).expect("record serializes");
+        let store = &self.bodies.store;
+        match self
+            .runtime
+            .block_on(store.put_bytes(&self.record_key, json, "application/json"))
+        {
+            Ok(()) => recorded.1 = record,
+            Err(err) => {
+                tracing::warn!(key = self.record_key, error = %err, "cannot keep the positions acknowledged so far in the bucket (a rerun reads them back from the target instead)")
+            }
+        }
     }
 
     fn run(&self, progress: &mut dyn FnMut(&Progress)) -> Result<RestoreSummary, RestoreError> {
@@ -627,8 +716,18 @@ impl<'a> Sender<'a> {
             last_report: Instant::now(),
             progress,
         };
+        let sent = self.send_all(&mut tally);
+        // Whether the run ended or stopped, what the broker acknowledged stays acknowledged.
+        self.record_acknowledged(true);
+        sent?;
+        tally.report_now();
+        Ok(tally.summary)
+    }
+
+    /// Sends every line of the plan and waits for the broker to acknowledge them all.
+    fn send_all(&self, tally: &mut Tally<'_>) -> Result<(), RestoreError> {
         for (index, object) in self.plan.objects.iter().enumerate() {
-            match self.send_object(index as u32, object, &mut tally) {
+            match self.send_object(index as u32, object, tally) {
                 Ok(()) => {}
                 Err(err @ (RestoreError::Corrupt { .. } | RestoreError::BadLine { .. }))
                     if self.options.skip_corrupt =>
@@ -663,8 +762,7 @@ impl<'a> Sender<'a> {
             }
             self.check_delivery(producer)?;
         }
-        tally.report_now();
-        Ok(tally.summary)
+        Ok(())
     }
 
     /// Whether the run may go on sending: the producer has not stopped, no message failed,
@@ -672,7 +770,7 @@ impl<'a> Sender<'a> {
     /// later lines of a partition than the one that failed: a hole a rerun steps over).
     fn check_delivery(
         &self,
-        producer: &ThreadedProducer<ProducerCounting>,
+        producer: &ThreadedProducer<RestoreProducerContext>,
     ) -> Result<(), RestoreError> {
         if let Some((code, reason)) = producer.client().fatal_error() {
             return Err(RestoreError::Kafka(format!(
@@ -817,6 +915,7 @@ impl<'a> Sender<'a> {
                 self.send(producer, partition, position, &outgoing)?;
             }
             tally.sent(outgoing.payload.len() as u64);
+            self.record_acknowledged(false);
         }
     }
 
@@ -855,7 +954,7 @@ impl<'a> Sender<'a> {
 
     fn send(
         &self,
-        producer: &ThreadedProducer<ProducerCounting>,
+        producer: &ThreadedProducer<RestoreProducerContext>,
         partition: i32,
         position: Position,
         outgoing: &Outgoing,
@@ -869,7 +968,7 @@ impl<'a> Sender<'a> {
             key: POSITION_HEADER,
             value: Some(header.as_bytes()),
         });
-        let mut record = BaseRecord::to(&self.plan.target_topic)
+        let mut record = BaseRecord::with_opaque_to(&self.plan.target_topic, Box::new(position))
             .partition(partition)
             .payload(&outgoing.payload)
             .headers(headers);
@@ -1229,6 +1328,52 @@ mod tests {
         );
         // Both ends reached after 2,000 messages, then 1.5 s more at one a millisecond.
         assert!(polls < 4_000, "{polls} polls");
+    }
+
+    #[test]
+    fn a_partition_the_broker_reports_as_empty_is_searched_all_the_same() {
+        // Partition 1's only batch: the broker reports its end as the batch's start.
+        let watermarks = HashMap::from([(0, (0, 500)), (1, (0, 0)), (2, (7, 7))]);
+        let (pending, ends) = search_from(&watermarks);
+        assert_eq!(
+            pending,
+            HashMap::from([(0, (0, 500)), (1, (0, 0)), (2, (7, 7))])
+        );
+        assert_eq!(ends, HashMap::from([(0, 500), (1, 0), (2, 7)]));
+
+        // Read from its start, its messages turn up while the other partitions are read.
+        let clock = TestClock(std::cell::Cell::new(Instant::now()));
+        let starts = HashMap::from([(0, 0), (1, 0)]);
+        let ends = HashMap::from([(0, 2), (1, 0)]);
+        let mut polled = 0;
+        let poll = || {
+            clock.advance(Duration::from_millis(10));
+            polled += 1;
+            Ok(match polled {
+                1 | 2 => Some(ReadBack {
+                    partition: 0,
+                    offset: polled - 1,
+                    position: None,
+                }),
+                3..=150 => Some(ReadBack {
+                    partition: 1,
+                    offset: polled - 3,
+                    position: Some(Position {
+                        object: 0,
+                        line: polled as u64 - 3,
+                    }),
+                }),
+                _ => None,
+            })
+        };
+        let found = read_back_to_ends(&starts, &ends, poll, || clock.0.get()).unwrap();
+        assert_eq!(
+            found.get(&1),
+            Some(&Position {
+                object: 0,
+                line: 147
+            })
+        );
     }
 
     #[test]

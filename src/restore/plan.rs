@@ -84,6 +84,11 @@ pub fn plan_key(prefix: &str, run: &str) -> String {
     format!("{prefix}{}/_restores/{run}.json", layout::ROOT)
 }
 
+/// Where a restore keeps the last position acknowledged in each partition (`delivery.rs`).
+pub fn acknowledged_key(prefix: &str, run: &str) -> String {
+    format!("{prefix}{}/_restores/{run}.acknowledged.json", layout::ROOT)
+}
+
 /// The name of a restore: the same selection into the same topic is the same restore (a rerun
 /// resumes it), anything else is another one.
 pub fn run_name(selection: &Selection, prefix: &str, target_topic: &str) -> String {
