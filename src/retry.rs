@@ -87,9 +87,87 @@ impl<J: Jitter> Backoff<J> {
     }
 }
 
+/// Runs `attempt` until it succeeds, fails with a permanent error (`class` says which: an
+/// operator must act, and says so at once), or failed `attempts` times in a row; between
+/// attempts it waits as `backoff` says, on tokio's clock (a test pauses it). For the one-shot
+/// commands (`restore`), which stop with an error a rerun gets past, where an upload never
+/// gives up.
+pub async fn bounded<T, E, J, F, Fut>(
+    attempts: u32,
+    mut backoff: Backoff<J>,
+    class: impl Fn(&E) -> ErrorClass,
+    mut attempt: F,
+) -> Result<T, E>
+where
+    J: Jitter,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+    E: std::fmt::Display,
+{
+    loop {
+        match attempt().await {
+            Ok(value) => return Ok(value),
+            Err(err) if class(&err) == ErrorClass::Permanent => return Err(err),
+            Err(err) => {
+                let delay = backoff.next_delay(ErrorClass::Transient);
+                if backoff.attempts() >= attempts {
+                    return Err(err);
+                }
+                tracing::warn!(error = %err, attempt = backoff.attempts(), retry_in_ms = delay.as_millis() as u64, "retrying");
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn bounded_retries_transient_errors_up_to_its_attempts_and_permanent_ones_never() {
+        let backoff = || Backoff::new(Duration::from_millis(100), Duration::from_secs(1), Top);
+        let class = |err: &&str| {
+            if err.starts_with("denied") {
+                ErrorClass::Permanent
+            } else {
+                ErrorClass::Transient
+            }
+        };
+        // Two resets, then an answer: it waited 0.1 s and 0.2 s in between.
+        let started = tokio::time::Instant::now();
+        let mut calls = 0;
+        let answer = bounded(5, backoff(), class, || {
+            calls += 1;
+            let result = if calls <= 2 { Err("reset") } else { Ok(calls) };
+            async move { result }
+        })
+        .await;
+        assert_eq!(answer, Ok(3));
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_millis(298) && waited < Duration::from_millis(310),
+            "{waited:?}"
+        );
+
+        // Resets for ever: the fifth attempt's error is the answer.
+        let mut calls = 0;
+        let answer: Result<(), _> = bounded(5, backoff(), class, || {
+            calls += 1;
+            async { Err("reset") }
+        })
+        .await;
+        assert_eq!((answer, calls), (Err("reset"), 5));
+
+        // Denied: no second attempt.
+        let mut calls = 0;
+        let answer: Result<(), _> = bounded(5, backoff(), class, || {
+            calls += 1;
+            async { Err("denied") }
+        })
+        .await;
+        assert_eq!((answer, calls), (Err("denied"), 1));
+    }
 
     /// Always the top of the range, to check the ceilings.
     struct Top;

@@ -566,3 +566,111 @@ fn a_rerun_after_retention_removed_the_runs_messages_sends_nothing_again() {
     let rerun = restore_to_end(&rig, target, &[], &[]);
     assert_eq!(number_after(&rerun, ": sent"), 0, "{rerun}");
 }
+
+/// Everything a long restore into a busy cluster meets, at once: a live target others produce
+/// to throughout, S3 resetting connections, failing requests and cutting the first download of
+/// each object halfway, every broker down for longer than the delivery timeout, and `kill -9`s,
+/// in a seeded order, each fault on a run of its own; then the same restore run to its end.
+/// Every selected line is in the target exactly once.
+#[test]
+fn a_restore_through_outages_resets_a_live_target_and_kills_sends_each_line_once() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    let target = "restored";
+    let rig = Rig::start_mock(1);
+    let selected = archive_and_create(&rig, 5_000, 3, 47, target);
+    assert!(selected >= 4_000, "only {selected} lines selected");
+    let proxy = FaultProxy::start(
+        rig.s3.port,
+        FaultRates {
+            reset: 0.05,
+            internal_error: 0.05,
+            cut_first_get: Some(".gz"),
+            ..FaultRates::default()
+        },
+        47,
+    );
+
+    // About 200 events a second into the target, until the test ends (under the mock cluster's
+    // 5 MB per partition, which would otherwise take restored lines away).
+    let stop = Arc::new(AtomicBool::new(false));
+    let traffic = {
+        let (stop, bootstrap) = (Arc::clone(&stop), rig.broker.bootstrap());
+        std::thread::spawn(move || {
+            let producer: rdkafka::producer::BaseProducer = rdkafka::config::ClientConfig::new()
+                .set("bootstrap.servers", bootstrap)
+                .create()
+                .unwrap();
+            let mut sent = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let payload = format!(r#"{{"type":"track","messageId":"live-{sent}"}}"#);
+                let key = format!("user-{}", sent % 7);
+                let record = rdkafka::producer::BaseRecord::to(target)
+                    .key(&key)
+                    .payload(&payload);
+                if producer.send(record).is_ok() {
+                    sent += 1;
+                }
+                producer.poll(Duration::from_millis(5));
+            }
+            rdkafka::producer::Producer::flush(&producer, Duration::from_secs(30)).unwrap();
+            sent
+        })
+    };
+
+    let restore = |name: &str| {
+        let mut command = restore_command(&rig, target, &[], &["--rate", "700"]);
+        command
+            .env("ARCHIVER_S3_ENDPOINT_URL", proxy.endpoint())
+            .env(
+                "ARCHIVER_KAFKA_PROPERTIES",
+                r#"{"message.timeout.ms"="2000"}"#,
+            )
+            .stdout(std::process::Stdio::null());
+        Process::spawn(command, rig.dir.path().join(format!("{name}.log")))
+    };
+    let mut rng = fastrand::Rng::with_seed(47);
+    let (mut kills, mut outages) = (0, 0);
+    for attempt in 0..6 {
+        let mut run = restore(&format!("restore-{attempt}"));
+        std::thread::sleep(Duration::from_millis(rng.u64(1_000..3_000)));
+        if run.child.try_wait().unwrap().is_some() {
+            continue;
+        }
+        if attempt % 2 == 0 {
+            run.kill9();
+            kills += 1;
+        } else {
+            for broker in 1..=3 {
+                rig.broker.control(&format!("down {broker}"));
+            }
+            std::thread::sleep(Duration::from_secs(4));
+            for broker in 1..=3 {
+                rig.broker.control(&format!("up {broker}"));
+            }
+            outages += 1;
+            run.wait_exit(Duration::from_secs(120));
+        }
+    }
+    assert!(
+        kills >= 2 && outages >= 2,
+        "{kills} kills, {outages} outages"
+    );
+
+    let mut last = restore("restore-last");
+    let status = last.wait_exit(Duration::from_secs(180));
+    let log = last.log_text();
+    assert!(status.success(), "{log}");
+    stop.store(true, Ordering::Relaxed);
+    let live = traffic.join().unwrap();
+    assert!(live > 1_000, "the traffic sent only {live} events");
+    assert!(proxy.counts.faults() > 0, "S3 never failed");
+    assert!(
+        !proxy.counts.cut.lock().unwrap().is_empty(),
+        "no download was cut"
+    );
+    each_line_once(&rig, target, selected, |message| {
+        message.header("kafka-s3-archiver-restore").is_some()
+    });
+}

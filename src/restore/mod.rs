@@ -35,7 +35,7 @@ use crate::kafka_client::headers::{self, RawHeader};
 use crate::kafka_client::{
     client_config, inspector, Auth, ClientRole, Deliveries, Inspector, ProducerCounting,
 };
-use crate::retry::{Backoff, ErrorClass, NoJitter};
+use crate::retry::{self, Backoff, ErrorClass, NoJitter};
 use crate::upload::manifest::Manifest;
 use crate::upload::s3::{S3Error, S3Store};
 use delivery::{
@@ -55,6 +55,10 @@ const BROKER_TIMEOUT: Duration = Duration::from_secs(10);
 const PREFETCH_OBJECTS: usize = 8;
 /// How often progress is reported.
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+/// Attempts of one S3 request before the run stops (`s3`), and the waits between them.
+const S3_ATTEMPTS: u32 = 8;
+const S3_RETRY_BACKOFF: Duration = Duration::from_millis(250);
+const S3_RETRY_MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// How often the positions acknowledged so far are kept in the bucket (`delivery.rs`).
 const RECORD_EVERY: Duration = Duration::from_secs(5);
 /// How often a run waiting for the broker's last acknowledgements says so.
@@ -187,7 +191,7 @@ pub async fn restore(
         .expect("metadata thread")?;
 
     let key = plan_key(&prefix, &run);
-    let stored = store.get_bytes(&key).await?;
+    let stored = s3(|| store.get_bytes(&key)).await?;
     // A plan made now has a signing key no message was ever signed with: nothing of the run is
     // in the target yet, and there is nothing to look for.
     let first_run = stored.is_none();
@@ -207,7 +211,7 @@ pub async fn restore(
         }
         None => {
             let root = format!("{prefix}{}/", crate::layout::ROOT);
-            let listing = store.list(&root).await?;
+            let listing = s3(|| store.list(&root)).await?;
             let selected = select(&prefix, &options.selection, listing.iter().cloned());
             let topic = &options.selection.archived_topic;
             let (objects, left_out) =
@@ -225,7 +229,7 @@ pub async fn restore(
             };
             if !options.dry_run && !plan.objects.is_empty() {
                 let json = serde_json::to_vec_pretty(&plan).expect("plan serializes");
-                store.put_bytes(&key, json, "application/json").await?;
+                s3(|| store.put_bytes(&key, json.clone(), "application/json")).await?;
             }
             plan
         }
@@ -240,7 +244,7 @@ pub async fn restore(
     // What earlier runs recorded as acknowledged, for partitions whose messages retention or
     // compaction took since (`delivery.rs`).
     let acknowledged_key = plan::acknowledged_key(&prefix, &run);
-    let recorded = match store.get_bytes(&acknowledged_key).await? {
+    let recorded = match s3(|| store.get_bytes(&acknowledged_key)).await? {
         Some(bytes) if !first_run => {
             serde_json::from_slice::<AcknowledgedRecord>(&bytes)
                 .map_err(|err| RestoreError::BadPlan {
@@ -290,7 +294,7 @@ pub async fn restore(
         let mut requests = futures_util::stream::iter(keys)
             .map(|key| {
                 let store = fetcher.clone();
-                async move { store.get_stream(&key).await }
+                async move { s3(|| store.get_stream(&key)).await }
             })
             .buffered(PREFETCH_OBJECTS);
         while let Some(body) = requests.next().await {
@@ -323,6 +327,18 @@ pub async fn restore(
     result
 }
 
+/// An S3 request of the restore: a transient failure (a reset, a 5xx, throttling) is tried
+/// again, up to `S3_ATTEMPTS` times in a row, before the run stops with it; a permanent one
+/// (denied, no such bucket) stops it at once.
+async fn s3<T, F, Fut>(request: F) -> Result<T, S3Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, S3Error>>,
+{
+    let backoff = Backoff::new(S3_RETRY_BACKOFF, S3_RETRY_MAX_BACKOFF, fastrand::Rng::new());
+    retry::bounded(S3_ATTEMPTS, backoff, |err: &S3Error| err.class, request).await
+}
+
 /// The selected objects a batch manifest lists (or names as one that may appear), and the keys
 /// of those none does, which the restore leaves out (see [`plan::manifests_of`]).
 async fn keep_manifest_listed(
@@ -335,7 +351,7 @@ async fn keep_manifest_listed(
     let manifests = plan::manifests_of(prefix, topic, listing, &selected);
     let mut fetches = futures_util::stream::iter(manifests)
         .map(|key| async move {
-            let bytes = store.get_bytes(&key).await;
+            let bytes = s3(|| store.get_bytes(&key)).await;
             (key, bytes)
         })
         .buffer_unordered(PREFETCH_OBJECTS);
@@ -680,10 +696,9 @@ impl<'a> Sender<'a> {
         }
         let json = serde_json::to_vec(&record).expect("record serializes");
         let store = &self.bodies.store;
-        match self
-            .runtime
-            .block_on(store.put_bytes(&self.record_key, json, "application/json"))
-        {
+        match self.runtime.block_on(s3(|| {
+            store.put_bytes(&self.record_key, json.clone(), "application/json")
+        })) {
             Ok(()) => recorded.1 = record,
             Err(err) => {
                 tracing::warn!(key = self.record_key, error = %err, "cannot keep the positions acknowledged so far in the bucket (a rerun reads them back from the target instead)")
@@ -830,7 +845,9 @@ impl<'a> Sender<'a> {
                     handled = lines;
                     std::thread::sleep(delay);
                     let store = &self.bodies.store;
-                    body = self.runtime.block_on(store.get_stream(&object.key))?;
+                    body = self
+                        .runtime
+                        .block_on(s3(|| store.get_stream(&object.key)))?;
                 }
                 result => return result,
             }
