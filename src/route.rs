@@ -1,10 +1,12 @@
 //! Route: decides where one Kafka record goes — the `(source-id, received-day)` file of an event,
 //! or the dead letter with a bounded reason — and produces the exact line to store.
 //!
-//! This is a pure function of the record and the routing config. Replaying the same offsets
-//! therefore produces the same files and keys, which the exactly-once protocol relies on. A
-//! change here that routes some record elsewhere or writes another line for it must bump
-//! [`crate::rules::ROUTING_CODE_VERSION`].
+//! This is a pure function of the record, the routing config and the routing code version.
+//! Replaying the same offsets therefore produces the same files and keys, which the exactly-once
+//! protocol relies on. A change here that routes some record elsewhere or writes another line
+//! for it must bump [`crate::rules::ROUTING_CODE_VERSION`] and keep the earlier behaviour for
+//! routers of the earlier versions: a member replays a batch an earlier release began with that
+//! release's routing (`Router::with_code`).
 
 use std::borrow::Cow;
 use std::fmt;
@@ -40,10 +42,13 @@ pub enum DeadLetterReason {
     SourceNotAllowed,
     /// A `receivedAt` further from the Kafka timestamp than `routing.received_at_window_days`.
     ReceivedAtOutsideWindow,
+    /// A routing field (the received-at field, a source field) given twice at the top level:
+    /// readers disagree on which counts (routing code 2 on).
+    DuplicateKey,
 }
 
 impl DeadLetterReason {
-    pub const ALL: [DeadLetterReason; 15] = [
+    pub const ALL: [DeadLetterReason; 16] = [
         DeadLetterReason::Tombstone,
         DeadLetterReason::Empty,
         DeadLetterReason::TooLarge,
@@ -59,6 +64,7 @@ impl DeadLetterReason {
         DeadLetterReason::BadHeader,
         DeadLetterReason::SourceNotAllowed,
         DeadLetterReason::ReceivedAtOutsideWindow,
+        DeadLetterReason::DuplicateKey,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -78,6 +84,7 @@ impl DeadLetterReason {
             DeadLetterReason::BadHeader => "bad-header",
             DeadLetterReason::SourceNotAllowed => "source-not-allowed",
             DeadLetterReason::ReceivedAtOutsideWindow => "received-at-outside-window",
+            DeadLetterReason::DuplicateKey => "duplicate-key",
         }
     }
 }
@@ -97,9 +104,16 @@ pub struct Routed<'a> {
     pub dead_letter: Option<DeadLetterReason>,
 }
 
+/// Bytes of a `too-large` record's payload its dead letter keeps (routing code 2 on), beside
+/// the SHA-256 of all of it.
+pub const TOO_LARGE_KEPT_BYTES: usize = 64 << 10;
+
 /// The prepared routing rules; built once from the config.
 #[derive(Debug, Clone)]
 pub struct Router {
+    /// The routing code version this router routes as (`rules::ROUTING_CODE_VERSION` unless
+    /// it replays a batch an earlier release began).
+    code: u32,
     topic: String,
     partition: i32,
     rules: Vec<SourceRule>,
@@ -118,7 +132,14 @@ pub struct Router {
 }
 
 impl Router {
+    /// Routes as this release routes new batches.
     pub fn new(config: &RoutingConfig, topic: &str, partition: i32) -> Router {
+        Router::with_code(config, crate::rules::ROUTING_CODE_VERSION, topic, partition)
+    }
+
+    /// Routes as routing code version `code` did (one `rules::CuttingRules::parse_reproducible`
+    /// accepts).
+    pub fn with_code(config: &RoutingConfig, code: u32, topic: &str, partition: i32) -> Router {
         let rules = config.source.clone();
         let mut wanted_fields = vec![config.received_at_field.clone()];
         for rule in &rules {
@@ -129,6 +150,7 @@ impl Router {
             }
         }
         Router {
+            code,
             topic: topic.to_string(),
             partition,
             rules,
@@ -201,7 +223,13 @@ impl Router {
         if scan.depth > self.max_json_depth {
             return Err(DeadLetterReason::TooDeep);
         }
-        let fields = extract_fields(payload, &self.wanted_fields)?;
+        // Routing code 1 took the first of a duplicated routing field.
+        let duplicates = if self.code >= 2 {
+            Duplicates::DeadLetter
+        } else {
+            Duplicates::FirstWins
+        };
+        let fields = extract_fields(payload, &self.wanted_fields, duplicates)?;
 
         let source = self.source_of(record, &fields)?;
         if !self.allowed_sources.is_empty() && !self.allowed_sources.contains(&source) {
@@ -338,8 +366,21 @@ impl Router {
             headers: Vec<Header<'a>>,
             payload_base64: Option<String>,
             payload_bytes: usize,
+            /// A `too-large` letter keeps a prefix of the payload (routing code 2 on).
+            #[serde(skip_serializing_if = "std::ops::Not::not")]
+            payload_truncated: bool,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            payload_sha256: Option<String>,
         }
         let b64 = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
+        let truncated = reason == DeadLetterReason::TooLarge && self.code >= 2;
+        let kept = record.payload.as_deref().map(|payload| {
+            if truncated {
+                &payload[..payload.len().min(TOO_LARGE_KEPT_BYTES)]
+            } else {
+                payload
+            }
+        });
         let letter = DeadLetter {
             topic: &self.topic,
             partition: self.partition,
@@ -359,8 +400,18 @@ impl Router {
                     }
                 })
                 .collect(),
-            payload_base64: record.payload.as_deref().map(b64),
+            payload_base64: kept.map(b64),
             payload_bytes: record.payload.as_ref().map_or(0, Vec::len),
+            payload_truncated: truncated,
+            payload_sha256: record
+                .payload
+                .as_deref()
+                .filter(|_| truncated)
+                .map(|payload| {
+                    use sha2::Digest as _;
+                    let digest = sha2::Sha256::digest(payload);
+                    digest.iter().map(|b| format!("{b:02x}")).collect()
+                }),
         };
         serde_json::to_vec(&letter).expect("dead letter serializes")
     }
@@ -437,19 +488,31 @@ enum FieldValue<'a> {
     Other,
 }
 
+/// What a wanted field given twice at the top level means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Duplicates {
+    /// Routing code 1: the first counts.
+    FirstWins,
+    /// Routing code 2 on: the record is a `duplicate-key` dead letter.
+    DeadLetter,
+}
+
 /// Validates `payload` as one JSON object and pulls out the wanted top-level fields, without
 /// building a tree of the rest.
 fn extract_fields<'a>(
     payload: &'a [u8],
     wanted: &[String],
+    duplicates: Duplicates,
 ) -> Result<Vec<Option<FieldValue<'a>>>, DeadLetterReason> {
     let mut deserializer = serde_json::Deserializer::from_slice(payload);
-    let result = ObjectFields { wanted }.deserialize(&mut deserializer);
+    let result = ObjectFields { wanted, duplicates }.deserialize(&mut deserializer);
     let classify = |err: serde_json::Error| {
         if err.to_string().starts_with("recursion limit exceeded") {
             DeadLetterReason::TooDeep
         } else if err.to_string().starts_with(NOT_AN_OBJECT) {
             DeadLetterReason::NotObject
+        } else if err.to_string().starts_with(DUPLICATE_KEY) {
+            DeadLetterReason::DuplicateKey
         } else {
             DeadLetterReason::NotJson
         }
@@ -460,9 +523,11 @@ fn extract_fields<'a>(
 }
 
 const NOT_AN_OBJECT: &str = "not an object";
+const DUPLICATE_KEY: &str = "duplicate routing field";
 
 struct ObjectFields<'w> {
     wanted: &'w [String],
+    duplicates: Duplicates,
 }
 
 impl<'de> DeserializeSeed<'de> for ObjectFields<'_> {
@@ -489,6 +554,9 @@ impl<'de> Visitor<'de> for ObjectFields<'_> {
             match self.wanted.iter().position(|w| *w == key) {
                 Some(index) if found[index].is_none() => {
                     found[index] = Some(map.next_value::<FieldValueSeed>()?.0);
+                }
+                Some(_) if self.duplicates == Duplicates::DeadLetter => {
+                    return Err(de::Error::custom(DUPLICATE_KEY));
                 }
                 _ => {
                     map.next_value::<IgnoredAny>()?;
@@ -850,7 +918,10 @@ mod tests {
             let original = letter["payload_base64"]
                 .as_str()
                 .map(|s| base64::engine::general_purpose::STANDARD.decode(s).unwrap());
-            assert_eq!(original.as_deref(), payload);
+            // A too-large letter keeps a prefix (its own test below).
+            if reason != DeadLetterReason::TooLarge {
+                assert!(original.as_deref() == payload, "payload of {reason}");
+            }
         }
     }
 
@@ -874,6 +945,76 @@ mod tests {
                 source: "s".into(),
                 day: "2015-05-27".into()
             }
+        );
+    }
+
+    /// Most readers of JSON (JavaScript, Python, jq) take the last of a duplicated key, routing
+    /// took the first: the folder an event is filed under and what a reader sees of it could
+    /// disagree. A routing field given twice is a dead letter.
+    #[test]
+    fn a_routing_field_given_twice_is_a_dead_letter() {
+        let twice = [
+            &br#"{"projectId":"a","receivedAt":"2015-05-27T00:00:00Z","projectId":"b"}"#[..],
+            br#"{"projectId":"a","receivedAt":"2015-05-27T00:00:00Z","receivedAt":"2020-01-01T00:00:00Z"}"#,
+        ];
+        for payload in twice {
+            let record = record(payload);
+            let routed = router().route(&record);
+            assert_eq!(routed.dead_letter, Some(DeadLetterReason::DuplicateKey));
+        }
+        // Other fields given twice, and routing fields inside nested objects, are not routing's
+        // concern.
+        let fine = br#"{"projectId":"a","x":1,"x":2,"context":{"projectId":"c","projectId":"d"},"receivedAt":"2015-05-27T00:00:00Z"}"#;
+        let fine = record(fine);
+        assert_eq!(router().route(&fine).dead_letter, None);
+
+        // A batch routing code 1 began is replayed as it routed: the first one counts.
+        let first = Router::with_code(&RoutingConfig::default(), 1, "events", 3);
+        let record = record(twice[0]);
+        assert_eq!(
+            first.route(&record).destination,
+            Destination::Events {
+                source: "a".into(),
+                day: "1432684800000".into()
+            }
+        );
+    }
+
+    /// A too-large record's dead letter keeps the first `TOO_LARGE_KEPT_BYTES` of its payload
+    /// and a SHA-256 of all of it, not the whole payload four times over (payload, base64, line,
+    /// staged copy): memory per record stays bounded whatever a producer sends.
+    #[test]
+    fn a_too_large_payload_keeps_a_prefix_and_a_hash_in_its_dead_letter() {
+        use sha2::Digest as _;
+        let mut big = br#"{"projectId":"s","receivedAt":"2015-05-27T00:00:00Z","x":""#.to_vec();
+        big.resize((1 << 20) + 100, b'y');
+        big.extend_from_slice(br#""}"#);
+        let big_record = record(&big);
+        let routed = router().route(&big_record);
+        assert_eq!(routed.dead_letter, Some(DeadLetterReason::TooLarge));
+        assert!(routed.line.len() < 100_000, "{} bytes", routed.line.len());
+        let letter: serde_json::Value = serde_json::from_slice(&routed.line).unwrap();
+        let kept = base64::engine::general_purpose::STANDARD
+            .decode(letter["payload_base64"].as_str().unwrap())
+            .unwrap();
+        assert_eq!(kept, big[..TOO_LARGE_KEPT_BYTES]);
+        assert_eq!(letter["payload_bytes"], big.len());
+        assert_eq!(letter["payload_truncated"], true);
+        let sha = sha2::Sha256::digest(&big);
+        assert_eq!(
+            letter["payload_sha256"],
+            sha.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        );
+
+        // A batch routing code 1 began is replayed as it routed: the whole payload.
+        let first = Router::with_code(&RoutingConfig::default(), 1, "events", 3).route(&big_record);
+        let letter: serde_json::Value = serde_json::from_slice(&first.line).unwrap();
+        let kept = base64::engine::general_purpose::STANDARD
+            .decode(letter["payload_base64"].as_str().unwrap())
+            .unwrap();
+        assert!(kept == big, "routing code 1 kept {} bytes", kept.len());
+        assert!(
+            letter.get("payload_truncated").is_none() && letter.get("payload_sha256").is_none()
         );
     }
 

@@ -16,9 +16,15 @@ use crate::layout;
 use crate::layout::Codec;
 
 /// Version of what `route.rs` makes of a record. Bump it with any change there that routes some
-/// record to another file or writes another line for it: a replay must be cut by the code that
-/// cut the interrupted batch, and members compare this number before replaying.
-pub const ROUTING_CODE_VERSION: u32 = 1;
+/// record to another file or writes another line for it, keeping the earlier behaviour for
+/// routers of earlier versions: a replay must be cut by the code that cut the interrupted batch.
+/// 2: a duplicated routing field is a `duplicate-key` dead letter (1 took the first), and a
+/// `too-large` dead letter keeps a prefix and a hash of the payload (1 kept all of it).
+pub const ROUTING_CODE_VERSION: u32 = 2;
+
+/// The earliest routing code this release still routes as (`route::Router::with_code`): a
+/// member replays a batch any release since began.
+pub const OLDEST_ROUTING_CODE: u32 = 1;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -61,7 +67,7 @@ impl CuttingRules {
     pub fn parse_reproducible(bytes: &[u8]) -> Result<CuttingRules, RulesError> {
         let rules: CuttingRules =
             serde_json::from_slice(bytes).map_err(|err| RulesError::Unreadable(err.to_string()))?;
-        if rules.routing_code != ROUTING_CODE_VERSION {
+        if !(OLDEST_ROUTING_CODE..=ROUTING_CODE_VERSION).contains(&rules.routing_code) {
             return Err(RulesError::OtherCode {
                 theirs: rules.routing_code,
                 ours: ROUTING_CODE_VERSION,
@@ -94,7 +100,7 @@ pub enum RulesError {
     Missing,
     #[error("the rules cannot be read by this release: {0}")]
     Unreadable(String),
-    #[error("the batch was cut by routing code version {theirs} and this release runs version {ours}: run a release with routing code {theirs} until the batch is uploaded")]
+    #[error("the batch was cut by routing code version {theirs} and this release routes as versions {OLDEST_ROUTING_CODE} to {ours}: run a release with routing code {theirs} until the batch is uploaded")]
     OtherCode { theirs: u32, ours: u32 },
 }
 
@@ -122,17 +128,26 @@ mod tests {
         assert_eq!(CuttingRules::of(&other).hash(), rules.hash());
         // The hash is what intents already in the group carry: a change to how the rules
         // serialize would make every member hold the partitions it replays. These are the
-        // hashes of the release that introduced content-addressed rules.
-        assert_eq!(rules.hash(), "d92b3b372b3f89adc6d146d71f175927");
+        // hashes of the release that introduced content-addressed rules (routing code 1).
+        let first_release = |config: &Config| CuttingRules {
+            routing_code: 1,
+            ..CuttingRules::of(config)
+        };
+        assert_eq!(
+            first_release(&config).hash(),
+            "d92b3b372b3f89adc6d146d71f175927"
+        );
         let mut chained = config.clone();
         chained.routing.source.extend([
             SourceRule::parse("write-key:writeKey").unwrap(),
             SourceRule::parse("static:fallback").unwrap(),
         ]);
         assert_eq!(
-            CuttingRules::of(&chained).hash(),
+            first_release(&chained).hash(),
             "bf9499a97661a6195b72b4852666f40b"
         );
+        // Another routing code is another set of rules.
+        assert_ne!(first_release(&config).hash(), rules.hash());
         // Bounds on sources and days decide what is archived: in the rules when set.
         other = config.clone();
         other.routing.allowed_sources.insert("web".into());
@@ -159,6 +174,23 @@ mod tests {
         };
         assert!(matches!(
             CuttingRules::parse_reproducible(&newer.to_json()),
+            Err(RulesError::OtherCode { .. })
+        ));
+        // An earlier release's batch is replayed as that release routed it.
+        let earlier = CuttingRules {
+            routing_code: OLDEST_ROUTING_CODE,
+            ..rules.clone()
+        };
+        assert_eq!(
+            CuttingRules::parse_reproducible(&earlier.to_json()),
+            Ok(earlier.clone())
+        );
+        let older = CuttingRules {
+            routing_code: OLDEST_ROUTING_CODE - 1,
+            ..rules.clone()
+        };
+        assert!(matches!(
+            CuttingRules::parse_reproducible(&older.to_json()),
             Err(RulesError::OtherCode { .. })
         ));
         // A setting added by a later release is unknown here.

@@ -402,7 +402,8 @@ impl Worker {
         buffer.set_rules(&self.own_rules);
         if let (Some(_), Some(rules), Some(hash)) = (seal_at, replay_rules, replay_hash) {
             tracing::info!(partition, rules = %hash, "the replay cuts with the rules its intent names");
-            let router = Router::new(&rules.routing, &self.topic, partition);
+            let router =
+                Router::with_code(&rules.routing, rules.routing_code, &self.topic, partition);
             let settings = BufferSettings {
                 max_file_bytes: rules.max_file_bytes,
                 codec: rules.compression,

@@ -1025,11 +1025,23 @@ fn dead_letter_record(line: &[u8], reasons: &BTreeSet<String>) -> Result<Option<
         #[serde(default)]
         headers: Vec<Header>,
         payload_base64: Option<String>,
+        #[serde(default)]
+        payload_bytes: usize,
+        /// A `too-large` letter keeps a prefix of the record (routing code 2 on).
+        #[serde(default)]
+        payload_truncated: bool,
     }
     let letter: DeadLetter =
         serde_json::from_slice(line).map_err(|err| format!("not a dead letter: {err}"))?;
     if !reasons.is_empty() && !reasons.contains(&letter.reason) {
         return Ok(None);
+    }
+    if letter.payload_truncated {
+        return Err(format!(
+            "a {} dead letter keeps only the start of its {}-byte record and a SHA-256 of all of \
+             it: it cannot be sent back as the record was (select other --reason values)",
+            letter.reason, letter.payload_bytes
+        ));
     }
     let decode = |text: &str| {
         base64::engine::general_purpose::STANDARD
@@ -1212,6 +1224,26 @@ mod tests {
             .unwrap()
             .is_none());
         assert!(dead_letter_record(b"{}", &all).is_err());
+
+        // A too-large letter keeps only the record's start: never sent as if it were all of it.
+        let truncated = serde_json::json!({
+            "reason": "too-large",
+            "key_base64": null,
+            "headers": [],
+            "payload_base64": b64(b"{\"type\":\"tr"),
+            "payload_bytes": 2_000_000,
+            "payload_truncated": true,
+            "payload_sha256": "00"
+        })
+        .to_string();
+        let err = dead_letter_record(truncated.as_bytes(), &all)
+            .err()
+            .expect("a truncated letter is not sent");
+        assert!(err.contains("2000000-byte record"), "{err}");
+        let not_selected: BTreeSet<String> = ["no-source".to_string()].into();
+        assert!(dead_letter_record(truncated.as_bytes(), &not_selected)
+            .unwrap()
+            .is_none());
     }
 
     /// A body that gives `good` bytes, then fails as a broken connection does.
