@@ -32,35 +32,57 @@ use super::position::Position;
 use super::RestoreError;
 use crate::kafka_client::ProducerCounting;
 
-/// What a run keeps beside its plan: per target partition, the last position of the run the
-/// broker acknowledged there.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct AcknowledgedRecord {
-    pub last: HashMap<i32, Position>,
+/// Where a message of the run is in a target partition: its position in the plan and its
+/// offset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AckedAt {
+    pub position: Position,
+    pub offset: i64,
 }
 
-/// The last acknowledged position of the run per partition, as delivery reports come in.
+/// What a run keeps beside its plan: per target partition, the last message of the run the
+/// broker acknowledged there; and the plan it belongs to (`plan_digest`), so a plan made anew
+/// never reads an older plan's positions as its own.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AcknowledgedRecord {
+    pub plan: String,
+    pub last: HashMap<i32, AckedAt>,
+}
+
+/// Names a stored plan by its bytes: SHA-256, the first 16 bytes in hex.
+pub fn plan_digest(bytes: &[u8]) -> String {
+    use sha2::Digest as _;
+    super::position::to_hex(&sha2::Sha256::digest(bytes)[..16])
+}
+
+/// The last acknowledged message of the run per partition, as delivery reports come in.
 #[derive(Debug, Default)]
 pub struct Acknowledged {
-    last: Mutex<HashMap<i32, Position>>,
+    plan: String,
+    last: Mutex<HashMap<i32, AckedAt>>,
 }
 
 impl Acknowledged {
-    /// Starts from what earlier runs sent, so a partition this run sends nothing to keeps it.
-    pub fn starting_from(last: HashMap<i32, Position>) -> Acknowledged {
+    /// Starts from what earlier runs of `plan` sent, so a partition this run sends nothing to
+    /// keeps it.
+    pub fn starting_from(plan: String, last: HashMap<i32, AckedAt>) -> Acknowledged {
         Acknowledged {
+            plan,
             last: Mutex::new(last),
         }
     }
 
-    fn note(&self, partition: i32, position: Position) {
+    fn note(&self, partition: i32, at: AckedAt) {
         let mut last = self.last.lock().expect("acknowledged lock");
-        let entry = last.entry(partition).or_insert(position);
-        *entry = (*entry).max(position);
+        let entry = last.entry(partition).or_insert(at);
+        if at.position > entry.position {
+            *entry = at;
+        }
     }
 
     pub fn record(&self) -> AcknowledgedRecord {
         AcknowledgedRecord {
+            plan: self.plan.clone(),
             last: self.last.lock().expect("acknowledged lock").clone(),
         }
     }
@@ -97,7 +119,11 @@ impl ProducerContext for RestoreProducerContext {
 
     fn delivery(&self, result: &DeliveryResult<'_>, position: Box<Position>) {
         if let Ok(message) = result {
-            self.acknowledged.note(message.partition(), *position);
+            let at = AckedAt {
+                position: *position,
+                offset: message.offset(),
+            };
+            self.acknowledged.note(message.partition(), at);
         }
         self.counting.delivery(result, ());
     }
@@ -178,16 +204,20 @@ mod tests {
 
     #[test]
     fn the_record_keeps_the_last_acknowledged_position_per_partition_from_where_runs_stood() {
-        let at = |object, line| Position { object, line };
-        let acknowledged =
-            Acknowledged::starting_from(HashMap::from([(0, at(0, 9)), (1, at(0, 4))]));
-        acknowledged.note(1, at(1, 0));
-        acknowledged.note(2, at(0, 7));
-        acknowledged.note(2, at(0, 3));
+        let at = |object, line, offset| AckedAt {
+            position: Position { object, line },
+            offset,
+        };
+        let started = HashMap::from([(0, at(0, 9, 100)), (1, at(0, 4, 50))]);
+        let acknowledged = Acknowledged::starting_from("plan-a".into(), started);
+        acknowledged.note(1, at(1, 0, 51));
+        acknowledged.note(2, at(0, 7, 10));
+        acknowledged.note(2, at(0, 3, 8));
         let record = acknowledged.record();
+        assert_eq!(record.plan, "plan-a");
         assert_eq!(
             record.last,
-            HashMap::from([(0, at(0, 9)), (1, at(1, 0)), (2, at(0, 7))])
+            HashMap::from([(0, at(0, 9, 100)), (1, at(1, 0, 51)), (2, at(0, 7, 10))])
         );
         let json = serde_json::to_string(&record).unwrap();
         assert_eq!(

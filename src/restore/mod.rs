@@ -39,7 +39,7 @@ use crate::retry::{self, Backoff, ErrorClass, NoJitter};
 use crate::upload::manifest::Manifest;
 use crate::upload::s3::{S3Error, S3Store};
 use delivery::{
-    take_delivery_timeout, Acknowledged, AcknowledgedRecord, AcknowledgementWatch,
+    take_delivery_timeout, AckedAt, Acknowledged, AcknowledgedRecord, AcknowledgementWatch,
     RestoreProducerContext,
 };
 use plan::{plan_key, run_name, select, Plan, PlannedObject, Selection, PLAN_VERSION};
@@ -195,7 +195,7 @@ pub async fn restore(
     // A plan made now has a signing key no message was ever signed with: nothing of the run is
     // in the target yet, and there is nothing to look for.
     let first_run = stored.is_none();
-    let plan = match stored {
+    let (plan, plan_digest) = match stored {
         Some(bytes) => {
             let plan: Plan =
                 serde_json::from_slice(&bytes).map_err(|err| RestoreError::BadPlan {
@@ -207,7 +207,7 @@ pub async fn restore(
                 objects = plan.objects.len(),
                 "resuming a restore with its stored plan"
             );
-            plan
+            (plan, delivery::plan_digest(&bytes))
         }
         None => {
             let root = format!("{prefix}{}/", crate::layout::ROOT);
@@ -227,11 +227,11 @@ pub async fn restore(
                 key_fields: Some(options.key_fields.clone()),
                 left_out,
             };
+            let json = serde_json::to_vec_pretty(&plan).expect("plan serializes");
             if !options.dry_run && !plan.objects.is_empty() {
-                let json = serde_json::to_vec_pretty(&plan).expect("plan serializes");
                 s3(|| store.put_bytes(&key, json.clone(), "application/json")).await?;
             }
-            plan
+            (plan, delivery::plan_digest(&json))
         }
     };
     if !plan.left_out.is_empty() {
@@ -241,17 +241,25 @@ pub async fn restore(
             "left out: objects of the selection that no batch manifest lists (an interrupted upload's earlier attempt, a copy, a batch still uploading)"
         );
     }
-    // What earlier runs recorded as acknowledged, for partitions whose messages retention or
-    // compaction took since (`delivery.rs`).
+    // What earlier runs of this plan recorded as acknowledged, for partitions whose messages
+    // retention or compaction took since (`delivery.rs`). A record of another plan (this one
+    // was made anew after the last was deleted) counts for nothing: its positions are another
+    // list of objects'.
     let acknowledged_key = plan::acknowledged_key(&prefix, &run);
     let recorded = match s3(|| store.get_bytes(&acknowledged_key)).await? {
         Some(bytes) if !first_run => {
-            serde_json::from_slice::<AcknowledgedRecord>(&bytes)
-                .map_err(|err| RestoreError::BadPlan {
+            let record = serde_json::from_slice::<AcknowledgedRecord>(&bytes).map_err(|err| {
+                RestoreError::BadPlan {
                     key: acknowledged_key.clone(),
                     message: err.to_string(),
-                })?
-                .last
+                }
+            })?;
+            if record.plan == plan_digest {
+                record.last
+            } else {
+                tracing::warn!(key = acknowledged_key, "the record of acknowledged positions belongs to another plan of this restore: not used");
+                HashMap::new()
+            }
         }
         _ => HashMap::new(),
     };
@@ -315,6 +323,7 @@ pub async fn restore(
             first_run,
             recorded,
             record_key: acknowledged_key,
+            plan_digest,
         };
         let sender = Sender::new(&config, &options, &plan, marker, before, runtime, bodies)?;
         let mut summary = sender.run(&mut progress)?;
@@ -431,7 +440,8 @@ fn read_sent(
     topic: &str,
     partitions: i32,
     run: &RunMarker,
-) -> Result<Sent, RestoreError> {
+    recorded: &HashMap<i32, AckedAt>,
+) -> Result<HashMap<i32, AckedAt>, RestoreError> {
     let consumer = inspector(kafka).map_err(|err| RestoreError::Kafka(err.to_string()))?;
     let mut watermarks = HashMap::new();
     for partition in 0..partitions {
@@ -444,6 +454,8 @@ fn read_sent(
     }
     let (mut pending, ends) = search_from(&watermarks);
     let mut last = HashMap::new();
+    // Per partition, the offset after the last message seen: its end, at least.
+    let mut seen_end = ends.clone();
     let mut window = 10_000;
     while !pending.is_empty() {
         let starts: HashMap<i32, i64> = pending
@@ -451,11 +463,15 @@ fn read_sent(
             .map(|(&partition, &(low, began))| (partition, (began - window).max(low)))
             .collect();
         let found = last_of_run(&consumer, topic, &starts, &ends, run)?;
+        for (partition, end) in found.seen_end {
+            let seen = seen_end.entry(partition).or_insert(end);
+            *seen = (*seen).max(end);
+        }
         for (partition, from) in starts {
             let low = pending[&partition].0;
-            match found.get(&partition) {
-                Some(&position) => {
-                    last.insert(partition, position);
+            match found.last.get(&partition) {
+                Some(&at) => {
+                    last.insert(partition, at);
                     pending.remove(&partition);
                 }
                 None if from <= low => {
@@ -468,7 +484,7 @@ fn read_sent(
         }
         window *= 4;
     }
-    Ok(Sent::new(last))
+    Ok(latest_sent(last, recorded, &seen_end))
 }
 
 /// Per partition: `(low, high)`, its log start and end.
@@ -507,7 +523,7 @@ fn last_of_run(
     starts: &HashMap<i32, i64>,
     ends: &HashMap<i32, i64>,
     run: &RunMarker,
-) -> Result<HashMap<i32, Position>, RestoreError> {
+) -> Result<Found, RestoreError> {
     let mut tpl = TopicPartitionList::new();
     for (&partition, &from) in starts {
         tpl.add_partition_offset(topic, partition, Offset::Offset(from))
@@ -552,8 +568,8 @@ fn read_back_to_ends(
     ends: &HashMap<i32, i64>,
     mut poll: impl FnMut() -> Result<Option<ReadBack>, RestoreError>,
     now: impl Fn() -> Instant,
-) -> Result<HashMap<i32, Position>, RestoreError> {
-    let mut found: HashMap<i32, Position> = HashMap::new();
+) -> Result<Found, RestoreError> {
+    let mut found = Found::default();
     // Partitions not read to their end yet, each with when it last delivered a message.
     let began = now();
     let mut reading: HashMap<i32, Instant> = starts
@@ -578,11 +594,56 @@ fn read_back_to_ends(
         } else if let Some(last) = reading.get_mut(&partition) {
             *last = now();
         }
-        if let Some(position) = message.position {
-            let entry = found.entry(partition).or_insert(position);
-            *entry = (*entry).max(position);
+        found.note(partition, message.offset, message.position);
+    }
+}
+
+/// What reading back found: per partition, the run's message of the highest position, and the
+/// offset after the last message read (which a broker reporting short watermarks, as tansu
+/// does, serves beyond its high watermark).
+#[derive(Debug, Default)]
+struct Found {
+    last: HashMap<i32, AckedAt>,
+    seen_end: HashMap<i32, i64>,
+}
+
+impl Found {
+    fn note(&mut self, partition: i32, offset: i64, position: Option<Position>) {
+        let end = self.seen_end.entry(partition).or_insert(offset + 1);
+        *end = (*end).max(offset + 1);
+        if let Some(position) = position {
+            let at = AckedAt { position, offset };
+            let last = self.last.entry(partition).or_insert(at);
+            if position > last.position {
+                *last = at;
+            }
         }
     }
+}
+
+/// Per partition, the later of what reading back found and what earlier runs recorded as
+/// acknowledged (`delivery.rs`): the record covers messages retention or compaction took since.
+/// A recorded message at an offset the partition no longer reaches (`ends`: its end, the later
+/// of its high watermark and what reading back saw) means the topic was deleted and created
+/// again, or truncated: the record says nothing of what it holds now, and is not used there.
+fn latest_sent(
+    found: HashMap<i32, AckedAt>,
+    recorded: &HashMap<i32, AckedAt>,
+    ends: &HashMap<i32, i64>,
+) -> HashMap<i32, AckedAt> {
+    let mut latest = found;
+    for (&partition, &at) in recorded {
+        let end = ends.get(&partition).copied().unwrap_or(0);
+        if at.offset >= end {
+            tracing::warn!(partition, recorded_offset = at.offset, end, "the target partition ends before the message the run recorded as acknowledged (the topic was created again or truncated): reading it back alone");
+            continue;
+        }
+        let last = latest.entry(partition).or_insert(at);
+        if at.position > last.position {
+            *last = at;
+        }
+    }
+    latest
 }
 
 /// Sends a plan's lines; runs on a blocking thread and reads objects through `runtime`.
@@ -609,9 +670,11 @@ struct Sender<'a> {
 struct SentBefore {
     /// Nothing of a first run can be in the target yet (its signing key is new).
     first_run: bool,
-    /// The last positions earlier runs recorded as acknowledged, and where they keep them.
-    recorded: HashMap<i32, Position>,
+    /// The last positions earlier runs of this plan recorded as acknowledged, where they keep
+    /// them, and the plan's digest the record names.
+    recorded: HashMap<i32, AckedAt>,
     record_key: String,
+    plan_digest: String,
 }
 
 /// One message to send.
@@ -632,13 +695,14 @@ impl<'a> Sender<'a> {
         runtime: tokio::runtime::Handle,
         bodies: ObjectBodies,
     ) -> Result<Sender<'a>, RestoreError> {
-        let sent_before = if before.first_run {
-            Sent::new(HashMap::new())
+        let last_sent = if before.first_run {
+            HashMap::new()
         } else {
-            read_sent(&config.kafka, &plan.target_topic, plan.partitions, &marker)?
-                .or_later(&before.recorded)
+            let (topic, partitions) = (&plan.target_topic, plan.partitions);
+            read_sent(&config.kafka, topic, partitions, &marker, &before.recorded)?
         };
-        let acknowledged = Arc::new(Acknowledged::starting_from(sent_before.last().clone()));
+        let sent_before = Sent::new(last_sent.iter().map(|(&p, at)| (p, at.position)).collect());
+        let acknowledged = Arc::new(Acknowledged::starting_from(before.plan_digest, last_sent));
         let deliveries = Arc::new(Deliveries::default());
         let mut timeout = None;
         let producer = if options.dry_run {
@@ -694,11 +758,14 @@ impl<'a> Sender<'a> {
         if record == recorded.1 {
             return;
         }
+        // One attempt, not the retries of `s3`: sending waits on it, and the next record is
+        // due in a few seconds anyway.
         let json = serde_json::to_vec(&record).expect("record serializes");
         let store = &self.bodies.store;
-        match self.runtime.block_on(s3(|| {
-            store.put_bytes(&self.record_key, json.clone(), "application/json")
-        })) {
+        match self
+            .runtime
+            .block_on(store.put_bytes(&self.record_key, json, "application/json"))
+        {
             Ok(()) => recorded.1 = record,
             Err(err) => {
                 tracing::warn!(key = self.record_key, error = %err, "cannot keep the positions acknowledged so far in the bucket (a rerun reads them back from the target instead)")
@@ -763,6 +830,7 @@ impl<'a> Sender<'a> {
                     Ok(()) => break,
                     Err(KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut)) => {
                         self.check_delivery(producer)?;
+                        self.record_acknowledged(false);
                         if told.elapsed() >= WAITING_TOLD_EVERY {
                             told = Instant::now();
                             let waiting = producer.in_flight_count();
@@ -787,15 +855,17 @@ impl<'a> Sender<'a> {
         &self,
         producer: &ThreadedProducer<RestoreProducerContext>,
     ) -> Result<(), RestoreError> {
-        if let Some((code, reason)) = producer.client().fatal_error() {
-            return Err(RestoreError::Kafka(format!(
-                "the producer stopped ({code:?}): {reason}; restore needs a broker with idempotent producers"
-            )));
-        }
+        // A message the broker refused (too large, an invalid record for a compacted topic)
+        // also stops the producer (`enable.gapless.guarantee`): its own error says more.
         let failed = self.deliveries.failed();
         if failed > 0 {
             let first = self.deliveries.first_error();
             return Err(RestoreError::Delivery { failed, first });
+        }
+        if let Some((code, reason)) = producer.client().fatal_error() {
+            return Err(RestoreError::Kafka(format!(
+                "the producer stopped ({code:?}): {reason}; restore needs a broker with idempotent producers"
+            )));
         }
         let waiting = producer.in_flight_count().max(0) as u64;
         self.acknowledgements.borrow_mut().check(
@@ -821,28 +891,24 @@ impl<'a> Sender<'a> {
             .expect("bodies lock")
             .blocking_recv()
             .ok_or(RestoreError::FetcherStopped)??;
-        let mut handled = 0;
-        let mut backoff = Backoff::new(BODY_RETRY_BACKOFF, BODY_RETRY_MAX_BACKOFF, NoJitter);
+        let mut resume = BodyResume::default();
         loop {
             let lines = LinesFrom {
                 index,
                 object,
-                handled,
+                handled: resume.handled,
             };
             match self.send_lines(lines, body, tally) {
                 Err(RestoreError::BodyBroke { lines, message, .. }) => {
-                    let delay = backoff.next_delay(ErrorClass::Transient);
-                    let breaks = backoff.attempts();
-                    if breaks >= BODY_ATTEMPTS {
+                    let Some(delay) = resume.broke(lines) else {
                         return Err(RestoreError::BodyBroke {
                             key: object.key.clone(),
-                            lines,
-                            attempts: breaks,
+                            lines: resume.handled,
+                            attempts: BODY_ATTEMPTS,
                             message,
                         });
-                    }
-                    tracing::warn!(key = object.key, lines, attempt = breaks, %message, "the download broke: fetching the object again, going on after the lines handled");
-                    handled = lines;
+                    };
+                    tracing::warn!(key = object.key, lines = resume.handled, %message, "the download broke: fetching the object again, going on after the lines handled");
                     std::thread::sleep(delay);
                     let store = &self.bodies.store;
                     body = self
@@ -958,9 +1024,9 @@ impl<'a> Sender<'a> {
         }
     }
 
-    /// Waits as long as `--rate` asks.
+    /// Waits as long as `--rate` asks (not in a dry run, which sends nothing).
     fn pace(&self, sent: u64, started: Instant) {
-        if self.options.rate == 0 {
+        if self.options.rate == 0 || self.producer.is_none() {
             return;
         }
         let due = Duration::from_secs_f64(sent as f64 / self.options.rate as f64);
@@ -1002,7 +1068,13 @@ impl<'a> Sender<'a> {
                     self.check_delivery(producer)?;
                     std::thread::sleep(Duration::from_millis(10));
                 }
-                Err((err, _)) => return Err(RestoreError::Kafka(err.to_string())),
+                Err((err, _)) => {
+                    let object = &self.plan.objects[position.object as usize].key;
+                    return Err(RestoreError::Kafka(format!(
+                        "{object} line {}: the producer refused it: {err}",
+                        position.line
+                    )));
+                }
             }
         }
     }
@@ -1115,6 +1187,40 @@ struct ObjectBodies {
 const BODY_ATTEMPTS: u32 = 5;
 const BODY_RETRY_BACKOFF: Duration = Duration::from_millis(250);
 const BODY_RETRY_MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// Where the next download of an object goes on, and whether one more may be tried: downloads
+/// that break without getting past the lines already handled are breaks in a row, and
+/// `BODY_ATTEMPTS` of them stop the run; one that got further starts the count again.
+struct BodyResume {
+    /// Lines of the object handled by any download so far: never lowered by a download that
+    /// broke earlier than another (its lines were skipped, not sent, and are sent already).
+    handled: u64,
+    backoff: Backoff<NoJitter>,
+}
+
+impl Default for BodyResume {
+    fn default() -> BodyResume {
+        BodyResume {
+            handled: 0,
+            backoff: Backoff::new(BODY_RETRY_BACKOFF, BODY_RETRY_MAX_BACKOFF, NoJitter),
+        }
+    }
+}
+
+impl BodyResume {
+    /// A download broke after `lines` lines of the object: how long to wait before fetching
+    /// it again, `None` when that was the last break in a row allowed.
+    fn broke(&mut self, lines: u64) -> Option<Duration> {
+        if lines > self.handled {
+            *self = BodyResume {
+                handled: lines,
+                ..BodyResume::default()
+            };
+        }
+        let delay = self.backoff.next_delay(ErrorClass::Transient);
+        (self.backoff.attempts() < BODY_ATTEMPTS).then_some(delay)
+    }
+}
 
 /// Which lines of which object a download goes on with.
 struct LinesFrom<'p> {
@@ -1246,6 +1352,25 @@ mod tests {
             .is_none());
     }
 
+    #[test]
+    fn a_download_that_breaks_earlier_than_the_last_never_sends_lines_again() {
+        let mut resume = BodyResume::default();
+        assert_eq!(resume.broke(50_000), Some(BODY_RETRY_BACKOFF));
+        assert_eq!(resume.handled, 50_000);
+        // The next download broke sooner: its lines were skipped; the next goes on at 50,000.
+        assert!(resume.broke(10_000).is_some());
+        assert_eq!(resume.handled, 50_000);
+        // Breaks without progress are counted in a row...
+        assert!(resume.broke(50_000).is_some());
+        assert!(resume.broke(0).is_some());
+        assert_eq!(resume.broke(50_000), None);
+        // ...and progress starts the count again: a long object on a flaky link goes on.
+        let mut resume = BodyResume::default();
+        for lines in 1..=20 {
+            assert!(resume.broke(lines * 1_000).is_some(), "break {lines}");
+        }
+    }
+
     /// A body that gives `good` bytes, then fails as a broken connection does.
     struct Breaking {
         bytes: Vec<u8>,
@@ -1362,14 +1487,14 @@ mod tests {
         };
         let found = read_back_to_ends(&starts, &ends, poll, || clock.0.get()).unwrap();
         assert_eq!(
-            found[&0],
+            found.last[&0].position,
             Position {
                 object: 0,
                 line: 799
             }
         );
         assert_eq!(
-            found[&1],
+            found.last[&1].position,
             Position {
                 object: 0,
                 line: 299
@@ -1416,12 +1541,36 @@ mod tests {
             })
         };
         let found = read_back_to_ends(&starts, &ends, poll, || clock.0.get()).unwrap();
+        let position = Position {
+            object: 0,
+            line: 147,
+        };
+        let offset = 147;
+        assert_eq!(found.last.get(&1), Some(&AckedAt { position, offset }));
+        // Its end is where reading back got, past what the broker reported.
+        assert_eq!(found.seen_end.get(&1), Some(&148));
+    }
+
+    #[test]
+    fn what_was_sent_is_the_later_of_the_read_back_and_a_record_the_partition_still_reaches() {
+        let at = |object, line, offset| AckedAt {
+            position: Position { object, line },
+            offset,
+        };
+        // Read back: partition 0 further than the record (a run killed between two records);
+        // partition 1 behind it (retention took its last messages); partition 2 empty; and
+        // partition 3 ends before the recorded message (the topic was created again).
+        let found = HashMap::from([(0, at(3, 10, 900)), (1, at(0, 5, 40))]);
+        let recorded = HashMap::from([
+            (0, at(2, 0, 700)),
+            (1, at(1, 8, 80)),
+            (2, at(0, 0, 3)),
+            (3, at(5, 5, 500)),
+        ]);
+        let ends = HashMap::from([(0, 1_000), (1, 7_000), (2, 4), (3, 20)]);
         assert_eq!(
-            found.get(&1),
-            Some(&Position {
-                object: 0,
-                line: 147
-            })
+            latest_sent(found, &recorded, &ends),
+            HashMap::from([(0, at(3, 10, 900)), (1, at(1, 8, 80)), (2, at(0, 0, 3))])
         );
     }
 
@@ -1448,7 +1597,7 @@ mod tests {
         let began = clock.0.get();
         let found = read_back_to_ends(&starts, &ends, poll, || clock.0.get()).unwrap();
         assert_eq!(
-            found[&0],
+            found.last[&0].position,
             Position {
                 object: 2,
                 line: 97

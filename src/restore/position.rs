@@ -192,19 +192,6 @@ impl Sent {
     pub fn is_empty(&self) -> bool {
         self.last.is_empty()
     }
-
-    /// Per partition, the later of what this and `other` say was sent.
-    pub fn or_later(mut self, other: &HashMap<i32, Position>) -> Sent {
-        for (&partition, &position) in other {
-            let last = self.last.entry(partition).or_insert(position);
-            *last = (*last).max(position);
-        }
-        self
-    }
-
-    pub fn last(&self) -> &HashMap<i32, Position> {
-        &self.last
-    }
 }
 
 #[cfg(test)]
@@ -301,20 +288,5 @@ mod tests {
             partition_for(None, at(4, 7), 12),
             partition_for(None, at(4, 7), 12)
         );
-    }
-
-    #[test]
-    fn what_was_sent_is_the_later_of_the_read_back_and_the_record() {
-        let at = |object, line| Position { object, line };
-        // Read back: partition 0 further than the record (a run killed between two records);
-        // partition 1 behind it (retention took its last messages); partition 2 empty.
-        let read_back = Sent::new(HashMap::from([(0, at(3, 10)), (1, at(0, 5))]));
-        let recorded = HashMap::from([(0, at(2, 0)), (1, at(1, 8)), (2, at(0, 0))]);
-        let sent = read_back.or_later(&recorded);
-        assert_eq!(
-            sent.last(),
-            &HashMap::from([(0, at(3, 10)), (1, at(1, 8)), (2, at(0, 0))])
-        );
-        assert!(sent.contains(1, at(1, 8)) && !sent.contains(1, at(1, 9)));
     }
 }
