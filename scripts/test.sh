@@ -17,6 +17,7 @@ log "running the test suite"
 cargo test --all-targets "$@"
 if (($# == 0)); then
   # README command 1, which checks its own result: every event produced is in the bucket once.
-  log "running the demo (scripts/demo.sh)"
+  log "running the demo (scripts/demo.sh), then its tansu path on fewer events"
   scripts/demo.sh
+  scripts/demo.sh --broker tansu 5000 2 1
 fi

@@ -18,9 +18,14 @@ cargo_tool() { # CRATE VERSION VAR WHAT [cargo install arguments...]
   shift 4
   local root="$KSA_TOOLS_DIR/$crate-$version"
   if [[ ! -x "$root/bin/$crate" ]]; then
-    log "installing $crate $version ($what)"
+    # One line here; the compiler's output goes to a log, shown if the install fails.
     mkdir -p "$root"
-    cargo install "$crate@$version" --locked --root "$root" "$@" >&2
+    log "installing $crate $version ($what; log: $root/install.log)"
+    if ! cargo install "$crate@$version" --locked --root "$root" "$@" >"$root/install.log" 2>&1; then
+      echo "installing $crate $version failed; the end of $root/install.log:" >&2
+      tail -n 30 "$root/install.log" >&2
+      return 1
+    fi
   fi
   export "$var=$root/bin/$crate"
 }
@@ -159,16 +164,43 @@ wait_port() { # port name
   return 1
 }
 
-# Starts tansu and moto in $RIG_DIR; sets KAFKA_BROKERS, S3_ENDPOINT and RIG_PIDS.
-start_rig() {
-  RIG_PIDS=()
+# Starts moto in $RIG_DIR on a free port; sets S3_ENDPOINT, appends to RIG_PIDS.
+start_moto() {
   local s3_port
   s3_port=$(free_port)
   "$MOTO_SERVER" -H 127.0.0.1 -p "$s3_port" >"$RIG_DIR/moto.log" 2>&1 &
   RIG_PIDS+=($!)
-  start_tansu
   wait_port "$s3_port" moto
   S3_ENDPOINT="http://127.0.0.1:$s3_port"
+}
+
+# Starts librdkafka's mock cluster (examples/mock_kafka.rs, built beside the archiver: no second
+# product to build) in $RIG_DIR: three brokers in one process that keep offset-commit metadata
+# and fence commits as Kafka's group coordinator does, with TOPIC of PARTITIONS partitions, each
+# keeping about its last 5 MB. It reads fault commands on stdin, held open on file descriptor 9
+# until the script ends. Sets KAFKA_BROKERS, appends to RIG_PIDS.
+start_mock_kafka() { # topic partitions
+  local topic=$1 partitions=$2
+  local bin="${CARGO_TARGET_DIR:-target}/debug/examples/mock_kafka"
+  mkfifo "$RIG_DIR/mock_kafka.in"
+  "$bin" --brokers 3 --topic "$topic" --partitions "$partitions" \
+    <"$RIG_DIR/mock_kafka.in" >"$RIG_DIR/mock_kafka.out" 2>"$RIG_DIR/mock_kafka.log" &
+  RIG_PIDS+=($!)
+  exec 9>"$RIG_DIR/mock_kafka.in"
+  for _ in $(seq 1 150); do
+    KAFKA_BROKERS=$(sed -n 's/^bootstrap=//p' "$RIG_DIR/mock_kafka.out")
+    [[ -n "$KAFKA_BROKERS" ]] && return 0
+    sleep 0.2
+  done
+  echo "the mock cluster did not start (log: $RIG_DIR/mock_kafka.log)" >&2
+  return 1
+}
+
+# Starts tansu and moto in $RIG_DIR; sets KAFKA_BROKERS, S3_ENDPOINT and RIG_PIDS.
+start_rig() {
+  RIG_PIDS=()
+  start_moto
+  start_tansu
 }
 
 stop_rig() {
