@@ -63,12 +63,12 @@ fail() { # message [log]
 }
 
 step "installing what is missing"
+# In the background, beside the build: on a fresh machine each leaves a core idle at times.
 if [[ "$BROKER" == tansu ]]; then
-  start_installs ensure_tansu
+  start_installs ensure_python_tools ensure_tansu
 else
-  start_installs
+  start_installs ensure_python_tools
 fi
-ensure_python_tools
 step "building kafka-s3-archiver and the mock cluster (a few minutes the first time; log: $RIG_DIR/build.log)"
 cargo build --bin kafka-s3-archiver --example mock_kafka >"$RIG_DIR/build.log" 2>&1 \
   || fail "the build failed" "$RIG_DIR/build.log"

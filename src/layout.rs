@@ -179,6 +179,9 @@ impl Codec {
 }
 
 /// The folder every object lives under, after the optional prefix.
+/// The day folder of dead letters whose record has no Kafka timestamp to date them by.
+pub const UNDATED_DAY: &str = "unknown";
+
 pub const ROOT: &str = "segment-logs";
 
 /// Object key of the file whose first record is `first_offset`:

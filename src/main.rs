@@ -129,6 +129,10 @@ enum Command {
         /// With --dead-letter: only records dead-lettered for this reason (repeatable).
         #[arg(long = "reason", value_name = "REASON")]
         reasons: Vec<String>,
+        /// With --dead-letter: also the letters of records without a Kafka timestamp (filed
+        /// under the day folder `unknown`), whatever --from and --to say.
+        #[arg(long)]
+        undated: bool,
         /// Event field that keys a message, first present wins (repeatable).
         #[arg(long = "key-field", value_name = "FIELD",
               default_values_t = ["anonymousId", "userId", "messageId"].map(String::from))]
@@ -259,6 +263,7 @@ fn real_main() -> anyhow::Result<ExitCode> {
             to,
             dead_letter,
             reasons,
+            undated,
             key_fields,
             rate,
             max_in_flight_mb,
@@ -285,6 +290,10 @@ fn real_main() -> anyhow::Result<ExitCode> {
                 dead_letter || reasons.is_empty(),
                 "--reason selects dead letters: add --dead-letter"
             );
+            anyhow::ensure!(
+                dead_letter || !undated,
+                "--undated selects dead letters: add --dead-letter"
+            );
             let options = RestoreOptions {
                 selection: Selection {
                     archived_topic: config.kafka.topic.clone(),
@@ -293,6 +302,7 @@ fn real_main() -> anyhow::Result<ExitCode> {
                     to,
                     dead_letter,
                     reasons: reasons.into_iter().collect(),
+                    undated,
                 },
                 target_topic: topic,
                 key_fields,

@@ -180,7 +180,7 @@ impl Router {
                         .timestamp_ms
                         .and_then(DateTime::<Utc>::from_timestamp_millis)
                         .map_or_else(
-                            || "unknown".into(),
+                            || crate::layout::UNDATED_DAY.into(),
                             |t| self.day_format.format(t.date_naive()),
                         ),
                 },

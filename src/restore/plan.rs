@@ -25,6 +25,9 @@ pub struct Selection {
     pub dead_letter: bool,
     /// With `dead_letter`: only these reasons (e.g. `no-source`); empty for all.
     pub reasons: BTreeSet<String>,
+    /// With `dead_letter`: also the letters of records without a Kafka timestamp, filed under
+    /// the day folder `unknown` (`layout::UNDATED_DAY`) whatever the days selected.
+    pub undated: bool,
 }
 
 /// One object of a plan.
@@ -34,7 +37,8 @@ pub struct PlannedObject {
     pub bytes: i64,
     /// The source folder (events only): set as the `source-id` header of each line sent.
     pub source: Option<String>,
-    pub day: NaiveDate,
+    /// `None`: the `unknown` folder of dead letters without a Kafka timestamp.
+    pub day: Option<NaiveDate>,
 }
 
 /// The objects of a restore, in sending order, and where they go.
@@ -104,6 +108,10 @@ pub fn run_name(selection: &Selection, prefix: &str, target_topic: &str) -> Stri
         selection.reasons
     );
     hasher.update(text.as_bytes());
+    // Only when set, so every restore named before it existed keeps its name.
+    if selection.undated {
+        hasher.update(b"\nundated");
+    }
     let digest = hasher.finalize();
     super::position::to_hex(&digest[..8])
 }
@@ -124,9 +132,9 @@ pub fn parse_day(text: &str) -> Option<NaiveDate> {
         .map(|t| t.date_naive())
 }
 
-/// Where an object of the archive sits: source (`None` for a dead letter), day, partition and
-/// first offset; the order of these is the sending order.
-type Place = (Option<String>, NaiveDate, i32, i64);
+/// Where an object of the archive sits: source (`None` for a dead letter), day (`None`: an
+/// undated dead letter's), partition and first offset; the order of these is the sending order.
+type Place = (Option<String>, Option<NaiveDate>, i32, i64);
 
 /// The place of `key`, or `None` for keys that are not archived objects of `topic`.
 fn place(root: &str, topic: &str, key: &str) -> Option<Place> {
@@ -145,9 +153,14 @@ fn place(root: &str, topic: &str, key: &str) -> Option<Place> {
         .strip_prefix(topic)?
         .strip_prefix('-')?;
     let (partition, offset) = numbers.split_once('-')?;
+    let day = match parse_day(day) {
+        Some(day) => Some(day),
+        None if source.is_none() && *day == layout::UNDATED_DAY => None,
+        None => return None,
+    };
     Some((
         source,
-        parse_day(day)?,
+        day,
         partition.parse().ok()?,
         offset.parse().ok()?,
     ))
@@ -166,8 +179,12 @@ pub fn select(
         .filter_map(|(key, bytes)| {
             let place = place(&root, &selection.archived_topic, &key)?;
             let (source, day) = (place.0.clone(), place.1);
+            let dated = match day {
+                Some(day) => (selection.from..=selection.to).contains(&day),
+                None => selection.undated,
+            };
             let wanted = source.is_none() == selection.dead_letter
-                && (selection.from..=selection.to).contains(&day)
+                && dated
                 && source.as_ref().is_none_or(|source| {
                     selection.sources.is_empty() || selection.sources.contains(source)
                 });
@@ -235,6 +252,7 @@ mod tests {
             to: parse_day(to).unwrap(),
             dead_letter: false,
             reasons: BTreeSet::new(),
+            undated: false,
         }
     }
 
@@ -314,9 +332,43 @@ mod tests {
 
         let mut letters = selection(&[], "2015-05-27", "2015-05-27");
         letters.dead_letter = true;
-        let chosen = select("", &letters, listing);
+        let chosen = select("", &letters, listing.clone());
         assert_eq!(chosen.len(), 1);
         assert_eq!(chosen[0].source, None);
+    }
+
+    /// A record without a Kafka timestamp is dead-lettered under the day folder `unknown`: no
+    /// `--from`/`--to` reaches it, `--undated` does (before: no restore could select it).
+    #[test]
+    fn dead_letters_without_a_timestamp_are_selected_with_undated() {
+        let listing = [
+            "segment-logs/_dead-letter/events/unknown/events-0-00000000000000000003.gz",
+            "segment-logs/_dead-letter/events/2015-05-27/events-0-00000000000000000007.gz",
+            "segment-logs/web/unknown/events-0-00000000000000000000.gz",
+        ]
+        .map(|k| (k.to_string(), 10));
+        let mut letters = selection(&[], "2015-05-27", "2015-05-27");
+        letters.dead_letter = true;
+        let keys = |selection: &Selection| -> Vec<String> {
+            select("", selection, listing.clone())
+                .into_iter()
+                .map(|o| o.key)
+                .collect()
+        };
+        assert_eq!(
+            keys(&letters),
+            ["segment-logs/_dead-letter/events/2015-05-27/events-0-00000000000000000007.gz"]
+        );
+        let dated_name = run_name(&letters, "", "t");
+        letters.undated = true;
+        assert_eq!(
+            keys(&letters),
+            [
+                "segment-logs/_dead-letter/events/unknown/events-0-00000000000000000003.gz",
+                "segment-logs/_dead-letter/events/2015-05-27/events-0-00000000000000000007.gz",
+            ]
+        );
+        assert_ne!(run_name(&letters, "", "t"), dated_name);
     }
 
     #[test]
