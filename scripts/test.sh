@@ -7,11 +7,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib/rig.sh
 
-start_installs ensure_tansu ensure_s3s_fs
-ensure_python_tools
-ensure_ops_tools
-log "building the test tools (examples/mock_kafka.rs)"
+# Every install in the background at once, beside the build of the archiver's tests: on a fresh
+# machine the servers' builds and the tests' each leave a core idle at times.
+start_installs ensure_tansu ensure_s3s_fs ensure_python_tools ensure_ops_tools
+log "building the tests and the test tools (examples/mock_kafka.rs)"
 cargo build --examples
+cargo test --all-targets --no-run "$@"
 finish_installs
 log "running the test suite"
 cargo test --all-targets "$@"

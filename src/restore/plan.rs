@@ -158,12 +158,7 @@ fn place(root: &str, topic: &str, key: &str) -> Option<Place> {
         None if source.is_none() && *day == layout::UNDATED_DAY => None,
         None => return None,
     };
-    Some((
-        source,
-        day,
-        partition.parse().ok()?,
-        offset.parse().ok()?,
-    ))
+    Some((source, day, partition.parse().ok()?, offset.parse().ok()?))
 }
 
 /// The objects of `listing` (key, size) that `selection` covers, in sending order: by source,
@@ -271,7 +266,7 @@ mod tests {
             key: key.into(),
             bytes: 1,
             source: Some("web".into()),
-            day: parse_day("2015-05-27").unwrap(),
+            day: parse_day("2015-05-27"),
         };
         let objects = [
             object("segment-logs/web/1432684800000/events-0-00000000000000000100.gz"),
