@@ -53,6 +53,69 @@ fn archive_and_create(rig: &Rig, count: u64, sources: usize, seed: u64, target: 
     number_after(&dry, "would send")
 }
 
+/// A restore of every source at 700 lines a second whose producer gives up on the broker after
+/// 2 s without an acknowledgement (`message.timeout.ms`), so an outage of a few seconds stops it.
+fn restore_with_a_short_delivery_timeout(rig: &Rig, target: &str) -> Command {
+    let mut command = restore_command(rig, target, &[], &["--rate", "700"]);
+    command.env(
+        "ARCHIVER_KAFKA_PROPERTIES",
+        r#"{"message.timeout.ms"="2000"}"#,
+    );
+    command
+}
+
+/// Takes the mock cluster's three brokers down for `outage`, then brings them back.
+fn every_broker_down_for(rig: &Rig, outage: Duration) {
+    for broker in 1..=3 {
+        rig.broker.control(&format!("down {broker}"));
+    }
+    std::thread::sleep(outage);
+    for broker in 1..=3 {
+        rig.broker.control(&format!("up {broker}"));
+    }
+}
+
+/// Others producing to a restore's target: small events keyed by seven users, one every
+/// `pause`, from a thread of their own until `stop`.
+struct LiveTraffic {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<u64>,
+}
+
+impl LiveTraffic {
+    fn start(rig: &Rig, target: &'static str, pause: Duration) -> LiveTraffic {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (stopped, bootstrap) = (std::sync::Arc::clone(&stop), rig.broker.bootstrap());
+        let thread = std::thread::spawn(move || {
+            let producer: rdkafka::producer::BaseProducer = rdkafka::config::ClientConfig::new()
+                .set("bootstrap.servers", bootstrap)
+                .create()
+                .unwrap();
+            let mut sent = 0u64;
+            while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
+                let payload = format!(r#"{{"type":"track","messageId":"live-{sent}"}}"#);
+                let key = format!("user-{}", sent % 7);
+                let record = rdkafka::producer::BaseRecord::to(target)
+                    .key(&key)
+                    .payload(&payload);
+                if producer.send(record).is_ok() {
+                    sent += 1;
+                }
+                producer.poll(pause);
+            }
+            rdkafka::producer::Producer::flush(&producer, Duration::from_secs(30)).unwrap();
+            sent
+        });
+        LiveTraffic { stop, thread }
+    }
+
+    /// Stops the traffic: how many events it sent.
+    fn stop(self) -> u64 {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().unwrap()
+    }
+}
+
 /// Each of the `selected` lines is in `target` once (its messages that `restored` picks).
 fn each_line_once(
     rig: &Rig,
@@ -337,37 +400,12 @@ fn bad_input_stops_a_restore_with_its_cause_or_is_skipped_and_counted() {
 /// although the topic never goes quiet.
 #[test]
 fn a_restore_into_a_topic_with_traffic_starts_and_resumes() {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::Arc;
-
     let target = "live";
     let (rig, selected) = archived_and_a_target(3_000, 2, 23, target);
     assert!(selected >= 2_500, "only {selected} lines selected");
 
     // Events into the target as fast as one producer sends them, until the test ends.
-    let stop = Arc::new(AtomicBool::new(false));
-    let traffic = {
-        let (stop, bootstrap) = (Arc::clone(&stop), rig.broker.bootstrap());
-        std::thread::spawn(move || {
-            let mut config = rdkafka::config::ClientConfig::new();
-            config.set("bootstrap.servers", bootstrap);
-            let producer: rdkafka::producer::BaseProducer = config.create().unwrap();
-            let mut sent = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                let payload = format!(r#"{{"type":"track","messageId":"live-{sent}"}}"#);
-                let key = format!("user-{}", sent % 7);
-                let record = rdkafka::producer::BaseRecord::to(target)
-                    .key(&key)
-                    .payload(&payload);
-                if producer.send(record).is_ok() {
-                    sent += 1;
-                }
-                producer.poll(Duration::from_millis(3));
-            }
-            rdkafka::producer::Producer::flush(&producer, Duration::from_secs(10)).unwrap();
-            sent
-        })
-    };
+    let traffic = LiveTraffic::start(&rig, target, Duration::from_millis(3));
     std::thread::sleep(Duration::from_secs(3));
 
     let run = |name: &str| {
@@ -386,8 +424,7 @@ fn a_restore_into_a_topic_with_traffic_starts_and_resumes() {
     let rerun = run("restore-live-again");
     assert_eq!(number_after(&rerun, ": sent"), 0, "{rerun}");
 
-    stop.store(true, Ordering::Relaxed);
-    let live = traffic.join().unwrap();
+    let live = traffic.stop();
     assert!(live > 1_000, "the traffic sent only {live} events");
     each_line_once(&rig, target, selected, |message| {
         message.header("kafka-s3-archiver-restore").is_some()
@@ -486,20 +523,10 @@ fn brokers_down_past_the_delivery_timeout_leave_no_hole_a_rerun_skips() {
     assert!(selected >= 4_000, "only {selected} lines selected");
 
     // About seven seconds of sending, with the outage from the second to the sixth.
-    let mut command = restore_command(&rig, target, &[], &["--rate", "700"]);
-    command.env(
-        "ARCHIVER_KAFKA_PROPERTIES",
-        r#"{"message.timeout.ms"="2000"}"#,
-    );
+    let command = restore_with_a_short_delivery_timeout(&rig, target);
     let mut first = Process::spawn(command, rig.dir.path().join("restore-outage.log"));
     std::thread::sleep(Duration::from_millis(1500));
-    for broker in 1..=3 {
-        rig.broker.control(&format!("down {broker}"));
-    }
-    std::thread::sleep(Duration::from_secs(4));
-    for broker in 1..=3 {
-        rig.broker.control(&format!("up {broker}"));
-    }
+    every_broker_down_for(&rig, Duration::from_secs(4));
     let status = first.wait_exit(Duration::from_secs(120));
     let rerun = restore_to_end(&rig, target, &[], &[]);
     each_line_once(&rig, target, selected, |_| true);
@@ -574,9 +601,6 @@ fn a_rerun_after_retention_removed_the_runs_messages_sends_nothing_again() {
 /// Every selected line is in the target exactly once.
 #[test]
 fn a_restore_through_outages_resets_a_live_target_and_kills_sends_each_line_once() {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::Arc;
-
     let target = "restored";
     let rig = Rig::start_mock(1);
     let selected = archive_and_create(&rig, 5_000, 3, 47, target);
@@ -594,39 +618,12 @@ fn a_restore_through_outages_resets_a_live_target_and_kills_sends_each_line_once
 
     // About 200 events a second into the target, until the test ends (under the mock cluster's
     // 5 MB per partition, which would otherwise take restored lines away).
-    let stop = Arc::new(AtomicBool::new(false));
-    let traffic = {
-        let (stop, bootstrap) = (Arc::clone(&stop), rig.broker.bootstrap());
-        std::thread::spawn(move || {
-            let producer: rdkafka::producer::BaseProducer = rdkafka::config::ClientConfig::new()
-                .set("bootstrap.servers", bootstrap)
-                .create()
-                .unwrap();
-            let mut sent = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                let payload = format!(r#"{{"type":"track","messageId":"live-{sent}"}}"#);
-                let key = format!("user-{}", sent % 7);
-                let record = rdkafka::producer::BaseRecord::to(target)
-                    .key(&key)
-                    .payload(&payload);
-                if producer.send(record).is_ok() {
-                    sent += 1;
-                }
-                producer.poll(Duration::from_millis(5));
-            }
-            rdkafka::producer::Producer::flush(&producer, Duration::from_secs(30)).unwrap();
-            sent
-        })
-    };
+    let traffic = LiveTraffic::start(&rig, target, Duration::from_millis(5));
 
     let restore = |name: &str| {
-        let mut command = restore_command(&rig, target, &[], &["--rate", "700"]);
+        let mut command = restore_with_a_short_delivery_timeout(&rig, target);
         command
             .env("ARCHIVER_S3_ENDPOINT_URL", proxy.endpoint())
-            .env(
-                "ARCHIVER_KAFKA_PROPERTIES",
-                r#"{"message.timeout.ms"="2000"}"#,
-            )
             .stdout(std::process::Stdio::null());
         Process::spawn(command, rig.dir.path().join(format!("{name}.log")))
     };
@@ -642,13 +639,7 @@ fn a_restore_through_outages_resets_a_live_target_and_kills_sends_each_line_once
             run.kill9();
             kills += 1;
         } else {
-            for broker in 1..=3 {
-                rig.broker.control(&format!("down {broker}"));
-            }
-            std::thread::sleep(Duration::from_secs(4));
-            for broker in 1..=3 {
-                rig.broker.control(&format!("up {broker}"));
-            }
+            every_broker_down_for(&rig, Duration::from_secs(4));
             outages += 1;
             run.wait_exit(Duration::from_secs(120));
         }
@@ -662,8 +653,7 @@ fn a_restore_through_outages_resets_a_live_target_and_kills_sends_each_line_once
     let status = last.wait_exit(Duration::from_secs(180));
     let log = last.log_text();
     assert!(status.success(), "{log}");
-    stop.store(true, Ordering::Relaxed);
-    let live = traffic.join().unwrap();
+    let live = traffic.stop();
     assert!(live > 1_000, "the traffic sent only {live} events");
     assert!(proxy.counts.faults() > 0, "S3 never failed");
     assert!(

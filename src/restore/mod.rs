@@ -246,8 +246,14 @@ pub async fn restore(
     // was made anew after the last was deleted) counts for nothing: its positions are another
     // list of objects'.
     let acknowledged_key = plan::acknowledged_key(&prefix, &run);
-    let recorded = match s3(|| store.get_bytes(&acknowledged_key)).await? {
-        Some(bytes) if !first_run => {
+    // A first run's plan is new: nothing can have recorded anything for it.
+    let stored_record = if first_run {
+        None
+    } else {
+        s3(|| store.get_bytes(&acknowledged_key)).await?
+    };
+    let recorded = match stored_record {
+        Some(bytes) => {
             let record = serde_json::from_slice::<AcknowledgedRecord>(&bytes).map_err(|err| {
                 RestoreError::BadPlan {
                     key: acknowledged_key.clone(),
