@@ -840,8 +840,11 @@ impl<'a> Sender<'a> {
                         if told.elapsed() >= WAITING_TOLD_EVERY {
                             told = Instant::now();
                             let waiting = producer.in_flight_count();
+                            let watch = self.acknowledgements.borrow();
+                            let unacknowledged_secs = watch.stalled_for(Instant::now()).as_secs();
                             tracing::info!(
                                 waiting,
+                                unacknowledged_secs,
                                 "waiting for the broker to acknowledge what was sent"
                             );
                         }
