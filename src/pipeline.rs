@@ -19,7 +19,7 @@ use std::sync::mpsc::SyncSender;
 
 use serde::{Deserialize, Serialize};
 
-use crate::checkpoint::{BatchState, Committed, FileState, Gap, StreamState};
+use crate::checkpoint::{BatchState, Committed, FileState, Gap, GapCause, StreamState};
 use crate::layout::{Codec, Destination};
 use crate::rules::CuttingRules;
 
@@ -266,6 +266,15 @@ impl SealedBatch {
         self.files.iter().map(|f| f.stream.compressed_len).sum()
     }
 
+    /// The last offset of the batch Kafka deleted before it was read, if any.
+    pub fn deleted_through(&self) -> Option<i64> {
+        self.gaps
+            .iter()
+            .filter(|gap| gap.cause == GapCause::Deleted)
+            .map(|gap| gap.last)
+            .max()
+    }
+
     /// What the batch's files count for in the local disk budget (see [`file_disk_charge`]).
     pub fn disk_charge(&self) -> u64 {
         self.files
@@ -337,6 +346,12 @@ pub struct BatchIntent {
     /// release, which kept the files beside the intent only after the commit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub plan: Option<String>,
+    /// Set by a replay Kafka deleted the head of: its files hold only the records from this
+    /// offset on, the last lines of the planned files, and it may put them. A later member
+    /// holding a local copy of the batch with more lines must not upload it beside them (no
+    /// object of it could be adopted, nor its lines accounted for): it reads from Kafka again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kept_from: Option<i64>,
 }
 
 impl BatchIntent {
@@ -350,6 +365,7 @@ impl BatchIntent {
             rules: rules_hash,
             max_file_bytes: None,
             plan: None,
+            kept_from: None,
         }
     }
 
@@ -445,9 +461,17 @@ impl KeptIntent {
         } else {
             first_attempt.to_vec()
         };
+        // A replay's deleted offsets are the batch's head (see `PartitionBuffer::record_gap`).
+        let kept_from = (!first_attempt.is_empty())
+            .then(|| batch.deleted_through())
+            .flatten()
+            .map(|last| last + 1);
         KeptIntent {
-            intent: BatchIntent::new(batch.start, batch.end, batch.rules.clone())
-                .with_plan(plan_hash(&files)),
+            intent: BatchIntent {
+                kept_from,
+                ..BatchIntent::new(batch.start, batch.end, batch.rules.clone())
+                    .with_plan(plan_hash(&files))
+            },
             files,
         }
     }

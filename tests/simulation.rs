@@ -52,8 +52,18 @@ const FILE_CAPS: [u64; 2] = [1024, 640];
 ///   batch's range again beside the objects it had put (objects in no manifest);
 /// - 7401, 7986, 13410, 17095: a zombie of a batch's first attempt put an object after the
 ///   replay, Kafka having deleted every record of that file, had looked for it and found none:
-///   an object in no manifest (the batch's manifest now names such files, `may_appear`).
-const FOUND_BEYOND_THE_RANGE: [u64; 5] = [7401, 7986, 13410, 16056, 17095];
+///   an object in no manifest (the batch's manifest now names such files, `may_appear`);
+/// - 41877, 59647: retention overtook a replay mid-read, which put files holding the first
+///   lines of the planned ones; no later attempt could adopt them, and the batch waited on
+///   the keys for good (a replay overtaken so now drops what it read: `record_gap`);
+/// - 51047, 64005, 66669, 69452: a member restarted on an earlier volume holding the batch as
+///   its first attempt read it, after a replay whose head Kafka deleted had put the last lines
+///   of some files: the copy with more lines could not go up beside them, and the batch waited
+///   for good (the replay's intent now says where Kafka's log began, `kept_from`, and such a
+///   copy is read from Kafka again).
+const FOUND_BEYOND_THE_RANGE: [u64; 11] = [
+    7401, 7986, 13410, 16056, 17095, 41877, 51047, 59647, 64005, 66669, 69452,
+];
 
 #[test]
 fn the_protocol_keeps_every_record_exactly_once_through_seeded_fault_schedules() {

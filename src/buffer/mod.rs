@@ -109,6 +109,30 @@ fn unplanned_local_batch(
     sealed_differs.or(open_differs).map(|batch| batch.start)
 }
 
+/// The start of a local batch of `intent`'s range holding records below where an attempt of it
+/// found Kafka's log beginning (`BatchIntent::kept_from`), with that offset. Such an attempt's
+/// objects hold the last lines of the planned files; a copy with more lines could neither
+/// replace them nor be accounted for beside them, so the partition is read from Kafka again.
+fn lines_below_kept(
+    checkpoint: &crate::checkpoint::Checkpoint,
+    intent: &BatchIntent,
+) -> Option<(i64, i64)> {
+    let kept_from = intent.kept_from?;
+    let holds_lines_below = |b: &crate::checkpoint::BatchState| {
+        b.start < kept_from
+            && !b.gaps.iter().any(|gap| {
+                gap.cause == crate::checkpoint::GapCause::Deleted
+                    && gap.first <= b.start
+                    && gap.last + 1 >= kept_from
+            })
+    };
+    checkpoint
+        .batches()
+        .filter(|b| b.start <= intent.end && b.end >= intent.start)
+        .find(|b| holds_lines_below(b))
+        .map(|b| (b.start, kept_from))
+}
+
 /// What an assignment says of the interrupted batch a partition replays, if any.
 struct Replay {
     /// The intent the group's commit (or the bucket) holds.
@@ -321,6 +345,10 @@ impl Worker {
             });
             if let Some(batch) = foreign {
                 tracing::warn!(partition, start = batch.start, rules = %batch.rules, "local batches were cut under other rules; reading from the committed offset");
+                return false;
+            }
+            if let Some((start, kept_from)) = intent.as_ref().and_then(|i| lines_below_kept(checkpoint, i)) {
+                tracing::warn!(partition, start, kept_from, "an attempt of the batch read it after Kafka deleted its head and may have put its last lines: a local copy holding more lines cannot go up beside them; reading from the committed offset");
                 return false;
             }
             let unplanned = intent.as_ref().and_then(|i| unplanned_local_batch(checkpoint, i, &planned_files));
@@ -852,6 +880,52 @@ mod tests {
             self.commands.send(WorkerCommand::Stop { reply }).unwrap();
             answer.recv().unwrap();
             self.thread.join().unwrap().unwrap();
+        }
+    }
+
+    /// A member's volume holds batch [0, 99] as the first attempt read it (an earlier volume,
+    /// or a member that froze); meanwhile a replay found Kafka's log starting at 50 and may
+    /// have put objects holding offsets 50.. only. The local copy is not continued; a local
+    /// copy that holds nothing below 50 either (that replay's own) is.
+    #[test]
+    fn a_local_copy_with_lines_an_overtaken_replay_no_longer_had_is_not_uploaded() {
+        let batch = |gaps: Vec<crate::checkpoint::Gap>| crate::checkpoint::BatchState {
+            start: 0,
+            end: 99,
+            files: Vec::new(),
+            first_read_ms: None,
+            gaps,
+            rules: String::new(),
+        };
+        let checkpoint = |batch: crate::checkpoint::BatchState, sealed: bool| {
+            let mut checkpoint = crate::checkpoint::Checkpoint::new("t", 0, 100);
+            if sealed {
+                checkpoint.sealed.push(batch);
+            } else {
+                checkpoint.open = Some(batch);
+            }
+            checkpoint
+        };
+        let intent = |kept_from| BatchIntent {
+            kept_from,
+            ..BatchIntent::new(0, 99, "rules".into())
+        };
+        for sealed in [true, false] {
+            let whole = checkpoint(batch(Vec::new()), sealed);
+            assert_eq!(lines_below_kept(&whole, &intent(Some(50))), Some((0, 50)));
+            assert_eq!(lines_below_kept(&whole, &intent(None)), None);
+            let deleted = |last| crate::checkpoint::Gap {
+                first: 0,
+                last,
+                cause: GapCause::Deleted,
+            };
+            let replays_own = checkpoint(batch(vec![deleted(49)]), sealed);
+            assert_eq!(lines_below_kept(&replays_own, &intent(Some(50))), None);
+            let an_earlier_replays = checkpoint(batch(vec![deleted(19)]), sealed);
+            assert_eq!(
+                lines_below_kept(&an_earlier_replays, &intent(Some(50))),
+                Some((0, 50))
+            );
         }
     }
 

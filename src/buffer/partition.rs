@@ -419,11 +419,13 @@ impl PartitionBuffer {
     /// Records that `[first, last]` holds no record: the part below the log start was deleted
     /// before it was read, the rest held none (compaction, transaction markers). The worker reads
     /// the log start again before a gap the known one does not cover (`gap_before`).
-    fn record_gap(&mut self, first: i64, last: i64) {
+    fn record_gap(&mut self, first: i64, last: i64) -> io::Result<()> {
         let split = self
             .log_start
             .map_or(first, |start| start.clamp(first, last + 1));
-        if split > first {
+        if split > first && self.seal_at.is_some() && !self.open.files.is_empty() {
+            self.drop_what_the_replay_read(split - 1)?;
+        } else if split > first {
             self.open.gaps.push(Gap {
                 first,
                 last: split - 1,
@@ -437,6 +439,50 @@ impl PartitionBuffer {
                 cause: GapCause::NoRecord,
             });
         }
+        Ok(())
+    }
+
+    /// Retention overtook a replay mid-read: Kafka deleted offsets up to `deleted_through`,
+    /// so every record the replay read before them is gone from Kafka too (a log is deleted
+    /// from its head). Its files would hold the first lines of the planned ones, which no later
+    /// attempt can read again and whose objects no later attempt could adopt; so the replay
+    /// drops them and records the whole head of the batch as deleted: like every replay Kafka
+    /// deleted the head of, its files hold the last lines of the planned ones (`upload::adopt`).
+    /// The checkpoint is rewritten at once: the next records may reopen files at these paths.
+    fn drop_what_the_replay_read(&mut self, deleted_through: i64) -> io::Result<()> {
+        let start = self.open.start.expect("a batch holding files has begun");
+        let dropped: u64 = self.open.files.iter().map(|file| file.records).sum();
+        for file in std::mem::take(&mut self.open.files) {
+            let path = file.gz.path().to_path_buf();
+            drop(file);
+            match fs::remove_file(&path) {
+                Err(err) if err.kind() != io::ErrorKind::NotFound => return Err(err),
+                _ => {}
+            }
+        }
+        self.open.accepting.clear();
+        if let Some(plan) = &mut self.plan {
+            plan.open.clear();
+        }
+        self.open.uncompressed_bytes = 0;
+        self.open.gaps = vec![Gap {
+            first: start,
+            last: deleted_through,
+            cause: GapCause::Deleted,
+        }];
+        self.open.last_offset = Some(deleted_through);
+        self.next_offset = Some(
+            self.next_offset
+                .map_or(deleted_through + 1, |next| next.max(deleted_through + 1)),
+        );
+        tracing::warn!(
+            partition = self.partition,
+            batch_start = start,
+            deleted_through,
+            dropped,
+            "retention overtook the replay of a batch: dropping the records it read before the deleted ones, which Kafka no longer holds either"
+        );
+        self.write_checkpoint()
     }
 
     /// Sets how many uncompressed bytes each file stages before compressing them as one chunk.
@@ -454,7 +500,7 @@ impl PartitionBuffer {
         let start = *self.open.start.get_or_insert(record.offset);
         let expected = self.open.last_offset.map_or(start, |last| last + 1);
         if record.offset > expected {
-            self.record_gap(expected, record.offset - 1);
+            self.record_gap(expected, record.offset - 1)?;
         }
         self.open
             .first_read_ms
@@ -632,11 +678,12 @@ impl PartitionBuffer {
             return Ok(None);
         }
         // A replayed batch ends where its intent says, even if its last offsets hold no record.
-        let end = self.seal_at.take().map_or(last, |end| end.max(last));
-        self.replay_passed_end = false;
+        let end = self.seal_at.map_or(last, |end| end.max(last));
         if end > last {
-            self.record_gap(last + 1, end);
+            self.record_gap(last + 1, end)?;
         }
+        self.seal_at = None;
+        self.replay_passed_end = false;
         let open = std::mem::replace(&mut self.open, OpenBatch::empty(Some(end + 1)));
         self.next_offset = Some(self.next_offset.map_or(end + 1, |next| next.max(end + 1)));
         let mut files = Vec::with_capacity(open.files.len());
@@ -915,6 +962,99 @@ mod tests {
                 cause: GapCause::Deleted
             }]
         );
+    }
+
+    /// Retention overtakes a replay mid-read (it read offsets 100..159, then Kafka's log starts
+    /// at 250, or past the batch's end): it keeps no line Kafka no longer holds, so its files
+    /// hold the last lines of the planned ones like any replay whose head Kafka deleted, and a
+    /// later attempt's objects and its own can be adopted one by the other.
+    #[test]
+    fn a_replay_retention_overtakes_mid_read_keeps_only_lines_from_the_log_start() {
+        let first_attempt = tempfile::tempdir().unwrap();
+        let mut buffer =
+            PartitionBuffer::fresh(first_attempt.path(), "t", 0, router(), SETTINGS, Some(100))
+                .unwrap();
+        for (tick, record) in records().iter().enumerate() {
+            buffer.append(record, tick as u64).unwrap();
+        }
+        let planned = crate::pipeline::KeptIntent::of_batch(&buffer.seal().unwrap().unwrap(), &[]);
+        let replay = |dir: &Path, read_first: usize, log_start: i64| {
+            let mut buffer =
+                PartitionBuffer::fresh(dir, "t", 0, router(), SETTINGS, Some(100)).unwrap();
+            buffer.set_seal_at(Some(399));
+            buffer.cut_as_planned(&planned.files);
+            buffer.set_log_start(Some(100));
+            for record in &records()[..read_first] {
+                buffer.append(record, 0).unwrap();
+            }
+            buffer.checkpoint().unwrap();
+            buffer.set_log_start(Some(log_start));
+            buffer
+        };
+        let lines = |batch: &SealedBatch| -> Vec<((Destination, i64), Vec<String>)> {
+            let mut files: Vec<_> = batch
+                .files
+                .iter()
+                .map(|f| ((f.destination.clone(), f.first_offset), read_lines(&f.path)))
+                .collect();
+            files.sort();
+            files
+        };
+
+        // Kafka's log starts at 250 when the replay has read up to 159.
+        let (overtaken, later) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let mut buffer = replay(overtaken.path(), 60, 250);
+        for record in &records()[150..] {
+            buffer.append(record, 0).unwrap();
+        }
+        let batch = buffer.seal().unwrap().unwrap();
+        let deleted_head = vec![Gap {
+            first: 100,
+            last: 249,
+            cause: GapCause::Deleted,
+        }];
+        assert_eq!(batch.gaps, deleted_head);
+        assert_eq!(batch.records(), 150, "offsets 250..399");
+        let mut from_the_log_start = replay(later.path(), 0, 250);
+        for record in &records()[150..] {
+            from_the_log_start.append(record, 0).unwrap();
+        }
+        let expected = from_the_log_start.seal().unwrap().unwrap();
+        assert_eq!(lines(&batch), lines(&expected), "as if it began at 250");
+        let kept = crate::pipeline::KeptIntent::of_batch(&batch, &planned.files);
+        assert_eq!(kept.intent.kept_from, Some(250));
+        assert_eq!(kept.files, planned.files, "still cut as first planned");
+
+        // Kafka's log starts past the batch's end: a batch of gaps, no file.
+        let past = tempfile::tempdir().unwrap();
+        let mut buffer = replay(past.path(), 60, 450);
+        assert!(buffer.replay_passed(450));
+        let batch = buffer.seal().unwrap().unwrap();
+        assert!(batch.files.is_empty());
+        assert_eq!(
+            batch.gaps,
+            vec![Gap {
+                first: 100,
+                last: 399,
+                cause: GapCause::Deleted
+            }]
+        );
+        assert_eq!(buffer.next_offset(), Some(400));
+
+        // The read files are gone and the checkpoint says so at once: a crash before the next
+        // one resumes from a consistent point, not from files this replay no longer holds.
+        let crashed = tempfile::tempdir().unwrap();
+        let mut buffer = replay(crashed.path(), 60, 250);
+        buffer.append(&records()[150], 0).unwrap();
+        drop(buffer);
+        let checkpoint = checkpoint::read(&layout::partition_dir(crashed.path(), "t", 0))
+            .unwrap()
+            .unwrap();
+        let open = checkpoint.open.as_ref().unwrap();
+        assert_eq!((open.start, open.end), (100, 249));
+        assert_eq!((open.files.len(), open.gaps.clone()), (0, deleted_head));
+        assert_eq!(checkpoint.next_offset, 250);
+        PartitionBuffer::resume(crashed.path(), router(), SETTINGS, checkpoint).unwrap();
     }
 
     #[test]
