@@ -22,7 +22,9 @@ use crate::metrics::Metrics;
 use crate::pipeline::{BufferError, Fatal, QueuedRecords};
 use crate::rules::{rules_key, CuttingRules};
 use crate::schedule::{Cadence, Schedule, SystemClock, UploadNow};
+use crate::suppress::{list_key, CurrentList};
 use crate::upload::s3::S3Store;
+use crate::upload::suppression::Follower;
 use crate::upload::{archive_end, planned_files, Uploader};
 
 /// Commands a buffer worker may have queued before the poll loop blocks on it. A command holds a
@@ -95,6 +97,25 @@ pub async fn run(
         )
     };
     let store = S3Store::connect(&config.s3).await;
+    // The suppression list is known before anything is consumed: a restart never cuts a batch
+    // without the list the member had.
+    let suppression = Arc::new(CurrentList::default());
+    let mut follower = Follower::new(
+        store.clone(),
+        &config.s3.prefix,
+        CuttingRules::of(&config),
+        Arc::clone(&suppression),
+        metrics.clone(),
+    );
+    if !follower.first_refresh(&shutdown).await {
+        server_stop.cancel();
+        return Ok(());
+    }
+    let follower_stop = CancellationToken::new();
+    let follower = tokio::spawn(follower.run(
+        Duration::from_secs(config.suppression.refresh_secs),
+        follower_stop.clone(),
+    ));
     let assignments = Arc::new(Assignments::default());
     let disk = Arc::new(DiskUsage::default());
     let fatal = Arc::new(Fatal::default());
@@ -115,7 +136,8 @@ pub async fn run(
             metrics.clone(),
             Arc::clone(&disk),
             Arc::clone(&log_starts),
-        );
+        )
+        .with_suppression(Arc::clone(&suppression));
         let (fatal, queued) = (Arc::clone(&fatal), Arc::clone(&queued));
         let thread = std::thread::Builder::new()
             .name(format!("buffer-{index}"))
@@ -173,10 +195,16 @@ pub async fn run(
     let context = {
         let (store, runtime) = (store.clone(), tokio::runtime::Handle::current());
         let prefix = config.s3.prefix.clone();
-        let fetch = Box::new(move |hash: &str| {
-            on_poll_thread(&runtime, store.get_bytes(&rules_key(&prefix, hash)))
+        let fetch = {
+            let (store, runtime, prefix) = (store.clone(), runtime.clone(), prefix.clone());
+            Box::new(move |hash: &str| {
+                on_poll_thread(&runtime, store.get_bytes(&rules_key(&prefix, hash)))
+            })
+        };
+        let fetch_list = Box::new(move |hash: &str| {
+            on_poll_thread(&runtime, store.get_bytes(&list_key(&prefix, hash)))
         });
-        context.with_rules_source(RulesSource::new(&config, fetch))
+        context.with_rules_source(RulesSource::new(&config, fetch).with_lists(fetch_list))
     };
     let context = {
         let (store, runtime) = (store.clone(), tokio::runtime::Handle::current());
@@ -234,7 +262,9 @@ pub async fn run(
     tracing::info!("kafka consumer closed; stopping the uploads");
 
     uploader_stop.cancel();
+    follower_stop.cancel();
     let _ = uploader.await;
+    let _ = follower.await;
     tracing::info!("uploads stopped");
     server_stop.cancel();
     if let Some(server) = server {

@@ -80,6 +80,8 @@ pub enum GapCause {
     /// Deleted from the log (retention, DeleteRecords) before the archiver read it: lost to the
     /// archive.
     Deleted,
+    /// A record of a suppressed user (`suppress`): left out of the archive on purpose.
+    Suppressed,
 }
 
 impl GapCause {
@@ -88,6 +90,7 @@ impl GapCause {
         match self {
             GapCause::NoRecord => "no-record",
             GapCause::Deleted => "deleted",
+            GapCause::Suppressed => "suppressed",
         }
     }
 }

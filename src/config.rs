@@ -24,6 +24,7 @@ pub struct Config {
     pub shutdown: ShutdownConfig,
     pub metrics: MetricsConfig,
     pub output: OutputConfig,
+    pub suppression: SuppressionConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -453,6 +454,21 @@ impl Default for ShutdownConfig {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+pub struct SuppressionConfig {
+    /// How often each member reads the suppression requests in the bucket (`suppress`); a new
+    /// list is taken up from each partition's next batch, so a request takes effect within about
+    /// this long. The list is also read once before the member consumes anything.
+    pub refresh_secs: u64,
+}
+
+impl Default for SuppressionConfig {
+    fn default() -> Self {
+        Self { refresh_secs: 30 }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct OutputConfig {
     /// `gzip`: one gzip member per object, `.gz`, as Segment writes them; `zstd`: one zstd
     /// frame per object, `.zst`, `Content-Type: application/zstd` (smaller, faster to read).
@@ -498,7 +514,15 @@ const ENV_PREFIX: &str = "ARCHIVER_";
 const ENV_PROPERTY_PREFIX: &str = "KAFKA_PROPERTY_";
 /// Top-level tables of the config file, which `ARCHIVER_{SECTION}_{KEY}` variables address.
 const SECTIONS: &[&str] = &[
-    "kafka", "s3", "routing", "buffer", "schedule", "shutdown", "metrics", "output",
+    "kafka",
+    "s3",
+    "routing",
+    "buffer",
+    "schedule",
+    "shutdown",
+    "metrics",
+    "output",
+    "suppression",
 ];
 
 impl Config {
@@ -796,6 +820,10 @@ impl Config {
         check(
             self.schedule.offset_secs < self.schedule.interval_secs,
             "schedule.offset_secs: must be below schedule.interval_secs",
+        );
+        check(
+            self.suppression.refresh_secs >= 1,
+            "suppression.refresh_secs: must be at least 1",
         );
         check(
             self.metrics.listen.is_empty()

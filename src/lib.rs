@@ -6,7 +6,8 @@
 //! [`pipeline`]:
 //!
 //! - [`consume`]: the rdkafka poll loop (a blocking thread) and its rebalance callbacks;
-//! - [`route`]: record → `(source, day)` file or dead letter, a pure function;
+//! - [`route`]: record → `(source, day)` file or dead letter, a pure function, or nowhere when
+//!   [`suppress`]ed (a user deleted from the archive);
 //! - [`buffer`]: per-partition batches of compressed files on local disk (worker threads);
 //! - [`checkpoint`]: durable local state per partition and recovery from it;
 //! - [`upload`]: sealed batches to S3, with retries;
@@ -33,5 +34,6 @@ pub mod retry;
 pub mod route;
 pub mod rules;
 pub mod schedule;
+pub mod suppress;
 pub mod upload;
 pub mod verify;

@@ -150,6 +150,23 @@ enum Command {
         #[arg(long)]
         skip_corrupt: bool,
     },
+    /// Stop archiving users' events (a deletion request): adds their ids to the suppression list
+    /// in the bucket, which every member takes up within `suppression.refresh_secs`; from each
+    /// partition's next batch, an event whose userId or anonymousId is on it is left out,
+    /// counted and recorded in its batch's manifest. Ids are stored only as SHA-256 hashes.
+    Suppress {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// An id to suppress (repeatable).
+        #[arg(long = "id", value_name = "ID")]
+        ids: Vec<String>,
+        /// A file of ids, one per line ("-": standard input).
+        #[arg(long, value_name = "FILE")]
+        ids_file: Option<PathBuf>,
+        /// The ids are SHA-256 hashes already (64 hex digits, as `sha256sum` prints them).
+        #[arg(long)]
+        hashed: bool,
+    },
     /// Show the group's committed offsets against the topic's high watermarks.
     Lag {
         #[command(flatten)]
@@ -380,6 +397,42 @@ fn real_main() -> anyhow::Result<ExitCode> {
             } else {
                 ExitCode::FAILURE
             })
+        }
+        Command::Suppress {
+            config,
+            ids,
+            ids_file,
+            hashed,
+        } => {
+            let config = config.load()?;
+            let text = match &ids_file {
+                Some(path) if path.as_os_str() == "-" => {
+                    std::io::read_to_string(std::io::stdin()).context("read ids from stdin")?
+                }
+                Some(path) => std::fs::read_to_string(path)
+                    .with_context(|| format!("read ids from {}", path.display()))?,
+                None => String::new(),
+            };
+            let lines = ids.iter().map(String::as_str).chain(text.lines());
+            let ids = kafka_s3_archiver::suppress::parse_ids(lines, hashed)?;
+            anyhow::ensure!(!ids.is_empty(), "no ids given: use --id or --ids-file");
+            let runtime = tokio::runtime::Runtime::new().context("start async runtime")?;
+            let (request, key) = runtime.block_on(async {
+                let store = kafka_s3_archiver::upload::s3::S3Store::connect(&config.s3).await;
+                kafka_s3_archiver::upload::suppression::submit(&store, &config.s3.prefix, &ids)
+                    .await
+            })?;
+            println!(
+                "request {}: {} ids added to the suppression list (as SHA-256 hashes, s3://{}/{key})",
+                request.request,
+                ids.len(),
+                config.s3.bucket
+            );
+            println!(
+                "every member takes them up within suppression.refresh_secs ({} s), from the next batch of each partition; events already archived stay until they are forgotten",
+                config.suppression.refresh_secs
+            );
+            Ok(ExitCode::SUCCESS)
         }
         Command::Lag {
             config,

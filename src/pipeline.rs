@@ -139,6 +139,13 @@ impl QueuedRecords {
     }
 }
 
+/// Cutting rules fetched from the bucket for a replay, with the suppression list they name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplayCut {
+    pub rules: CuttingRules,
+    pub suppression: Option<std::sync::Arc<crate::suppress::Suppression>>,
+}
+
 /// A command from the poll loop to the worker owning a partition.
 pub enum WorkerCommand {
     /// Restore or start the partition; replies where to read from (see [`Assigned`]).
@@ -152,8 +159,8 @@ pub enum WorkerCommand {
         /// were deleted before they were archived.
         log_start: Option<i64>,
         /// The rules the intent's batch was cut with, when they are not this member's own (a
-        /// rolling change of settings or release): the replay cuts with them.
-        replay_rules: Option<Box<CuttingRules>>,
+        /// rolling change of settings or release, a suppression list): the replay cuts with them.
+        replay_rules: Option<Box<ReplayCut>>,
         /// The files the intent's first upload cut, as the bucket keeps them with the intent
         /// (empty when it keeps none): the replay cuts where they begin.
         planned_files: Vec<PlannedFile>,

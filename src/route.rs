@@ -10,6 +10,7 @@
 
 use std::borrow::Cow;
 use std::fmt;
+use std::sync::Arc;
 
 use base64::Engine as _;
 use chrono::{DateTime, NaiveDate, Utc};
@@ -19,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::RoutingConfig;
 use crate::layout::{check_source_id, DayFormat, Destination, SourceRule};
 use crate::pipeline::Record;
+use crate::suppress::Suppression;
 
 /// Why a record went to the dead letter. The set is closed so the metric label stays bounded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -102,6 +104,9 @@ pub struct Routed<'a> {
     /// The bytes of the line to store, without the trailing newline.
     pub line: Cow<'a, [u8]>,
     pub dead_letter: Option<DeadLetterReason>,
+    /// Its `userId` or `anonymousId` is on the router's suppression list: the record is not
+    /// archived (its offset is recorded as a `suppressed` gap).
+    pub suppressed: bool,
 }
 
 /// Bytes of a `too-large` record's payload its dead letter keeps (routing code 2 on), beside
@@ -129,6 +134,9 @@ pub struct Router {
     received_at_window: Option<i64>,
     /// Top-level JSON fields the rules read, received-at first.
     wanted_fields: Vec<String>,
+    /// The users whose events are not archived (part of the cutting rules), with where their
+    /// id fields ([`crate::suppress::ID_FIELDS`]) are in `wanted_fields`.
+    suppression: Option<(Arc<Suppression>, Vec<usize>)>,
 }
 
 impl Router {
@@ -163,16 +171,45 @@ impl Router {
             allowed_sources: config.allowed_sources.iter().cloned().collect(),
             received_at_window: config.received_at_window_days.map(i64::from),
             wanted_fields,
+            suppression: None,
         }
+    }
+
+    /// The router that also leaves out the events of the users on `list` (`None`, or an empty
+    /// list: none).
+    pub fn with_suppression(mut self, list: Option<Arc<Suppression>>) -> Router {
+        self.suppression = list.filter(|list| !list.is_empty()).map(|list| {
+            let indices = crate::suppress::ID_FIELDS
+                .iter()
+                .map(
+                    |field| match self.wanted_fields.iter().position(|w| w == field) {
+                        Some(index) => index,
+                        None => {
+                            self.wanted_fields.push(field.to_string());
+                            self.wanted_fields.len() - 1
+                        }
+                    },
+                )
+                .collect();
+            (list, indices)
+        });
+        self
+    }
+
+    /// The suppression list it routes with, if any.
+    pub fn suppression(&self) -> Option<&Arc<Suppression>> {
+        self.suppression.as_ref().map(|(list, _)| list)
     }
 
     /// Routes one record. Never fails: what cannot be archived as an event is a dead letter.
     pub fn route<'a>(&self, record: &'a Record) -> Routed<'a> {
-        match self.route_event(record) {
+        let mut suppressed = false;
+        match self.route_event(record, &mut suppressed) {
             Ok((destination, line)) => Routed {
                 destination,
                 line,
                 dead_letter: None,
+                suppressed,
             },
             Err(reason) => Routed {
                 destination: Destination::DeadLetter {
@@ -186,13 +223,17 @@ impl Router {
                 },
                 line: Cow::Owned(self.dead_letter_line(record, reason)),
                 dead_letter: Some(reason),
+                suppressed,
             },
         }
     }
 
+    /// The record's file and line; sets `suppressed` as soon as its fields are read (a dead
+    /// letter for a later reason is suppressed too: it holds the user's event).
     fn route_event<'a>(
         &self,
         record: &'a Record,
+        suppressed: &mut bool,
     ) -> Result<(Destination, Cow<'a, [u8]>), DeadLetterReason> {
         // Before this reason existed such a record stopped the poll loop (rdkafka panicked on
         // the key), so no batch was ever cut otherwise and the routing code version stands.
@@ -230,6 +271,11 @@ impl Router {
             Duplicates::FirstWins
         };
         let fields = extract_fields(payload, &self.wanted_fields, duplicates)?;
+        if let Some((list, indices)) = &self.suppression {
+            *suppressed = indices.iter().any(
+                |&index| matches!(&fields[index], Some(FieldValue::Str(id)) if list.matches(id)),
+            );
+        }
 
         let source = self.source_of(record, &fields)?;
         if !self.allowed_sources.is_empty() && !self.allowed_sources.contains(&source) {
@@ -682,6 +728,51 @@ mod tests {
             crate::restore::plan::parse_day("-86400000"),
             chrono::NaiveDate::from_ymd_opt(1969, 12, 31)
         );
+    }
+
+    #[test]
+    fn events_of_suppressed_users_are_left_out_by_either_id_whatever_else_they_are() {
+        use crate::suppress::hash_id;
+        let list = Arc::new(Suppression::new([hash_id("u-gone"), hash_id("a-gone")]));
+        let router = router().with_suppression(Some(list));
+        let suppressed = |payload: &[u8]| router.route(&record(payload)).suppressed;
+        let event = |ids: &str| {
+            format!(r#"{{"projectId":"src1","receivedAt":"2015-05-27T10:00:00Z"{ids}}}"#)
+        };
+        assert!(suppressed(event(r#","userId":"u-gone""#).as_bytes()));
+        assert!(suppressed(
+            event(r#","userId":"u-kept","anonymousId":"a-gone""#).as_bytes()
+        ));
+        assert!(
+            suppressed(event(r#","userId":"u\u002dgone""#).as_bytes()),
+            "escaped"
+        );
+        assert!(!suppressed(event(r#","userId":"u-kept""#).as_bytes()));
+        assert!(!suppressed(
+            event(r#","properties":{"userId":"u-gone"}"#).as_bytes()
+        ));
+        // A dead letter holding a suppressed user's event is left out too.
+        let no_day = record(br#"{"projectId":"src1","userId":"u-gone"}"#);
+        let no_day = router.route(&no_day);
+        assert_eq!(
+            (no_day.dead_letter, no_day.suppressed),
+            (Some(DeadLetterReason::NoReceivedAt), true)
+        );
+        // An id given twice cannot be told: a dead letter, as any duplicated routing field.
+        let twice = record(event(r#","userId":"u-gone","userId":"u-kept""#).as_bytes());
+        let twice = router.route(&twice);
+        assert_eq!(
+            (twice.dead_letter, twice.suppressed),
+            (Some(DeadLetterReason::DuplicateKey), false)
+        );
+        // Without a list (or with an empty one) routing is what it always was.
+        let gone = record(event(r#","userId":"u-gone""#).as_bytes());
+        let plain = super::tests::router().route(&gone);
+        let unsuppressed = super::tests::router()
+            .with_suppression(Some(Arc::new(Suppression::new([]))))
+            .route(&gone);
+        assert!(!unsuppressed.suppressed && !plain.suppressed);
+        assert_eq!(plain, unsuppressed);
     }
 
     #[test]

@@ -38,6 +38,13 @@ pub struct CuttingRules {
     /// their hash) of releases before zstd objects stay what they were.
     #[serde(default, skip_serializing_if = "Codec::is_gzip")]
     pub compression: Codec,
+    /// The hash of the suppression list whose users' events are left out
+    /// ([`crate::suppress`]), stored in the bucket before these rules. Left out when there is
+    /// none, so the rules (and their hash) of members without one stay what they were; a
+    /// release before suppression refuses rules naming one (`deny_unknown_fields`) and holds
+    /// the partition rather than archive those events.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub suppression: Option<String>,
 }
 
 impl CuttingRules {
@@ -48,6 +55,17 @@ impl CuttingRules {
             routing: config.routing.clone(),
             max_file_bytes: config.buffer.max_file_bytes,
             compression: config.output.compression,
+            suppression: None,
+        }
+    }
+
+    /// These rules, leaving out the events of the users on `list` (none: `None` or empty).
+    pub fn with_suppression(self, list: Option<&crate::suppress::Suppression>) -> CuttingRules {
+        CuttingRules {
+            suppression: list
+                .filter(|list| !list.is_empty())
+                .map(|list| list.hash().to_string()),
+            ..self
         }
     }
 

@@ -49,6 +49,8 @@ pub struct PartitionSummary {
     pub end_offset: Option<i64>,
     /// Offsets the manifests say held no record (compaction, transaction markers).
     pub offsets_without_record: u64,
+    /// Records of suppressed users the manifests say were left out (`suppress`).
+    pub records_suppressed: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -281,6 +283,12 @@ pub fn analyze(
                 .gaps
                 .iter()
                 .filter(|g| g.cause == GapCause::NoRecord)
+                .map(Gap::offsets)
+                .sum::<u64>();
+            summary.records_suppressed += manifest
+                .gaps
+                .iter()
+                .filter(|g| g.cause == GapCause::Suppressed)
                 .map(Gap::offsets)
                 .sum::<u64>();
             summary.records += manifest.records;
@@ -609,6 +617,12 @@ impl Report {
                 p.records,
                 show(p.committed),
                 show(p.end_offset)
+            ));
+        }
+        let suppressed: u64 = self.partitions.iter().map(|p| p.records_suppressed).sum();
+        if suppressed > 0 {
+            out.push_str(&format!(
+                "{suppressed} records of suppressed users left out, as their manifests record\n"
             ));
         }
         if self.findings.is_empty() {

@@ -23,8 +23,15 @@ use support::s3_proxy::{FaultProxy, FaultRates};
 use support::*;
 
 const SLOTS: usize = 3;
-/// Events of 4 KB in the burst into partition 0 during the S3 outage: 8 MB.
+/// Events of 4 KB in the burst into partition 0 during the S3 outage: 8 MB, more than the
+/// mock cluster keeps of a partition.
 const BURST_EVENTS: u64 = 2_000;
+/// The burst's events a second: slow enough that the test's own reader, starved of CPU on a
+/// loaded two-core machine for a few seconds, still reads each before retention deletes it
+/// (5 MB behind the head: 5 s at this rate; at 800 a second it once fell 1.5 s behind and lost
+/// 1,110 records, so the test could not tell what was produced), and fast enough to end
+/// inside the 12 s outage.
+const BURST_RATE: u64 = 250;
 const SESSION_TIMEOUT_MS: u64 = 6_000;
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
@@ -272,7 +279,7 @@ fn chaos_run(seed: u64, mock_log: &mut Option<std::path::PathBuf>) {
                 ..faults
             });
             let outage_started = Instant::now();
-            rig.produce_burst(0, BURST_EVENTS, 4096, 800, seed);
+            rig.produce_burst(0, BURST_EVENTS, 4096, BURST_RATE, seed);
             std::thread::sleep(Duration::from_secs(12).saturating_sub(outage_started.elapsed()));
             proxy.set_rates(faults);
             continue;

@@ -24,11 +24,12 @@ use crate::config::Config;
 use crate::metrics::events::{BatchReplayed, BatchSealed, RecordsDeletedBeforeArchived};
 use crate::metrics::Metrics;
 use crate::pipeline::{
-    Assigned, BatchIntent, BufferError, PlannedFile, QueuedRecords, Record, SealTrigger, UploadJob,
-    WorkerCommand,
+    Assigned, BatchIntent, BufferError, PlannedFile, QueuedRecords, Record, ReplayCut, SealTrigger,
+    UploadJob, WorkerCommand,
 };
 use crate::route::Router;
 use crate::rules::CuttingRules;
+use crate::suppress::{CurrentList, Suppression};
 
 pub use partition::{BufferSettings, PartitionBuffer};
 
@@ -138,7 +139,7 @@ struct Replay {
     /// The intent the group's commit (or the bucket) holds.
     intent: Option<BatchIntent>,
     /// The rules it was cut with, when they are not this member's own.
-    rules: Option<Box<CuttingRules>>,
+    rules: Option<Box<ReplayCut>>,
     /// The files its first upload cut, as the bucket keeps them.
     planned_files: Vec<PlannedFile>,
 }
@@ -159,8 +160,13 @@ pub struct Worker {
     hot_files: usize,
     /// Monotonic counter standing in for time in the coldest-file choice.
     tick: u64,
-    /// Hash of the cutting rules this member cuts new batches with (`rules`).
-    own_rules: String,
+    /// This member's cutting rules without a suppression list, and their hash.
+    base_rules: (CuttingRules, String),
+    /// The suppression list new batches are cut with, as the member last took it up.
+    suppression: Arc<CurrentList>,
+    /// That list with the hash of the rules naming it (`base_rules` when there is none): the
+    /// rules this member cuts new batches with. Refreshed when the list changes.
+    own: (Option<Arc<Suppression>>, String),
     /// Where each partition's log starts now (see [`LogStarts`]).
     log_starts: LogStarts,
     /// This worker's last contributions to the shared figures.
@@ -192,7 +198,9 @@ impl Worker {
             },
             max_hot_files: (config.buffer.max_open_compressors / worker_count).max(1),
             staging_budget: STAGING_BUDGET_BYTES / worker_count.max(1),
-            own_rules: CuttingRules::of(&config).hash(),
+            base_rules: (CuttingRules::of(&config), CuttingRules::of(&config).hash()),
+            suppression: Arc::new(CurrentList::default()),
+            own: (None, CuttingRules::of(&config).hash()),
             config,
             partitions: HashMap::new(),
             uploads,
@@ -204,6 +212,30 @@ impl Worker {
             reported_files: 0,
             reported_hot: 0,
         }
+    }
+
+    /// Cuts each partition's batches, from the next one on, with the suppression list `current`
+    /// holds whenever it changes.
+    pub fn with_suppression(self, current: Arc<CurrentList>) -> Worker {
+        Worker {
+            suppression: current,
+            ..self
+        }
+    }
+
+    /// The suppression list and the hash of the rules new batches are cut with now.
+    fn own(&mut self) -> (Option<Arc<Suppression>>, String) {
+        let list = self.suppression.get();
+        let same = match (&list, &self.own.0) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (None, None) => true,
+            _ => false,
+        };
+        if !same {
+            let rules = self.base_rules.0.clone().with_suppression(list.as_deref());
+            self.own = (list, rules.hash());
+        }
+        self.own.clone()
     }
 
     /// Runs until `Stop` or until the poll loop goes away. An I/O error is fatal: the process
@@ -317,8 +349,10 @@ impl Worker {
             planned_files,
         } = replay;
         let io = |source| BufferError::Io { partition, source };
-        let router = Router::new(&self.config.routing, &self.topic, partition);
-        let replay_hash = replay_rules.as_ref().map(|rules| rules.hash());
+        let (own_list, own_rules) = self.own();
+        let router =
+            Router::new(&self.config.routing, &self.topic, partition).with_suppression(own_list);
+        let replay_hash = replay_rules.as_ref().map(|cut| cut.rules.hash());
         let dir = crate::layout::partition_dir(&self.data_dir, &self.topic, partition);
         let local = match checkpoint::read(&dir) {
             Ok(local) => local,
@@ -339,7 +373,7 @@ impl Worker {
             let foreign = checkpoint.batches().find(|b| {
                 let expected = match &intent_rules {
                     Some((end, rules)) if b.start <= *end => rules,
-                    _ => &self.own_rules,
+                    _ => &own_rules,
                 };
                 !b.rules.is_empty() && b.rules != *expected
             });
@@ -427,17 +461,31 @@ impl Worker {
                 .map_err(io)?
             }
         };
-        buffer.set_rules(&self.own_rules);
-        if let (Some(_), Some(rules), Some(hash)) = (seal_at, replay_rules, replay_hash) {
-            tracing::info!(partition, rules = %hash, "the replay cuts with the rules its intent names");
-            let router =
-                Router::with_code(&rules.routing, rules.routing_code, &self.topic, partition);
-            let settings = BufferSettings {
-                max_file_bytes: rules.max_file_bytes,
-                codec: rules.compression,
-                ..self.settings
-            };
-            buffer.replay_with(router, settings, hash);
+        buffer.set_rules(&own_rules);
+        match (seal_at, replay_rules, replay_hash) {
+            (Some(_), Some(cut), Some(hash)) => {
+                tracing::info!(partition, rules = %hash, "the replay cuts with the rules its intent names");
+                let router = Router::with_code(
+                    &cut.rules.routing,
+                    cut.rules.routing_code,
+                    &self.topic,
+                    partition,
+                )
+                .with_suppression(cut.suppression.clone());
+                let settings = BufferSettings {
+                    max_file_bytes: cut.rules.max_file_bytes,
+                    codec: cut.rules.compression,
+                    ..self.settings
+                };
+                buffer.replay_with(router, settings, hash);
+            }
+            (Some(_), None, _) if own_rules != self.base_rules.1 => {
+                // The intent names this member's rules without a list (`RulesSource`): the
+                // replay leaves out no one its first attempt did not.
+                let router = Router::new(&self.config.routing, &self.topic, partition);
+                buffer.replay_with(router, self.settings, self.base_rules.1.clone());
+            }
+            _ => {}
         }
         buffer.set_seal_at(seal_at);
         if seal_at.is_some() {
@@ -568,8 +616,16 @@ impl Worker {
         }
         let (mut written, mut written_bytes) = (0, 0);
         let stage_limit = (self.staging_budget / self.reported_files.max(1)).max(MIN_STAGE_BYTES);
+        let (list, rules) = self.own();
         if let Some((_, buffer)) = self.partitions.get_mut(&partition) {
             buffer.set_stage_limit(stage_limit);
+            if buffer.rules() != rules && buffer.at_batch_boundary() {
+                // A batch is cut with one list: a new one is taken up between batches.
+                let router = Router::new(&self.config.routing, &self.topic, partition)
+                    .with_suppression(list.clone());
+                buffer.take_up(router, &rules);
+                tracing::info!(partition, rules = %rules, ids = list.as_ref().map_or(0, |l| l.len()), "the partition's next batch is cut with the suppression list taken up");
+            }
         }
         for record in records {
             self.tick += 1;
@@ -600,6 +656,7 @@ impl Worker {
                 );
             }
             match buffer.append(record, self.tick).map_err(io)? {
+                Some(appended) if appended.suppressed => self.metrics.records_suppressed.inc(),
                 Some(appended) => {
                     written += 1;
                     written_bytes += appended.bytes;
@@ -777,6 +834,8 @@ mod tests {
         metrics: Metrics,
         /// What the worker's `LogStarts` answers (`-1`: the broker does not answer).
         log_start: Arc<std::sync::atomic::AtomicI64>,
+        /// The suppression list the worker cuts new batches with.
+        suppression: Arc<CurrentList>,
         thread: std::thread::JoinHandle<Result<(), BufferError>>,
         _dir: tempfile::TempDir,
     }
@@ -801,6 +860,8 @@ mod tests {
                 disk,
                 Arc::clone(&log_starts),
             );
+            let suppression = Arc::new(CurrentList::default());
+            let worker = worker.with_suppression(Arc::clone(&suppression));
             let (commands, queue) = sync_channel(4);
             let thread =
                 std::thread::spawn(move || worker.run(queue, &QueuedRecords::new(u64::MAX)));
@@ -809,9 +870,19 @@ mod tests {
                 sealed,
                 metrics,
                 log_start,
+                suppression,
                 thread,
                 _dir: dir,
             }
+        }
+
+        fn seal_all(&self) {
+            self.commands
+                .send(WorkerCommand::SealAll {
+                    trigger: SealTrigger::Schedule,
+                })
+                .unwrap();
+            self.barrier();
         }
 
         /// Assigns `partition`; the offset the worker says to read from.
@@ -881,6 +952,100 @@ mod tests {
             answer.recv().unwrap();
             self.thread.join().unwrap().unwrap();
         }
+    }
+
+    /// Events of users `u0` (suppressed from offset 10's batch on) and `u1`.
+    fn of_user(offset: i64) -> Record {
+        let payload = format!(
+            r#"{{"projectId":"s1","receivedAt":"2026-11-20T12:00:00Z","userId":"u{}","messageId":"m{offset}"}}"#,
+            offset % 2
+        );
+        Record {
+            payload: Some(payload.into_bytes()),
+            ..record(offset, 1, 20)
+        }
+    }
+
+    #[test]
+    fn a_new_suppression_list_is_taken_up_from_the_next_batch_and_a_replay_cuts_as_its_first_attempt(
+    ) {
+        use crate::suppress::hash_id;
+        let mut worker = TestWorker::start(|_| {}, Arc::new(DiskUsage::default()));
+        let base = CuttingRules::of(&Config::default());
+        assert_eq!(worker.assign(0, Committed::Offset(0), None, None), Some(0));
+        let records: Vec<Record> = (0..40).map(of_user).collect();
+        worker.records(0, &records[..10]);
+        worker.barrier();
+        // The list comes while a batch is open: that batch is cut without it.
+        let list = Arc::new(Suppression::new([hash_id("u0")]));
+        worker.suppression.set(Arc::clone(&list));
+        worker.records(0, &records[10..20]);
+        worker.seal_all();
+        let first = worker
+            .sealed
+            .try_recv()
+            .expect("the batch open when the list came");
+        assert_eq!((first.batch.start, first.batch.end), (0, 19));
+        assert_eq!(
+            (first.batch.records(), first.batch.rules.as_str()),
+            (20, base.hash().as_str())
+        );
+        assert!(first.batch.gaps.is_empty());
+
+        worker.records(0, &records[20..30]);
+        worker.seal_all();
+        let second = worker.sealed.try_recv().expect("the next batch");
+        let with_list = base.clone().with_suppression(Some(&list));
+        assert_eq!(second.batch.rules, with_list.hash());
+        assert_eq!(second.batch.records(), 5, "u1's events");
+        let suppressed: Vec<i64> = second
+            .batch
+            .gaps
+            .iter()
+            .inspect(|gap| assert_eq!(gap.cause, GapCause::Suppressed))
+            .flat_map(|gap| gap.first..=gap.last)
+            .collect();
+        assert_eq!(suppressed, vec![20, 22, 24, 26, 28]);
+        assert_eq!(worker.metrics.records_suppressed.get(), 5);
+        worker.stop();
+
+        // Replays on a member that has the list now: each cuts with the rules its intent names.
+        let replay = |intent: BatchIntent, cut: Option<ReplayCut>| {
+            let mut worker = TestWorker::start(|_| {}, Arc::new(DiskUsage::default()));
+            worker.suppression.set(Arc::clone(&list));
+            let (reply, answer) = sync_channel(1);
+            worker
+                .commands
+                .send(WorkerCommand::Assign {
+                    partition: 0,
+                    epoch: 1,
+                    committed: Committed::Offset(intent.start),
+                    intent: Some(intent.clone()),
+                    log_start: None,
+                    replay_rules: cut.map(Box::new),
+                    planned_files: Vec::new(),
+                    reply,
+                })
+                .unwrap();
+            answer.recv().unwrap().unwrap();
+            worker.records(0, &records[intent.start as usize..=intent.end as usize]);
+            worker.barrier();
+            let job = worker.sealed.try_recv().expect("the replayed batch");
+            worker.stop();
+            job.batch
+        };
+        let again = replay(
+            BatchIntent::new(20, 29, with_list.hash()),
+            Some(ReplayCut {
+                rules: with_list.clone(),
+                suppression: Some(Arc::clone(&list)),
+            }),
+        );
+        assert_eq!((again.records(), &again.gaps), (5, &second.batch.gaps));
+        let before_the_list = replay(BatchIntent::new(0, 19, base.hash()), None);
+        assert_eq!(before_the_list.records(), 20, "cut as without a list");
+        assert!(before_the_list.gaps.is_empty());
+        assert_eq!(before_the_list.rules, base.hash());
     }
 
     /// A member's volume holds batch [0, 99] as the first attempt read it (an earlier volume,

@@ -100,6 +100,8 @@ pub struct Appended {
     pub dead_letter: Option<DeadLetterReason>,
     /// A compressor was started (a cold file's first chunk).
     pub heated: bool,
+    /// A suppressed user's record: not archived, its offset recorded as a gap.
+    pub suppressed: bool,
 }
 
 pub struct PartitionBuffer {
@@ -286,6 +288,28 @@ impl PartitionBuffer {
                 batch.rules = hash.to_string();
             }
         }
+    }
+
+    /// The hash of the rules the open batch is cut with.
+    pub fn rules(&self) -> &str {
+        &self.rules
+    }
+
+    /// Whether the open batch holds nothing yet and is no replay: other rules may begin here.
+    pub fn at_batch_boundary(&self) -> bool {
+        self.seal_at.is_none()
+            && self.after_replay.is_none()
+            && self.open.last_offset.is_none()
+            && self.open.files.is_empty()
+            && self.open.gaps.is_empty()
+    }
+
+    /// Cuts from the next batch on (this one: it holds nothing yet, `at_batch_boundary`) with
+    /// `router`, under the rules `hash` (a new suppression list).
+    pub fn take_up(&mut self, router: Router, hash: &str) {
+        debug_assert!(self.at_batch_boundary());
+        self.router = router;
+        self.rules = hash.to_string();
     }
 
     /// Cuts the open batch (a replay) with the rules its intent names; the batches after it go
@@ -505,6 +529,26 @@ impl PartitionBuffer {
         self.open
             .first_read_ms
             .get_or_insert_with(|| chrono::Utc::now().timestamp_millis());
+        if routed.suppressed {
+            match self.open.gaps.last_mut() {
+                Some(gap) if gap.cause == GapCause::Suppressed && gap.last + 1 == record.offset => {
+                    gap.last = record.offset;
+                }
+                _ => self.open.gaps.push(Gap {
+                    first: record.offset,
+                    last: record.offset,
+                    cause: GapCause::Suppressed,
+                }),
+            }
+            self.open.last_offset = Some(record.offset);
+            self.next_offset = Some(record.offset + 1);
+            return Ok(Some(Appended {
+                bytes: 0,
+                dead_letter: None,
+                heated: false,
+                suppressed: true,
+            }));
+        }
         let planned = self
             .plan
             .as_ref()
@@ -554,6 +598,7 @@ impl PartitionBuffer {
             bytes,
             dead_letter: routed.dead_letter,
             heated,
+            suppressed: false,
         }))
     }
 

@@ -26,7 +26,7 @@ use crate::kafka_client::Auth;
 use crate::metrics::events::PartitionHeld;
 use crate::metrics::Metrics;
 use crate::pipeline::{
-    worker_for, Assigned, BatchIntent, BufferError, CommitRequest, Fatal, PlannedFile,
+    worker_for, Assigned, BatchIntent, BufferError, CommitRequest, Fatal, PlannedFile, ReplayCut,
     WorkerCommand,
 };
 use crate::upload::ArchiveEnd;
@@ -234,13 +234,15 @@ impl ArchiverContext {
         &self,
         partition: i32,
         intent: Option<&BatchIntent>,
-    ) -> Result<Option<Box<crate::rules::CuttingRules>>, Hold> {
+    ) -> Result<Option<Box<ReplayCut>>, Hold> {
         let (Some(intent), Some(source)) = (intent, &self.rules_source) else {
             return Ok(None);
         };
         match source.resolve(intent, COMMITTED_PATIENCE, Instant::now, std::thread::sleep) {
             Ok(ReplayRules::Own) => Ok(None),
-            Ok(ReplayRules::Theirs(rules)) => Ok(Some(Box::new(rules))),
+            Ok(ReplayRules::Theirs(rules, suppression)) => {
+                Ok(Some(Box::new(ReplayCut { rules, suppression })))
+            }
             Ok(ReplayRules::Hold(reason)) => {
                 let mut held = self.held.lock().expect("held lock");
                 held.insert(partition);

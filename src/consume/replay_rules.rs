@@ -2,22 +2,29 @@
 //! replay must use, and whether this member can reproduce them at all. The intent names its
 //! rules by hash; this member's own rules need nothing, others are fetched from the bucket, and
 //! rules this release cannot reproduce (another routing-code version, settings it does not
-//! know, rules missing from the bucket) hold the partition instead of guessing.
+//! know, rules missing from the bucket) hold the partition instead of guessing. Rules that name
+//! a suppression list come with it, fetched from the bucket too.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::config::Config;
 use crate::consume::committed::fetch_until_known;
 use crate::pipeline::BatchIntent;
 use crate::rules::{legacy_fingerprint, CuttingRules, RulesError};
+use crate::suppress::Suppression;
 
 /// Fetches the stored rules with a hash from the bucket (blocking); `Ok(None)` when absent.
 pub type FetchRules = Box<dyn Fn(&str) -> Result<Option<Vec<u8>>, String> + Send + Sync>;
 
 pub struct RulesSource {
+    /// The hash of this member's rules without a suppression list: what it replays with its
+    /// own settings (a list is always fetched, whatever this member's list is now).
     own: String,
     legacy: (String, u64),
     fetch: FetchRules,
+    /// Fetches the stored suppression list with a hash (`suppress::list_key`).
+    fetch_list: FetchRules,
 }
 
 /// The rules a replay must cut with.
@@ -25,8 +32,9 @@ pub struct RulesSource {
 pub enum ReplayRules {
     /// The member's own.
     Own,
-    /// Another member's, fetched from the bucket.
-    Theirs(CuttingRules),
+    /// Another member's (or this member's under a suppression list), fetched from the bucket
+    /// with the list they name.
+    Theirs(CuttingRules, Option<Arc<Suppression>>),
     /// Not reproducible here: the partition is held, for this reason.
     Hold(String),
 }
@@ -37,7 +45,13 @@ impl RulesSource {
             own: CuttingRules::of(config).hash(),
             legacy: legacy_fingerprint(config),
             fetch,
+            fetch_list: Box::new(|_| Ok(None)),
         }
+    }
+
+    /// Fetches the suppression lists rules name with `fetch_list`.
+    pub fn with_lists(self, fetch_list: FetchRules) -> RulesSource {
+        RulesSource { fetch_list, ..self }
     }
 
     /// Decides how `intent` is replayed. `Err` when the bucket did not answer within
@@ -47,7 +61,7 @@ impl RulesSource {
         intent: &BatchIntent,
         patience: Duration,
         now: impl Fn() -> Instant,
-        sleep: impl FnMut(Duration),
+        mut sleep: impl FnMut(Duration),
     ) -> Result<ReplayRules, String> {
         if intent.is_legacy() {
             let recorded = (
@@ -68,17 +82,49 @@ impl RulesSource {
         if intent.rules == self.own {
             return Ok(ReplayRules::Own);
         }
-        let stored = fetch_until_known("the intent's cutting rules", patience, now, sleep, || {
-            (self.fetch)(&intent.rules)
-        })?;
+        let stored = fetch_until_known(
+            "the intent's cutting rules",
+            patience,
+            &now,
+            &mut sleep,
+            || (self.fetch)(&intent.rules),
+        )?;
         let parsed = match stored {
             Some(bytes) => CuttingRules::parse_reproducible(&bytes),
             None => Err(RulesError::Missing),
         };
-        Ok(match parsed {
-            Ok(rules) => ReplayRules::Theirs(rules),
-            Err(err) => ReplayRules::Hold(format!("its cutting rules {}: {err}", intent.rules)),
-        })
+        let rules = match parsed {
+            Ok(rules) => rules,
+            Err(err) => {
+                return Ok(ReplayRules::Hold(format!(
+                    "its cutting rules {}: {err}",
+                    intent.rules
+                )))
+            }
+        };
+        let Some(hash) = rules.suppression.clone() else {
+            return Ok(ReplayRules::Theirs(rules, None));
+        };
+        let stored = fetch_until_known(
+            "the suppression list its rules name",
+            patience,
+            &now,
+            &mut sleep,
+            || (self.fetch_list)(&hash),
+        )?;
+        Ok(
+            match stored.map(|bytes| Suppression::parse(&bytes, &hash)) {
+                Some(Ok(list)) => ReplayRules::Theirs(rules, Some(Arc::new(list))),
+                Some(Err(err)) => ReplayRules::Hold(format!(
+                    "the suppression list {hash} its cutting rules {} name: {err}",
+                    intent.rules
+                )),
+                None => ReplayRules::Hold(format!(
+                    "the suppression list {hash} its cutting rules {} name is not in the bucket",
+                    intent.rules
+                )),
+            },
+        )
     }
 }
 
@@ -116,7 +162,38 @@ mod tests {
         let own = BatchIntent::new(0, 9, CuttingRules::of(&ours).hash());
         assert_eq!(resolve(&source, &own), ReplayRules::Own);
         let other = BatchIntent::new(0, 9, their_rules.hash());
-        assert_eq!(resolve(&source, &other), ReplayRules::Theirs(their_rules));
+        assert_eq!(
+            resolve(&source, &other),
+            ReplayRules::Theirs(their_rules, None)
+        );
+    }
+
+    #[test]
+    fn rules_naming_a_suppression_list_replay_with_it_or_hold_without_it() {
+        use crate::suppress::{hash_id, list_key};
+        let ours = Config::default();
+        let list = Suppression::new([hash_id("user-1")]);
+        let rules = CuttingRules::of(&ours).with_suppression(Some(&list));
+        assert_ne!(rules.hash(), CuttingRules::of(&ours).hash());
+        let lists = Arc::new(Mutex::new(HashMap::from([(
+            list_key("", list.hash()),
+            list.to_json(),
+        )])));
+        let with_lists = |lists: Arc<Mutex<HashMap<String, Vec<u8>>>>| {
+            source(&ours, HashMap::from([(rules.hash(), rules.to_json())])).with_lists(Box::new(
+                move |hash| Ok(lists.lock().unwrap().get(&list_key("", hash)).cloned()),
+            ))
+        };
+        let intent = BatchIntent::new(0, 9, rules.hash());
+        assert_eq!(
+            resolve(&with_lists(Arc::clone(&lists)), &intent),
+            ReplayRules::Theirs(rules.clone(), Some(Arc::new(list)))
+        );
+        lists.lock().unwrap().clear();
+        let ReplayRules::Hold(reason) = resolve(&with_lists(lists), &intent) else {
+            panic!("a missing list must hold the partition");
+        };
+        assert!(reason.contains("suppression list"), "{reason}");
     }
 
     #[test]

@@ -28,6 +28,10 @@ pub struct Metrics {
     pub records_written: IntCounter,
     pub bytes_written: IntCounter,
     pub records_dead_lettered: IntCounterVec,
+    /// Records of suppressed users, left out of the archive (`suppress`).
+    pub records_suppressed: IntCounter,
+    /// Ids on the suppression list this member cuts new batches with.
+    pub suppression_ids: IntGauge,
     /// Records read again from Kafka because a resume could not start where reading stopped.
     pub records_skipped_redelivered: IntCounter,
     pub buffered_bytes: IntGauge,
@@ -129,6 +133,14 @@ impl Metrics {
                 "records_dead_lettered_total",
                 "Records sent to the dead letter, by reason",
                 &["reason"],
+            ),
+            records_suppressed: counter(
+                "records_suppressed_total",
+                "Records of suppressed users left out of the archive",
+            ),
+            suppression_ids: gauge(
+                "suppression_ids",
+                "Ids on the suppression list new batches are cut with",
             ),
             records_skipped_redelivered: counter(
                 "records_skipped_redelivered_total",
@@ -279,7 +291,7 @@ impl Metrics {
         for kind in ["transient", "permanent"] {
             metrics.consume_errors.with_label_values(&[kind]);
         }
-        for cause in ["deleted", "no-record"] {
+        for cause in ["deleted", "no-record", "suppressed"] {
             metrics.offsets_without_record.with_label_values(&[cause]);
         }
         #[cfg(target_os = "linux")]

@@ -14,11 +14,15 @@
 //! strictly in order, partitions in parallel, all requests under one concurrency limit. Every
 //! failure is retried with jittered backoff until it succeeds or the partition is no longer ours:
 //! a batch never leaves the local disk before its commit.
+//!
+//! Beside the protocol, `suppression` keeps the suppression list in the bucket (`suppress`'s
+//! requests, and the lists members store before they cut with them).
 
 mod adopt;
 pub mod manifest;
 pub mod s3;
 pub mod store;
+pub mod suppression;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -1,0 +1,267 @@
+//! The suppression list in the bucket: `suppress` adds a request ([`submit`]), and each member
+//! follows the requests ([`Follower`]), storing each new list with the cutting rules that name
+//! it before its buffer workers cut with it (see `crate::suppress`).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use tokio_util::sync::CancellationToken;
+
+use super::s3::S3Error;
+use super::store::ObjectStore;
+use crate::metrics::Metrics;
+use crate::rules::{rules_key, CuttingRules};
+use crate::suppress::{list_key, request_key, requests_prefix, CurrentList, Request, Suppression};
+
+/// Adds `ids` to the suppression list: one request object in the bucket, which every member
+/// takes up at its next refresh. Answers the request and its key.
+pub async fn submit<S: ObjectStore>(
+    store: &S,
+    prefix: &str,
+    ids: &BTreeSet<[u8; 32]>,
+) -> Result<(Request, String), S3Error> {
+    let id: String = (0..8)
+        .map(|_| format!("{:02x}", fastrand::u8(..)))
+        .collect();
+    let request = Request::new(id, Utc::now(), ids);
+    let key = request_key(prefix, &request);
+    store
+        .put_bytes(&key, request.to_json(), "application/json")
+        .await?;
+    Ok((request, key))
+}
+
+/// Follows the suppression requests in the bucket for one member (see the module doc).
+pub struct Follower<S: ObjectStore> {
+    store: S,
+    prefix: String,
+    /// This member's cutting rules without a list: stored again naming each new list.
+    rules: CuttingRules,
+    current: Arc<CurrentList>,
+    metrics: Metrics,
+    /// Every request read so far, by key (`None`: unreadable, reported once).
+    requests: BTreeMap<String, Option<Request>>,
+}
+
+impl<S: ObjectStore> Follower<S> {
+    pub fn new(
+        store: S,
+        prefix: &str,
+        rules: CuttingRules,
+        current: Arc<CurrentList>,
+        metrics: Metrics,
+    ) -> Follower<S> {
+        Follower {
+            store,
+            prefix: prefix.to_string(),
+            rules,
+            current,
+            metrics,
+            requests: BTreeMap::new(),
+        }
+    }
+
+    /// Reads the requests not read yet and, when the list they add up to is new, stores it and
+    /// the rules naming it, then makes it current. Answers whether it did.
+    pub async fn refresh(&mut self) -> Result<bool, S3Error> {
+        for (key, _) in self.store.list(&requests_prefix(&self.prefix)).await? {
+            if self.requests.contains_key(&key) || !key.ends_with(".json") {
+                continue;
+            }
+            let Some(bytes) = self.store.get_bytes(&key).await? else {
+                continue;
+            };
+            let request = match Request::parse(&bytes) {
+                Ok(request) => Some(request),
+                Err(err) => {
+                    tracing::error!(%key, error = %err, "a suppression request cannot be read: its ids are not suppressed until it is replaced by a readable one");
+                    None
+                }
+            };
+            self.requests.insert(key, request);
+        }
+        let list = Suppression::new([]).with_requests(self.requests.values().flatten());
+        let current = self.current.get();
+        if list.is_empty() || current.as_ref().is_some_and(|c| c.hash() == list.hash()) {
+            return Ok(false);
+        }
+        // Both before any batch is cut with them: a replay fetches them by hash.
+        self.store
+            .put_bytes(
+                &list_key(&self.prefix, list.hash()),
+                list.to_json(),
+                "application/json",
+            )
+            .await?;
+        let rules = self.rules.clone().with_suppression(Some(&list));
+        self.store
+            .put_bytes(
+                &rules_key(&self.prefix, &rules.hash()),
+                rules.to_json(),
+                "application/json",
+            )
+            .await?;
+        tracing::info!(
+            list = list.hash(),
+            ids = list.len(),
+            rules = %rules.hash(),
+            "suppression list taken up: each partition's next batch leaves out these users' events"
+        );
+        self.metrics.suppression_ids.set(list.len() as i64);
+        self.current.set(Arc::new(list));
+        Ok(true)
+    }
+
+    /// The first refresh, before the member consumes anything (so that a restart never cuts a
+    /// batch without the list it had): retried until it succeeds; `false` if `stop` fired first.
+    pub async fn first_refresh(&mut self, stop: &CancellationToken) -> bool {
+        let mut delay = Duration::from_millis(500);
+        loop {
+            match self.refresh().await {
+                Ok(_) => return true,
+                Err(err) => {
+                    tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64, "cannot read the suppression requests in the bucket yet; not consuming until they are read");
+                }
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return false,
+                _ = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(Duration::from_secs(30));
+        }
+    }
+
+    /// Refreshes every `every` until `stop` fires; a failed refresh is retried at the next.
+    pub async fn run(mut self, every: Duration, stop: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+            if let Err(err) = self.refresh().await {
+                tracing::warn!(error = %err, "cannot read the suppression requests in the bucket; the list in use stays");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::suppress::{hash_id, parse_ids};
+    use chrono::DateTime;
+
+    /// A bucket of small objects, as the follower uses one.
+    #[derive(Default, Clone)]
+    struct Bucket(Arc<std::sync::Mutex<BTreeMap<String, Vec<u8>>>>);
+
+    impl ObjectStore for Bucket {
+        fn conditional_writes(&self) -> bool {
+            true
+        }
+        async fn head_metadata(
+            &self,
+            _: &str,
+        ) -> Result<Option<std::collections::HashMap<String, String>>, S3Error> {
+            unreachable!("the follower heads nothing")
+        }
+        async fn put_file_once(
+            &self,
+            _: &str,
+            _: &std::path::Path,
+            _: u64,
+            _: &crate::upload::s3::ObjectMetadata,
+            _: bool,
+            _: crate::upload::s3::StillOurs<'_>,
+        ) -> Result<crate::upload::s3::PutOutcome, S3Error> {
+            unreachable!("the follower puts no file")
+        }
+        async fn put_bytes(&self, key: &str, bytes: Vec<u8>, _: &str) -> Result<(), S3Error> {
+            self.0.lock().unwrap().insert(key.into(), bytes);
+            Ok(())
+        }
+        async fn get_bytes(&self, key: &str) -> Result<Option<Vec<u8>>, S3Error> {
+            Ok(self.0.lock().unwrap().get(key).cloned())
+        }
+        async fn list(&self, prefix: &str) -> Result<Vec<(String, i64)>, S3Error> {
+            let objects = self.0.lock().unwrap();
+            Ok(objects
+                .iter()
+                .filter(|(key, _)| key.starts_with(prefix))
+                .map(|(key, bytes)| (key.clone(), bytes.len() as i64))
+                .collect())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_member_takes_up_each_new_list_after_storing_it_and_the_rules_naming_it() {
+        let bucket = Bucket::default();
+        let add = |name: &str, secs: i64, ids: &[&str]| {
+            let request = Request::new(
+                name.into(),
+                DateTime::from_timestamp(1_700_000_000 + secs, 0).unwrap(),
+                &ids.iter().map(|id| hash_id(id)).collect(),
+            );
+            let key = request_key("p/", &request);
+            bucket.0.lock().unwrap().insert(key, request.to_json());
+        };
+        let current = Arc::new(CurrentList::default());
+        let rules = CuttingRules::of(&crate::config::Config::default());
+        let metrics = Metrics::new();
+        let mut follower = Follower::new(
+            bucket.clone(),
+            "p/",
+            rules.clone(),
+            Arc::clone(&current),
+            metrics.clone(),
+        );
+        assert!(!follower.refresh().await.unwrap(), "no request, no list");
+        assert!(current.get().is_none());
+
+        add("r1", 0, &["user-1", "user-2"]);
+        bucket
+            .0
+            .lock()
+            .unwrap()
+            .insert(format!("{}bad.json", requests_prefix("p/")), b"{".to_vec());
+        assert!(follower.refresh().await.unwrap());
+        let list = current.get().unwrap();
+        assert!(list.matches("user-1") && list.matches("user-2") && list.len() == 2);
+        assert_eq!(metrics.suppression_ids.get(), 2);
+        let stored = bucket.0.lock().unwrap().clone();
+        assert_eq!(
+            Suppression::parse(&stored[&list_key("p/", list.hash())], list.hash()).unwrap(),
+            *list
+        );
+        let named = rules.clone().with_suppression(Some(&list));
+        assert_eq!(named.suppression.as_deref(), Some(list.hash()));
+        assert_eq!(
+            CuttingRules::parse_reproducible(&stored[&rules_key("p/", &named.hash())]).unwrap(),
+            named
+        );
+        assert!(stored
+            .values()
+            .all(|bytes| !String::from_utf8_lossy(bytes).contains("user-1")));
+
+        assert!(!follower.refresh().await.unwrap(), "nothing new");
+        add("r2", 5, &["user-3", "user-1"]);
+        assert!(follower.refresh().await.unwrap());
+        let grown = current.get().unwrap();
+        assert_eq!(grown.len(), 3);
+        assert_ne!(grown.hash(), list.hash());
+    }
+
+    #[tokio::test]
+    async fn a_request_is_one_object_holding_hashes() {
+        let ids = parse_ids(["user-1", "user-2"], false).unwrap();
+        let bucket = Bucket::default();
+        let (request, key) = submit(&bucket, "p/", &ids).await.unwrap();
+        assert!(key.starts_with(&requests_prefix("p/")));
+        let stored = Request::parse(&bucket.0.lock().unwrap()[&key]).unwrap();
+        assert_eq!(stored, request);
+        assert_eq!(stored.ids.len(), 2);
+        assert!(!String::from_utf8_lossy(&bucket.0.lock().unwrap()[&key]).contains("user-"));
+    }
+}

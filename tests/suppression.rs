@@ -1,0 +1,160 @@
+//! Suppression end to end (librdkafka's mock cluster, moto, the archiver as a process): an
+//! operator suppresses users with `kafka-s3-archiver suppress` while the group runs; from each
+//! partition's next batch their events are left out, recorded in the manifests, counted, and
+//! still left out after a restart; `verify --deep` stays clean, and no id is in the clear in the
+//! bucket or the logs.
+
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use support::*;
+
+const PARTITIONS: u32 = 4;
+/// The generator draws users from `user-0` to `user-49999`: a tenth of them are suppressed.
+const SUPPRESSED_USERS: u32 = 5_000;
+
+fn suppressed(payload: &[u8]) -> bool {
+    let event: serde_json::Value = serde_json::from_slice(payload).expect("an event");
+    event["userId"]
+        .as_str()
+        .and_then(|user| user.strip_prefix("user-"))
+        .and_then(|n| n.parse::<u32>().ok())
+        .is_some_and(|n| n < SUPPRESSED_USERS)
+}
+
+fn eventually(what: &str, within: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn suppressed_users_are_left_out_from_the_next_batch_on_through_a_restart() {
+    let rig = Rig::start_mock(PARTITIONS);
+    let data = rig.dir.path().join("data");
+    let settings = [
+        ("ARCHIVER_SCHEDULE_INTERVAL_SECS", "3"),
+        ("ARCHIVER_SCHEDULE_OFFSET_SECS", "0"),
+        ("ARCHIVER_SUPPRESSION_REFRESH_SECS", "1"),
+    ];
+    let mut archiver = rig.archiver("archiver", &data, &settings);
+    rig.produce(2_000, 3, 2, 1);
+    let before = end_offsets(&rig.read_topic(PARTITIONS));
+    rig.wait_committed(&before, Duration::from_secs(120), &mut [&mut archiver]);
+
+    let ids: String = (0..SUPPRESSED_USERS)
+        .map(|n| format!("user-{n}\n"))
+        .collect();
+    let file = rig.dir.path().join("ids.txt");
+    std::fs::write(&file, ids).unwrap();
+    let answer = rig.command_ok(&["suppress", "--ids-file", file.to_str().unwrap()]);
+    assert!(
+        answer.contains(&format!("{SUPPRESSED_USERS} ids added")),
+        "{answer}"
+    );
+    eventually(
+        "the member to take the list up",
+        Duration::from_secs(30),
+        || archiver.log_text().contains("suppression list taken up"),
+    );
+
+    rig.produce(2_000, 3, 2, 2);
+    let middle = end_offsets(&rig.read_topic(PARTITIONS));
+    rig.wait_committed(&middle, Duration::from_secs(120), &mut [&mut archiver]);
+    let suppressed_by_first = archiver.scrape()["archiver_records_suppressed_total"];
+    let status = archiver.terminate(Duration::from_secs(40));
+    assert!(status.success(), "{}", archiver.log_text());
+    let first_log = archiver.log_text();
+
+    // A restart reads the list before it consumes anything.
+    let mut archiver = rig.archiver("archiver-restarted", &data, &settings);
+    rig.produce(2_000, 3, 2, 3);
+    let records = rig.read_topic(PARTITIONS);
+    rig.wait_committed(
+        &end_offsets(&records),
+        Duration::from_secs(120),
+        &mut [&mut archiver],
+    );
+    let suppressed_by_second = archiver.scrape()["archiver_records_suppressed_total"];
+    let status = archiver.terminate(Duration::from_secs(40));
+    assert!(status.success(), "{}", archiver.log_text());
+
+    let out = rig.dir.path().join("bucket");
+    rig.s3.download(&out);
+    let objects = archived_objects(&out, &rig.topic);
+    let archived = multiset(objects.iter().flat_map(|o| &o.lines).map(Vec::as_slice));
+    let mut left_out: BTreeMap<i64, BTreeSet<i64>> = BTreeMap::new();
+    let mut kept_before = 0;
+    for (&partition, offsets) in &records {
+        for (&offset, payload) in offsets {
+            let count = archived.get(payload.as_slice()).copied().unwrap_or(0);
+            let after = offset >= before[&partition];
+            if after && suppressed(payload) {
+                assert_eq!(count, 0, "partition {partition} offset {offset}: archived");
+                left_out
+                    .entry(i64::from(partition))
+                    .or_default()
+                    .insert(offset);
+            } else {
+                assert_eq!(count, 1, "partition {partition} offset {offset}");
+                kept_before += usize::from(!after && suppressed(payload));
+            }
+        }
+    }
+    let left_out_count: usize = left_out.values().map(BTreeSet::len).sum();
+    assert!(
+        left_out_count > 200 && kept_before > 100,
+        "a tenth of 4,000 events after and of 2,000 before: {left_out_count}, {kept_before}"
+    );
+
+    // The manifests name every offset left out, as a `suppressed` gap, and only those.
+    let mut recorded: BTreeMap<i64, BTreeSet<i64>> = BTreeMap::new();
+    for manifest in rig.s3.manifests(&out.join("m")) {
+        let (Some(partition), Some(gaps)) =
+            (manifest["partition"].as_i64(), manifest["gaps"].as_array())
+        else {
+            continue;
+        };
+        for gap in gaps.iter().filter(|gap| gap["cause"] == "suppressed") {
+            let (first, last) = (
+                gap["first"].as_i64().unwrap(),
+                gap["last"].as_i64().unwrap(),
+            );
+            recorded.entry(partition).or_default().extend(first..=last);
+        }
+    }
+    assert_eq!(recorded, left_out);
+    assert_eq!(
+        (suppressed_by_first + suppressed_by_second) as usize,
+        left_out_count,
+        "archiver_records_suppressed_total"
+    );
+
+    let (clean, report) = rig.verify(true);
+    assert!(clean, "verify --deep: {report:#}");
+    let reported: u64 = report["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["records_suppressed"].as_u64().unwrap())
+        .sum();
+    assert_eq!(reported as usize, left_out_count);
+
+    // Hashes only: no suppressed id in the bucket's suppression objects or the logs.
+    for (key, path) in files_under(&out) {
+        if key.contains("_suppression") {
+            let text = std::fs::read_to_string(path).unwrap();
+            assert!(!text.contains("user-"), "{key} holds an id in the clear");
+        }
+    }
+    for log in [first_log, archiver.log_text()] {
+        assert!(
+            !log.contains("\"user-") && !log.contains("=user-"),
+            "an id in a log"
+        );
+    }
+}
