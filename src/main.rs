@@ -364,6 +364,12 @@ fn real_main() -> anyhow::Result<ExitCode> {
                     summary.left_out
                 );
             }
+            if summary.suppressed > 0 {
+                println!(
+                    "left out, as lines of suppressed users: {}",
+                    summary.suppressed
+                );
+            }
             if summary.corrupt > 0 {
                 println!("skipped as corrupt: {}", summary.corrupt);
             }

@@ -2,7 +2,7 @@
 //! operator suppresses users with `kafka-s3-archiver suppress` while the group runs; from each
 //! partition's next batch their events are left out, recorded in the manifests, counted, and
 //! still left out after a restart; `verify --deep` stays clean, and no id is in the clear in the
-//! bucket or the logs.
+//! bucket or the logs; a restore of the range sends none of their events back.
 
 mod support;
 
@@ -143,6 +143,34 @@ fn suppressed_users_are_left_out_from_the_next_batch_on_through_a_restart() {
         .map(|p| p["records_suppressed"].as_u64().unwrap())
         .sum();
     assert_eq!(reported as usize, left_out_count);
+
+    // A restore of the whole range brings none of them back, not even those archived before
+    // the request.
+    rig.broker.create_topic("restored", 2);
+    let answer = rig.command_ok(&[
+        "restore",
+        "--topic",
+        "restored",
+        "--from",
+        "2026-11-20",
+        "--to",
+        "2026-11-21",
+    ]);
+    assert!(
+        answer.contains(&format!(
+            "left out, as lines of suppressed users: {kept_before}"
+        )),
+        "{answer}"
+    );
+    let restored = rig.read_messages("restored", 2);
+    let payloads: Vec<&[u8]> = restored
+        .values()
+        .flat_map(|messages| messages.values())
+        .map(|message| message.payload.as_slice())
+        .collect();
+    let total: usize = records.values().map(BTreeMap::len).sum();
+    assert_eq!(payloads.len(), total - left_out_count - kept_before);
+    assert!(payloads.iter().all(|payload| !suppressed(payload)));
 
     // Hashes only: no suppressed id in the bucket's suppression objects or the logs.
     for (key, path) in files_under(&out) {

@@ -36,8 +36,10 @@ use crate::kafka_client::{
     client_config, inspector, Auth, ClientRole, Deliveries, Inspector, ProducerCounting,
 };
 use crate::retry::{self, Backoff, ErrorClass, NoJitter};
+use crate::suppress::Suppression;
 use crate::upload::manifest::Manifest;
 use crate::upload::s3::{S3Error, S3Store};
+use crate::upload::suppression::read_list;
 use delivery::{
     take_delivery_timeout, AckedAt, Acknowledged, AcknowledgedRecord, AcknowledgementWatch,
     RestoreProducerContext,
@@ -99,6 +101,8 @@ pub struct RestoreSummary {
     pub corrupt: u64,
     /// Objects of the selection no batch manifest lists, left out (`Plan::left_out`).
     pub left_out: usize,
+    /// Lines of users on the suppression list (`suppress`), not sent.
+    pub suppressed: u64,
     pub elapsed: Duration,
 }
 
@@ -279,6 +283,16 @@ pub async fn restore(
     let marker = plan
         .marker()
         .map_err(|message| RestoreError::BadPlan { key, message })?;
+    // The list as it is now: a restore never brings back a user deleted from the archive. It
+    // only grows, so a rerun leaves out at least what an earlier run did.
+    let suppression = s3(|| read_list(&store, &prefix)).await?.map(Arc::new);
+    if let Some(list) = &suppression {
+        tracing::info!(
+            ids = list.len(),
+            list = list.hash(),
+            "lines of suppressed users are left out"
+        );
+    }
     if let Some(planned) = plan
         .key_fields
         .as_ref()
@@ -331,7 +345,8 @@ pub async fn restore(
             record_key: acknowledged_key,
             plan_digest,
         };
-        let sender = Sender::new(&config, &options, &plan, marker, before, runtime, bodies)?;
+        let mut sender = Sender::new(&config, &options, &plan, marker, before, runtime, bodies)?;
+        sender.suppression = suppression;
         let mut summary = sender.run(&mut progress)?;
         summary.elapsed = started.elapsed();
         Ok(summary)
@@ -670,6 +685,8 @@ struct Sender<'a> {
     acknowledged: Arc<Acknowledged>,
     record_key: String,
     recorded: std::cell::RefCell<(Instant, AcknowledgedRecord)>,
+    /// Users whose lines are not sent (`suppress`).
+    suppression: Option<Arc<Suppression>>,
 }
 
 /// What the sender needs to know what earlier runs sent.
@@ -748,6 +765,7 @@ impl<'a> Sender<'a> {
             recorded: (Instant::now(), acknowledged.record()).into(),
             acknowledged,
             record_key: before.record_key,
+            suppression: None,
         })
     }
 
@@ -982,6 +1000,10 @@ impl<'a> Sender<'a> {
                 continue;
             }
             let outgoing = match self.outgoing(object, &line) {
+                Ok(Some(outgoing)) if self.suppresses(object, &line, &outgoing) => {
+                    tally.summary.suppressed += 1;
+                    continue;
+                }
                 Ok(Some(outgoing)) => outgoing,
                 Ok(None) => continue,
                 Err(message) if self.options.skip_corrupt => {
@@ -1031,6 +1053,28 @@ impl<'a> Sender<'a> {
             }
             None => dead_letter_record(line, &self.options.selection.reasons),
         }
+    }
+
+    /// Whether a line is a suppressed user's: the event's (or the dead letter's record's)
+    /// top-level `userId` or `anonymousId`, as routing matches them.
+    fn suppresses(&self, object: &PlannedObject, line: &[u8], outgoing: &Outgoing) -> bool {
+        let Some(list) = &self.suppression else {
+            return false;
+        };
+        let json = if object.source.is_some() {
+            line
+        } else {
+            &outgoing.payload
+        };
+        let Ok(serde_json::Value::Object(event)) = serde_json::from_slice(json) else {
+            return false;
+        };
+        crate::suppress::ID_FIELDS.iter().any(|field| {
+            event
+                .get(*field)
+                .and_then(|v| v.as_str())
+                .is_some_and(|id| list.matches(id))
+        })
     }
 
     /// Waits as long as `--rate` asks (not in a dry run, which sends nothing).

@@ -33,6 +33,44 @@ pub async fn submit<S: ObjectStore>(
     Ok((request, key))
 }
 
+/// The suppression list as the requests in the bucket add up to now (`restore` leaves its users
+/// out); `None` when there is no request.
+pub async fn read_list<S: ObjectStore>(
+    store: &S,
+    prefix: &str,
+) -> Result<Option<Suppression>, S3Error> {
+    let mut requests = BTreeMap::new();
+    read_requests(store, prefix, &mut requests).await?;
+    let list = Suppression::new([]).with_requests(requests.values().flatten());
+    Ok((!list.is_empty()).then_some(list))
+}
+
+/// Adds the requests in the bucket that `known` does not hold yet (`None`: unreadable, said
+/// once).
+async fn read_requests<S: ObjectStore>(
+    store: &S,
+    prefix: &str,
+    known: &mut BTreeMap<String, Option<Request>>,
+) -> Result<(), S3Error> {
+    for (key, _) in store.list(&requests_prefix(prefix)).await? {
+        if known.contains_key(&key) || !key.ends_with(".json") {
+            continue;
+        }
+        let Some(bytes) = store.get_bytes(&key).await? else {
+            continue;
+        };
+        let request = match Request::parse(&bytes) {
+            Ok(request) => Some(request),
+            Err(err) => {
+                tracing::error!(%key, error = %err, "a suppression request cannot be read: its ids are not suppressed until it is replaced by a readable one");
+                None
+            }
+        };
+        known.insert(key, request);
+    }
+    Ok(())
+}
+
 /// Follows the suppression requests in the bucket for one member (see the module doc).
 pub struct Follower<S: ObjectStore> {
     store: S,
@@ -66,22 +104,7 @@ impl<S: ObjectStore> Follower<S> {
     /// Reads the requests not read yet and, when the list they add up to is new, stores it and
     /// the rules naming it, then makes it current. Answers whether it did.
     pub async fn refresh(&mut self) -> Result<bool, S3Error> {
-        for (key, _) in self.store.list(&requests_prefix(&self.prefix)).await? {
-            if self.requests.contains_key(&key) || !key.ends_with(".json") {
-                continue;
-            }
-            let Some(bytes) = self.store.get_bytes(&key).await? else {
-                continue;
-            };
-            let request = match Request::parse(&bytes) {
-                Ok(request) => Some(request),
-                Err(err) => {
-                    tracing::error!(%key, error = %err, "a suppression request cannot be read: its ids are not suppressed until it is replaced by a readable one");
-                    None
-                }
-            };
-            self.requests.insert(key, request);
-        }
+        read_requests(&self.store, &self.prefix, &mut self.requests).await?;
         let list = Suppression::new([]).with_requests(self.requests.values().flatten());
         let current = self.current.get();
         if list.is_empty() || current.as_ref().is_some_and(|c| c.hash() == list.hash()) {
