@@ -32,7 +32,9 @@ use std::time::{Duration, Instant};
 use kafka_s3_archiver::checkpoint::GapCause;
 use kafka_s3_archiver::config::Config;
 use kafka_s3_archiver::pipeline::Record;
+use kafka_s3_archiver::suppress::hash_id;
 use kafka_s3_archiver::upload::manifest::Manifest;
+use kafka_s3_archiver::upload::suppression::submit;
 
 use simulation::kafka::Cluster;
 use simulation::member::Member;
@@ -115,8 +117,9 @@ fn the_protocol_keeps_every_record_exactly_once_through_seeded_fault_schedules()
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let adopted = std::sync::atomic::AtomicUsize::new(0);
     let late = std::sync::atomic::AtomicUsize::new(0);
+    let suppressed = std::sync::atomic::AtomicUsize::new(0);
     let mut failed: Vec<(u64, Outcome)> = std::thread::scope(|scope| {
-        let (adopted, late) = (&adopted, &late);
+        let (adopted, late, suppressed) = (&adopted, &late, &suppressed);
         let runs: Vec<_> = (0..threads)
             .map(|thread| {
                 let all = &all;
@@ -129,6 +132,10 @@ fn the_protocol_keeps_every_record_exactly_once_through_seeded_fault_schedules()
                             adopted
                                 .fetch_add(outcome.adopted, std::sync::atomic::Ordering::Relaxed);
                             late.fetch_add(outcome.late, std::sync::atomic::Ordering::Relaxed);
+                            suppressed.fetch_add(
+                                outcome.suppressed,
+                                std::sync::atomic::Ordering::Relaxed,
+                            );
                         })
                         .filter(|(_, outcome)| !outcome.violations.is_empty())
                         .collect::<Vec<_>>()
@@ -149,13 +156,15 @@ fn the_protocol_keeps_every_record_exactly_once_through_seeded_fault_schedules()
         .collect();
     eprintln!(
         "simulation: {} seeds in {:.1} s, {} broke the guarantee; replays adopted {} objects \
-         holding records Kafka had deleted since, and {} objects zombies put after their \
-         batch's manifest were there as it said they may be",
+         holding records Kafka had deleted since, {} objects zombies put after their \
+         batch's manifest were there as it said they may be, and {} records of suppressed users \
+         were left out",
         all.len(),
         started.elapsed().as_secs_f64(),
         failed.len(),
         adopted.into_inner(),
-        late.into_inner()
+        late.into_inner(),
+        suppressed.into_inner()
     );
     assert!(failed.is_empty(), "{}", failed.join("\n"));
 }
@@ -176,6 +185,8 @@ struct Outcome {
     adopted: usize,
     /// Objects a zombie put after their batch's manifest, which names them (`may_appear`).
     late: usize,
+    /// Records left out as a suppressed user's (runs that suppress).
+    suppressed: usize,
 }
 
 /// The world of one run: the services, the member (if one runs) and what the oracle knows.
@@ -209,8 +220,24 @@ struct World {
     starts_uncommitted: BTreeMap<i32, i64>,
     /// Per partition: the offsets that held a record.
     records: BTreeMap<i32, BTreeSet<i64>>,
+    /// Whether this run's events carry users and an operator suppresses some (`SUPPRESSING`).
+    suppressing: bool,
+    /// The user of each record, in runs that suppress.
+    users: BTreeMap<(i32, i64), u32>,
+    /// The users an operator suppressed so far.
+    suppressed_users: BTreeSet<u32>,
     trace: Vec<String>,
 }
+
+/// Runs whose seed ends in 3 or 8 give their events users and draw an operator suppressing
+/// some of them (`suppress`) among the steps; other seeds run as before suppression existed
+/// (none of `FOUND_BEYOND_THE_RANGE` ends in 3 or 8), so each still replays its finding.
+fn suppressing(seed: u64) -> bool {
+    matches!(seed % 10, 3 | 8)
+}
+
+/// Users of a run that suppresses: few, so that most suppressed users have events after.
+const USERS: u32 = 8;
 
 fn run(seed: u64) -> Outcome {
     // Memory-backed where there is one: the worker fsyncs as in production, and on a disk the
@@ -241,6 +268,9 @@ fn run(seed: u64) -> Outcome {
         needed_from: BTreeMap::new(),
         starts_uncommitted: BTreeMap::new(),
         records: BTreeMap::new(),
+        suppressing: suppressing(seed),
+        users: BTreeMap::new(),
+        suppressed_users: BTreeSet::new(),
         trace: Vec::new(),
     };
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -250,7 +280,7 @@ fn run(seed: u64) -> Outcome {
         }
         world.heal()
     }));
-    let (adopted, late) = world.adopted_and_late_objects();
+    let (adopted, late, suppressed) = world.notable_outcomes();
     let mut violations = match result {
         Ok(Ok(())) => {
             let broken = world.check();
@@ -275,6 +305,7 @@ fn run(seed: u64) -> Outcome {
         violations,
         adopted,
         late,
+        suppressed,
     }
 }
 
@@ -353,6 +384,7 @@ impl World {
             &mut self.cluster,
             seed,
             refuse_first_contacts,
+            self.suppressing,
         );
         self.note_recorded_starts();
         if refuse_first_contacts {
@@ -375,9 +407,16 @@ impl World {
             let offset = log.end();
             let source = SOURCES[self.rng.usize(..SOURCES.len())];
             let day = DAYS[self.rng.usize(..DAYS.len())];
+            let n = self.rng.u32(..);
+            let user = if self.suppressing {
+                let user = n % USERS;
+                self.users.insert((partition, offset), user);
+                format!(r#","userId":"u{user}""#)
+            } else {
+                String::new()
+            };
             let payload = format!(
-                r#"{{"projectId":"{source}","type":"track","event":"Clicked","messageId":"{partition}-{offset}","receivedAt":"{day}T10:00:00.000Z","properties":{{"n":{n}}}}}"#,
-                n = self.rng.u32(..)
+                r#"{{"projectId":"{source}","type":"track","event":"Clicked","messageId":"{partition}-{offset}","receivedAt":"{day}T10:00:00.000Z","properties":{{"n":{n}}}{user}}}"#
             );
             log.append(Some(Record {
                 offset,
@@ -445,6 +484,11 @@ impl World {
             730..=859 => {
                 let refuse = self.rng.u8(..100) < 5;
                 if let Some(member) = &mut self.member {
+                    if member.refresh_suppression() {
+                        self.trace.push(format!(
+                            "[{step:>3}] the member takes up the suppression list"
+                        ));
+                    }
                     member.commit(&mut self.cluster, refuse);
                 }
                 self.note_recorded_starts();
@@ -459,6 +503,19 @@ impl World {
                     member.seal();
                 }
                 self.log(step, "schedule seals".into());
+            }
+            900..=909 if self.suppressing => {
+                let user = self.rng.u32(..USERS);
+                let ids = BTreeSet::from([hash_id(&format!("u{user}"))]);
+                let store = self.store.faultless();
+                let prefix = self.config.s3.prefix.clone();
+                tokio::runtime::Builder::new_current_thread()
+                    .build()
+                    .unwrap()
+                    .block_on(submit(&store, &prefix, &ids))
+                    .expect("the faultless bucket answers");
+                self.suppressed_users.insert(user);
+                self.log(step, format!("an operator suppresses user u{user}"));
             }
             900..=919 => {
                 if let Some(member) = &mut self.member {
@@ -607,9 +664,9 @@ impl World {
     }
 
     /// Manifest entries of objects holding records Kafka deleted before the replay that listed
-    /// them; and of objects a zombie put after the manifest of their batch, which names them
-    /// as ones that may appear.
-    fn adopted_and_late_objects(&self) -> (usize, usize) {
+    /// them; of objects a zombie put after the manifest of their batch, which names them as
+    /// ones that may appear; and records left out as a suppressed user's.
+    fn notable_outcomes(&self) -> (usize, usize, usize) {
         let bucket = self.store.bucket.lock().unwrap();
         let manifests: Vec<Manifest> = bucket
             .objects
@@ -627,7 +684,13 @@ impl World {
             .flat_map(|manifest| &manifest.may_appear)
             .filter(|file| bucket.objects.contains_key(&file.key))
             .count();
-        (adopted, late)
+        let suppressed = manifests
+            .iter()
+            .flat_map(|manifest| &manifest.gaps)
+            .filter(|gap| gap.cause == GapCause::Suppressed)
+            .map(|gap| gap.offsets() as usize)
+            .sum();
+        (adopted, late, suppressed)
     }
 
     /// `verify --deep`'s own judgement of the bucket (the pure part of the command, given what
@@ -774,8 +837,17 @@ impl World {
             for &offset in self.records.get(&partition).into_iter().flatten() {
                 let copies = copies.get(&(partition, offset)).copied().unwrap_or(0);
                 let deleted = offset < log.start;
+                let suppressed = self
+                    .users
+                    .get(&(partition, offset))
+                    .is_some_and(|user| self.suppressed_users.contains(user));
                 let problem = match (copies, gap_of(offset)) {
+                    (1, Some(GapCause::Suppressed)) => "archived, yet its manifest says suppressed",
                     (1, _) => continue,
+                    (0, Some(GapCause::Suppressed)) if suppressed => continue,
+                    (0, Some(GapCause::Suppressed)) => {
+                        "left out as suppressed, yet its user is not"
+                    }
                     (0, _) if offset < needed_from => continue,
                     (0, Some(GapCause::Deleted)) if deleted => continue,
                     (0, Some(GapCause::Deleted)) => "reported deleted, yet still in the log",

@@ -27,7 +27,9 @@ use kafka_s3_archiver::consume::ArchiverContext;
 use kafka_s3_archiver::metrics::Metrics;
 use kafka_s3_archiver::pipeline::{CommitRequest, Fatal, SealTrigger, WorkerCommand};
 use kafka_s3_archiver::rules::{rules_key, CuttingRules};
+use kafka_s3_archiver::suppress::{list_key, CurrentList};
 use kafka_s3_archiver::upload::store::ObjectStore;
+use kafka_s3_archiver::upload::suppression::Follower;
 use kafka_s3_archiver::upload::{archive_end, planned_files, Uploader};
 use tokio_util::sync::CancellationToken;
 
@@ -51,6 +53,8 @@ pub struct Member {
     pub elapsed: Duration,
     /// The group generation it joined: its commits are refused once another member joined.
     generation: u64,
+    /// Reads the suppression requests in the bucket (runs that suppress users only).
+    follower: Option<Follower<SimStore>>,
 }
 
 /// The group while a member's assignment is set up: the cluster as it stands, and the positions
@@ -110,6 +114,7 @@ impl Member {
         cluster: &mut Cluster,
         seed: u64,
         refuse_first_contacts: bool,
+        suppressing: bool,
     ) -> Member {
         let mut config = config.clone();
         config.buffer.data_dir = volume.clone();
@@ -119,6 +124,7 @@ impl Member {
         let (upload_tx, upload_rx) = tokio::sync::mpsc::unbounded_channel();
         let (commit_tx, commits) = std::sync::mpsc::channel();
         std::fs::create_dir_all(&volume).unwrap();
+        let suppression = Arc::new(CurrentList::default());
         let worker = Worker::new(
             Arc::clone(&config),
             1,
@@ -126,7 +132,21 @@ impl Member {
             metrics.clone(),
             Arc::new(DiskUsage::default()),
             cluster.log_starts(),
-        );
+        )
+        .with_suppression(Arc::clone(&suppression));
+        // The member reads the list before it consumes anything (`app::run` waits for the
+        // bucket to answer: here it answers at once).
+        let follower = suppressing.then(|| {
+            let mut follower = Follower::new(
+                store.faultless(),
+                &config.s3.prefix,
+                CuttingRules::of(&config),
+                suppression,
+                metrics.clone(),
+            );
+            poll_ready(follower.refresh()).expect("the faultless bucket answers");
+            follower
+        });
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_time()
             .start_paused(true)
@@ -165,6 +185,7 @@ impl Member {
         })
         .with_rules_source({
             let (store, prefix) = (lookup_store.clone(), prefix.clone());
+            let (lists, list_prefix) = (lookup_store.clone(), prefix.clone());
             RulesSource::new(
                 &config,
                 Box::new(move |hash| {
@@ -172,6 +193,10 @@ impl Member {
                     poll_ready(store.get_bytes(&key)).map_err(|err| err.to_string())
                 }),
             )
+            .with_lists(Box::new(move |hash| {
+                let key = list_key(&list_prefix, hash);
+                poll_ready(lists.get_bytes(&key)).map_err(|err| err.to_string())
+            }))
         })
         .with_kept_intents(Box::new(move |partition, intent| {
             let lookup = planned_files(&lookup_store, &prefix, &topic, partition, intent);
@@ -189,6 +214,7 @@ impl Member {
             clock_base: Instant::now(),
             elapsed: Duration::ZERO,
             generation: cluster.generation,
+            follower,
         };
         member.assign(cluster, refuse_first_contacts);
         member
@@ -344,6 +370,16 @@ impl Member {
 }
 
 /// Runs a future the simulated store answers at once (its requests never wait).
+impl Member {
+    /// The member's periodic read of the suppression requests: a new list is cut with from each
+    /// partition's next batch.
+    pub fn refresh_suppression(&mut self) -> bool {
+        self.follower
+            .as_mut()
+            .is_some_and(|follower| poll_ready(follower.refresh()).unwrap_or(false))
+    }
+}
+
 fn poll_ready<F: std::future::Future>(future: F) -> F::Output {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .build()
