@@ -77,6 +77,22 @@ fn hot_path(c: &mut Criterion) {
         })
     });
 
+    // Suppression at the scale of Segment's own limit (110,000 users a month): each event's
+    // `userId` and `anonymousId` hashed and looked up; none of these events' users is on it.
+    let suppressing = router.clone().with_suppression(Some(std::sync::Arc::new(
+        kafka_s3_archiver::suppress::Suppression::new(
+            (0..100_000).map(|n| kafka_s3_archiver::suppress::hash_id(&format!("gone-{n}"))),
+        ),
+    )));
+    group.bench_function("route only, 100,000-id suppression list", |b| {
+        b.iter(|| {
+            records
+                .iter()
+                .map(|r| suppressing.route(black_box(r)).line.len())
+                .sum::<usize>()
+        })
+    });
+
     let settings = BufferSettings {
         compression_level: 6,
         max_file_bytes: 256 << 20,

@@ -163,9 +163,6 @@ enum Command {
         /// A file of ids, one per line ("-": standard input).
         #[arg(long, value_name = "FILE")]
         ids_file: Option<PathBuf>,
-        /// The ids are SHA-256 hashes already (64 hex digits, as `sha256sum` prints them).
-        #[arg(long)]
-        hashed: bool,
     },
     /// Show the group's committed offsets against the topic's high watermarks.
     Lag {
@@ -408,7 +405,6 @@ fn real_main() -> anyhow::Result<ExitCode> {
             config,
             ids,
             ids_file,
-            hashed,
         } => {
             let config = config.load()?;
             let text = match &ids_file {
@@ -420,7 +416,7 @@ fn real_main() -> anyhow::Result<ExitCode> {
                 None => String::new(),
             };
             let lines = ids.iter().map(String::as_str).chain(text.lines());
-            let ids = kafka_s3_archiver::suppress::parse_ids(lines, hashed)?;
+            let ids = kafka_s3_archiver::suppress::parse_ids(lines);
             anyhow::ensure!(!ids.is_empty(), "no ids given: use --id or --ids-file");
             let runtime = tokio::runtime::Runtime::new().context("start async runtime")?;
             let (request, key) = runtime.block_on(async {
@@ -429,7 +425,7 @@ fn real_main() -> anyhow::Result<ExitCode> {
                     .await
             })?;
             println!(
-                "request {}: {} ids added to the suppression list (as SHA-256 hashes, s3://{}/{key})",
+                "request {}: {} ids added to the suppression list (hashed, s3://{}/{key})",
                 request.request,
                 ids.len(),
                 config.s3.bucket

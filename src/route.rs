@@ -596,8 +596,8 @@ impl<'de> Visitor<'de> for ObjectFields<'_> {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
         let mut found: Vec<Option<FieldValue<'de>>> = self.wanted.iter().map(|_| None).collect();
-        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
-            match self.wanted.iter().position(|w| *w == key) {
+        while let Some(wanted) = map.next_key_seed(WantedKey(self.wanted))? {
+            match wanted {
                 Some(index) if found[index].is_none() => {
                     found[index] = Some(map.next_value::<FieldValueSeed>()?.0);
                 }
@@ -634,6 +634,33 @@ impl<'de> Visitor<'de> for ObjectFields<'_> {
     }
     fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
         Err(E::custom(NOT_AN_OBJECT))
+    }
+}
+
+/// Reads an object's key and answers which wanted field it names, if any, without allocating
+/// it (serde's `Cow<str>` key is always an owned copy: a dozen small allocations an event).
+struct WantedKey<'w>(&'w [String]);
+
+impl<'de> DeserializeSeed<'de> for WantedKey<'_> {
+    type Value = Option<usize>;
+
+    fn deserialize<D: de::Deserializer<'de>>(
+        self,
+        deserializer: D,
+    ) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_str(self)
+    }
+}
+
+impl<'de> Visitor<'de> for WantedKey<'_> {
+    type Value = Option<usize>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an object key")
+    }
+
+    fn visit_str<E: de::Error>(self, key: &str) -> Result<Self::Value, E> {
+        Ok(self.0.iter().position(|wanted| wanted == key))
     }
 }
 
@@ -773,6 +800,25 @@ mod tests {
             .route(&gone);
         assert!(!unsuppressed.suppressed && !plain.suppressed);
         assert_eq!(plain, unsuppressed);
+    }
+
+    /// Keys are compared as JSON means them: an escaped key is the field it spells.
+    #[test]
+    fn an_escaped_key_names_its_field() {
+        let payload = br#"{"projectI\u0064":"src1","received\u0041t":"2015-05-27T10:00:00Z"}"#;
+        let escaped = record(payload);
+        let routed = router().route(&escaped);
+        assert_eq!(routed.dead_letter, None);
+        assert!(matches!(
+            routed.destination,
+            Destination::Events { ref source, .. } if source == "src1"
+        ));
+        let twice =
+            br#"{"projectId":"a","projectI\u0064":"b","receivedAt":"2015-05-27T10:00:00Z"}"#;
+        assert_eq!(
+            router().route(&record(twice)).dead_letter,
+            Some(DeadLetterReason::DuplicateKey)
+        );
     }
 
     #[test]

@@ -10,8 +10,8 @@
 //! in the batch's manifest as a `suppressed` gap. A replay fetches the list its rules name, so
 //! it cuts exactly what its first attempt cut.
 //!
-//! Ids are kept only as SHA-256 hashes (hex): no request, list, log line or metric holds one in
-//! the clear. `printf %s "$id" | sha256sum` gives an id's hash.
+//! Ids are kept only hashed ([`IdHash`]: a SHA-256, as `printf %s "$id" | sha256sum` prints it,
+//! and a 64-bit routing key): no request, list, log line or metric holds one in the clear.
 
 use std::collections::{BTreeSet, HashSet};
 use std::sync::{Arc, RwLock};
@@ -25,18 +25,75 @@ use crate::layout;
 /// The top-level event fields whose string value is matched against the list.
 pub const ID_FIELDS: [&str; 2] = ["userId", "anonymousId"];
 
-/// The hash of one id, as lists and requests keep it.
-pub fn hash_id(id: &str) -> [u8; 32] {
-    sha2::Sha256::digest(id.as_bytes()).into()
+/// One suppressed id as lists and requests keep it: its SHA-256, the only form anything outside
+/// the routing hot path names it by, and a 64-bit key routing looks up first, because a SHA-256
+/// of every event's two ids cost routing 45 % more (`benches/hot_path.rs`); a key found is then
+/// confirmed by the SHA-256, so a producer crafting a colliding id suppresses nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct IdHash {
+    pub sha256: [u8; 32],
+    pub key: u64,
 }
 
-/// Hex of an id hash.
-pub fn hex(hash: &[u8; 32]) -> String {
+impl IdHash {
+    /// `sha256hex:keyhex`, as requests and lists store it.
+    pub fn encode(&self) -> String {
+        format!("{}:{:016x}", hex(&self.sha256), self.key)
+    }
+
+    pub fn decode(text: &str) -> Option<IdHash> {
+        let (sha, key) = text.split_once(':')?;
+        Some(IdHash {
+            sha256: parse_hex(sha)?,
+            key: u64::from_str_radix(key, 16)
+                .ok()
+                .filter(|_| key.len() == 16)?,
+        })
+    }
+
+    /// The SHA-256 in hex, as `printf %s "$id" | sha256sum` prints it.
+    pub fn sha256_hex(&self) -> String {
+        hex(&self.sha256)
+    }
+}
+
+/// The hashes of one id.
+pub fn hash_id(id: &str) -> IdHash {
+    IdHash {
+        sha256: sha2::Sha256::digest(id.as_bytes()).into(),
+        key: key_of(id),
+    }
+}
+
+/// The routing key of an id: eight bytes at a time, the length mixed in, MurmurHash3's
+/// finalizer at the end. Part of the stored lists' format: never change it.
+pub fn key_of(id: &str) -> u64 {
+    const K: u64 = 0x9e37_79b9_7f4a_7c15;
+    let bytes = id.as_bytes();
+    let mut h = K ^ bytes.len() as u64;
+    let mut words = bytes.chunks_exact(8);
+    let mut mix = |word: u64| h = (h ^ word).wrapping_mul(K).rotate_left(29);
+    for word in &mut words {
+        mix(u64::from_le_bytes(word.try_into().expect("eight bytes")));
+    }
+    let rest = words.remainder();
+    if !rest.is_empty() {
+        let mut last = [0u8; 8];
+        last[..rest.len()].copy_from_slice(rest);
+        mix(u64::from_le_bytes(last));
+    }
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^ (h >> 33)
+}
+
+fn hex(hash: &[u8; 32]) -> String {
     hash.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// An id hash from its hex; `None` unless 64 hex digits.
-pub fn parse_hex(text: &str) -> Option<[u8; 32]> {
+fn parse_hex(text: &str) -> Option<[u8; 32]> {
     if text.len() != 64 {
         return None;
     }
@@ -47,39 +104,75 @@ pub fn parse_hex(text: &str) -> Option<[u8; 32]> {
     Some(hash)
 }
 
-/// A suppression list as routing uses it: the hashes of the suppressed ids, and the list's own
-/// content address (what cutting rules name).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Suppression {
-    hash: String,
-    ids: HashSet<[u8; 32]>,
+/// Keys are hashes already: the set uses them as they are.
+#[derive(Default, Clone, Copy)]
+struct KeyHasher(u64);
+
+impl std::hash::Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8) | u64::from(b);
+        }
+    }
+    fn write_u64(&mut self, key: u64) {
+        self.0 = key;
+    }
 }
 
-/// A list as the bucket keeps it (`list_key`): sorted hex, so its bytes and hash depend only on
+type KeySet = HashSet<u64, std::hash::BuildHasherDefault<KeyHasher>>;
+
+/// A suppression list as routing uses it: the suppressed ids, and the list's own content
+/// address (what cutting rules name).
+#[derive(Debug, Clone)]
+pub struct Suppression {
+    hash: String,
+    /// Every id, as stored.
+    all: BTreeSet<IdHash>,
+    /// Their SHA-256s and routing keys, looked up per event.
+    sha256s: HashSet<[u8; 32]>,
+    keys: KeySet,
+}
+
+impl PartialEq for Suppression {
+    fn eq(&self, other: &Suppression) -> bool {
+        self.all == other.all
+    }
+}
+
+impl Eq for Suppression {}
+
+/// A list as the bucket keeps it (`list_key`): sorted, so its bytes and hash depend only on
 /// the ids.
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct StoredList {
-    ids: BTreeSet<String>,
+    ids: Vec<String>,
 }
 
 impl Suppression {
-    pub fn new(ids: impl IntoIterator<Item = [u8; 32]>) -> Suppression {
-        let ids: HashSet<[u8; 32]> = ids.into_iter().collect();
-        let hash = md5_hex(&Self::json_of(&ids));
-        Suppression { hash, ids }
+    pub fn new(ids: impl IntoIterator<Item = IdHash>) -> Suppression {
+        let all: BTreeSet<IdHash> = ids.into_iter().collect();
+        Suppression {
+            hash: md5_hex(&Self::json_of(&all)),
+            sha256s: all.iter().map(|id| id.sha256).collect(),
+            keys: all.iter().map(|id| id.key).collect(),
+            all,
+        }
     }
 
-    fn json_of(ids: &HashSet<[u8; 32]>) -> Vec<u8> {
+    fn json_of(all: &BTreeSet<IdHash>) -> Vec<u8> {
         let stored = StoredList {
-            ids: ids.iter().map(hex).collect(),
+            ids: all.iter().map(IdHash::encode).collect(),
         };
         serde_json::to_vec(&stored).expect("list serializes")
     }
 
     /// The list's bytes in the bucket.
     pub fn to_json(&self) -> Vec<u8> {
-        Self::json_of(&self.ids)
+        Self::json_of(&self.all)
     }
 
     /// A list fetched from the bucket; `hash` is the one a rule named, checked against its bytes.
@@ -89,8 +182,8 @@ impl Suppression {
         let ids = stored
             .ids
             .iter()
-            .map(|text| parse_hex(text).ok_or_else(|| SuppressionError::BadHash(text.clone())))
-            .collect::<Result<HashSet<_>, _>>()?;
+            .map(|text| IdHash::decode(text).ok_or_else(|| SuppressionError::BadHash(text.clone())))
+            .collect::<Result<Vec<_>, _>>()?;
         let list = Suppression::new(ids);
         if list.hash != hash {
             return Err(SuppressionError::HashMismatch {
@@ -107,16 +200,19 @@ impl Suppression {
     }
 
     pub fn len(&self) -> usize {
-        self.ids.len()
+        self.all.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.ids.is_empty()
+        self.all.is_empty()
     }
 
     /// Whether an event whose id field holds `id` is suppressed.
     pub fn matches(&self, id: &str) -> bool {
-        !self.ids.is_empty() && self.ids.contains(&hash_id(id))
+        self.keys.contains(&key_of(id))
+            && self
+                .sha256s
+                .contains(&<[u8; 32]>::from(sha2::Sha256::digest(id.as_bytes())))
     }
 
     /// The list with every id of `requests` added.
@@ -124,11 +220,11 @@ impl Suppression {
         &self,
         requests: impl IntoIterator<Item = &'r Request>,
     ) -> Suppression {
-        let mut ids = self.ids.clone();
+        let mut all = self.all.clone();
         for request in requests {
-            ids.extend(request.ids.iter().filter_map(|text| parse_hex(text)));
+            all.extend(request.ids.iter().filter_map(|text| IdHash::decode(text)));
         }
-        Suppression::new(ids)
+        Suppression::new(all)
     }
 }
 
@@ -137,23 +233,27 @@ impl Suppression {
 pub struct Request {
     pub request: String,
     pub time: DateTime<Utc>,
-    /// Hex SHA-256 of each id.
+    /// Each id's hashes ([`IdHash::encode`]).
     pub ids: Vec<String>,
 }
 
 impl Request {
-    pub fn new(request: String, time: DateTime<Utc>, ids: &BTreeSet<[u8; 32]>) -> Request {
+    pub fn new(request: String, time: DateTime<Utc>, ids: &BTreeSet<IdHash>) -> Request {
         Request {
             request,
             time,
-            ids: ids.iter().map(hex).collect(),
+            ids: ids.iter().map(IdHash::encode).collect(),
         }
     }
 
     pub fn parse(bytes: &[u8]) -> Result<Request, SuppressionError> {
         let request: Request = serde_json::from_slice(bytes)
             .map_err(|err| SuppressionError::Unreadable(err.to_string()))?;
-        if let Some(bad) = request.ids.iter().find(|text| parse_hex(text).is_none()) {
+        if let Some(bad) = request
+            .ids
+            .iter()
+            .find(|text| IdHash::decode(text).is_none())
+        {
             return Err(SuppressionError::BadHash(bad.clone()));
         }
         Ok(request)
@@ -195,26 +295,15 @@ pub fn request_key(prefix: &str, request: &Request) -> String {
     )
 }
 
-/// Ids as an operator gives them: one per line (blank lines skipped), either in the clear or,
-/// with `hashed`, as hex SHA-256 (what `sha256sum` prints).
-pub fn parse_ids<'a>(
-    lines: impl IntoIterator<Item = &'a str>,
-    hashed: bool,
-) -> Result<BTreeSet<[u8; 32]>, SuppressionError> {
-    let mut ids = BTreeSet::new();
-    for line in lines {
-        let id = line.trim();
-        if id.is_empty() {
-            continue;
-        }
-        ids.insert(if hashed {
-            parse_hex(&id.to_ascii_lowercase())
-                .ok_or_else(|| SuppressionError::BadHash(id.to_string()))?
-        } else {
-            hash_id(id)
-        });
-    }
-    Ok(ids)
+/// Ids as an operator gives them, one per line (surrounding blanks trimmed, blank lines
+/// skipped), hashed: nothing keeps them in the clear.
+pub fn parse_ids<'a>(lines: impl IntoIterator<Item = &'a str>) -> BTreeSet<IdHash> {
+    lines
+        .into_iter()
+        .map(str::trim)
+        .filter(|id| !id.is_empty())
+        .map(hash_id)
+        .collect()
 }
 
 /// The list this member cuts new batches with: set by the follower
@@ -248,21 +337,37 @@ mod tests {
     use super::*;
 
     #[test]
-    fn ids_are_matched_by_their_sha256_and_never_kept_in_the_clear() {
+    fn ids_are_matched_by_their_hashes_and_never_kept_in_the_clear() {
         let list = Suppression::new([hash_id("user-42"), hash_id("anon-7")]);
         assert!(list.matches("user-42") && list.matches("anon-7"));
         assert!(!list.matches("user-43") && !list.matches(""));
         // What `printf %s user-42 | sha256sum` prints.
         assert_eq!(
-            hex(&hash_id("user-42")),
+            hash_id("user-42").sha256_hex(),
             "6d894aa3ee802549d7f340e7c1cf0d1c1cb14cd84f768d92ffaa6785337c4997"
         );
-        assert_eq!(
-            parse_hex(&hex(&hash_id("user-42"))),
-            Some(hash_id("user-42"))
-        );
+        let id = hash_id("user-42");
+        assert_eq!(IdHash::decode(&id.encode()), Some(id));
+        assert_eq!(IdHash::decode("6d89:00"), None);
         let json = String::from_utf8(list.to_json()).unwrap();
-        assert!(!json.contains("user-42") && json.contains(&hex(&hash_id("user-42"))));
+        assert!(!json.contains("user-42") && json.contains(&id.sha256_hex()));
+    }
+
+    /// The routing key is part of the stored lists: the same for an id on every release.
+    #[test]
+    fn routing_keys_are_stable_and_a_key_alone_suppresses_nothing() {
+        // As computed by an independent implementation of the same steps.
+        assert_eq!(key_of("user-42"), 0x3ea3_ebba_476b_26dd);
+        assert_eq!(key_of(""), 0x9ca0_66f1_a4ab_2eea);
+        let keys: HashSet<u64> = ["a", "a\0", "user-1", "user-10", "0123456789abcdef01"]
+            .iter()
+            .map(|id| key_of(id))
+            .collect();
+        assert_eq!(keys.len(), 5, "lengths and tails are mixed in");
+        // An id whose key is on the list but whose SHA-256 is not is not suppressed.
+        let mut forged = hash_id("user-42");
+        forged.sha256 = hash_id("someone else").sha256;
+        assert!(!Suppression::new([forged]).matches("user-42"));
     }
 
     #[test]
@@ -280,19 +385,9 @@ mod tests {
     }
 
     #[test]
-    fn ids_are_given_in_the_clear_or_hashed() {
-        let clear = parse_ids(["user-1", "", "  user-2 ", "user-1"], false).unwrap();
-        assert_eq!(
-            clear,
-            BTreeSet::from([hash_id("user-1"), hash_id("user-2")])
-        );
-        let hex_upper = hex(&hash_id("user-1")).to_ascii_uppercase();
-        let hashed = parse_ids([hex_upper.as_str()], true).unwrap();
-        assert_eq!(hashed, BTreeSet::from([hash_id("user-1")]));
-        assert!(matches!(
-            parse_ids(["user-1"], true),
-            Err(SuppressionError::BadHash(_))
-        ));
+    fn ids_are_read_one_per_line_and_hashed() {
+        let ids = parse_ids(["user-1", "", "  user-2 ", "user-1"]);
+        assert_eq!(ids, BTreeSet::from([hash_id("user-1"), hash_id("user-2")]));
     }
 
     #[test]

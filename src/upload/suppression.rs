@@ -20,7 +20,7 @@ use crate::suppress::{list_key, request_key, requests_prefix, CurrentList, Reque
 pub async fn submit<S: ObjectStore>(
     store: &S,
     prefix: &str,
-    ids: &BTreeSet<[u8; 32]>,
+    ids: &BTreeSet<crate::suppress::IdHash>,
 ) -> Result<(Request, String), S3Error> {
     let id: String = (0..8)
         .map(|_| format!("{:02x}", fastrand::u8(..)))
@@ -278,7 +278,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_request_is_one_object_holding_hashes() {
-        let ids = parse_ids(["user-1", "user-2"], false).unwrap();
+        let ids = parse_ids(["user-1", "user-2"]);
         let bucket = Bucket::default();
         let (request, key) = submit(&bucket, "p/", &ids).await.unwrap();
         assert!(key.starts_with(&requests_prefix("p/")));
