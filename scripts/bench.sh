@@ -6,8 +6,9 @@
 #
 #   scripts/bench.sh            1,000,000 events (~1 GB), 8 partitions, 100 sources x 2 days
 #   scripts/bench.sh --quick    100,000 events, for a run under two minutes
-# then the archiver again with zstd objects, the restore of the whole archive into another
-# topic, then a memory benchmark: 64 partitions x 100 sources x 2 days = 12,800 files open at once.
+# then the archiver again with zstd objects, again with a 100,000-id suppression list, the
+# restore of the whole archive into another topic, then a memory benchmark: 64 partitions x 100
+# sources x 2 days = 12,800 files open at once.
 #   options: --events N --partitions N --sources N --days N --seed N --keep (keep the work dir)
 #   scripts/bench.sh --scaling  how cost grows instead (a few minutes): the archiver alone as
 #                               partitions per member grow (1, 4, 16, 64; 100 sources x 2 days
@@ -216,6 +217,16 @@ zstd_seconds=$archiver_seconds zstd_cpu=$cpu_seconds zstd_rss=$peak_rss_kb
 zstd_bytes=$(s3 s3 ls --recursive "s3://$BUCKET/zstd/segment-logs/" \
   | awk '$4 !~ /^zstd\/segment-logs\/_/ {sum += $3} END {print sum + 0}')
 
+step "archiver again, with a 100,000-id suppression list (none of these events' users), under the prefix suppressed/"
+python3 -c "print('\n'.join(f'gone-{n}' for n in range(100000)))" >"$RIG_DIR/suppressed-ids.txt"
+ARCHIVER_S3_PREFIX=suppressed/ "$BIN" suppress --config "$RIG_DIR/archiver.toml" \
+  --ids-file "$RIG_DIR/suppressed-ids.txt" >/dev/null
+ARCHIVER_S3_PREFIX=suppressed/ \
+  run_archiver "$TOPIC" "$PARTITIONS" "$EVENTS" bench-archiver-suppressing
+suppressing_seconds=$archiver_seconds suppressing_cpu=$cpu_seconds suppressing_rss=$peak_rss_kb
+suppressing_bytes=$(s3 s3 ls --recursive "s3://$BUCKET/suppressed/segment-logs/" \
+  | awk '$4 !~ /^suppressed\/segment-logs\/_/ {sum += $3} END {print sum + 0}')
+
 RESTORED_TOPIC=segment-events-restored
 step "restore: the whole archive back into a topic of $PARTITIONS partitions"
 "$TANSU_BIN" topic create "$RESTORED_TOPIC" --partitions "$PARTITIONS" --broker "tcp://$KAFKA_BROKERS" >/dev/null
@@ -245,6 +256,7 @@ rows = [
     ("naive: consumer | gzip -6", $naive_seconds, None, None, $naive_bytes),
     ("archiver: start to all committed", $throughput_seconds, $throughput_cpu, $throughput_rss, $archived_bytes),
     ("archiver, zstd objects (level 3)", $zstd_seconds, $zstd_cpu, $zstd_rss, $zstd_bytes),
+    ("archiver, 100,000-id suppression list", $suppressing_seconds, $suppressing_cpu, $suppressing_rss, $suppressing_bytes),
     ("restore: archive back into a topic", $restore_seconds, None, None, None),
 ]
 print()
@@ -283,4 +295,6 @@ print(f"ratios: archiver / min(drain, 2 x zlib-rs level 6) = {archiver / zlib_li
       f"{rate($restore_seconds) / archiver:.2f}")
 print(f"zstd objects / gzip objects: size {$zstd_bytes / $archived_bytes:.3f}, "
       f"archiver CPU {$zstd_cpu / $throughput_cpu:.2f}, end to end {$throughput_seconds / $zstd_seconds:.2f} x as fast")
+print(f"100,000-id suppression list / none: archiver CPU {$suppressing_cpu / $throughput_cpu:.3f} "
+      f"(target <= 1.03), peak RSS {$suppressing_rss / $throughput_rss:.2f}")
 PY
