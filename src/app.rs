@@ -54,6 +54,8 @@ pub enum AppError {
     Check(#[from] crate::check::CheckError),
     #[error("buffer worker failed: {0}")]
     Worker(String),
+    #[error("cannot read the suppression requests in the bucket (the member needs s3:ListBucket and s3:GetObject on the prefix): {0}")]
+    Suppression(crate::upload::s3::S3Error),
 }
 
 /// Runs the archiver until `shutdown` fires or a stage fails.
@@ -107,9 +109,16 @@ pub async fn run(
         Arc::clone(&suppression),
         metrics.clone(),
     );
-    if !follower.first_refresh(&shutdown).await {
-        server_stop.cancel();
-        return Ok(());
+    match follower.first_refresh(&shutdown).await {
+        Ok(true) => {}
+        Ok(false) => {
+            server_stop.cancel();
+            return Ok(());
+        }
+        Err(err) => {
+            server_stop.cancel();
+            return Err(AppError::Suppression(err));
+        }
     }
     let follower_stop = CancellationToken::new();
     let follower = tokio::spawn(follower.run(

@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use super::s3::S3Error;
 use super::store::ObjectStore;
 use crate::metrics::Metrics;
+use crate::retry::ErrorClass;
 use crate::rules::{rules_key, CuttingRules};
 use crate::suppress::{list_key, request_key, requests_prefix, CurrentList, Request, Suppression};
 
@@ -138,18 +139,21 @@ impl<S: ObjectStore> Follower<S> {
     }
 
     /// The first refresh, before the member consumes anything (so that a restart never cuts a
-    /// batch without the list it had): retried until it succeeds; `false` if `stop` fired first.
-    pub async fn first_refresh(&mut self, stop: &CancellationToken) -> bool {
+    /// batch without the list it had): a transient failure is retried until it succeeds;
+    /// `Ok(false)` if `stop` fired first. A permanent one (access denied, no such bucket) is
+    /// the error: waiting would not get past it.
+    pub async fn first_refresh(&mut self, stop: &CancellationToken) -> Result<bool, S3Error> {
         let mut delay = Duration::from_millis(500);
         loop {
             match self.refresh().await {
-                Ok(_) => return true,
+                Ok(_) => return Ok(true),
+                Err(err) if err.class == ErrorClass::Permanent => return Err(err),
                 Err(err) => {
                     tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64, "cannot read the suppression requests in the bucket yet; not consuming until they are read");
                 }
             }
             tokio::select! {
-                _ = stop.cancelled() => return false,
+                _ = stop.cancelled() => return Ok(false),
                 _ = tokio::time::sleep(delay) => {}
             }
             delay = (delay * 2).min(Duration::from_secs(30));
@@ -178,7 +182,11 @@ mod tests {
 
     /// A bucket of small objects, as the follower uses one.
     #[derive(Default, Clone)]
-    struct Bucket(Arc<std::sync::Mutex<BTreeMap<String, Vec<u8>>>>);
+    struct Bucket(
+        Arc<std::sync::Mutex<BTreeMap<String, Vec<u8>>>>,
+        /// How the next listings fail, in order.
+        Arc<std::sync::Mutex<Vec<ErrorClass>>>,
+    );
 
     impl ObjectStore for Bucket {
         fn conditional_writes(&self) -> bool {
@@ -209,6 +217,16 @@ mod tests {
             Ok(self.0.lock().unwrap().get(key).cloned())
         }
         async fn list(&self, prefix: &str) -> Result<Vec<(String, i64)>, S3Error> {
+            if let Some(class) = self.1.lock().unwrap().pop() {
+                return Err(S3Error {
+                    operation: "ListObjectsV2",
+                    bucket: "b".into(),
+                    key: prefix.into(),
+                    class,
+                    code: None,
+                    message: "simulated".into(),
+                });
+            }
             let objects = self.0.lock().unwrap();
             Ok(objects
                 .iter()
@@ -274,6 +292,43 @@ mod tests {
         let grown = current.get().unwrap();
         assert_eq!(grown.len(), 3);
         assert_ne!(grown.hash(), list.hash());
+    }
+
+    /// A member does not consume before it read the list: a bucket that fails for a while is
+    /// waited for; one that denies access is the member's error.
+    #[tokio::test(start_paused = true)]
+    async fn the_first_read_waits_out_transient_failures_and_stops_on_a_permanent_one() {
+        let bucket = Bucket::default();
+        let request = Request::new(
+            "r1".into(),
+            Utc::now(),
+            &BTreeSet::from([hash_id("user-1")]),
+        );
+        let key = request_key("", &request);
+        bucket.0.lock().unwrap().insert(key, request.to_json());
+        let current = Arc::new(CurrentList::default());
+        let rules = CuttingRules::of(&crate::config::Config::default());
+        let follower = |bucket: &Bucket| {
+            Follower::new(
+                bucket.clone(),
+                "",
+                rules.clone(),
+                Arc::clone(&current),
+                Metrics::new(),
+            )
+        };
+        *bucket.1.lock().unwrap() = vec![ErrorClass::Transient; 3];
+        let stop = CancellationToken::new();
+        assert!(follower(&bucket).first_refresh(&stop).await.unwrap());
+        assert!(current.get().is_some_and(|list| list.matches("user-1")));
+
+        *bucket.1.lock().unwrap() = vec![ErrorClass::Permanent, ErrorClass::Transient];
+        let err = follower(&bucket).first_refresh(&stop).await.unwrap_err();
+        assert_eq!(err.class, ErrorClass::Permanent);
+
+        *bucket.1.lock().unwrap() = vec![ErrorClass::Transient; 100];
+        stop.cancel();
+        assert!(!follower(&bucket).first_refresh(&stop).await.unwrap());
     }
 
     #[tokio::test]
