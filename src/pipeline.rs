@@ -273,13 +273,10 @@ impl SealedBatch {
         self.files.iter().map(|f| f.stream.compressed_len).sum()
     }
 
-    /// The last offset of the batch Kafka deleted before it was read, if any.
-    pub fn deleted_through(&self) -> Option<i64> {
-        self.gaps
-            .iter()
-            .filter(|gap| gap.cause == GapCause::Deleted)
-            .map(|gap| gap.last)
-            .max()
+    /// Where Kafka's log began when the batch was read, if it had deleted the batch's head:
+    /// the last offset of a `Deleted` gap among those that run on from its start.
+    pub fn deleted_head_through(&self) -> Option<i64> {
+        gap_run_from(&self.gaps, self.start).1
     }
 
     /// What the batch's files count for in the local disk budget (see [`file_disk_charge`]).
@@ -311,6 +308,25 @@ impl SealedBatch {
             rules: self.rules.clone(),
         }
     }
+}
+
+/// The gaps that run on from `start` without a break, whatever their cause: where that run ends
+/// (`start - 1` when there is none), and the last offset of a `Deleted` gap in it. A batch holds
+/// no line below the end of the run.
+pub fn gap_run_from(gaps: &[Gap], start: i64) -> (i64, Option<i64>) {
+    let (mut next, mut deleted) = (start, None);
+    for gap in gaps {
+        if gap.first > next {
+            break;
+        }
+        if gap.last >= next {
+            next = gap.last + 1;
+            if gap.cause == GapCause::Deleted {
+                deleted = Some(gap.last);
+            }
+        }
+    }
+    (next - 1, deleted)
 }
 
 /// A sealed batch to upload, tagged with the assignment it was read under.
@@ -468,9 +484,10 @@ impl KeptIntent {
         } else {
             first_attempt.to_vec()
         };
-        // A replay's deleted offsets are the batch's head (see `PartitionBuffer::record_gap`).
+        // A replay Kafka deleted the head of (a gap further on is no head: a first attempt
+        // overtaken mid-read keeps lines on both sides, and continuing it is no replay's).
         let kept_from = (!first_attempt.is_empty())
-            .then(|| batch.deleted_through())
+            .then(|| batch.deleted_head_through())
             .flatten()
             .map(|last| last + 1);
         KeptIntent {
@@ -542,6 +559,25 @@ pub enum CommitResult {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn gap(first: i64, last: i64, cause: GapCause) -> Gap {
+        Gap { first, last, cause }
+    }
+
+    #[test]
+    fn the_gaps_that_run_on_from_a_batch_start_are_its_head() {
+        assert_eq!(gap_run_from(&[], 100), (99, None));
+        let head = [
+            gap(100, 104, GapCause::NoRecord),
+            gap(105, 149, GapCause::Deleted),
+            gap(150, 150, GapCause::Suppressed),
+            gap(170, 180, GapCause::Deleted),
+        ];
+        assert_eq!(gap_run_from(&head, 100), (150, Some(149)));
+        // A first attempt overtaken mid-read: lines on both sides of its deleted gap.
+        let middle = [gap(120, 149, GapCause::Deleted)];
+        assert_eq!(gap_run_from(&middle, 100), (99, None));
+    }
 
     #[test]
     fn queued_records_wait_for_the_workers_once_over_budget() {

@@ -204,7 +204,25 @@ impl Router {
     /// Routes one record. Never fails: what cannot be archived as an event is a dead letter.
     pub fn route<'a>(&self, record: &'a Record) -> Routed<'a> {
         let mut suppressed = false;
-        match self.route_event(record, &mut suppressed) {
+        let routed = self.route_event(record, &mut suppressed);
+        if let (Err(reason), Some((list, _)), false) = (&routed, &self.suppression, suppressed) {
+            // A dead letter may have failed before its fields were read (a duplicated id among
+            // them), and it keeps the record's key, often the user's id (the partitioning key).
+            let key = record
+                .key
+                .as_deref()
+                .and_then(|key| std::str::from_utf8(key).ok());
+            let ids = match (reason, record.payload.as_deref()) {
+                // Read again only when that is cheap: a too-large payload is not.
+                (DeadLetterReason::TooLarge, _) | (_, None) => Vec::new(),
+                (_, Some(payload)) => crate::suppress::top_level_ids(payload),
+            };
+            suppressed = key
+                .into_iter()
+                .chain(ids.iter().map(String::as_str))
+                .any(|id| list.matches(id));
+        }
+        match routed {
             Ok((destination, line)) => Routed {
                 destination,
                 line,
@@ -272,9 +290,11 @@ impl Router {
         };
         let fields = extract_fields(payload, &self.wanted_fields, duplicates)?;
         if let Some((list, indices)) = &self.suppression {
-            *suppressed = indices.iter().any(
-                |&index| matches!(&fields[index], Some(FieldValue::Str(id)) if list.matches(id)),
-            );
+            *suppressed = indices.iter().any(|&index| match &fields[index] {
+                Some(FieldValue::Str(id)) => list.matches(id),
+                Some(FieldValue::Integer(id)) => list.matches(&id.to_string()),
+                _ => false,
+            });
         }
 
         let source = self.source_of(record, &fields)?;
@@ -286,7 +306,9 @@ impl Router {
                 Ok(time) => Ok(time.with_timezone(&Utc).date_naive()),
                 Err(_) => Err(DeadLetterReason::BadReceivedAt),
             },
-            Some(FieldValue::Other) => Err(DeadLetterReason::BadReceivedAt),
+            Some(FieldValue::Other | FieldValue::Integer(_)) => {
+                Err(DeadLetterReason::BadReceivedAt)
+            }
             None => Err(DeadLetterReason::NoReceivedAt),
         };
         let day = match day {
@@ -366,7 +388,9 @@ impl Router {
                     .transpose()?,
                 SourceRule::Field(name) => match field(name) {
                     Some(FieldValue::Str(text)) => Some(Cow::Borrowed(text.as_ref())),
-                    Some(FieldValue::Other) => return Err(DeadLetterReason::BadSourceId),
+                    Some(FieldValue::Other | FieldValue::Integer(_)) => {
+                        return Err(DeadLetterReason::BadSourceId)
+                    }
                     None => None,
                 },
                 SourceRule::WriteKey(name) => match field(name) {
@@ -531,6 +555,9 @@ fn nesting_depth(payload: &[u8]) -> usize {
 #[derive(Debug)]
 enum FieldValue<'a> {
     Str(Cow<'a, str>),
+    /// A whole number: routing treats it as any other non-string, suppression as its digits
+    /// (a `userId` producers send as a number).
+    Integer(i128),
     Other,
 }
 
@@ -684,11 +711,11 @@ impl<'de> Deserialize<'de> for FieldValueSeed<'de> {
             fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
                 Ok(FieldValueSeed(FieldValue::Other))
             }
-            fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
-                Ok(FieldValueSeed(FieldValue::Other))
+            fn visit_i64<E>(self, v: i64) -> Result<Self::Value, E> {
+                Ok(FieldValueSeed(FieldValue::Integer(v.into())))
             }
-            fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
-                Ok(FieldValueSeed(FieldValue::Other))
+            fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
+                Ok(FieldValueSeed(FieldValue::Integer(v.into())))
             }
             fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
                 Ok(FieldValueSeed(FieldValue::Other))
@@ -785,12 +812,30 @@ mod tests {
             (no_day.dead_letter, no_day.suppressed),
             (Some(DeadLetterReason::NoReceivedAt), true)
         );
-        // An id given twice cannot be told: a dead letter, as any duplicated routing field.
+        // A number is matched by its digits.
+        let numeric = Router::new(&RoutingConfig::default(), "events", 3)
+            .with_suppression(Some(Arc::new(Suppression::new([hash_id("12345")]))));
+        let number = record(event(r#","userId":12345"#).as_bytes());
+        assert!(numeric.route(&number).suppressed);
+        // A dead letter that failed before its fields were read keeps the record's key, the
+        // user's id as most producers partition: matched by it.
+        let keyed = Record {
+            key: Some(b"u-gone".to_vec()),
+            ..record(b"not json")
+        };
+        let letter = router.route(&keyed);
+        assert_eq!(
+            (letter.dead_letter, letter.suppressed),
+            (Some(DeadLetterReason::NotJson), true)
+        );
+        // An id given twice is a dead letter, as any duplicated routing field, and is left out
+        // when either is suppressed.
         let twice = record(event(r#","userId":"u-gone","userId":"u-kept""#).as_bytes());
         let twice = router.route(&twice);
         assert_eq!(
             (twice.dead_letter, twice.suppressed),
-            (Some(DeadLetterReason::DuplicateKey), false)
+            (Some(DeadLetterReason::DuplicateKey), true),
+            "one of its ids is suppressed"
         );
         // Without a list (or with an empty one) routing is what it always was.
         let gone = record(event(r#","userId":"u-gone""#).as_bytes());

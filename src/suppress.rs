@@ -26,9 +26,10 @@ use crate::layout;
 pub const ID_FIELDS: [&str; 2] = ["userId", "anonymousId"];
 
 /// One suppressed id as lists and requests keep it: its SHA-256, the only form anything outside
-/// the routing hot path names it by, and a 64-bit key routing looks up first, because a SHA-256
-/// of every event's two ids cost routing 45 % more (`benches/hot_path.rs`); a key found is then
-/// confirmed by the SHA-256, so a producer crafting a colliding id suppresses nothing.
+/// the routing hot path names it by, and a 64-bit key ([`key_of`]) routing looks up first,
+/// because a SHA-256 of every event's two ids cost routing 45 % more (`benches/hot_path.rs`); a
+/// key found is then confirmed by the SHA-256, so a producer crafting a colliding id suppresses
+/// nothing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct IdHash {
     pub sha256: [u8; 32],
@@ -57,6 +58,41 @@ impl IdHash {
     }
 }
 
+/// Every value of an id field ([`ID_FIELDS`]) at the top level of a JSON object, strings and
+/// whole numbers (as their digits), each occurrence of a field given twice included; empty when
+/// the bytes are no JSON object. For what is read back from the archive (`restore`), where
+/// routing's one pass is not at hand.
+pub fn top_level_ids(json: &[u8]) -> Vec<String> {
+    use serde::de::{Deserializer as _, IgnoredAny, MapAccess, Visitor};
+    struct Ids;
+    impl<'de> Visitor<'de> for Ids {
+        type Value = Vec<String>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Vec<String>, A::Error> {
+            let mut ids = Vec::new();
+            while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                if !ID_FIELDS.contains(&key.as_ref()) {
+                    map.next_value::<IgnoredAny>()?;
+                    continue;
+                }
+                match map.next_value::<serde_json::Value>()? {
+                    serde_json::Value::String(id) => ids.push(id),
+                    serde_json::Value::Number(n) if n.is_i64() || n.is_u64() => {
+                        ids.push(n.to_string())
+                    }
+                    _ => {}
+                }
+            }
+            Ok(ids)
+        }
+    }
+    serde_json::Deserializer::from_slice(json)
+        .deserialize_map(Ids)
+        .unwrap_or_default()
+}
+
 /// The hashes of one id.
 pub fn hash_id(id: &str) -> IdHash {
     IdHash {
@@ -65,29 +101,21 @@ pub fn hash_id(id: &str) -> IdHash {
     }
 }
 
-/// The routing key of an id: eight bytes at a time, the length mixed in, MurmurHash3's
-/// finalizer at the end. Part of the stored lists' format: never change it.
+/// The routing key of an id: SipHash-2-4 under a fixed key, which, unlike a fast mixing
+/// function, cannot be run backwards to the id (only guessed, as a SHA-256 can). Part of the
+/// stored lists' format: never change it.
 pub fn key_of(id: &str) -> u64 {
-    const K: u64 = 0x9e37_79b9_7f4a_7c15;
-    let bytes = id.as_bytes();
-    let mut h = K ^ bytes.len() as u64;
-    let mut words = bytes.chunks_exact(8);
-    let mut mix = |word: u64| h = (h ^ word).wrapping_mul(K).rotate_left(29);
-    for word in &mut words {
-        mix(u64::from_le_bytes(word.try_into().expect("eight bytes")));
-    }
-    let rest = words.remainder();
-    if !rest.is_empty() {
-        let mut last = [0u8; 8];
-        last[..rest.len()].copy_from_slice(rest);
-        mix(u64::from_le_bytes(last));
-    }
-    h ^= h >> 33;
-    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
-    h ^= h >> 33;
-    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
-    h ^ (h >> 33)
+    use std::hash::Hasher as _;
+    // std's SipHasher is deprecated for HashMap use only; it is SipHash-2-4, fixed for good.
+    #[allow(deprecated)]
+    let mut hasher = std::hash::SipHasher::new_with_keys(ROUTING_KEY.0, ROUTING_KEY.1);
+    hasher.write(id.as_bytes());
+    hasher.finish()
 }
+
+/// SipHash's key for [`key_of`]: public, so it keys nothing secret; it only makes the routing
+/// key one way.
+const ROUTING_KEY: (u64, u64) = (0x6b61_666b_612d_7333, 0x7375_7070_7265_7373);
 
 fn hex(hash: &[u8; 32]) -> String {
     hash.iter().map(|b| format!("{b:02x}")).collect()
@@ -356,9 +384,10 @@ mod tests {
     /// The routing key is part of the stored lists: the same for an id on every release.
     #[test]
     fn routing_keys_are_stable_and_a_key_alone_suppresses_nothing() {
-        // As computed by an independent implementation of the same steps.
-        assert_eq!(key_of("user-42"), 0x3ea3_ebba_476b_26dd);
-        assert_eq!(key_of(""), 0x9ca0_66f1_a4ab_2eea);
+        // SipHash-2-4 as an independent implementation computes it (one that gives the
+        // reference vector, 0x726fdb47dd0e0e31 for the empty message under key 00..0f).
+        assert_eq!(key_of("user-42"), 0x4a1d_ac34_b2fc_2e34);
+        assert_eq!(key_of(""), 0xb2b5_2b12_ac25_8994);
         let keys: HashSet<u64> = ["a", "a\0", "user-1", "user-10", "0123456789abcdef01"]
             .iter()
             .map(|id| key_of(id))
@@ -382,6 +411,14 @@ mod tests {
             Err(SuppressionError::HashMismatch { .. })
         ));
         assert!(Suppression::parse(br#"{"ids":["zz"]}"#, "x").is_err());
+    }
+
+    #[test]
+    fn every_id_at_the_top_level_is_found_duplicates_and_numbers_too() {
+        let json = br#"{"userId":"a","x":{"userId":"nested"},"anonymousId":7,"userId":"b"}"#;
+        assert_eq!(top_level_ids(json), ["a", "7", "b"]);
+        assert!(top_level_ids(b"not json").is_empty());
+        assert!(top_level_ids(br#"["userId"]"#).is_empty());
     }
 
     #[test]

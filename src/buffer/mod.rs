@@ -119,13 +119,9 @@ fn lines_below_kept(
     intent: &BatchIntent,
 ) -> Option<(i64, i64)> {
     let kept_from = intent.kept_from?;
+    // Lines below `kept_from` unless gaps of any cause run on from its start to there.
     let holds_lines_below = |b: &crate::checkpoint::BatchState| {
-        b.start < kept_from
-            && !b.gaps.iter().any(|gap| {
-                gap.cause == crate::checkpoint::GapCause::Deleted
-                    && gap.first <= b.start
-                    && gap.last + 1 >= kept_from
-            })
+        crate::pipeline::gap_run_from(&b.gaps, b.start).0 + 1 < kept_from
     };
     checkpoint
         .batches()
@@ -375,7 +371,9 @@ impl Worker {
                     Some((end, rules)) if b.start <= *end => rules,
                     _ => &own_rules,
                 };
-                !b.rules.is_empty() && b.rules != *expected
+                // An earlier release's batch is unlabelled and was cut without a list.
+                (b.rules.is_empty() && own_rules != self.base_rules.1)
+                    || (!b.rules.is_empty() && b.rules != *expected)
             });
             if let Some(batch) = foreign {
                 tracing::warn!(partition, start = batch.start, rules = %batch.rules, "local batches were cut under other rules; reading from the committed offset");
@@ -1091,6 +1089,23 @@ mod tests {
                 lines_below_kept(&an_earlier_replays, &intent(Some(50))),
                 Some((0, 50))
             );
+            // Transaction markers at the log's start, then the deleted offsets: still no line.
+            let markers_first = checkpoint(
+                batch(vec![
+                    crate::checkpoint::Gap {
+                        first: 0,
+                        last: 4,
+                        cause: GapCause::NoRecord,
+                    },
+                    crate::checkpoint::Gap {
+                        first: 5,
+                        last: 49,
+                        cause: GapCause::Deleted,
+                    },
+                ]),
+                sealed,
+            );
+            assert_eq!(lines_below_kept(&markers_first, &intent(Some(50))), None);
         }
     }
 

@@ -1055,8 +1055,8 @@ impl<'a> Sender<'a> {
         }
     }
 
-    /// Whether a line is a suppressed user's: the event's (or the dead letter's record's)
-    /// top-level `userId` or `anonymousId`, as routing matches them.
+    /// Whether a line is a suppressed user's: any top-level `userId` or `anonymousId` of the
+    /// event (or of the dead letter's record, or its key), as routing matches them.
     fn suppresses(&self, object: &PlannedObject, line: &[u8], outgoing: &Outgoing) -> bool {
         let Some(list) = &self.suppression else {
             return false;
@@ -1066,15 +1066,19 @@ impl<'a> Sender<'a> {
         } else {
             &outgoing.payload
         };
-        let Ok(serde_json::Value::Object(event)) = serde_json::from_slice(json) else {
-            return false;
-        };
-        crate::suppress::ID_FIELDS.iter().any(|field| {
-            event
-                .get(*field)
-                .and_then(|v| v.as_str())
-                .is_some_and(|id| list.matches(id))
-        })
+        let key = (object.source.is_none())
+            .then(|| {
+                outgoing
+                    .key
+                    .as_deref()
+                    .and_then(|key| std::str::from_utf8(key).ok())
+            })
+            .flatten();
+        crate::suppress::top_level_ids(json)
+            .iter()
+            .map(String::as_str)
+            .chain(key)
+            .any(|id| list.matches(id))
     }
 
     /// Waits as long as `--rate` asks (not in a dry run, which sends nothing).

@@ -127,14 +127,15 @@ impl<S: ObjectStore> Follower<S> {
                 "application/json",
             )
             .await?;
+        let (hash, ids) = (list.hash().to_string(), list.len());
+        self.metrics.suppression_ids.set(ids as i64);
+        self.current.set(Arc::new(list));
         tracing::info!(
-            list = list.hash(),
-            ids = list.len(),
+            list = hash,
+            ids,
             rules = %rules.hash(),
             "suppression list taken up: each partition's next batch leaves out these users' events"
         );
-        self.metrics.suppression_ids.set(list.len() as i64);
-        self.current.set(Arc::new(list));
         Ok(true)
     }
 
