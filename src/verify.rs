@@ -279,18 +279,12 @@ pub fn analyze(
             for (kind, detail) in manifest_findings(manifest) {
                 findings.push(finding(kind, detail));
             }
-            summary.offsets_without_record += manifest
-                .gaps
-                .iter()
-                .filter(|g| g.cause == GapCause::NoRecord)
-                .map(Gap::offsets)
-                .sum::<u64>();
-            summary.records_suppressed += manifest
-                .gaps
-                .iter()
-                .filter(|g| g.cause == GapCause::Suppressed)
-                .map(Gap::offsets)
-                .sum::<u64>();
+            let offsets = |cause| {
+                let gaps = manifest.gaps.iter().filter(|g| g.cause == cause);
+                gaps.map(Gap::offsets).sum::<u64>()
+            };
+            summary.offsets_without_record += offsets(GapCause::NoRecord);
+            summary.records_suppressed += offsets(GapCause::Suppressed);
             summary.records += manifest.records;
             // An object a zombie put after the batch's replay: the batch's, its lines in the
             // batch's `deleted` gap. Checked like the others when it is there.

@@ -942,16 +942,25 @@ mod tests {
         assert_eq!(run().2, files, "a replay makes the same files");
     }
 
-    #[test]
-    fn a_replay_whose_head_kafka_deleted_cuts_where_its_first_attempt_did() {
-        let first_attempt = tempfile::tempdir().unwrap();
+    /// A batch's first attempt over `records()`, sealed: its directory, buffer and plan.
+    fn first_attempt() -> (
+        tempfile::TempDir,
+        PartitionBuffer,
+        crate::pipeline::KeptIntent,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
         let mut buffer =
-            PartitionBuffer::fresh(first_attempt.path(), "t", 0, router(), SETTINGS, Some(100))
-                .unwrap();
+            PartitionBuffer::fresh(dir.path(), "t", 0, router(), SETTINGS, Some(100)).unwrap();
         for (tick, record) in records().iter().enumerate() {
             buffer.append(record, tick as u64).unwrap();
         }
         let planned = crate::pipeline::KeptIntent::of_batch(&buffer.seal().unwrap().unwrap(), &[]);
+        (dir, buffer, planned)
+    }
+
+    #[test]
+    fn a_replay_whose_head_kafka_deleted_cuts_where_its_first_attempt_did() {
+        let (_first_attempt, buffer, planned) = first_attempt();
         let planned_lines: HashMap<(Destination, i64), Vec<String>> = buffer.sealed()[0]
             .files
             .iter()
@@ -1015,14 +1024,7 @@ mod tests {
     /// later attempt's objects and its own can be adopted one by the other.
     #[test]
     fn a_replay_retention_overtakes_mid_read_keeps_only_lines_from_the_log_start() {
-        let first_attempt = tempfile::tempdir().unwrap();
-        let mut buffer =
-            PartitionBuffer::fresh(first_attempt.path(), "t", 0, router(), SETTINGS, Some(100))
-                .unwrap();
-        for (tick, record) in records().iter().enumerate() {
-            buffer.append(record, tick as u64).unwrap();
-        }
-        let planned = crate::pipeline::KeptIntent::of_batch(&buffer.seal().unwrap().unwrap(), &[]);
+        let (_first_attempt, _, planned) = first_attempt();
         let replay = |dir: &Path, read_first: usize, log_start: i64| {
             let mut buffer =
                 PartitionBuffer::fresh(dir, "t", 0, router(), SETTINGS, Some(100)).unwrap();
