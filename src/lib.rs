@@ -15,7 +15,8 @@
 //!
 //! Around them: [`config`], [`schedule`] (when batches are sealed), [`layout`] (every key and
 //! path, and the destination types), [`rules`] (the cutting rules a replay reproduces), [`metrics`], [`produce`] (a load generator), [`verify`] (checks the bucket against manifests and
-//! commits) and [`app`] (wiring and shutdown).
+//! commits), [`restore`] (the archive back into a topic), [`forget`] (users deleted from the
+//! archive) and [`app`] (wiring and shutdown).
 
 pub mod app;
 pub mod buffer;
@@ -24,9 +25,11 @@ pub mod checkpoint;
 pub mod commit;
 pub mod config;
 pub mod consume;
+pub mod forget;
 pub mod kafka_client;
 pub mod layout;
 pub mod metrics;
+pub mod object;
 pub mod pipeline;
 pub mod produce;
 pub mod restore;

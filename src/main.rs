@@ -164,6 +164,47 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         ids_file: Option<PathBuf>,
     },
+    /// Delete users from the archive (a deletion request): suppresses their ids, waits until no
+    /// batch that could still hold their events is open or awaiting a replay, then rewrites
+    /// every object of the selection holding one without those lines, and its batch manifest.
+    /// Killed and run again with the same ids and selection, it finishes the same request and
+    /// rewrites nothing twice. Leaves an audit record (ids hashed) in the bucket.
+    Forget {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// An id to forget, matched against each event's top-level userId and anonymousId
+        /// (repeatable).
+        #[arg(long = "id", value_name = "ID")]
+        ids: Vec<String>,
+        /// A file of ids, one per line ("-": standard input).
+        #[arg(long, value_name = "FILE")]
+        ids_file: Option<PathBuf>,
+        /// Only objects of this source (repeatable; default: every source). Dead letters have
+        /// no source: those of the selected days are always read.
+        #[arg(long = "source", value_name = "SOURCE_ID")]
+        sources: Vec<String>,
+        /// First received-day to read (default: the earliest).
+        #[arg(long)]
+        from: Option<String>,
+        /// Last received-day to read (default: the latest).
+        #[arg(long)]
+        to: Option<String>,
+        /// Read the selection and print what would be rewritten (objects, lines, bytes);
+        /// suppress nothing, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Stop waiting for open batches after this many seconds (exit code 1; the ids stay
+        /// suppressed, and the same forget run again goes on). Default: wait as long as it takes.
+        #[arg(long, value_name = "SECS")]
+        wait_limit: Option<u64>,
+        /// Where rewritten objects are written before they are put (default: the system's
+        /// temporary directory).
+        #[arg(long, value_name = "DIR")]
+        work_dir: Option<PathBuf>,
+        /// Objects read or rewritten at once.
+        #[arg(long, default_value_t = kafka_s3_archiver::forget::DEFAULT_CONCURRENCY)]
+        concurrency: usize,
+    },
     /// Show the group's committed offsets against the topic's high watermarks.
     Lag {
         #[command(flatten)]
@@ -407,16 +448,7 @@ fn real_main() -> anyhow::Result<ExitCode> {
             ids_file,
         } => {
             let config = config.load()?;
-            let text = match &ids_file {
-                Some(path) if path.as_os_str() == "-" => {
-                    std::io::read_to_string(std::io::stdin()).context("read ids from stdin")?
-                }
-                Some(path) => std::fs::read_to_string(path)
-                    .with_context(|| format!("read ids from {}", path.display()))?,
-                None => String::new(),
-            };
-            let lines = ids.iter().map(String::as_str).chain(text.lines());
-            let ids = kafka_s3_archiver::suppress::parse_ids(lines);
+            let ids = read_ids(&ids, ids_file.as_deref())?;
             anyhow::ensure!(!ids.is_empty(), "no ids given: use --id or --ids-file");
             let runtime = tokio::runtime::Runtime::new().context("start async runtime")?;
             let (request, key) = runtime.block_on(async {
@@ -435,6 +467,60 @@ fn real_main() -> anyhow::Result<ExitCode> {
                 config.suppression.refresh_secs
             );
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Forget {
+            config,
+            ids,
+            ids_file,
+            sources,
+            from,
+            to,
+            dry_run,
+            wait_limit,
+            work_dir,
+            concurrency,
+        } => {
+            let config = config.load()?;
+            let ids = read_ids(&ids, ids_file.as_deref())?;
+            anyhow::ensure!(!ids.is_empty(), "no ids given: use --id or --ids-file");
+            let day = |flag: &str, text: Option<String>| {
+                text.map(|text| {
+                    restore::plan::parse_day(&text).with_context(|| {
+                        format!("--{flag} {text:?}: expected a date (2026-11-20) or a day folder of the archive (1763596800000, day=2026-11-20)")
+                    })
+                })
+                .transpose()
+            };
+            let (from, to) = (day("from", from)?, day("to", to)?);
+            if let (Some(from), Some(to)) = (from, to) {
+                anyhow::ensure!(from <= to, "--from {from} is after --to {to}");
+            }
+            for source in &sources {
+                kafka_s3_archiver::layout::check_source_id(source)
+                    .map_err(|why| anyhow::anyhow!("--source {source:?}: {why}"))?;
+            }
+            let options = kafka_s3_archiver::forget::ForgetOptions {
+                ids,
+                selection: kafka_s3_archiver::forget::journal::ForgetSelection {
+                    sources: sources.into_iter().collect(),
+                    from,
+                    to,
+                },
+                dry_run,
+                wait_limit: wait_limit.map(Duration::from_secs),
+                work_dir,
+                concurrency: concurrency.max(1),
+            };
+            let runtime = tokio::runtime::Runtime::new().context("start async runtime")?;
+            let say = |line: String| eprintln!("forget: {line}");
+            let summary =
+                runtime.block_on(kafka_s3_archiver::forget::forget(&config, options, &say))?;
+            print!("{}", render_forget(&summary, &config.s3.bucket));
+            Ok(if summary.left_alone.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
         Command::Lag {
             config,
@@ -544,4 +630,67 @@ async fn cancel_on_signal(shutdown: CancellationToken) {
         let _ = tokio::signal::ctrl_c().await;
     }
     shutdown.cancel();
+}
+
+/// Ids from `--id` and `--ids-file` ("-": standard input), hashed at once.
+fn read_ids(
+    ids: &[String],
+    ids_file: Option<&std::path::Path>,
+) -> anyhow::Result<std::collections::BTreeSet<kafka_s3_archiver::suppress::IdHash>> {
+    let text = match ids_file {
+        Some(path) if path.as_os_str() == "-" => {
+            std::io::read_to_string(std::io::stdin()).context("read ids from stdin")?
+        }
+        Some(path) => std::fs::read_to_string(path)
+            .with_context(|| format!("read ids from {}", path.display()))?,
+        None => String::new(),
+    };
+    let lines = ids.iter().map(String::as_str).chain(text.lines());
+    Ok(kafka_s3_archiver::suppress::parse_ids(lines))
+}
+
+/// What `forget` did, for its operator.
+fn render_forget(summary: &kafka_s3_archiver::forget::ForgetSummary, bucket: &str) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let verb = if summary.dry_run {
+        "would rewrite"
+    } else {
+        "rewrote"
+    };
+    let _ = writeln!(
+        out,
+        "forget request {}{}",
+        summary.request,
+        if summary.resumed { " (resumed)" } else { "" }
+    );
+    if !summary.resumed {
+        let _ = writeln!(
+            out,
+            "read {} of {} objects in the selection ({} bytes)",
+            summary.objects_read, summary.objects_in_selection, summary.bytes_read
+        );
+    }
+    let _ = writeln!(
+        out,
+        "{verb} {} objects: {} lines ({} uncompressed bytes) of the users taken out",
+        summary.objects_holding, summary.lines_removed, summary.uncompressed_bytes_removed
+    );
+    if !summary.dry_run {
+        let _ = writeln!(
+            out,
+            "put {} objects ({} found rewritten by an earlier run), updated {} batch manifests",
+            summary.objects_rewritten, summary.objects_already_rewritten, summary.manifests_updated
+        );
+    }
+    for waiting in &summary.waiting {
+        let _ = writeln!(out, "not read yet, {waiting}");
+    }
+    for why in &summary.left_alone {
+        let _ = writeln!(out, "left alone: {why}");
+    }
+    if let Some(key) = &summary.audit_key {
+        let _ = writeln!(out, "audit record: s3://{bucket}/{key}");
+    }
+    out
 }

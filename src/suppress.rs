@@ -59,38 +59,61 @@ impl IdHash {
 }
 
 /// Every value of an id field ([`ID_FIELDS`]) at the top level of a JSON object, strings and
-/// whole numbers (as their digits), each occurrence of a field given twice included; empty when
-/// the bytes are no JSON object. For what is read back from the archive (`restore`), where
-/// routing's one pass is not at hand.
+/// whole numbers (as their digits), each occurrence of a field given twice included. For what
+/// is read back from the archive (`restore`, `forget`), where routing's one pass is not at hand.
+/// Bytes that stop being JSON keep the ids read before they stopped (a `too-large` dead letter
+/// keeps only the start of its record): nothing, for bytes that are no JSON object.
 pub fn top_level_ids(json: &[u8]) -> Vec<String> {
     use serde::de::{Deserializer as _, IgnoredAny, MapAccess, Visitor};
-    struct Ids;
-    impl<'de> Visitor<'de> for Ids {
-        type Value = Vec<String>;
+    struct Ids<'v>(&'v mut Vec<String>);
+    impl<'de> Visitor<'de> for Ids<'_> {
+        type Value = ();
         fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
             f.write_str("a JSON object")
         }
-        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Vec<String>, A::Error> {
-            let mut ids = Vec::new();
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
             while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
                 if !ID_FIELDS.contains(&key.as_ref()) {
                     map.next_value::<IgnoredAny>()?;
                     continue;
                 }
                 match map.next_value::<serde_json::Value>()? {
-                    serde_json::Value::String(id) => ids.push(id),
+                    serde_json::Value::String(id) => self.0.push(id),
                     serde_json::Value::Number(n) if n.is_i64() || n.is_u64() => {
-                        ids.push(n.to_string())
+                        self.0.push(n.to_string())
                     }
                     _ => {}
                 }
             }
-            Ok(ids)
+            Ok(())
         }
     }
-    serde_json::Deserializer::from_slice(json)
-        .deserialize_map(Ids)
-        .unwrap_or_default()
+    let mut ids = Vec::new();
+    let _ = serde_json::Deserializer::from_slice(json).deserialize_map(Ids(&mut ids));
+    ids
+}
+
+/// The ids a dead letter line names: those of the record it keeps (all of it, or the start of a
+/// `too-large` one) and its Kafka key, as routing matches a dead-lettered record's; nothing for
+/// a line that is no dead letter.
+pub fn dead_letter_ids(line: &[u8]) -> Vec<String> {
+    #[derive(Deserialize)]
+    struct Letter {
+        key_base64: Option<String>,
+        payload_base64: Option<String>,
+    }
+    use base64::Engine as _;
+    let Ok(letter) = serde_json::from_slice::<Letter>(line) else {
+        return Vec::new();
+    };
+    let decode = |text: Option<String>| {
+        text.and_then(|text| base64::engine::general_purpose::STANDARD.decode(text).ok())
+    };
+    let mut ids = decode(letter.payload_base64)
+        .map(|payload| top_level_ids(&payload))
+        .unwrap_or_default();
+    ids.extend(decode(letter.key_base64).and_then(|key| String::from_utf8(key).ok()));
+    ids
 }
 
 /// The hashes of one id.
@@ -233,6 +256,11 @@ impl Suppression {
 
     pub fn is_empty(&self) -> bool {
         self.all.is_empty()
+    }
+
+    /// Whether the list holds `id`.
+    pub fn holds(&self, id: &IdHash) -> bool {
+        self.all.contains(id)
     }
 
     /// Whether an event whose id field holds `id` is suppressed.
@@ -419,6 +447,21 @@ mod tests {
         assert_eq!(top_level_ids(json), ["a", "7", "b"]);
         assert!(top_level_ids(b"not json").is_empty());
         assert!(top_level_ids(br#"["userId"]"#).is_empty());
+        // The start of a record cut short keeps the ids before the cut.
+        assert_eq!(top_level_ids(br#"{"userId":"a","properties":{"x":"#), ["a"]);
+    }
+
+    #[test]
+    fn a_dead_letter_names_the_ids_of_its_record_and_its_key() {
+        use base64::Engine as _;
+        let b64 = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
+        let letter = format!(
+            r#"{{"reason":"too-large","key_base64":"{}","payload_base64":"{}"}}"#,
+            b64(b"user-k"),
+            b64(br#"{"anonymousId":"anon-1","properties":{"#)
+        );
+        assert_eq!(dead_letter_ids(letter.as_bytes()), ["anon-1", "user-k"]);
+        assert!(dead_letter_ids(b"{}").is_empty() && dead_letter_ids(b"no").is_empty());
     }
 
     #[test]

@@ -15,6 +15,7 @@ use serde::Serialize;
 use crate::checkpoint::{Gap, GapCause};
 use crate::config::Config;
 use crate::consume::lag::{group_lag, LagError, PartitionLag};
+use crate::forget::journal::{forget_prefix, unfinished, Journal, Journaled};
 use crate::layout;
 use crate::layout::Codec;
 use crate::upload::manifest::Manifest;
@@ -30,7 +31,7 @@ const FETCH_KIB: u32 = 64 << 10;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Finding {
     /// `gap`, `overlap`, `missing-object`, `extra-object`, `count-mismatch`, `bad-manifest`,
-    /// `corrupt-object`, `uncommitted-batch`, `duplicate-message-id`.
+    /// `corrupt-object`, `uncommitted-batch`, `duplicate-message-id`, `forget-unfinished`.
     pub kind: &'static str,
     pub partition: Option<i32>,
     pub detail: String,
@@ -51,6 +52,8 @@ pub struct PartitionSummary {
     pub offsets_without_record: u64,
     /// Records of suppressed users the manifests say were left out (`suppress`).
     pub records_suppressed: u64,
+    /// Lines the manifests say `forget` took out of archived objects.
+    pub records_forgotten: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -285,6 +288,7 @@ pub fn analyze(
             };
             summary.offsets_without_record += offsets(GapCause::NoRecord);
             summary.records_suppressed += offsets(GapCause::Suppressed);
+            summary.records_forgotten += manifest.files.iter().map(|f| f.forgotten).sum::<u64>();
             summary.records += manifest.records;
             // An object a zombie put after the batch's replay: the batch's, its lines in the
             // batch's `deleted` gap. Checked like the others when it is there.
@@ -342,6 +346,7 @@ async fn deep_check(
     findings: &mut Vec<Finding>,
 ) -> Result<(), VerifyError> {
     let root = format!("{}{}/", config.s3.prefix, layout::ROOT);
+    let journaled = forget_journals(store, &config.s3.prefix, objects, findings).await?;
     let mut seen: HashMap<String, String> = HashMap::new();
     let mut keys: Vec<(&String, &i64)> = referenced
         .keys()
@@ -361,9 +366,62 @@ async fn deep_check(
         })
         .await
         .expect("object check thread");
+        let checked = explain_by_journal(checked, key, referenced.get(key.as_str()), &journaled);
         record_object(&mut seen, key, checked, report, findings);
     }
     Ok(())
+}
+
+async fn forget_journals(
+    store: &S3Store,
+    prefix: &str,
+    objects: &BTreeMap<String, i64>,
+    findings: &mut Vec<Finding>,
+) -> Result<Journaled, VerifyError> {
+    let root = forget_prefix(prefix);
+    let keys = objects
+        .range(root.clone()..)
+        .take_while(|(key, _)| key.starts_with(&root))
+        .filter(|(key, _)| key.ends_with("/journal.json"));
+    let mut journaled = Journaled::new();
+    let mut fetched = fetch_in_order(store, keys);
+    while let Some((key, bytes, _held)) = fetched.next().await {
+        match serde_json::from_slice::<Journal>(&bytes?) {
+            Ok(journal) => journaled.extend(
+                journal
+                    .rewrites
+                    .into_iter()
+                    .map(|rewrite| (rewrite.key.clone(), (journal.request.clone(), rewrite))),
+            ),
+            Err(err) => findings.push(Finding {
+                kind: "bad-manifest",
+                partition: None,
+                detail: format!("{key}: {err}"),
+            }),
+        }
+    }
+    Ok(journaled)
+}
+
+/// An object a `forget` journal explains: said as an unfinished request, not as damage.
+pub fn explain_by_journal(
+    mut checked: ObjectCheck,
+    key: &str,
+    expected: Option<&(u64, String)>,
+    journaled: &Journaled,
+) -> ObjectCheck {
+    let (Some(expected), Some(crc32)) = (expected, checked.crc32.as_deref()) else {
+        return checked;
+    };
+    if let Some(detail) = unfinished(journaled, key, expected, (checked.lines, crc32)) {
+        checked.findings.retain(|f| f.kind != "count-mismatch");
+        checked.findings.push(Finding {
+            kind: "forget-unfinished",
+            partition: None,
+            detail,
+        });
+    }
+    checked
 }
 
 /// Adds what one object of the deep check holds to the report: its findings, and a
@@ -396,57 +454,8 @@ pub struct ObjectCheck {
     pub findings: Vec<Finding>,
     /// `messageId`s of its events (dead letters carry none of their own).
     pub message_ids: Vec<String>,
-}
-
-/// An object's content, decoded as its key's extension says: exactly the first gzip member or
-/// zstd frame (what a reader that stops there gets), read as it is inflated; `trailing` tells,
-/// once the content is read to its end, whether bytes follow that member or frame.
-fn decode_object<'a>(key: &str, bytes: &'a [u8]) -> Result<DecodedObject<'a>, String> {
-    match Codec::of_key(key) {
-        Some(Codec::Zstd) => {
-            let frame = zstd::zstd_safe::find_frame_compressed_size(bytes).map_err(|code| {
-                format!(
-                    "not a valid zstd frame ({})",
-                    zstd::zstd_safe::get_error_name(code)
-                )
-            })?;
-            let decoder = zstd::stream::read::Decoder::with_buffer(&bytes[..frame])
-                .map_err(|err| format!("not a valid zstd frame: {err}"))?
-                .single_frame();
-            Ok(DecodedObject::Zstd {
-                content: std::io::BufReader::new(decoder),
-                trailing: frame < bytes.len(),
-            })
-        }
-        _ => Ok(DecodedObject::Gzip(Box::new(std::io::BufReader::new(
-            flate2::bufread::GzDecoder::new(bytes),
-        )))),
-    }
-}
-
-enum DecodedObject<'a> {
-    Gzip(Box<std::io::BufReader<flate2::bufread::GzDecoder<&'a [u8]>>>),
-    Zstd {
-        content: std::io::BufReader<zstd::stream::read::Decoder<'a, &'a [u8]>>,
-        trailing: bool,
-    },
-}
-
-impl DecodedObject<'_> {
-    fn content(&mut self) -> &mut dyn std::io::BufRead {
-        match self {
-            DecodedObject::Gzip(content) => content,
-            DecodedObject::Zstd { content, .. } => content,
-        }
-    }
-
-    /// Whether bytes follow the member or frame (valid once the content was read to its end).
-    fn trailing(self) -> bool {
-        match self {
-            DecodedObject::Gzip(content) => !content.into_inner().into_inner().is_empty(),
-            DecodedObject::Zstd { trailing, .. } => trailing,
-        }
-    }
+    /// CRC32 of its uncompressed content, hex (`None` when it could not be read to its end).
+    pub crc32: Option<String>,
 }
 
 /// Checks an object's bytes: exactly one gzip member, with the line count and CRC32 its manifest
@@ -466,7 +475,7 @@ pub fn inspect_object(
             detail: format!("{key}: {err}"),
         });
     };
-    let mut decoded = match decode_object(key, bytes) {
+    let mut decoded = match crate::object::decode_object(key, bytes) {
         Ok(decoded) => decoded,
         Err(err) => {
             corrupt(&mut check, err);
@@ -511,8 +520,9 @@ pub fn inspect_object(
             "bytes follow the first gzip member or zstd frame".into(),
         );
     }
+    let actual_crc = format!("{:08x}", crc.finalize());
+    check.crc32 = Some(actual_crc.clone());
     if let Some((records, expected_crc)) = expected {
-        let actual_crc = format!("{:08x}", crc.finalize());
         if records != check.lines || expected_crc != actual_crc {
             check.findings.push(Finding {
                 kind: "count-mismatch",
@@ -619,6 +629,12 @@ impl Report {
                 "{suppressed} records of suppressed users left out, as their manifests record\n"
             ));
         }
+        let forgotten: u64 = self.partitions.iter().map(|p| p.records_forgotten).sum();
+        if forgotten > 0 {
+            out.push_str(&format!(
+                "{forgotten} lines of deleted users taken out by forget, as their manifests record\n"
+            ));
+        }
         if self.findings.is_empty() {
             out.push_str("no findings\n");
         } else {
@@ -657,6 +673,7 @@ mod tests {
                 compressed_bytes: 1,
                 crc32: "0".into(),
                 deleted_from_kafka: 0,
+                forgotten: 0,
             }],
             gaps,
             may_appear: Vec::new(),
@@ -824,6 +841,7 @@ mod tests {
             compressed_bytes: 1,
             crc32: "0".into(),
             deleted_from_kafka: 100,
+            forgotten: 0,
         }];
         for objects in [vec![late], vec![]] {
             let (report, kinds) = analyzed(vec![batch.clone()], &objects, &lag(0, 100, Some(100)));
@@ -872,6 +890,40 @@ mod tests {
         assert_eq!(cut.findings.len(), 1, "{:?}", cut.findings);
         assert_eq!(cut.findings[0].kind, "corrupt-object");
         assert!(cut.message_ids.is_empty());
+    }
+
+    /// An object `forget` rewrote before it could update the manifest is said to be that, and
+    /// only when it holds exactly what the journal says; anything else stays a mismatch.
+    #[test]
+    fn an_object_a_forget_journal_explains_is_an_unfinished_forget() {
+        use crate::forget::journal::Rewrite;
+        use crate::forget::rewrite::Content;
+        let (old, new) = (
+            "{\"userId\":\"u1\"}\n{\"userId\":\"u2\"}\n",
+            "{\"userId\":\"u2\"}\n",
+        );
+        let content = |text: &str| Content {
+            records: text.lines().count() as u64,
+            uncompressed_bytes: text.len() as u64,
+            crc32: format!("{:08x}", crc32fast::hash(text.as_bytes())),
+        };
+        let rewrite = Rewrite {
+            key: "k".into(),
+            manifest: None,
+            old: content(old),
+            new: content(new),
+            old_compressed_bytes: 0,
+        };
+        let journaled = Journaled::from([("k".to_string(), ("r1".to_string(), rewrite))]);
+        let expected = (2, content(old).crc32);
+        let check = |text: &str| {
+            let checked = inspect_object("k", &gzip(text), Some(expected.clone()), false);
+            let checked = explain_by_journal(checked, "k", Some(&expected), &journaled);
+            checked.findings.iter().map(|f| f.kind).collect::<Vec<_>>()
+        };
+        assert_eq!(check(new), ["forget-unfinished"]);
+        assert!(check(old).is_empty());
+        assert_eq!(check("{}\n"), ["count-mismatch"]);
     }
 
     /// A `messageId` is whatever a producer wrote: printed escaped, it cannot forge report lines

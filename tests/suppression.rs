@@ -9,6 +9,7 @@ mod support;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
+use support::s3_proxy::{FaultProxy, FaultRates};
 use support::*;
 
 const PARTITIONS: u32 = 4;
@@ -186,4 +187,154 @@ fn suppressed_users_are_left_out_from_the_next_batch_on_through_a_restart() {
             "an id in a log"
         );
     }
+}
+
+fn forgotten(payload: &[u8]) -> bool {
+    suppressed(payload)
+}
+
+/// `forget` run as an operator runs it, with the rig's settings and members that read the
+/// suppression requests every second.
+fn forget_command(rig: &Rig, ids: &std::path::Path) -> std::process::Command {
+    let mut command = rig.command(&["forget", "--ids-file", ids.to_str().unwrap()]);
+    command.env("ARCHIVER_SUPPRESSION_REFRESH_SECS", "1");
+    command
+}
+
+#[test]
+fn forgotten_users_are_taken_out_of_the_archive_while_the_group_runs_through_a_kill() {
+    let rig = Rig::start_mock(PARTITIONS);
+    let data = rig.dir.path().join("data");
+    let settings = [
+        ("ARCHIVER_SCHEDULE_INTERVAL_SECS", "3"),
+        ("ARCHIVER_SCHEDULE_OFFSET_SECS", "0"),
+        ("ARCHIVER_SUPPRESSION_REFRESH_SECS", "1"),
+    ];
+    let mut archiver = rig.archiver("archiver", &data, &settings);
+    rig.produce(3_000, 3, 2, 1);
+    let before = end_offsets(&rig.read_topic(PARTITIONS));
+    rig.wait_committed(&before, Duration::from_secs(120), &mut [&mut archiver]);
+
+    let ids: String = (0..SUPPRESSED_USERS)
+        .map(|n| format!("user-{n}\n"))
+        .collect();
+    let file = rig.dir.path().join("ids.txt");
+    std::fs::write(&file, ids).unwrap();
+
+    // Forget while events keep coming; kill -9 it while it rewrites, one object at a time
+    // through a proxy that delays every request and fails a few.
+    let proxy = FaultProxy::start(
+        rig.s3.port,
+        FaultRates {
+            internal_error: 0.05,
+            delay: 1.0,
+            delay_ms: 50,
+            ..FaultRates::default()
+        },
+        7,
+    );
+    let mut command = forget_command(&rig, &file);
+    command
+        .args(["--concurrency", "1"])
+        .env("ARCHIVER_S3_ENDPOINT_URL", proxy.endpoint());
+    let mut forget = Process::spawn(command, rig.dir.path().join("forget.log"));
+    rig.produce(1_000, 3, 2, 2);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !forget.log_text().contains("journal stored") {
+        assert!(
+            forget.child.try_wait().unwrap().is_none() && Instant::now() < deadline,
+            "forget ended or stalled before its journal: {}",
+            forget.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    forget.kill9();
+    assert!(
+        !rig.s3.keys().iter().any(|k| k.ends_with("/audit.json")),
+        "forget finished before the kill: {}",
+        forget.log_text()
+    );
+    let output = forget_command(&rig, &file).output().unwrap();
+    let answer = String::from_utf8_lossy(&output.stdout).to_string();
+    assert!(
+        output.status.success(),
+        "{answer}\n{}\n{}",
+        String::from_utf8_lossy(&output.stderr),
+        forget.log_text()
+    );
+    assert!(answer.contains("(resumed)"), "{answer}");
+    // Killed part-way: the rerun finds some objects rewritten and puts the rest.
+    let put = number_after(&answer, "put");
+    let found = number_after(&answer, "objects (");
+    assert!(put > 0 && found > 0, "{answer}");
+
+    // New events of the forgotten users are not archived.
+    rig.produce(1_000, 3, 2, 3);
+    let records = rig.read_topic(PARTITIONS);
+    rig.wait_committed(
+        &end_offsets(&records),
+        Duration::from_secs(120),
+        &mut [&mut archiver],
+    );
+    let status = archiver.terminate(Duration::from_secs(40));
+    assert!(status.success(), "{}", archiver.log_text());
+
+    let out = rig.dir.path().join("bucket");
+    rig.s3.download(&out);
+    let objects = archived_objects(&out, &rig.topic);
+    let archived = multiset(objects.iter().flat_map(|o| &o.lines).map(Vec::as_slice));
+    let mut gone = 0;
+    for (&partition, offsets) in &records {
+        for (&offset, payload) in offsets {
+            let count = archived.get(payload.as_slice()).copied().unwrap_or(0);
+            if forgotten(payload) {
+                assert_eq!(
+                    count, 0,
+                    "partition {partition} offset {offset}: still archived"
+                );
+                gone += 1;
+            } else {
+                assert_eq!(count, 1, "partition {partition} offset {offset}");
+            }
+        }
+    }
+    assert!(gone > 300, "a tenth of 5,000 events: {gone}");
+
+    let (clean, report) = rig.verify(true);
+    assert!(clean, "verify --deep: {report:#}");
+    let sum = |field: &str| -> u64 {
+        report["partitions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p[field].as_u64().unwrap())
+            .sum()
+    };
+    let (taken_out, left_out) = (sum("records_forgotten"), sum("records_suppressed"));
+    assert_eq!(taken_out + left_out, gone as u64, "{report:#}");
+    assert!(
+        taken_out > 200,
+        "the events archived before the request: {taken_out}"
+    );
+
+    // Run again: the same request, found done; nothing is put again.
+    let again = rig.command_ok(&["forget", "--ids-file", file.to_str().unwrap()]);
+    assert!(again.contains("put 0 objects"), "{again}");
+
+    // The journal and the audit record name ids by their hashes only.
+    for (key, path) in files_under(&out) {
+        if key.contains("_forget") || key.contains("_suppression") {
+            let text = std::fs::read_to_string(path).unwrap();
+            assert!(!text.contains("user-"), "{key} holds an id in the clear");
+        }
+    }
+    let audits: Vec<_> = files_under(&out)
+        .into_iter()
+        .filter(|(key, _)| key.ends_with("/audit.json"))
+        .collect();
+    assert_eq!(audits.len(), 1, "one request, one audit record");
+    let audit: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&audits[0].1).unwrap()).unwrap();
+    assert_eq!(audit["lines_removed"].as_u64(), Some(taken_out));
 }

@@ -360,7 +360,7 @@ pub async fn restore(
 /// An S3 request of the restore: a transient failure (a reset, a 5xx, throttling) is tried
 /// again, up to `S3_ATTEMPTS` times in a row, before the run stops with it; a permanent one
 /// (denied, no such bucket) stops it at once.
-async fn s3<T, F, Fut>(request: F) -> Result<T, S3Error>
+pub(crate) async fn s3<T, F, Fut>(request: F) -> Result<T, S3Error>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, S3Error>>,

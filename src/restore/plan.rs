@@ -134,10 +134,10 @@ pub fn parse_day(text: &str) -> Option<NaiveDate> {
 
 /// Where an object of the archive sits: source (`None` for a dead letter), day (`None`: an
 /// undated dead letter's), partition and first offset; the order of these is the sending order.
-type Place = (Option<String>, Option<NaiveDate>, i32, i64);
+pub type Place = (Option<String>, Option<NaiveDate>, i32, i64);
 
 /// The place of `key`, or `None` for keys that are not archived objects of `topic`.
-fn place(root: &str, topic: &str, key: &str) -> Option<Place> {
+pub fn place(root: &str, topic: &str, key: &str) -> Option<Place> {
     let rest = key.strip_prefix(root)?;
     let parts: Vec<&str> = rest.split('/').collect();
     let (source, day, name) = match parts.as_slice() {
@@ -208,31 +208,54 @@ pub fn manifests_of(
     listing: &[(String, i64)],
     objects: &[PlannedObject],
 ) -> BTreeSet<String> {
-    let root = format!("{prefix}{}/", layout::ROOT);
-    let manifest_root = format!("{root}_manifests/{topic}/");
-    let mut ranges: std::collections::HashMap<i32, Vec<(i64, i64, &str)>> = Default::default();
-    for (key, _) in listing {
-        let Some(rest) = key.strip_prefix(&manifest_root) else {
-            continue;
-        };
-        let partition = rest.split('/').next().and_then(|p| p.parse::<i32>().ok());
-        if let (Some(partition), Some((start, end))) = (partition, layout::manifest_range(key)) {
-            ranges.entry(partition).or_default().push((start, end, key));
-        }
-    }
-    for list in ranges.values_mut() {
-        list.sort_unstable();
-    }
+    let ranges = ManifestRanges::of(prefix, topic, listing);
     objects
         .iter()
-        .filter_map(|object| {
-            let (_, _, partition, offset) = place(&root, topic, &object.key)?;
-            let list = ranges.get(&partition)?;
-            let after = list.partition_point(|(start, _, _)| *start <= offset);
-            let (_, end, key) = list.get(after.checked_sub(1)?)?;
-            (offset <= *end).then(|| key.to_string())
-        })
+        .filter_map(|object| ranges.covering(&object.key))
+        .map(str::to_string)
         .collect()
+}
+
+/// The batch manifests of a listing, per partition, by the ranges their keys name.
+pub struct ManifestRanges<'l> {
+    root: String,
+    topic: String,
+    ranges: std::collections::HashMap<i32, Vec<(i64, i64, &'l str)>>,
+}
+
+impl<'l> ManifestRanges<'l> {
+    pub fn of(prefix: &str, topic: &str, listing: &'l [(String, i64)]) -> ManifestRanges<'l> {
+        let root = format!("{prefix}{}/", layout::ROOT);
+        let manifest_root = format!("{root}_manifests/{topic}/");
+        let mut ranges: std::collections::HashMap<i32, Vec<(i64, i64, &str)>> = Default::default();
+        for (key, _) in listing {
+            let Some(rest) = key.strip_prefix(&manifest_root) else {
+                continue;
+            };
+            let partition = rest.split('/').next().and_then(|p| p.parse::<i32>().ok());
+            if let (Some(partition), Some((start, end))) = (partition, layout::manifest_range(key))
+            {
+                ranges.entry(partition).or_default().push((start, end, key));
+            }
+        }
+        for list in ranges.values_mut() {
+            list.sort_unstable();
+        }
+        ManifestRanges {
+            root,
+            topic: topic.to_string(),
+            ranges,
+        }
+    }
+
+    /// The manifest whose range covers the first offset of the object at `key`.
+    pub fn covering(&self, key: &str) -> Option<&'l str> {
+        let (_, _, partition, offset) = place(&self.root, &self.topic, key)?;
+        let list = self.ranges.get(&partition)?;
+        let after = list.partition_point(|(start, _, _)| *start <= offset);
+        let (_, end, key) = list.get(after.checked_sub(1)?)?;
+        (offset <= *end).then_some(*key)
+    }
 }
 
 #[cfg(test)]

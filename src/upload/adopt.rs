@@ -98,6 +98,7 @@ impl<S: ObjectStore> Shared<S> {
             compressed_bytes,
             crc32,
             deleted_from_kafka: records - replayed_records,
+            forgotten: 0,
         }))
     }
 }

@@ -48,6 +48,11 @@ pub struct ManifestFile {
     /// records, and the replay adopted it (nothing is deleted twice, or archived twice).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub deleted_from_kafka: u64,
+    /// Lines `forget` took out of the object since it was archived (users deleted from the
+    /// archive): with `records`, the lines it was archived with. The other fields describe the
+    /// object as it is now.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub forgotten: u64,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -72,6 +77,7 @@ impl ManifestFile {
             compressed_bytes: file.stream.compressed_len,
             crc32: format!("{:08x}", file.stream.crc32),
             deleted_from_kafka: 0,
+            forgotten: 0,
         }
     }
 
@@ -93,6 +99,7 @@ impl ManifestFile {
             compressed_bytes: planned.compressed_bytes,
             crc32: format!("{:08x}", planned.crc32),
             deleted_from_kafka: planned.records,
+            forgotten: 0,
         }
     }
 }
@@ -132,7 +139,8 @@ impl Manifest {
     pub fn unaccounted_offsets(&self) -> Option<i64> {
         let gaps: u64 = self.gaps.iter().map(Gap::offsets).sum();
         let deleted_yet_archived: u64 = self.files.iter().map(|f| f.deleted_from_kafka).sum();
-        let records = self.records as i64 - deleted_yet_archived as i64;
+        let forgotten: u64 = self.files.iter().map(|f| f.forgotten).sum();
+        let records = (self.records + forgotten) as i64 - deleted_yet_archived as i64;
         (self.version >= 2).then(|| self.end - self.start + 1 - records - gaps as i64)
     }
 

@@ -26,6 +26,17 @@ pub async fn submit<S: ObjectStore>(
     let id: String = (0..8)
         .map(|_| format!("{:02x}", fastrand::u8(..)))
         .collect();
+    submit_named(store, prefix, ids, id).await
+}
+
+/// [`submit`] under a name of the caller's (`forget` names its request after its ids, so a
+/// rerun finds it).
+pub async fn submit_named<S: ObjectStore>(
+    store: &S,
+    prefix: &str,
+    ids: &BTreeSet<crate::suppress::IdHash>,
+    id: String,
+) -> Result<(Request, String), S3Error> {
     let request = Request::new(id, Utc::now(), ids);
     let key = request_key(prefix, &request);
     store
