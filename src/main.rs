@@ -204,6 +204,10 @@ enum Command {
         /// Objects read or rewritten at once.
         #[arg(long, default_value_t = kafka_s3_archiver::forget::DEFAULT_CONCURRENCY)]
         concurrency: usize,
+        /// Finish an unfinished request from its journal in the bucket (its ids and selection
+        /// come from there), e.g. one killed whose ids are not at hand.
+        #[arg(long, value_name = "REQUEST", conflicts_with_all = ["ids", "ids_file", "sources", "from", "to"])]
+        finish: Option<String>,
     },
     /// Show the group's committed offsets against the topic's high watermarks.
     Lag {
@@ -479,10 +483,14 @@ fn real_main() -> anyhow::Result<ExitCode> {
             wait_limit,
             work_dir,
             concurrency,
+            finish,
         } => {
             let config = config.load()?;
             let ids = read_ids(&ids, ids_file.as_deref())?;
-            anyhow::ensure!(!ids.is_empty(), "no ids given: use --id or --ids-file");
+            anyhow::ensure!(
+                !ids.is_empty() || finish.is_some(),
+                "no ids given: use --id or --ids-file (or --finish REQUEST)"
+            );
             let day = |flag: &str, text: Option<String>| {
                 text.map(|text| {
                     restore::plan::parse_day(&text).with_context(|| {
@@ -510,6 +518,7 @@ fn real_main() -> anyhow::Result<ExitCode> {
                 wait_limit: wait_limit.map(Duration::from_secs),
                 work_dir,
                 concurrency: concurrency.max(1),
+                finish,
             };
             let runtime = tokio::runtime::Runtime::new().context("start async runtime")?;
             let say = |line: String| eprintln!("forget: {line}");
@@ -682,6 +691,13 @@ fn render_forget(summary: &kafka_s3_archiver::forget::ForgetSummary, bucket: &st
             "put {} objects ({} found rewritten by an earlier run), updated {} batch manifests",
             summary.objects_rewritten, summary.objects_already_rewritten, summary.manifests_updated
         );
+        if summary.versions_deleted > 0 {
+            let _ = writeln!(
+                out,
+                "deleted {} earlier versions of rewritten objects",
+                summary.versions_deleted
+            );
+        }
     }
     for waiting in &summary.waiting {
         let _ = writeln!(out, "not read yet, {waiting}");

@@ -387,12 +387,12 @@ async fn forget_journals(
     let mut fetched = fetch_in_order(store, keys);
     while let Some((key, bytes, _held)) = fetched.next().await {
         match serde_json::from_slice::<Journal>(&bytes?) {
-            Ok(journal) => journaled.extend(
-                journal
-                    .rewrites
-                    .into_iter()
-                    .map(|rewrite| (rewrite.key.clone(), (journal.request.clone(), rewrite))),
-            ),
+            Ok(journal) => {
+                for rewrite in journal.rewrites {
+                    let entry = journaled.entry(rewrite.key.clone()).or_default();
+                    entry.push((journal.request.clone(), rewrite));
+                }
+            }
             Err(err) => findings.push(Finding {
                 kind: "bad-manifest",
                 partition: None,
@@ -914,7 +914,7 @@ mod tests {
             new: content(new),
             old_compressed_bytes: 0,
         };
-        let journaled = Journaled::from([("k".to_string(), ("r1".to_string(), rewrite))]);
+        let journaled = Journaled::from([("k".to_string(), vec![("r1".to_string(), rewrite)])]);
         let expected = (2, content(old).crc32);
         let check = |text: &str| {
             let checked = inspect_object("k", &gzip(text), Some(expected.clone()), false);

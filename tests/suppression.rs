@@ -204,6 +204,8 @@ fn forget_command(rig: &Rig, ids: &std::path::Path) -> std::process::Command {
 #[test]
 fn forgotten_users_are_taken_out_of_the_archive_while_the_group_runs_through_a_kill() {
     let rig = Rig::start_mock(PARTITIONS);
+    // A versioned bucket keeps each rewritten object's earlier version: forget deletes them.
+    rig.s3.enable_versioning();
     let data = rig.dir.path().join("data");
     let settings = [
         ("ARCHIVER_SCHEDULE_INTERVAL_SECS", "3"),
@@ -316,6 +318,19 @@ fn forgotten_users_are_taken_out_of_the_archive_while_the_group_runs_through_a_k
     assert!(
         taken_out > 200,
         "the events archived before the request: {taken_out}"
+    );
+
+    // No earlier version of an archived object is left to hold their events.
+    let left: Vec<String> = rig
+        .s3
+        .noncurrent_versions()
+        .into_keys()
+        .filter(|key| key.ends_with(".gz") || key.ends_with(".zst"))
+        .collect();
+    assert!(left.is_empty(), "earlier versions left: {left:?}");
+    assert!(
+        answer.contains("earlier versions of rewritten objects"),
+        "{answer}"
     );
 
     // Run again: the same request, found done; nothing is put again.

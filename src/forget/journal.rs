@@ -67,6 +67,17 @@ pub fn forget_prefix(prefix: &str) -> String {
     format!("{prefix}{}/_manifests/_forget/", layout::ROOT)
 }
 
+/// The request a key under [`forget_prefix`] belongs to, and whether it is its journal (or its
+/// audit record).
+pub fn request_of<'k>(prefix: &str, key: &'k str) -> Option<(&'k str, bool)> {
+    let (request, file) = key.strip_prefix(&forget_prefix(prefix))?.split_once('/')?;
+    match file {
+        "journal.json" => Some((request, true)),
+        "audit.json" => Some((request, false)),
+        _ => None,
+    }
+}
+
 pub fn journal_key(prefix: &str, request: &str) -> String {
     format!("{}/journal.json", folder(prefix, request))
 }
@@ -85,6 +96,14 @@ pub struct Journal {
     pub ids: Vec<String>,
     pub selection: ForgetSelection,
     pub rewrites: Vec<Rewrite>,
+    /// When the request's first run began, and what it read: for the audit record, whichever
+    /// run finishes the request.
+    #[serde(default)]
+    pub started: Option<DateTime<Utc>>,
+    #[serde(default)]
+    pub objects_read: u64,
+    #[serde(default)]
+    pub bytes_read: u64,
 }
 
 pub const JOURNAL_VERSION: u32 = 1;
@@ -108,9 +127,9 @@ impl Rewrite {
     }
 }
 
-/// What each object a journal names is to hold before and after its rewrite, by key, with its
-/// request.
-pub type Journaled = std::collections::HashMap<String, (String, Rewrite)>;
+/// What each object the journals name is to hold before and after its rewrite, by key, with
+/// the request (requests run one after the other may name the same object).
+pub type Journaled = std::collections::HashMap<String, Vec<(String, Rewrite)>>;
 
 /// Why an object holds other lines than its manifest entry (`expected`: lines and CRC32) when a
 /// journal explains it: `forget` rewrote it (`actual` is the journal's new content) and was
@@ -121,14 +140,15 @@ pub fn unfinished(
     expected: &(u64, String),
     actual: (u64, &str),
 ) -> Option<String> {
-    let (request, rewrite) = journaled.get(key)?;
-    let was_old = expected.0 == rewrite.old.records && expected.1 == rewrite.old.crc32;
-    let holds_new = actual.0 == rewrite.new.records && actual.1 == rewrite.new.crc32;
-    (was_old && holds_new).then(|| {
-        format!(
-            "{key}: rewritten by forget request {request} ({} lines taken out) before its manifest was updated: run that forget again to finish it",
-            rewrite.removed()
-        )
+    journaled.get(key)?.iter().find_map(|(request, rewrite)| {
+        let was_old = expected.0 == rewrite.old.records && expected.1 == rewrite.old.crc32;
+        let holds_new = actual.0 == rewrite.new.records && actual.1 == rewrite.new.crc32;
+        (was_old && holds_new).then(|| {
+            format!(
+                "{key}: rewritten by forget request {request} ({} lines taken out) before its manifest was updated: finish that request (`forget --finish {request}`)",
+                rewrite.removed()
+            )
+        })
     })
 }
 
@@ -154,7 +174,10 @@ pub struct Audit {
     pub objects_rewritten: u64,
     pub lines_removed: u64,
     pub manifests_updated: u64,
-    /// Objects that hold the users' events and were not rewritten, each with why.
+    /// Earlier versions of rewritten objects deleted (a versioned bucket).
+    pub versions_deleted: u64,
+    /// Objects (or earlier versions) that hold the users' events and were not rewritten (or
+    /// deleted), each with why.
     pub left_alone: Vec<String>,
 }
 

@@ -55,6 +55,9 @@ pub struct ForgetOptions {
     pub work_dir: Option<PathBuf>,
     /// Objects read or rewritten at once.
     pub concurrency: usize,
+    /// Finish this request from its journal (its ids and selection are read from it, and
+    /// `ids` and `selection` are not used).
+    pub finish: Option<String>,
 }
 
 /// What a run did (or, in a dry run, would do).
@@ -76,7 +79,11 @@ pub struct ForgetSummary {
     /// Found rewritten already (an earlier run of the request).
     pub objects_already_rewritten: u64,
     pub manifests_updated: u64,
-    /// Objects holding the users' events that were not rewritten, each with why.
+    /// Earlier versions of rewritten objects deleted (a versioned bucket keeps the overwritten
+    /// object as one).
+    pub versions_deleted: u64,
+    /// Objects (or earlier versions) holding the users' events that were not rewritten (or
+    /// deleted), each with why.
     pub left_alone: Vec<String>,
     /// A dry run's partitions that still hold batches cut before the ids were suppressed.
     pub waiting: Vec<String>,
@@ -99,6 +106,10 @@ pub enum ForgetError {
     },
     #[error("cannot use the work directory {path}: {message}")]
     WorkDir { path: String, message: String },
+    #[error("forget request {request} is unfinished (it has a journal and no audit record): finish it first (`forget --finish {request}`); two requests at once could undo each other's manifest updates")]
+    OtherUnfinished { request: String },
+    #[error("no forget request {request} to finish: {key} is not in the bucket")]
+    NothingToFinish { request: String, key: String },
     #[error("gave up waiting after {secs} s (the ids are suppressed; run the same forget again to finish): {waiting}")]
     StillWaiting { secs: u64, waiting: String },
 }
@@ -110,12 +121,16 @@ pub async fn forget(
     options: ForgetOptions,
     say: &(dyn Fn(String) + Sync),
 ) -> Result<ForgetSummary, ForgetError> {
-    if options.ids.is_empty() {
-        return Err(ForgetError::NoIds);
-    }
     let store = S3Store::connect(&config.s3).await;
     let prefix = config.s3.prefix.as_str();
     let topic = config.kafka.topic.as_str();
+    let options = match &options.finish {
+        Some(request) => options_of_journal(&store, prefix, request, options.clone()).await?,
+        None => options,
+    };
+    if options.ids.is_empty() {
+        return Err(ForgetError::NoIds);
+    }
     let request = request_id(prefix, topic, &options.ids, &options.selection);
     let started = Utc::now();
     let mut summary = ForgetSummary {
@@ -135,18 +150,24 @@ pub async fn forget(
         }
         None if options.dry_run => {
             let views = partition_views(config, &store, &options.ids).await?;
+            // Batches cut before any list holds the ids, which a dry run cannot read yet.
             summary.waiting = views
                 .iter()
                 .filter_map(|(view, _)| {
-                    judge(view, false)
-                        .err()
-                        .filter(|w| *w != Waiting::MembersReading)
-                        .map(|w| format!("partition {}: {w}", view.partition))
+                    let intent = view.intent.filter(|i| view.from <= i.end)?;
+                    (!intent.cut_under_list).then(|| {
+                        let waiting = Waiting::BatchBeforeList {
+                            start: intent.start.max(view.from),
+                            end: intent.end,
+                        };
+                        format!("partition {}: {waiting}", view.partition)
+                    })
                 })
                 .collect();
             (committed_of(&views), None)
         }
         None => {
+            refuse_if_another_unfinished(&store, prefix, &request).await?;
             let since = ensure_suppressed(&store, prefix, &request, &options.ids, say).await?;
             let committed = wait_until_clean(config, &store, &options, since, say).await?;
             (committed, Some(since))
@@ -220,8 +241,14 @@ pub async fn in_bucket<S: ObjectStore>(
         None => {
             let root = format!("{prefix}{}/", layout::ROOT);
             let listing = s3(|| store.list(&root)).await?;
-            let candidates = candidates(prefix, topic, &listing, &options.selection, committed);
+            let (candidates, uncommitted) =
+                candidates(prefix, topic, &listing, &options.selection, committed);
             summary.objects_in_selection = candidates.len() as u64;
+            summary.left_alone.extend(uncommitted.iter().map(|(partition, objects)| {
+                format!(
+                    "partition {partition}: the group has no committed offset (its offsets expired, or another group.id archived it), so its {objects} objects in the selection were not read: their batches may still be open"
+                )
+            }));
             let scan = scan(store, &candidates, &list, options.concurrency, say).await?;
             summary.objects_read = scan.objects_read;
             summary.bytes_read = scan.bytes_read;
@@ -233,8 +260,13 @@ pub async fn in_bucket<S: ObjectStore>(
                 ids: options.ids.iter().map(IdHash::encode).collect(),
                 selection: options.selection.clone(),
                 rewrites: scan.rewrites,
+                started: Some(context.started),
+                objects_read: scan.objects_read,
+                bytes_read: scan.bytes_read,
             };
             if !options.dry_run {
+                // Again, as late as can be: another may have begun during the wait.
+                refuse_if_another_unfinished(store, prefix, request).await?;
                 // Before the first rewrite: a rerun finishes from it, `verify` explains with it.
                 let key = journal_key(prefix, request);
                 s3(|| store.put_bytes(&key, journal.to_json(), "application/json")).await?;
@@ -246,6 +278,8 @@ pub async fn in_bucket<S: ObjectStore>(
             journal
         }
     };
+    summary.objects_read = journal.objects_read;
+    summary.bytes_read = journal.bytes_read;
     summary.objects_holding = journal.rewrites.len() as u64;
     summary.lines_removed = journal.rewrites.iter().map(Rewrite::removed).sum();
     summary.uncompressed_bytes_removed = journal
@@ -259,7 +293,10 @@ pub async fn in_bucket<S: ObjectStore>(
 
     let work_dir = options.work_dir.clone().unwrap_or_else(std::env::temp_dir);
     let work_dir = work_dir.join(format!("kafka-s3-archiver-forget-{request}"));
-    make_private_dir(&work_dir)?;
+    let dir = work_dir.clone();
+    tokio::task::spawn_blocking(move || make_private_dir(&dir))
+        .await
+        .expect("work directory thread")?;
     let applied = apply(
         store,
         prefix,
@@ -272,17 +309,18 @@ pub async fn in_bucket<S: ObjectStore>(
         say,
     )
     .await;
-    let _ = std::fs::remove_dir_all(&work_dir);
+    let _ = tokio::fs::remove_dir_all(&work_dir).await;
     let applied = applied?;
     summary.objects_rewritten = applied.rewritten;
     summary.objects_already_rewritten = applied.already;
     summary.manifests_updated = applied.manifests_updated;
+    summary.versions_deleted = applied.versions_deleted;
     summary.left_alone.extend(applied.left_alone);
 
     let audit = Audit {
         request: request.to_string(),
         suppressed_since: context.suppressed_since,
-        started: context.started,
+        started: journal.started.unwrap_or(context.started),
         finished: Utc::now(),
         id_sha256s: options.ids.iter().map(IdHash::sha256_hex).collect(),
         selection: options.selection.clone(),
@@ -291,12 +329,74 @@ pub async fn in_bucket<S: ObjectStore>(
         objects_rewritten: summary.objects_rewritten + summary.objects_already_rewritten,
         lines_removed: summary.lines_removed,
         manifests_updated: summary.manifests_updated,
+        versions_deleted: summary.versions_deleted,
         left_alone: summary.left_alone.clone(),
     };
     let key = audit_key(prefix, request);
     s3(|| store.put_bytes(&key, audit.to_json(), "application/json")).await?;
     summary.audit_key = Some(key);
     Ok(())
+}
+
+/// The options of the request whose journal is stored under `request`: its ids and selection.
+async fn options_of_journal<S: ObjectStore>(
+    store: &S,
+    prefix: &str,
+    request: &str,
+    options: ForgetOptions,
+) -> Result<ForgetOptions, ForgetError> {
+    let key = journal_key(prefix, request);
+    let Some(bytes) = s3(|| store.get_bytes(&key)).await? else {
+        return Err(ForgetError::NothingToFinish {
+            request: request.to_string(),
+            key,
+        });
+    };
+    let bad = |message: String| ForgetError::BadJournal {
+        request: request.to_string(),
+        key: key.clone(),
+        message,
+    };
+    let journal: Journal = serde_json::from_slice(&bytes).map_err(|err| bad(err.to_string()))?;
+    let ids = journal
+        .ids
+        .iter()
+        .map(|text| IdHash::decode(text).ok_or_else(|| bad(format!("not an id hash: {text}"))))
+        .collect::<Result<BTreeSet<_>, _>>()?;
+    Ok(ForgetOptions {
+        ids,
+        selection: journal.selection,
+        ..options
+    })
+}
+
+/// Requests run one at a time: a manifest updated by two at once could lose one's update.
+/// Refuses while another request has a journal and no audit record (killed, or running).
+pub async fn refuse_if_another_unfinished<S: ObjectStore>(
+    store: &S,
+    prefix: &str,
+    request: &str,
+) -> Result<(), ForgetError> {
+    let root = journal::forget_prefix(prefix);
+    let listing = s3(|| store.list(&root)).await?;
+    let mut journaled = BTreeSet::new();
+    let mut audited = BTreeSet::new();
+    for (key, _) in &listing {
+        match journal::request_of(prefix, key) {
+            Some((other, true)) => journaled.insert(other.to_string()),
+            Some((other, false)) => audited.insert(other.to_string()),
+            None => false,
+        };
+    }
+    match journaled
+        .difference(&audited)
+        .find(|other| other.as_str() != request)
+    {
+        Some(other) => Err(ForgetError::OtherUnfinished {
+            request: other.clone(),
+        }),
+        None => Ok(()),
+    }
 }
 
 fn read_journal(
@@ -459,16 +559,28 @@ async fn wait_until_clean<S: ObjectStore>(
     say: &(dyn Fn(String) + Sync),
 ) -> Result<HashMap<i32, i64>, ForgetError> {
     // Twice a member's refresh period: one to read the request, one of margin for a slow read.
-    let refresh = chrono::Duration::seconds(2 * config.suppression.refresh_secs as i64);
+    let members_read =
+        since + chrono::Duration::seconds(2 * config.suppression.refresh_secs as i64);
     let started = Instant::now();
+    let mut baseline: Option<HashMap<i32, Option<i64>>> = None;
     let mut said = String::new();
     loop {
         let views = partition_views(config, store, &options.ids).await?;
-        let members_read = Utc::now() >= since + refresh;
+        if baseline.is_none() && Utc::now() >= members_read {
+            baseline = Some(
+                views
+                    .iter()
+                    .map(|(view, _)| (view.partition, view.intent.map(|i| i.end)))
+                    .collect(),
+            );
+        }
         let waiting: Vec<String> = views
             .iter()
             .filter_map(|(view, _)| {
-                judge(view, members_read)
+                let partition_baseline = baseline
+                    .as_ref()
+                    .map(|b| b.get(&view.partition).copied().flatten());
+                judge(view, partition_baseline)
                     .err()
                     .map(|w| format!("partition {}: {w}", view.partition))
             })
@@ -506,34 +618,43 @@ pub struct Candidate {
 
 /// The objects of the selection (events and dead letters of the topic) in batches the group
 /// committed (`committed`: each partition's next offset): only those can never be replayed.
+/// Also how many objects of the selection lie in partitions the group never committed, which
+/// are not read (their batches may still be open).
 pub fn candidates(
     prefix: &str,
     topic: &str,
     listing: &[(String, i64)],
     selection: &ForgetSelection,
     committed: &HashMap<i32, i64>,
-) -> Vec<Candidate> {
+) -> (Vec<Candidate>, BTreeMap<i32, u64>) {
     let root = format!("{prefix}{}/", layout::ROOT);
     let manifests = ManifestRanges::of(prefix, topic, listing);
-    listing
+    let mut uncommitted: BTreeMap<i32, u64> = BTreeMap::new();
+    let chosen = listing
         .iter()
         .filter_map(|(key, size)| {
             let (source, day, partition, first_offset) = place(&root, topic, key)?;
-            let committed = *committed.get(&partition)?;
+            if !selection.covers(source.as_deref(), day) {
+                return None;
+            }
+            let Some(&committed) = committed.get(&partition) else {
+                *uncommitted.entry(partition).or_default() += 1;
+                return None;
+            };
             let manifest = manifests.covering(key);
             // A batch is committed whole; an object no manifest covers, by its first line.
             let last = manifest
                 .and_then(layout::manifest_range)
                 .map_or(first_offset, |(_, end)| end);
-            let covered = selection.covers(source.as_deref(), day) && last < committed;
-            covered.then(|| Candidate {
+            (last < committed).then(|| Candidate {
                 key: key.clone(),
                 size: *size,
                 manifest: manifest.map(str::to_string),
                 dead_letter: source.is_none(),
             })
         })
-        .collect()
+        .collect();
+    (chosen, uncommitted)
 }
 
 /// What reading the selection found.
@@ -616,20 +737,32 @@ pub struct Applied {
     pub rewritten: u64,
     pub already: u64,
     pub manifests_updated: u64,
+    pub versions_deleted: u64,
     pub left_alone: Vec<String>,
 }
 
 /// What one object was found holding, and what became of it.
 enum Outcome {
-    /// Put without the lines; its size.
-    Put(u64),
-    /// An earlier run put it; its size.
-    Already(u64),
+    /// Put without the users' lines: what it held, and holds now.
+    Put(Recorded),
+    /// An earlier run put it (the manifest may still describe what it held).
+    Already(Recorded),
+    /// It holds none of the users' lines, though not what the journal says: another request
+    /// rewrote it since.
+    Clean,
     LeftAlone(String),
 }
 
+/// An object's content before and after its rewrite, as its manifest entry is to say.
+struct Recorded {
+    from: rewrite::Content,
+    to: rewrite::Content,
+    compressed_bytes: u64,
+}
+
 /// Rewrites every object of `journal` that does not hold its new content yet, then updates
-/// each batch manifest whose objects are all rewritten.
+/// each batch manifest whose objects are rewritten. An object that cannot be rewritten is
+/// named in `left_alone` and the others go on: its manifest entry stays as it was.
 #[allow(clippy::too_many_arguments)]
 pub async fn apply<S: ObjectStore>(
     store: &S,
@@ -644,37 +777,57 @@ pub async fn apply<S: ObjectStore>(
 ) -> Result<Applied, ForgetError> {
     let root = format!("{prefix}{}/", layout::ROOT);
     let mut applied = Applied::default();
-    let mut done: BTreeMap<&str, Vec<(&Rewrite, u64)>> = BTreeMap::new();
+    // Where the bucket cannot say (denied, or a store that answers it wrongly), each rewritten
+    // key's versions are looked up anyway: a bucket without versions lists none.
+    let keeps_versions = s3(|| store.keeps_versions()).await.unwrap_or(true);
+    let mut done: BTreeMap<&str, Vec<(&str, Recorded)>> = BTreeMap::new();
     let mut rewrites = futures_util::stream::iter(journal.rewrites.iter().enumerate())
         .map(|(index, rewrite)| {
             let path = work_dir.join(format!("{index}.part"));
             let root = root.as_str();
             async move {
-                let outcome = rewrite_one(store, root, topic, rewrite, list, levels, &path).await;
+                let outcome = rewrite_one(store, root, topic, rewrite, list, levels, &path)
+                    .await
+                    .unwrap_or_else(|err| Outcome::LeftAlone(format!("{}: {err}", rewrite.key)));
                 let _ = tokio::fs::remove_file(&path).await;
-                (rewrite, outcome)
+                let versions = match &outcome {
+                    Outcome::Put(_) | Outcome::Already(_) | Outcome::Clean if keeps_versions => {
+                        Some(delete_earlier_versions(store, &rewrite.key).await)
+                    }
+                    _ => None,
+                };
+                (rewrite, outcome, versions)
             }
         })
         .buffer_unordered(concurrency);
     let mut last_said = Instant::now();
-    while let Some((rewrite, outcome)) = rewrites.next().await {
-        let size = match outcome? {
-            Outcome::Put(size) => {
+    while let Some((rewrite, outcome, versions)) = rewrites.next().await {
+        if let Some((deleted, kept)) = versions {
+            applied.versions_deleted += deleted;
+            applied.left_alone.extend(kept);
+        }
+        let recorded = match outcome {
+            Outcome::Put(recorded) => {
                 applied.rewritten += 1;
-                size
+                recorded
             }
-            Outcome::Already(size) => {
+            Outcome::Already(recorded) => {
                 applied.already += 1;
-                size
+                recorded
+            }
+            Outcome::Clean => {
+                applied.already += 1;
+                continue;
             }
             Outcome::LeftAlone(why) => {
-                // Its manifest entry stays as it is: `verify` reports the object.
                 applied.left_alone.push(why);
                 continue;
             }
         };
         if let Some(manifest) = &rewrite.manifest {
-            done.entry(manifest).or_default().push((rewrite, size));
+            done.entry(manifest)
+                .or_default()
+                .push((&rewrite.key, recorded));
         }
         if last_said.elapsed() >= Duration::from_secs(2) {
             say(format!(
@@ -686,8 +839,10 @@ pub async fn apply<S: ObjectStore>(
         }
     }
     for (manifest_key, rewritten) in done {
-        if update_manifest(store, manifest_key, &rewritten).await? {
-            applied.manifests_updated += 1;
+        match update_manifest(store, manifest_key, &rewritten).await {
+            Ok(true) => applied.manifests_updated += 1,
+            Ok(false) => {}
+            Err(why) => applied.left_alone.push(why),
         }
     }
     Ok(applied)
@@ -711,44 +866,58 @@ async fn rewrite_one<S: ObjectStore>(
     let Some((source, _, partition, first_offset)) = place(root, topic, key) else {
         return Ok(Outcome::LeftAlone(format!("{key}: not an archive object")));
     };
-    let file = layout::create_private_file(path).map_err(|err| ForgetError::WorkDir {
-        path: path.display().to_string(),
-        message: err.to_string(),
-    })?;
+    let dead_letter = source.is_none();
     let size = bytes.len() as u64;
-    let (owned_key, list, pledged) = (
+    let bytes = Arc::new(bytes);
+    // What it holds now decides what to do; the new object is compressed only when it is put.
+    let (read, list_now, owned_key) = (Arc::clone(&bytes), Arc::clone(list), key.to_string());
+    let held = tokio::task::spawn_blocking(move || {
+        filter_object(&owned_key, &read, dead_letter, &list_now, None)
+    })
+    .await
+    .expect("object reading thread");
+    let held = match held {
+        Ok(held) => held,
+        Err(err) => return Ok(Outcome::LeftAlone(format!("{key}: cannot be read ({err})"))),
+    };
+    if held.old == rewrite.new {
+        return Ok(Outcome::Already(Recorded {
+            from: rewrite.old.clone(),
+            to: rewrite.new.clone(),
+            compressed_bytes: size,
+        }));
+    }
+    if held.removed() == 0 {
+        return Ok(Outcome::Clean);
+    }
+    // Another request may have rewritten it since it was read: taken from what it holds now.
+    let (owned_key, list, path_owned, pledged) = (
         key.to_string(),
         Arc::clone(list),
-        rewrite.new.uncompressed_bytes,
+        path.to_path_buf(),
+        held.new.uncompressed_bytes,
     );
-    let filtered = tokio::task::spawn_blocking(move || {
-        filter_object(
+    let written = tokio::task::spawn_blocking(move || {
+        let file = layout::create_private_file(&path_owned)
+            .map_err(|err| format!("cannot write {}: {err}", path_owned.display()))?;
+        let written = filter_object(
             &owned_key,
             &bytes,
-            source.is_none(),
+            dead_letter,
             &list,
             Some((file, levels, Some(pledged))),
-        )
+        )?;
+        let len = std::fs::metadata(&path_owned)
+            .map_err(|err| format!("cannot read {}: {err}", path_owned.display()))?
+            .len();
+        Ok::<_, String>((written, len))
     })
     .await
     .expect("object rewriting thread");
-    let filtered = match filtered {
-        Ok(filtered) => filtered,
-        // The object as rewritten already fits the pledged size: only another one errs here.
-        Err(err) => {
-            return Ok(Outcome::LeftAlone(format!(
-                "{key}: holds other lines than when it was read ({err})"
-            )))
-        }
+    let (written, len) = match written {
+        Ok(written) => written,
+        Err(err) => return Ok(Outcome::LeftAlone(format!("{key}: not rewritten ({err})"))),
     };
-    if filtered.old == rewrite.new {
-        return Ok(Outcome::Already(size));
-    }
-    if filtered.old != rewrite.old || filtered.new != rewrite.new {
-        return Ok(Outcome::LeftAlone(format!(
-            "{key}: holds other lines than when it was read"
-        )));
-    }
     let (batch_start, batch_end) = match rewrite.manifest.as_deref() {
         Some(manifest) => layout::manifest_range(manifest).unwrap_or((first_offset, first_offset)),
         None => stray_batch(store, key, first_offset).await?,
@@ -759,20 +928,43 @@ async fn rewrite_one<S: ObjectStore>(
         batch_start,
         batch_end,
         first_offset,
-        record_count: rewrite.new.records,
-        content_crc32: u32::from_str_radix(&rewrite.new.crc32, 16).unwrap_or_default(),
+        record_count: written.new.records,
+        content_crc32: u32::from_str_radix(&written.new.crc32, 16).unwrap_or_default(),
         codec: Codec::of_key(key).unwrap_or(Codec::Gzip),
     };
-    let len = tokio::fs::metadata(path)
-        .await
-        .map_err(|err| ForgetError::WorkDir {
-            path: path.display().to_string(),
-            message: err.to_string(),
-        })?
-        .len();
     let always = || true;
     s3(|| store.put_file_once(key, path, len, &metadata, false, &always)).await?;
-    Ok(Outcome::Put(len))
+    Ok(Outcome::Put(Recorded {
+        from: written.old,
+        to: written.new,
+        compressed_bytes: len,
+    }))
+}
+
+/// Deletes the earlier versions of a rewritten object, which hold what it held; answers how
+/// many it deleted and each it could not, with why (denied, or under Object Lock).
+async fn delete_earlier_versions<S: ObjectStore>(store: &S, key: &str) -> (u64, Vec<String>) {
+    let versions = match s3(|| store.noncurrent_versions(key)).await {
+        Ok(versions) => versions,
+        Err(err) => {
+            return (
+                0,
+                vec![format!(
+                    "{key}: its earlier versions cannot be listed ({err}) and may still hold the users' events (forget needs s3:ListBucketVersions)"
+                )],
+            )
+        }
+    };
+    let (mut deleted, mut kept) = (0, Vec::new());
+    for version in versions {
+        match s3(|| store.delete_version(key, &version)).await {
+            Ok(()) => deleted += 1,
+            Err(err) => kept.push(format!(
+                "{key} version {version}: still holds the users' events, not deleted ({err}; forget needs s3:DeleteObjectVersion, and a version under Object Lock can be deleted only when its retention ends)"
+            )),
+        }
+    }
+    (deleted, kept)
 }
 
 /// The batch an object no manifest covers says it belongs to.
@@ -789,43 +981,48 @@ async fn stray_batch<S: ObjectStore>(
     ))
 }
 
-/// Records the rewritten objects in their batch manifest: each entry that still describes
-/// the old content describes the new one, with the lines removed counted as `forgotten`.
-/// Answers whether the manifest changed.
+/// Records the rewritten objects in their batch manifest: each entry (of its files, or of those
+/// it says may appear) that still describes an object as it was describes it as it is, with
+/// the lines taken out counted as `forgotten`. Answers whether the manifest changed, or why it
+/// could not be updated.
 async fn update_manifest<S: ObjectStore>(
     store: &S,
     key: &str,
-    rewritten: &[(&Rewrite, u64)],
-) -> Result<bool, S3Error> {
-    let Some(bytes) = s3(|| store.get_bytes(key)).await? else {
-        return Ok(false);
+    rewritten: &[(&str, Recorded)],
+) -> Result<bool, String> {
+    let failed = |err: &dyn std::fmt::Display| {
+        format!("{key}: not updated ({err}); its rewritten objects hold fewer lines than it says until the same forget is run again")
     };
-    let Ok(mut manifest) = serde_json::from_slice::<Manifest>(&bytes) else {
-        tracing::error!(
-            key,
-            "a batch manifest cannot be read: its rewritten objects are not recorded in it"
-        );
-        return Ok(false);
+    let bytes = match s3(|| store.get_bytes(key)).await {
+        Ok(Some(bytes)) => bytes,
+        Ok(None) => return Err(failed(&"the manifest is gone")),
+        Err(err) => return Err(failed(&err)),
     };
+    let mut manifest = serde_json::from_slice::<Manifest>(&bytes).map_err(|err| failed(&err))?;
     let mut changed = false;
-    for (rewrite, size) in rewritten {
+    for (object, recorded) in rewritten {
         let entry = manifest
             .files
             .iter_mut()
-            .find(|file| file.key == rewrite.key)
-            .filter(|file| file.records == rewrite.old.records && file.crc32 == rewrite.old.crc32);
+            .chain(manifest.may_appear.iter_mut())
+            .find(|file| file.key == *object)
+            .filter(|file| {
+                file.records == recorded.from.records && file.crc32 == recorded.from.crc32
+            });
         if let Some(entry) = entry {
-            entry.records = rewrite.new.records;
-            entry.uncompressed_bytes = rewrite.new.uncompressed_bytes;
-            entry.compressed_bytes = *size;
-            entry.crc32 = rewrite.new.crc32.clone();
-            entry.forgotten += rewrite.removed();
+            entry.records = recorded.to.records;
+            entry.uncompressed_bytes = recorded.to.uncompressed_bytes;
+            entry.compressed_bytes = recorded.compressed_bytes;
+            entry.crc32 = recorded.to.crc32.clone();
+            entry.forgotten += recorded.from.records - recorded.to.records;
             changed = true;
         }
     }
     if changed {
         manifest.records = manifest.files.iter().map(|f| f.records).sum();
-        s3(|| store.put_bytes(key, manifest.to_json(), "application/json")).await?;
+        s3(|| store.put_bytes(key, manifest.to_json(), "application/json"))
+            .await
+            .map_err(|err| failed(&err))?;
     }
     Ok(changed)
 }
@@ -846,6 +1043,8 @@ mod tests {
 
     /// An object's body and `x-amz-meta-*` fields.
     type Stored = (Vec<u8>, HashMap<String, String>);
+    /// An earlier version of an object: its id and body.
+    type Version = (String, Vec<u8>);
 
     /// A bucket that counts every put per key and, like a kill, fails every request after a
     /// number of writes.
@@ -854,6 +1053,10 @@ mod tests {
         objects: Mutex<BTreeMap<String, Stored>>,
         puts: Mutex<HashMap<String, u32>>,
         writes_left: AtomicI64,
+        /// Earlier versions of each key (version id, body) when `versioned`.
+        versions: Mutex<HashMap<String, Vec<Version>>>,
+        versioned: bool,
+        deny_version_deletes: bool,
     }
 
     impl Bucket {
@@ -905,11 +1108,45 @@ mod tests {
                 ),
             ]);
             let body = std::fs::read(path).unwrap();
-            self.objects
+            let earlier = self
+                .objects
                 .lock()
                 .unwrap()
                 .insert(key.into(), (body, fields));
+            if let Some((body, _)) = earlier.filter(|_| self.versioned) {
+                let mut versions = self.versions.lock().unwrap();
+                let list = versions.entry(key.into()).or_default();
+                list.push((format!("v{}", list.len()), body));
+            }
             Ok(PutOutcome::Written)
+        }
+        async fn keeps_versions(&self) -> Result<bool, S3Error> {
+            Ok(self.versioned)
+        }
+        async fn noncurrent_versions(&self, key: &str) -> Result<Vec<String>, S3Error> {
+            let versions = self.versions.lock().unwrap();
+            Ok(versions
+                .get(key)
+                .map(|list| list.iter().map(|(id, _)| id.clone()).collect())
+                .unwrap_or_default())
+        }
+        async fn delete_version(&self, key: &str, version: &str) -> Result<(), S3Error> {
+            if self.deny_version_deletes {
+                return Err(S3Error {
+                    operation: "DeleteObject",
+                    bucket: "b".into(),
+                    key: key.into(),
+                    class: ErrorClass::Permanent,
+                    code: Some("AccessDenied".into()),
+                    message: "denied".into(),
+                });
+            }
+            let mut versions = self.versions.lock().unwrap();
+            versions
+                .get_mut(key)
+                .unwrap()
+                .retain(|(id, _)| id != version);
+            Ok(())
         }
         async fn put_bytes(&self, key: &str, bytes: Vec<u8>, _: &str) -> Result<(), S3Error> {
             self.write(key)?;
@@ -1012,7 +1249,7 @@ mod tests {
         batch(
             0,
             0,
-            5,
+            6,
             vec![
                 (
                     key("s1", 0, 0, "gz"),
@@ -1022,19 +1259,19 @@ mod tests {
                 (
                     key("s2", 0, 1, "zst"),
                     1,
-                    event("kept", 1) + &event("gone-too", 3),
+                    event("kept", 1) + &event("gone-too", 3) + &event("gone", 6),
                 ),
                 (key("_dead-letter/t", 0, 5, "gz"), 5, letter("gone")),
             ],
         );
         batch(
             0,
-            6,
+            7,
             9,
             vec![(
-                key("s1", 0, 6, "gz"),
-                6,
-                event("kept", 6) + &event("kept", 7),
+                key("s1", 0, 7, "gz"),
+                7,
+                event("kept", 7) + &event("kept", 8),
             )],
         );
         batch(
@@ -1058,6 +1295,7 @@ mod tests {
             wait_limit: None,
             work_dir: Some(std::env::temp_dir().join(format!("ksa-forget-{}", fastrand::u64(..)))),
             concurrency: 3,
+            finish: None,
         }
     }
 
@@ -1102,10 +1340,10 @@ mod tests {
             );
         }
         let first = bucket
-            .get("segment-logs/_manifests/t/0/00000000000000000000-00000000000000000005.json");
+            .get("segment-logs/_manifests/t/0/00000000000000000000-00000000000000000006.json");
         let manifest: Manifest = serde_json::from_slice(&first).unwrap();
         assert_eq!(manifest.unaccounted_offsets(), Some(0), "{manifest:?}");
-        assert_eq!(manifest.files.iter().map(|f| f.forgotten).sum::<u64>(), 4);
+        assert_eq!(manifest.files.iter().map(|f| f.forgotten).sum::<u64>(), 5);
         for file in &manifest.files {
             let held = content_of(bucket, &file.key);
             assert_eq!(
@@ -1148,7 +1386,7 @@ mod tests {
         let journaled: journal::Journaled = journal
             .into_iter()
             .flat_map(|j| j.rewrites)
-            .map(|r| (r.key.clone(), (request.clone(), r)))
+            .map(|r| (r.key.clone(), vec![(request.clone(), r)]))
             .collect();
         let manifests: Vec<Manifest> = bucket
             .objects
@@ -1193,7 +1431,7 @@ mod tests {
                 summary.objects_holding,
                 summary.lines_removed
             ),
-            (4, 3, 4)
+            (4, 3, 5)
         );
         assert_eq!(
             (summary.objects_rewritten, summary.manifests_updated),
@@ -1244,6 +1482,80 @@ mod tests {
         );
     }
 
+    /// Requests run one at a time: another is refused while one is unfinished. Should two race
+    /// past that check (both read before either journals), the one resumed later takes out what
+    /// is left of its users from what the objects hold now, and the manifests still account
+    /// for every line.
+    #[tokio::test]
+    async fn a_request_resumed_after_another_rewrote_its_objects_takes_out_what_is_left() {
+        let bucket = archive();
+        let both = options();
+        let one = ForgetOptions {
+            ids: BTreeSet::from([hash_id("gone")]),
+            ..options()
+        };
+        bucket.writes_left.store(1, Ordering::SeqCst);
+        assert!(
+            run(&bucket, &both).await.is_err(),
+            "killed after its journal"
+        );
+        bucket.writes_left.store(i64::MAX, Ordering::SeqCst);
+        let refused = run(&bucket, &one).await;
+        assert!(
+            matches!(refused, Err(ForgetError::OtherUnfinished { .. })),
+            "{refused:?}"
+        );
+        // The race: the other request runs as if it had looked before the journal was stored.
+        let key = journal_key("", &request_id("", "t", &both.ids, &both.selection));
+        let journal = bucket.objects.lock().unwrap().remove(&key).unwrap();
+        let first = run(&bucket, &one).await.unwrap();
+        assert_eq!(first.objects_rewritten, 3);
+        bucket.objects.lock().unwrap().insert(key, journal);
+        let resumed = run(&bucket, &both).await.unwrap();
+        assert!(resumed.left_alone.is_empty(), "{:?}", resumed.left_alone);
+        // The zstd object held both users: the other request took `gone` out, this one
+        // `gone-too`; the gzip object and the dead letter hold neither any more.
+        assert_eq!(
+            (resumed.objects_rewritten, resumed.objects_already_rewritten),
+            (1, 2)
+        );
+        let zst = format!("segment-logs/s2/{DAY}/t-0-{:020}.zst", 1);
+        assert_eq!(lines_of(&bucket, &zst), event("kept", 1));
+        let manifest: Manifest = serde_json::from_slice(
+            &bucket
+                .get("segment-logs/_manifests/t/0/00000000000000000000-00000000000000000006.json"),
+        )
+        .unwrap();
+        assert_eq!(manifest.unaccounted_offsets(), Some(0), "{manifest:?}");
+        assert_eq!(manifest.files.iter().map(|f| f.forgotten).sum::<u64>(), 5);
+        for file in &manifest.files {
+            let held = content_of(&bucket, &file.key);
+            assert_eq!((held.records, &held.crc32), (file.records, &file.crc32));
+        }
+    }
+
+    #[tokio::test]
+    async fn on_a_versioned_bucket_the_earlier_versions_of_rewritten_objects_are_deleted_or_named()
+    {
+        let options = options();
+        let mut bucket = archive();
+        bucket.versioned = true;
+        bucket.writes_left.store(i64::MAX, Ordering::SeqCst);
+        let summary = run(&bucket, &options).await.unwrap();
+        assert_eq!(summary.versions_deleted, 3);
+        assert!(summary.left_alone.is_empty(), "{:?}", summary.left_alone);
+        assert!(bucket.versions.lock().unwrap().values().all(Vec::is_empty));
+
+        let mut bucket = archive();
+        bucket.versioned = true;
+        bucket.deny_version_deletes = true;
+        bucket.writes_left.store(i64::MAX, Ordering::SeqCst);
+        let summary = run(&bucket, &options).await.unwrap();
+        assert_eq!(summary.versions_deleted, 0);
+        assert_eq!(summary.left_alone.len(), 3, "{:?}", summary.left_alone);
+        assert!(summary.left_alone[0].contains("version v0: still holds the users' events"));
+    }
+
     #[test]
     fn only_objects_of_committed_batches_in_the_selection_are_read() {
         let bucket = archive();
@@ -1254,8 +1566,10 @@ mod tests {
             .iter()
             .map(|(k, o)| (k.clone(), o.0.len() as i64))
             .collect();
-        let committed = HashMap::from([(0, 6), (1, 0)]);
-        let all = candidates("", "t", &listing, &ForgetSelection::default(), &committed);
+        let committed = HashMap::from([(0, 7), (1, 0)]);
+        let (all, uncommitted) =
+            candidates("", "t", &listing, &ForgetSelection::default(), &committed);
+        assert_eq!(uncommitted, BTreeMap::new());
         let keys: Vec<&str> = all.iter().map(|c| c.key.as_str()).collect();
         assert_eq!(
             keys.len(),
@@ -1268,7 +1582,13 @@ mod tests {
             sources: BTreeSet::from(["s2".to_string()]),
             ..ForgetSelection::default()
         };
-        let some = candidates("", "t", &listing, &one_source, &committed);
+        let (some, _) = candidates("", "t", &listing, &one_source, &committed);
         assert_eq!(some.len(), 2, "s2's object and the dead letter");
+        let (_, uncommitted) = candidates("", "t", &listing, &one_source, &HashMap::new());
+        assert_eq!(
+            uncommitted,
+            BTreeMap::from([(0, 2)]),
+            "partition 1 holds no s2 object"
+        );
     }
 }

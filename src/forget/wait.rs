@@ -1,9 +1,12 @@
 //! When `forget` may rewrite: only batches that can never be replayed (committed) hold what it
 //! rewrites, and it must know no batch that could still hold the users' events is open or
-//! awaiting a replay. A partition is clean once every batch cut before the ids went on the
-//! suppression list is committed: its newest intent was cut under a list holding them, or
-//! it is idle (committed up to its end) long enough after the request for every member to have
-//! read it (`suppression.refresh_secs`), so its next record starts a batch cut under the list.
+//! awaiting a replay. Members read the request within `suppression.refresh_secs`; from the
+//! moment every member has (the *baseline*: twice that after the request, when `forget` notes
+//! each partition's newest intent), a batch begun later is cut under the list. A partition is
+//! clean once a batch sealed after the baseline was cut under a list holding the ids and every
+//! batch before it is committed (the one after it began after the baseline, on whichever
+//! member), or once it is idle (committed up to its end) after the baseline, so its next record
+//! starts a batch cut under the list.
 
 use std::fmt;
 
@@ -32,10 +35,11 @@ pub enum Waiting {
     /// A batch cut before the request is not committed yet (being uploaded, or awaiting a
     /// replay by the partition's next owner).
     BatchBeforeList { start: i64, end: i64 },
-    /// Records from `from` are buffered and may be cut under an earlier list.
-    Buffered { from: i64 },
-    /// Idle, but some member may not have read the request yet.
+    /// Some member may not have read the request yet.
     MembersReading,
+    /// No batch sealed since every member read the request yet: the open one may have begun
+    /// before, under an earlier list.
+    NoBatchSinceBaseline { from: i64 },
 }
 
 impl fmt::Display for Waiting {
@@ -45,46 +49,46 @@ impl fmt::Display for Waiting {
                 f,
                 "batch {start}..={end} was cut before the ids were suppressed: waiting until it is uploaded and committed"
             ),
-            Waiting::Buffered { from } => write!(
-                f,
-                "records from offset {from} are buffered and may be cut under an earlier list: waiting for the next batch's intent, or the partition to be committed to its end"
-            ),
             Waiting::MembersReading => f.write_str(
-                "idle: waiting until every member has read the request (suppression.refresh_secs)",
+                "waiting until every member has read the request (suppression.refresh_secs)",
+            ),
+            Waiting::NoBatchSinceBaseline { from } => write!(
+                f,
+                "records from offset {from} may be in a batch begun before every member read the request: waiting for a batch sealed since, or the partition to be committed to its end"
             ),
         }
     }
 }
 
-/// Whether `view`'s partition is clean; `members_read` says the request is older than a
-/// member's refresh period (with margin).
-pub fn judge(view: &PartitionView, members_read: bool) -> Result<(), Waiting> {
-    if let Some(intent) = view.intent {
-        // Every batch before the intent is committed when the group is past its start.
-        let before_committed = view.from >= intent.start;
-        if intent.cut_under_list && before_committed {
-            return Ok(());
+/// Whether `view`'s partition is clean. `baseline`: `None` until every member has read the
+/// request, then the end of the partition's newest intent at that moment (`Some(None)`: it had
+/// none).
+pub fn judge(view: &PartitionView, baseline: Option<Option<i64>>) -> Result<(), Waiting> {
+    let Some(baseline_end) = baseline else {
+        return Err(Waiting::MembersReading);
+    };
+    if view.from >= view.end_offset {
+        return Ok(());
+    }
+    let sealed_since = |intent: &IntentView| baseline_end.is_none_or(|end| intent.start > end);
+    match view.intent {
+        Some(intent) if sealed_since(&intent) && intent.cut_under_list => {
+            if view.from >= intent.start {
+                Ok(())
+            } else {
+                Err(Waiting::BatchBeforeList {
+                    start: view.from,
+                    end: intent.start - 1,
+                })
+            }
         }
-        if !before_committed {
-            return Err(Waiting::BatchBeforeList {
-                start: view.from,
-                end: intent.start - 1,
-            });
-        }
-        if view.from <= intent.end {
-            return Err(Waiting::BatchBeforeList {
-                start: intent.start,
+        Some(intent) if view.from <= intent.end && !intent.cut_under_list => {
+            Err(Waiting::BatchBeforeList {
+                start: intent.start.max(view.from),
                 end: intent.end,
-            });
+            })
         }
-    }
-    if view.from < view.end_offset {
-        return Err(Waiting::Buffered { from: view.from });
-    }
-    if members_read {
-        Ok(())
-    } else {
-        Err(Waiting::MembersReading)
+        _ => Err(Waiting::NoBatchSinceBaseline { from: view.from }),
     }
 }
 
@@ -106,28 +110,39 @@ mod tests {
     }
 
     #[test]
-    fn a_partition_is_clean_once_its_batches_before_the_list_are_committed() {
-        // The open batch was cut under the list: everything before it is committed.
+    fn a_partition_is_clean_once_a_batch_sealed_after_the_baseline_was_cut_under_the_list() {
+        // Before every member has read the request, nothing is clean.
         assert_eq!(
-            judge(&view(100, 500, Some((100, 199, true))), false),
+            judge(&view(100, 500, Some((100, 199, true))), None),
+            Err(Waiting::MembersReading)
+        );
+        // Sealed after the baseline (which saw the intent ending at 99), under the list: the
+        // batch after it began after the baseline too.
+        assert_eq!(
+            judge(&view(100, 500, Some((100, 199, true))), Some(Some(99))),
             Ok(())
+        );
+        assert_eq!(
+            judge(&view(250, 500, Some((100, 199, true))), Some(Some(99))),
+            Ok(())
+        );
+        // Under the list but sealed before the baseline: the batch after it may have begun on
+        // a member that had not read the list yet.
+        assert_eq!(
+            judge(&view(200, 500, Some((100, 199, true))), Some(Some(199))),
+            Err(Waiting::NoBatchSinceBaseline { from: 200 })
         );
         // A batch cut before the list, open or awaiting a replay.
         assert_eq!(
-            judge(&view(100, 500, Some((100, 199, false))), true),
+            judge(&view(100, 500, Some((100, 199, false))), Some(Some(99))),
             Err(Waiting::BatchBeforeList {
                 start: 100,
                 end: 199
             })
         );
-        // Committed, and records after it buffered by a member that may not have the list.
-        assert_eq!(
-            judge(&view(200, 500, Some((100, 199, false))), true),
-            Err(Waiting::Buffered { from: 200 })
-        );
         // The batch under the list's intent is in the bucket, the one before not committed.
         assert_eq!(
-            judge(&view(50, 500, Some((100, 199, true))), true),
+            judge(&view(50, 500, Some((100, 199, true))), Some(Some(49))),
             Err(Waiting::BatchBeforeList { start: 50, end: 99 })
         );
     }
@@ -135,17 +150,17 @@ mod tests {
     #[test]
     fn an_idle_partition_is_clean_once_every_member_has_read_the_request() {
         assert_eq!(
-            judge(&view(200, 200, Some((100, 199, false))), true),
+            judge(&view(200, 200, Some((100, 199, false))), Some(Some(199))),
             Ok(())
         );
         assert_eq!(
-            judge(&view(200, 200, None), false),
+            judge(&view(200, 200, None), None),
             Err(Waiting::MembersReading)
         );
-        assert_eq!(judge(&view(0, 0, None), true), Ok(()));
+        assert_eq!(judge(&view(0, 0, None), Some(None)), Ok(()));
         assert_eq!(
-            judge(&view(0, 10, None), true),
-            Err(Waiting::Buffered { from: 0 })
+            judge(&view(0, 10, None), Some(None)),
+            Err(Waiting::NoBatchSinceBaseline { from: 0 })
         );
     }
 }

@@ -319,6 +319,62 @@ impl S3Store {
         Ok(objects)
     }
 
+    /// Whether the bucket keeps earlier versions of overwritten objects (versioning enabled, or
+    /// suspended after it was: the versions made meanwhile stay).
+    pub async fn keeps_versions(&self) -> Result<bool, S3Error> {
+        let answer = self
+            .client
+            .get_bucket_versioning()
+            .bucket(&self.config.bucket)
+            .send()
+            .await
+            .map_err(|err| self.error("GetBucketVersioning", "", err))?;
+        Ok(answer.status().is_some())
+    }
+
+    /// The version ids of `key` that are not its current one (a versioned bucket keeps each
+    /// overwritten object as one; `null` for one written before versioning was enabled).
+    pub async fn noncurrent_versions(&self, key: &str) -> Result<Vec<String>, S3Error> {
+        let mut versions = Vec::new();
+        let (mut key_marker, mut version_marker) = (None, None);
+        loop {
+            let page = self
+                .client
+                .list_object_versions()
+                .bucket(&self.config.bucket)
+                .prefix(key)
+                .set_key_marker(key_marker)
+                .set_version_id_marker(version_marker)
+                .send()
+                .await
+                .map_err(|err| self.error("ListObjectVersions", key, err))?;
+            versions.extend(
+                page.versions()
+                    .iter()
+                    .filter(|v| v.key() == Some(key) && v.is_latest() != Some(true))
+                    .filter_map(|v| v.version_id().map(str::to_string)),
+            );
+            if page.is_truncated() != Some(true) {
+                return Ok(versions);
+            }
+            key_marker = page.next_key_marker().map(str::to_string);
+            version_marker = page.next_version_id_marker().map(str::to_string);
+        }
+    }
+
+    /// Deletes one version of `key` for good.
+    pub async fn delete_version(&self, key: &str, version: &str) -> Result<(), S3Error> {
+        self.client
+            .delete_object()
+            .bucket(&self.config.bucket)
+            .key(key)
+            .version_id(version)
+            .send()
+            .await
+            .map_err(|err| self.error("DeleteObject", key, err))?;
+        Ok(())
+    }
+
     /// Puts small in-memory bytes (manifests, probes) at `key`.
     pub async fn put_bytes(
         &self,
@@ -636,6 +692,18 @@ impl ObjectStore for S3Store {
 
     async fn get_bytes(&self, key: &str) -> Result<Option<Vec<u8>>, S3Error> {
         S3Store::get_bytes(self, key).await
+    }
+
+    async fn keeps_versions(&self) -> Result<bool, S3Error> {
+        S3Store::keeps_versions(self).await
+    }
+
+    async fn noncurrent_versions(&self, key: &str) -> Result<Vec<String>, S3Error> {
+        S3Store::noncurrent_versions(self, key).await
+    }
+
+    async fn delete_version(&self, key: &str, version: &str) -> Result<(), S3Error> {
+        S3Store::delete_version(self, key, version).await
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<(String, i64)>, S3Error> {

@@ -46,6 +46,39 @@ pub trait ObjectStore: Send + Sync + 'static {
     fn get_bytes(&self, key: &str)
         -> impl Future<Output = Result<Option<Vec<u8>>, S3Error>> + Send;
 
+    /// Whether the bucket keeps earlier versions of overwritten objects.
+    fn keeps_versions(&self) -> impl Future<Output = Result<bool, S3Error>> + Send {
+        async { Ok(false) }
+    }
+
+    /// The version ids of `key` other than its current one, on a versioned bucket (`forget`
+    /// deletes them: they hold what it rewrote). A store without versions has none.
+    fn noncurrent_versions(
+        &self,
+        _key: &str,
+    ) -> impl Future<Output = Result<Vec<String>, S3Error>> + Send {
+        async { Ok(Vec::new()) }
+    }
+
+    /// Deletes one version of `key` for good.
+    fn delete_version(
+        &self,
+        key: &str,
+        _version: &str,
+    ) -> impl Future<Output = Result<(), S3Error>> + Send {
+        let key = key.to_string();
+        async move {
+            Err(S3Error {
+                operation: "DeleteObject",
+                bucket: String::new(),
+                key,
+                class: crate::retry::ErrorClass::Permanent,
+                code: None,
+                message: "this store keeps no versions".into(),
+            })
+        }
+    }
+
     /// Every object under `prefix` with its size, in lexicographic order.
     fn list(
         &self,

@@ -40,6 +40,39 @@ impl S3Server {
         )
     }
 
+    /// Keeps every overwritten object as a noncurrent version from now on.
+    pub fn enable_versioning(&self) {
+        self.aws(&[
+            "s3api",
+            "put-bucket-versioning",
+            "--bucket",
+            BUCKET,
+            "--versioning-configuration",
+            "Status=Enabled",
+        ]);
+    }
+
+    /// The keys that have noncurrent versions, each with how many.
+    pub fn noncurrent_versions(&self) -> BTreeMap<String, usize> {
+        let output = self.aws(&[
+            "s3api",
+            "list-object-versions",
+            "--bucket",
+            BUCKET,
+            "--output",
+            "json",
+        ]);
+        let listing: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap_or_default();
+        let mut noncurrent = BTreeMap::new();
+        for version in listing["Versions"].as_array().into_iter().flatten() {
+            if version["IsLatest"] == false {
+                let key = version["Key"].as_str().unwrap_or_default().to_string();
+                *noncurrent.entry(key).or_default() += 1;
+            }
+        }
+        noncurrent
+    }
+
     /// The batch manifests in the bucket, parsed.
     pub fn manifests(&self, dir: &Path) -> Vec<serde_json::Value> {
         let out = dir.join("manifests");
