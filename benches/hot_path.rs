@@ -93,6 +93,27 @@ fn hot_path(c: &mut Criterion) {
         })
     });
 
+    // The id index (`output.id_index`, on by default): each event's ids read and hashed for
+    // its file's filter, alone and beside the list.
+    let indexing = router.clone().with_index(true);
+    group.bench_function("route only, id index", |b| {
+        b.iter(|| {
+            records
+                .iter()
+                .map(|r| indexing.route(black_box(r)).ids.keys().len())
+                .sum::<usize>()
+        })
+    });
+    let both = suppressing.clone().with_index(true);
+    group.bench_function("route only, id index + 100,000-id suppression list", |b| {
+        b.iter(|| {
+            records
+                .iter()
+                .map(|r| both.route(black_box(r)).ids.keys().len())
+                .sum::<usize>()
+        })
+    });
+
     let settings = BufferSettings {
         compression_level: 6,
         max_file_bytes: 256 << 20,
@@ -100,6 +121,7 @@ fn hot_path(c: &mut Criterion) {
         max_batch_files: 1000,
         codec: kafka_s3_archiver::layout::Codec::Gzip,
         zstd_level: 3,
+        id_index: true,
     };
     for (name, stage_limit) in [
         ("route + compress into 200 files + seal", None),

@@ -475,6 +475,9 @@ pub struct OutputConfig {
     pub compression: Codec,
     /// zstd level, 1-19, for `zstd` objects (gzip's level is `buffer.compression_level`).
     pub zstd_level: i32,
+    /// Put, with every batch, an index of the user and anonymous ids each object holds (Bloom
+    /// filters), so `forget` reads only the objects that may hold the ids it forgets.
+    pub id_index: bool,
 }
 
 impl Default for OutputConfig {
@@ -482,6 +485,7 @@ impl Default for OutputConfig {
         Self {
             compression: Codec::Gzip,
             zstd_level: 3,
+            id_index: true,
         }
     }
 }

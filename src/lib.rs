@@ -26,6 +26,7 @@ pub mod commit;
 pub mod config;
 pub mod consume;
 pub mod forget;
+pub mod index;
 pub mod kafka_client;
 pub mod layout;
 pub mod metrics;

@@ -262,6 +262,9 @@ pub struct SealedFile {
     /// The finished object: its length, CRC32 and uncompressed size.
     pub stream: StreamState,
     pub codec: Codec,
+    /// The ids its lines name, for the batch's id index (`crate::index`); `None` when not all
+    /// are known.
+    pub ids: Option<std::sync::Arc<crate::index::IdFilter>>,
 }
 
 impl SealedBatch {

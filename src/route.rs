@@ -18,6 +18,7 @@ use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, Visitor};
 use serde::{Deserialize, Serialize};
 
 use crate::config::RoutingConfig;
+use crate::index::IdKeys;
 use crate::layout::{check_source_id, DayFormat, Destination, SourceRule};
 use crate::pipeline::Record;
 use crate::suppress::Suppression;
@@ -107,6 +108,9 @@ pub struct Routed<'a> {
     /// Its `userId` or `anonymousId` is on the router's suppression list: the record is not
     /// archived (its offset is recorded as a `suppressed` gap).
     pub suppressed: bool,
+    /// The routing keys of the ids it names, for its file's id filter (`crate::index`); none
+    /// when the router builds no index.
+    pub ids: IdKeys,
 }
 
 /// Bytes of a `too-large` record's payload its dead letter keeps (routing code 2 on), beside
@@ -137,6 +141,9 @@ pub struct Router {
     /// The users whose events are not archived (part of the cutting rules), with where their
     /// id fields ([`crate::suppress::ID_FIELDS`]) are in `wanted_fields`.
     suppression: Option<(Arc<Suppression>, Vec<usize>)>,
+    /// Collect each record's ids for the id index (`output.id_index`); never changes where a
+    /// record goes.
+    index: bool,
 }
 
 impl Router {
@@ -172,7 +179,14 @@ impl Router {
             received_at_window: config.received_at_window_days.map(i64::from),
             wanted_fields,
             suppression: None,
+            index: false,
         }
+    }
+
+    /// The router that also reads each record's ids for the id index.
+    pub fn with_index(mut self, index: bool) -> Router {
+        self.index = index;
+        self
     }
 
     /// The router that also leaves out the events of the users on `list` (`None`, or an empty
@@ -204,7 +218,31 @@ impl Router {
     /// Routes one record. Never fails: what cannot be archived as an event is a dead letter.
     pub fn route<'a>(&self, record: &'a Record) -> Routed<'a> {
         let mut suppressed = false;
-        let routed = self.route_event(record, &mut suppressed);
+        let mut ids = IdKeys::default();
+        let routed = self.route_event(record, &mut suppressed, &mut ids);
+        if routed.is_err() && self.index {
+            // Read again for a dead letter (rare): its record's ids as `forget` reads them, and
+            // its key, often the user's id (the partitioning key).
+            ids = match record.payload.as_deref() {
+                // Too large to read again: its file is read whole by `forget`.
+                Some(payload) if payload.len() > self.max_message_bytes => IdKeys::unknown(),
+                Some(payload) => {
+                    let mut ids = IdKeys::default();
+                    for id in crate::suppress::top_level_ids(payload) {
+                        ids.push(&id);
+                    }
+                    ids
+                }
+                None => IdKeys::default(),
+            };
+            if let Some(key) = record
+                .key
+                .as_deref()
+                .and_then(|k| std::str::from_utf8(k).ok())
+            {
+                ids.push(key);
+            }
+        }
         if let (Err(reason), Some((list, _)), false) = (&routed, &self.suppression, suppressed) {
             // A dead letter may have failed before its fields were read (a duplicated id among
             // them), and it keeps the record's key, often the user's id (the partitioning key).
@@ -228,6 +266,7 @@ impl Router {
                 line,
                 dead_letter: None,
                 suppressed,
+                ids,
             },
             Err(reason) => Routed {
                 destination: Destination::DeadLetter {
@@ -242,6 +281,7 @@ impl Router {
                 line: Cow::Owned(self.dead_letter_line(record, reason)),
                 dead_letter: Some(reason),
                 suppressed,
+                ids,
             },
         }
     }
@@ -252,6 +292,7 @@ impl Router {
         &self,
         record: &'a Record,
         suppressed: &mut bool,
+        ids: &mut IdKeys,
     ) -> Result<(Destination, Cow<'a, [u8]>), DeadLetterReason> {
         // Before this reason existed such a record stopped the poll loop (rdkafka panicked on
         // the key), so no batch was ever cut otherwise and the routing code version stands.
@@ -288,7 +329,12 @@ impl Router {
         } else {
             Duplicates::FirstWins
         };
-        let fields = extract_fields(payload, &self.wanted_fields, duplicates)?;
+        let fields = extract_fields(
+            payload,
+            &self.wanted_fields,
+            duplicates,
+            self.index.then_some(ids),
+        )?;
         if let Some((list, indices)) = &self.suppression {
             *suppressed = indices.iter().any(|&index| match &fields[index] {
                 Some(FieldValue::Str(id)) => list.matches(id),
@@ -572,13 +618,21 @@ enum Duplicates {
 
 /// Validates `payload` as one JSON object and pulls out the wanted top-level fields, without
 /// building a tree of the rest.
+/// With `ids`, also every top-level id field's value ([`crate::suppress::ID_FIELDS`]), each
+/// occurrence, whatever the wanted fields: the index never changes how a record is cut.
 fn extract_fields<'a>(
     payload: &'a [u8],
     wanted: &[String],
     duplicates: Duplicates,
+    ids: Option<&mut IdKeys>,
 ) -> Result<Vec<Option<FieldValue<'a>>>, DeadLetterReason> {
     let mut deserializer = serde_json::Deserializer::from_slice(payload);
-    let result = ObjectFields { wanted, duplicates }.deserialize(&mut deserializer);
+    let result = ObjectFields {
+        wanted,
+        duplicates,
+        ids,
+    }
+    .deserialize(&mut deserializer);
     let classify = |err: serde_json::Error| {
         if err.to_string().starts_with("recursion limit exceeded") {
             DeadLetterReason::TooDeep
@@ -601,6 +655,7 @@ const DUPLICATE_KEY: &str = "duplicate routing field";
 struct ObjectFields<'w> {
     wanted: &'w [String],
     duplicates: Duplicates,
+    ids: Option<&'w mut IdKeys>,
 }
 
 impl<'de> DeserializeSeed<'de> for ObjectFields<'_> {
@@ -621,15 +676,30 @@ impl<'de> Visitor<'de> for ObjectFields<'_> {
         f.write_str("a JSON object")
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+    fn visit_map<A: MapAccess<'de>>(mut self, mut map: A) -> Result<Self::Value, A::Error> {
         let mut found: Vec<Option<FieldValue<'de>>> = self.wanted.iter().map(|_| None).collect();
-        while let Some(wanted) = map.next_key_seed(WantedKey(self.wanted))? {
-            match wanted {
+        let (wanted, indexing) = (self.wanted, self.ids.is_some());
+        let seed = || WantedKey {
+            wanted,
+            ids: indexing,
+        };
+        while let Some(key) = map.next_key_seed(seed())? {
+            match key.wanted {
                 Some(index) if found[index].is_none() => {
-                    found[index] = Some(map.next_value::<FieldValueSeed>()?.0);
+                    let value = map.next_value::<FieldValueSeed>()?.0;
+                    if let (true, Some(ids)) = (key.id, self.ids.as_deref_mut()) {
+                        value.add_id_to(ids);
+                    }
+                    found[index] = Some(value);
                 }
                 Some(_) if self.duplicates == Duplicates::DeadLetter => {
                     return Err(de::Error::custom(DUPLICATE_KEY));
+                }
+                _ if key.id => {
+                    let value = map.next_value::<FieldValueSeed>()?.0;
+                    if let Some(ids) = self.ids.as_deref_mut() {
+                        value.add_id_to(ids);
+                    }
                 }
                 _ => {
                     map.next_value::<IgnoredAny>()?;
@@ -664,12 +734,22 @@ impl<'de> Visitor<'de> for ObjectFields<'_> {
     }
 }
 
-/// Reads an object's key and answers which wanted field it names, if any, without allocating
-/// it (serde's `Cow<str>` key is always an owned copy: a dozen small allocations an event).
-struct WantedKey<'w>(&'w [String]);
+/// Reads an object's key and answers which wanted field it names, if any, and whether it is
+/// an id field the index wants, without allocating it (serde's `Cow<str>` key is always an
+/// owned copy: a dozen small allocations an event).
+struct WantedKey<'w> {
+    wanted: &'w [String],
+    ids: bool,
+}
+
+/// What a key names.
+struct KeyNames {
+    wanted: Option<usize>,
+    id: bool,
+}
 
 impl<'de> DeserializeSeed<'de> for WantedKey<'_> {
-    type Value = Option<usize>;
+    type Value = KeyNames;
 
     fn deserialize<D: de::Deserializer<'de>>(
         self,
@@ -680,14 +760,29 @@ impl<'de> DeserializeSeed<'de> for WantedKey<'_> {
 }
 
 impl<'de> Visitor<'de> for WantedKey<'_> {
-    type Value = Option<usize>;
+    type Value = KeyNames;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("an object key")
     }
 
     fn visit_str<E: de::Error>(self, key: &str) -> Result<Self::Value, E> {
-        Ok(self.0.iter().position(|wanted| wanted == key))
+        Ok(KeyNames {
+            wanted: self.wanted.iter().position(|wanted| wanted == key),
+            id: self.ids && crate::suppress::ID_FIELDS.contains(&key),
+        })
+    }
+}
+
+impl FieldValue<'_> {
+    /// Adds the id this value of an id field is, as suppression reads it (a string, or a
+    /// whole number as its digits), to `ids`.
+    fn add_id_to(&self, ids: &mut IdKeys) {
+        match self {
+            FieldValue::Str(id) => ids.push(id),
+            FieldValue::Integer(id) => ids.push(&id.to_string()),
+            FieldValue::Other => {}
+        }
     }
 }
 
@@ -782,6 +877,61 @@ mod tests {
             crate::restore::plan::parse_day("-86400000"),
             chrono::NaiveDate::from_ymd_opt(1969, 12, 31)
         );
+    }
+
+    /// The index reads every id of a record, as `forget` matches them, and changes nothing
+    /// else about how it is routed.
+    #[test]
+    fn the_index_reads_each_records_ids_and_routes_as_without_it() {
+        use crate::suppress::key_of;
+        let plain = router();
+        let indexed = router().with_index(true);
+        let payloads: [&[u8]; 7] = [
+            br#"{"projectId":"p","receivedAt":"2015-05-27T00:00:00Z","userId":"u1","anonymousId":"a1"}"#,
+            br#"{"projectId":"p","receivedAt":"2015-05-27T00:00:00Z","userId":7,"userId":"u\u0032"}"#,
+            br#"{"projectId":"p","receivedAt":"2015-05-27T00:00:00Z","userId":{"x":1}}"#,
+            br#"{"projectId":"p","projectId":"q","receivedAt":"2015-05-27T00:00:00Z","userId":"u3"}"#,
+            br#"{"receivedAt":"2015-05-27T00:00:00Z","userId":"u4"}"#,
+            b"not json",
+            br#"{"projectId":"p","receivedAt":"2015-05-27T00:00:00Z"}"#,
+        ];
+        let keys = |ids: &[&str]| ids.iter().map(|id| key_of(id)).collect::<Vec<_>>();
+        let expected: [Vec<u64>; 7] = [
+            keys(&["u1", "a1"]),
+            keys(&["7", "u2"]),
+            keys(&[]),
+            // Dead letters (a duplicated routing field, no source): their record's ids and key.
+            keys(&["u3", "k"]),
+            keys(&["u4", "k"]),
+            keys(&["k"]),
+            keys(&[]),
+        ];
+        for (payload, expected) in payloads.iter().zip(expected) {
+            let record = record(payload);
+            let (with, without) = (indexed.route(&record), plain.route(&record));
+            assert_eq!(
+                with.ids.keys(),
+                expected,
+                "{}",
+                String::from_utf8_lossy(payload)
+            );
+            assert!(with.ids.is_complete());
+            assert_eq!(
+                (
+                    &with.destination,
+                    &with.line,
+                    with.dead_letter,
+                    with.suppressed
+                ),
+                (
+                    &without.destination,
+                    &without.line,
+                    without.dead_letter,
+                    without.suppressed
+                )
+            );
+            assert!(without.ids.keys().is_empty());
+        }
     }
 
     #[test]

@@ -333,6 +333,14 @@ fn forgotten_users_are_taken_out_of_the_archive_while_the_group_runs_through_a_k
         "{answer}"
     );
 
+    // The id index: a request for one user reads only the objects that may hold them.
+    let one = rig.command_ok(&["forget", "--id", "user-49999", "--dry-run"]);
+    let (read, selection) = (number_after(&one, "read"), number_after(&one, " of "));
+    assert!(
+        selection > 20 && read <= (selection / 10).max(2),
+        "the index should rule out most objects: {one}"
+    );
+
     // Run again: the same request, found done; nothing is put again.
     let again = rig.command_ok(&["forget", "--ids-file", file.to_str().unwrap()]);
     assert!(again.contains("put 0 objects"), "{again}");

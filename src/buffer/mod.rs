@@ -191,6 +191,7 @@ impl Worker {
                 max_batch_files: config.buffer.max_batch_files,
                 codec: config.output.compression,
                 zstd_level: config.output.zstd_level,
+                id_index: config.output.id_index,
             },
             max_hot_files: (config.buffer.max_open_compressors / worker_count).max(1),
             staging_budget: STAGING_BUDGET_BYTES / worker_count.max(1),

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use crate::buffer::gzfile::{GzStreamFile, MAX_STAGE_BYTES};
 use crate::buffer::zstd_object;
 use crate::checkpoint::{self, BatchState, Checkpoint, FileState, Gap, GapCause};
+use crate::index::IdFilter;
 use crate::layout;
 use crate::layout::{Codec, Destination};
 use crate::pipeline::{file_disk_charge, PlannedFile, Record, SealedBatch, SealedFile};
@@ -29,6 +30,8 @@ pub struct BufferSettings {
     /// How sealed files become objects (`output.compression`); part of the cutting rules.
     pub codec: Codec,
     pub zstd_level: i32,
+    /// Keep an id filter per file for the batch's id index (`output.id_index`).
+    pub id_index: bool,
 }
 
 struct OpenFile {
@@ -39,6 +42,10 @@ struct OpenFile {
     accepting: bool,
     /// Tick of the last append, to find the coldest file when compressors must be freed.
     last_used: u64,
+    /// The routing keys of the ids its lines name (`crate::index`); `None` when not all are
+    /// known (a file reopened from a checkpoint, a line whose ids could not all be read) or no
+    /// index is kept.
+    ids: Option<IdFilter>,
 }
 
 /// The batch taking records.
@@ -152,7 +159,7 @@ impl PartitionBuffer {
             topic: topic.to_string(),
             partition,
             dir,
-            router,
+            router: router.with_index(settings.id_index),
             settings,
             open: OpenBatch::empty(start),
             sealed: Vec::new(),
@@ -209,6 +216,8 @@ impl PartitionBuffer {
                     path,
                     stream: file.stream,
                     codec: file.codec,
+                    // Sealed by a process that is gone: its objects are read whole by `forget`.
+                    ids: None,
                 });
             }
             sealed.push(SealedBatch {
@@ -243,6 +252,8 @@ impl PartitionBuffer {
                     gz,
                     accepting: file.accepting,
                     last_used: 0,
+                    // The lines before the crash were routed by a process that is gone.
+                    ids: None,
                 });
             }
         }
@@ -264,7 +275,7 @@ impl PartitionBuffer {
             topic: checkpoint.topic,
             partition: checkpoint.partition,
             dir,
-            router,
+            router: router.with_index(settings.id_index),
             settings,
             open,
             sealed,
@@ -308,7 +319,7 @@ impl PartitionBuffer {
     /// `router`, under the rules `hash` (a new suppression list).
     pub fn take_up(&mut self, router: Router, hash: &str) {
         debug_assert!(self.at_batch_boundary());
-        self.router = router;
+        self.router = router.with_index(self.settings.id_index);
         self.rules = hash.to_string();
     }
 
@@ -316,7 +327,7 @@ impl PartitionBuffer {
     /// back to the current ones.
     pub fn replay_with(&mut self, router: Router, settings: BufferSettings, hash: String) {
         let own = (
-            std::mem::replace(&mut self.router, router),
+            std::mem::replace(&mut self.router, router.with_index(settings.id_index)),
             std::mem::replace(&mut self.settings, settings),
             std::mem::replace(&mut self.rules, hash),
         );
@@ -584,6 +595,15 @@ impl PartitionBuffer {
         let before = file.gz.uncompressed_len();
         let heated = file.gz.append_line(&routed.line, self.stage_limit)?;
         file.records += 1;
+        if routed.ids.is_complete() {
+            if let Some(filter) = &mut file.ids {
+                for &key in routed.ids.keys() {
+                    filter.insert(key);
+                }
+            }
+        } else {
+            file.ids = None;
+        }
         file.last_used = tick;
         let bytes = file.gz.uncompressed_len() - before;
         if planned.is_none() && file.gz.uncompressed_len() >= self.settings.max_file_bytes {
@@ -628,6 +648,7 @@ impl PartitionBuffer {
             gz,
             accepting: true,
             last_used: tick,
+            ids: self.settings.id_index.then(IdFilter::default),
         });
         Ok(self.open.files.len() - 1)
     }
@@ -752,6 +773,7 @@ impl PartitionBuffer {
                 path,
                 stream,
                 codec: self.settings.codec,
+                ids: file.ids.map(std::sync::Arc::new),
             });
         }
         let batch = SealedBatch {
@@ -870,6 +892,7 @@ mod tests {
         max_batch_files: 1000,
         codec: Codec::Gzip,
         zstd_level: 3,
+        id_index: true,
     };
 
     fn event(offset: i64, source: &str, day: u32) -> Record {
@@ -903,6 +926,54 @@ mod tests {
         (100..400)
             .map(|o| event(o, ["a", "b", "c"][(o % 3) as usize], 27 + (o % 2) as u32))
             .collect()
+    }
+
+    /// Each sealed file's id filter holds the ids its lines name; a file with a line whose ids
+    /// could not all be read has none (`forget` reads its object whole).
+    #[test]
+    fn a_files_id_filter_holds_the_ids_of_its_lines() {
+        use crate::suppress::key_of;
+        let dir = tempfile::tempdir().unwrap();
+        let mut buffer =
+            PartitionBuffer::fresh(dir.path(), "t", 0, router(), SETTINGS, Some(0)).unwrap();
+        let event = |offset: i64, source: &str, ids: &str| Record {
+            offset,
+            timestamp_ms: Some(0),
+            key: None,
+            payload: Some(
+                format!(r#"{{"projectId":"{source}","receivedAt":"2015-05-27T12:00:00Z"{ids}}}"#)
+                    .into_bytes(),
+            ),
+            headers: vec![],
+        };
+        let many: String = (0..5).map(|n| format!(r#","userId":"many-{n}""#)).collect();
+        let records = [
+            event(0, "a", r#","userId":"u1","anonymousId":"a1""#),
+            event(1, "a", r#","userId":42"#),
+            event(2, "b", r#","anonymousId":"a2""#),
+            event(3, "c", &many),
+        ];
+        for (tick, record) in records.iter().enumerate() {
+            buffer.append(record, tick as u64).unwrap().unwrap();
+        }
+        let batch = buffer.seal().unwrap().unwrap();
+        let filter = |source: &str| {
+            let file = batch.files.iter().find(
+                |f| matches!(&f.destination, Destination::Events { source: s, .. } if s == source),
+            );
+            file.unwrap().ids.clone()
+        };
+        let a = filter("a").expect("a filter");
+        assert!(["u1", "a1", "42"]
+            .iter()
+            .all(|id| a.may_contain(key_of(id))));
+        assert!(!a.may_contain(key_of("a2")));
+        let b = filter("b").expect("a filter");
+        assert!(b.may_contain(key_of("a2")) && !b.may_contain(key_of("u1")));
+        assert!(
+            filter("c").is_none(),
+            "a line naming more ids than are kept"
+        );
     }
 
     #[test]
@@ -1371,11 +1442,16 @@ mod tests {
         for record in &records()[..100] {
             buffer.append(record, 0).unwrap();
         }
-        let first = buffer.seal().unwrap().unwrap();
+        // A restart forgets the files' id filters (their objects are read whole by `forget`).
+        let without_ids = |mut batch: SealedBatch| {
+            batch.files.iter_mut().for_each(|f| f.ids = None);
+            batch
+        };
+        let first = without_ids(buffer.seal().unwrap().unwrap());
         for record in &records()[100..] {
             buffer.append(record, 0).unwrap();
         }
-        let second = buffer.seal().unwrap().unwrap();
+        let second = without_ids(buffer.seal().unwrap().unwrap());
         assert_eq!(
             (first.start, first.end, second.start, second.end),
             (100, 199, 200, 399)

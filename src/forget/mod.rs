@@ -244,6 +244,10 @@ pub async fn in_bucket<S: ObjectStore>(
             let (candidates, uncommitted) =
                 candidates(prefix, topic, &listing, &options.selection, committed);
             summary.objects_in_selection = candidates.len() as u64;
+            let keys: Vec<u64> = options.ids.iter().map(|id| id.key).collect();
+            let candidates =
+                narrow_by_index(store, prefix, topic, candidates, &keys, options.concurrency)
+                    .await?;
             summary.left_alone.extend(uncommitted.iter().map(|(partition, objects)| {
                 format!(
                     "partition {partition}: the group has no committed offset (its offsets expired, or another group.id archived it), so its {objects} objects in the selection were not read: their batches may still be open"
@@ -655,6 +659,46 @@ pub fn candidates(
         })
         .collect();
     (chosen, uncommitted)
+}
+
+/// The candidates their batch's id index says may hold one of the users (routing `keys`);
+/// every candidate of a batch without an index (an earlier release's, or unreadable).
+pub async fn narrow_by_index<S: ObjectStore>(
+    store: &S,
+    prefix: &str,
+    topic: &str,
+    candidates: Vec<Candidate>,
+    keys: &[u64],
+    concurrency: usize,
+) -> Result<Vec<Candidate>, S3Error> {
+    let manifests: BTreeSet<String> = candidates
+        .iter()
+        .filter_map(|c| c.manifest.clone())
+        .collect();
+    let mut fetches = futures_util::stream::iter(manifests)
+        .map(|manifest| async move {
+            let Some(key) = crate::index::index_of_manifest(prefix, topic, &manifest) else {
+                return Ok((manifest, None));
+            };
+            let bytes = s3(|| store.get_bytes(&key)).await?;
+            let index =
+                bytes.and_then(|b| serde_json::from_slice::<crate::index::BatchIndex>(&b).ok());
+            Ok::<_, S3Error>((manifest, index))
+        })
+        .buffer_unordered(concurrency);
+    let mut indexes: HashMap<String, crate::index::BatchIndex> = HashMap::new();
+    while let Some(fetched) = fetches.next().await {
+        if let (manifest, Some(index)) = fetched? {
+            indexes.insert(manifest, index);
+        }
+    }
+    Ok(candidates
+        .into_iter()
+        .filter(|candidate| {
+            let index = candidate.manifest.as_deref().and_then(|m| indexes.get(m));
+            index.is_none_or(|index| index.may_hold(&candidate.key, keys))
+        })
+        .collect())
 }
 
 /// What reading the selection found.
@@ -1198,6 +1242,10 @@ mod tests {
         let bucket = Bucket::default();
         let batch = |partition: i32, start: i64, end: i64, files: Vec<(String, i64, String)>| {
             let mut entries = Vec::new();
+            let indexed: Vec<(String, String)> = files
+                .iter()
+                .map(|(k, _, t)| (k.clone(), t.clone()))
+                .collect();
             for (key, first_offset, text) in files {
                 let bytes = compress(&key, &text);
                 entries.push(ManifestFile {
@@ -1218,6 +1266,28 @@ mod tests {
             }
             let records: u64 = entries.iter().map(|f| f.records).sum();
             let gap = (end - start + 1) as u64 - records;
+            // The id index the archiver puts with the batch.
+            let mut index = crate::index::BatchIndex::new();
+            for (key, text) in &indexed {
+                let mut filter = crate::index::IdFilter::default();
+                for line in text.lines() {
+                    let ids = if key.contains("_dead-letter") {
+                        crate::suppress::dead_letter_ids(line.as_bytes())
+                    } else {
+                        crate::suppress::top_level_ids(line.as_bytes())
+                    };
+                    for id in ids {
+                        filter.insert(crate::suppress::key_of(&id));
+                    }
+                }
+                index.add(key.clone(), &filter);
+            }
+            let index_key = crate::index::index_key("", "t", partition, start, end);
+            bucket
+                .objects
+                .lock()
+                .unwrap()
+                .insert(index_key, (index.to_json(), HashMap::new()));
             let manifest = Manifest {
                 version: 2,
                 topic: "t".into(),
@@ -1425,13 +1495,15 @@ mod tests {
         bucket.writes_left.store(i64::MAX, Ordering::SeqCst);
         let options = options();
         let summary = run(&bucket, &options).await.unwrap();
+        // Four objects in the selection; the index says one holds neither user.
+        assert_eq!(summary.objects_in_selection, 4);
         assert_eq!(
             (
                 summary.objects_read,
                 summary.objects_holding,
                 summary.lines_removed
             ),
-            (4, 3, 5)
+            (3, 3, 5)
         );
         assert_eq!(
             (summary.objects_rewritten, summary.manifests_updated),
@@ -1532,6 +1604,31 @@ mod tests {
             let held = content_of(&bucket, &file.key);
             assert_eq!((held.records, &held.crc32), (file.records, &file.crc32));
         }
+    }
+
+    /// With the batches' id index, a request reads only the objects that may hold its users.
+    #[tokio::test]
+    async fn the_id_index_keeps_a_request_from_reading_objects_without_its_users() {
+        let bucket = archive();
+        bucket.writes_left.store(i64::MAX, Ordering::SeqCst);
+        let options = ForgetOptions {
+            ids: BTreeSet::from([hash_id("gone-too")]),
+            ..options()
+        };
+        let summary = run(&bucket, &options).await.unwrap();
+        assert_eq!(
+            (
+                summary.objects_in_selection,
+                summary.objects_read,
+                summary.lines_removed
+            ),
+            (4, 1, 1),
+            "only the zstd object holds gone-too"
+        );
+        assert!(
+            !lines_of(&bucket, &format!("segment-logs/s2/{DAY}/t-0-{:020}.zst", 1))
+                .contains("gone-too")
+        );
     }
 
     #[tokio::test]

@@ -306,6 +306,22 @@ impl<S: ObjectStore> Shared<S> {
             Err(UploadError::Finished { .. }) => return Ok(()),
             files => files?,
         };
+        // The id index before the manifest: a manifest this release wrote has its index.
+        if let Some(index) = id_index(&u.prefix, batch, &files) {
+            let index_key = crate::index::index_key(
+                &u.prefix,
+                &batch.topic,
+                batch.partition,
+                batch.start,
+                batch.end,
+            );
+            let body = index.to_json();
+            self.with_retries(batch.partition, epoch, stop, |_| {
+                u.store
+                    .put_bytes(&index_key, body.clone(), "application/json")
+            })
+            .await?;
+        }
         let mut manifest = Manifest::with_files(batch, files);
         manifest.may_appear = may_appear;
         let body = manifest.to_json();
@@ -704,4 +720,29 @@ impl Drop for WaitingOnKey<'_> {
     fn drop(&mut self) {
         self.metrics.emit(ObjectKeyConflictEnded { key: self.key });
     }
+}
+
+/// The id index of `batch` as uploaded (`files`: its manifest's entries): the filter of each
+/// file whose object holds exactly the lines this attempt read. An adopted object with lines
+/// Kafka deleted before this attempt read them, or a file whose ids are not all known, has
+/// none (`forget` reads it whole). `None` when no file has a filter.
+fn id_index(
+    prefix: &str,
+    batch: &SealedBatch,
+    files: &[ManifestFile],
+) -> Option<crate::index::BatchIndex> {
+    let mut index = crate::index::BatchIndex::new();
+    for file in &batch.files {
+        let Some(filter) = &file.ids else {
+            continue;
+        };
+        let key = ManifestFile::of_sealed(prefix, batch, file).key;
+        let same_lines = files.iter().any(|entry| {
+            entry.key == key && entry.deleted_from_kafka == 0 && entry.records == file.records
+        });
+        if same_lines {
+            index.add(key, filter);
+        }
+    }
+    (!index.objects.is_empty()).then_some(index)
 }
