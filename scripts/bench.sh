@@ -7,8 +7,9 @@
 #   scripts/bench.sh            1,000,000 events (~1 GB), 8 partitions, 100 sources x 2 days
 #   scripts/bench.sh --quick    100,000 events, for a run under two minutes
 # then the archiver again with zstd objects, again with a 100,000-id suppression list, the
-# restore of the whole archive into another topic, then memory benchmarks: 64 partitions x 100
-# sources x 2 days = 12,800 files open at once, and 300 events of 0.9 MB.
+# restore of the whole archive into another topic, `forget` of 1 and of 1,000 users against a
+# baseline that downloads, decompresses and recompresses every object, then memory benchmarks:
+# 64 partitions x 100 sources x 2 days = 12,800 files open at once, and 300 events of 0.9 MB.
 #   options: --events N --partitions N --sources N --days N --seed N --keep (keep the work dir)
 #   scripts/bench.sh --scaling  how cost grows instead (a few minutes): the archiver alone as
 #                               partitions per member grow (1, 4, 16, 64; 100 sources x 2 days
@@ -241,6 +242,35 @@ restore_seconds=$(python3 -c "print($(now) - $start)")
 restored=$(sed -n 's/.*: sent \([0-9]*\) events.*/\1/p' "$RIG_DIR/restore.txt")
 [[ "$restored" == "$EVENTS" ]] || { echo "restore sent $restored of $EVENTS events:" >&2; cat "$RIG_DIR/restore.txt" >&2; exit 1; }
 
+# forget over the archive: the generator draws users user-0 .. user-49999, so one user is in
+# about 20 of a million events, and 1,000 users in about 20,000. The baseline does what forget
+# would without its index: downloads, decompresses and recompresses every object.
+forget_run() {  # $1: ids file, $2: label; sets forget_seconds, forget_read, forget_selection
+  local start out
+  start=$(now)
+  out=$(ARCHIVER_KAFKA_TOPIC=$TOPIC ARCHIVER_SUPPRESSION_REFRESH_SECS=1 "$BIN" forget \
+    --config "$RIG_DIR/archiver.toml" --ids-file "$1" 2>"$RIG_DIR/forget-$2.log") \
+    || { echo "$out" "$(tail -20 "$RIG_DIR/forget-$2.log")" >&2; exit 1; }
+  forget_seconds=$(python3 -c "print($(now) - $start)")
+  echo "$out" >"$RIG_DIR/forget-$2.txt"
+  forget_read=$(sed -n 's/^read \([0-9]*\) of \([0-9]*\) objects.*/\1/p' <<<"$out")
+  forget_selection=$(sed -n 's/^read \([0-9]*\) of \([0-9]*\) objects.*/\2/p' <<<"$out")
+}
+step "forget: 1 user, then 1,000 users, out of the whole archive (archiver stopped: no wait)"
+echo user-12345 >"$RIG_DIR/forget-1.txt.ids"
+forget_run "$RIG_DIR/forget-1.txt.ids" one
+forget_one_seconds=$forget_seconds forget_one_read=$forget_read forget_one_selection=$forget_selection
+python3 -c "print('\n'.join(f'user-{n}' for n in range(1000)))" >"$RIG_DIR/forget-1000.txt.ids"
+forget_run "$RIG_DIR/forget-1000.txt.ids" thousand
+forget_many_seconds=$forget_seconds forget_many_read=$forget_read forget_many_selection=$forget_selection
+step "forget baseline: download, decompress and recompress every object (gzip -6, 1 core)"
+start=$(now)
+s3 s3 sync --only-show-errors --exclude "_*" "s3://$BUCKET/segment-logs/" "$RIG_DIR/forget-baseline/"
+find "$RIG_DIR/forget-baseline" -name '*.gz' -print0 | xargs -0 -n 50 sh -c 'for f; do gzip -dc "$f" | gzip -6 >/dev/null; done' sh
+forget_baseline_seconds=$(python3 -c "print($(now) - $start)")
+ARCHIVER_KAFKA_TOPIC=$TOPIC "$BIN" verify --deep --config "$RIG_DIR/archiver.toml" >"$RIG_DIR/verify-forget.txt" 2>&1 \
+  || { cat "$RIG_DIR/verify-forget.txt" >&2; exit 1; }
+
 WIDE_TOPIC=segment-events-wide
 step "memory: $WIDE_PARTITIONS partitions x $SOURCES sources x $DAYS days, $WIDE_EVENTS events"
 "$TANSU_BIN" topic create "$WIDE_TOPIC" --partitions "$WIDE_PARTITIONS" --broker "tcp://$KAFKA_BROKERS" >/dev/null
@@ -312,4 +342,12 @@ print(f"zstd objects / gzip objects: size {$zstd_bytes / $archived_bytes:.3f}, "
       f"archiver CPU {$zstd_cpu / $throughput_cpu:.2f}, end to end {$throughput_seconds / $zstd_seconds:.2f} x as fast")
 print(f"100,000-id suppression list / none: archiver CPU {$suppressing_cpu / $throughput_cpu:.3f} "
       f"(target <= 1.03), peak RSS {$suppressing_rss / $throughput_rss:.2f}")
+compressed_mb = $archived_bytes / 1e6
+print(f"forget, 1 user: read {$forget_one_read} of {$forget_one_selection} objects "
+      f"({$forget_one_read / max($forget_one_selection, 1):.1%}, target <= 5 %) in {$forget_one_seconds:.1f} s; "
+      f"1,000 users: read {$forget_many_read} of {$forget_many_selection} in {$forget_many_seconds:.1f} s; "
+      f"baseline (download, gunzip, gzip -6 every object) {$forget_baseline_seconds:.1f} s = "
+      f"{compressed_mb / $forget_baseline_seconds:.1f} MB/s; forget / baseline: 1 user "
+      f"{$forget_baseline_seconds / $forget_one_seconds:.1f} x as fast, 1,000 users "
+      f"{$forget_baseline_seconds / $forget_many_seconds:.1f} x")
 PY

@@ -219,6 +219,10 @@ struct StoredStage {
 
 pub const INDEX_VERSION: u32 = 1;
 
+/// The largest filter `forget` puts back for a rewritten object (the archiver keeps none past
+/// its own cap either).
+const MAX_STORED_FILTER_BYTES: usize = 2 << 20;
+
 impl BatchIndex {
     pub fn new() -> BatchIndex {
         BatchIndex {
@@ -230,6 +234,23 @@ impl BatchIndex {
 
     pub fn add(&mut self, key: String, filter: &IdFilter) {
         self.objects.insert(key, filter.stored());
+    }
+
+    /// Sets the filter of an object it has one for (an object `forget` rewrote): answers
+    /// whether it changed. One grown past a file's cap is dropped instead (the object is then
+    /// read whole).
+    pub fn replace(&mut self, key: &str, filter: &IdFilter) -> bool {
+        let Some(entry) = self.objects.get_mut(key) else {
+            return false;
+        };
+        if filter.heap_bytes() > MAX_STORED_FILTER_BYTES {
+            self.objects.remove(key);
+            return true;
+        }
+        let stored = filter.stored();
+        let changed = *entry != stored;
+        *entry = stored;
+        changed
     }
 
     /// Whether the object at `key` may hold an event of one of the users whose routing keys

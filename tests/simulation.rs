@@ -807,8 +807,14 @@ impl World {
                     continue;
                 };
                 let lines = lines_of(&held.body);
+                let dead_letter = indexed.contains("/_dead-letter/");
                 for line in lines.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
-                    for id in kafka_s3_archiver::suppress::top_level_ids(line) {
+                    let ids = if dead_letter {
+                        kafka_s3_archiver::suppress::dead_letter_ids(line)
+                    } else {
+                        kafka_s3_archiver::suppress::top_level_ids(line)
+                    };
+                    for id in ids {
                         let routing_key = kafka_s3_archiver::suppress::key_of(&id);
                         if !index.may_hold(indexed, &[routing_key]) {
                             violations.push(format!(

@@ -34,6 +34,12 @@ pub struct BufferSettings {
     pub id_index: bool,
 }
 
+/// What a batch's id filters may hold in memory, and one file's: past either, a growing filter
+/// is dropped (its object is read whole by `forget`), so a producer flooding distinct ids costs
+/// a bounded amount of memory per partition.
+const INDEX_BATCH_BYTES: usize = if cfg!(test) { 32 << 10 } else { 16 << 20 };
+const INDEX_FILE_BYTES: usize = if cfg!(test) { 8 << 10 } else { 2 << 20 };
+
 struct OpenFile {
     destination: Destination,
     first_offset: i64,
@@ -58,6 +64,8 @@ struct OpenBatch {
     /// Destination → index of its file still taking records.
     accepting: HashMap<Destination, usize>,
     uncompressed_bytes: u64,
+    /// Bytes its files' id filters hold, against [`INDEX_BATCH_BYTES`].
+    index_bytes: usize,
     /// Unix ms when its first record was read.
     first_read_ms: Option<i64>,
     /// Offsets between `start` and the last record that hold no record.
@@ -72,6 +80,7 @@ impl OpenBatch {
             files: Vec::new(),
             accepting: HashMap::new(),
             uncompressed_bytes: 0,
+            index_bytes: 0,
             first_read_ms: None,
             gaps: Vec::new(),
         }
@@ -595,14 +604,18 @@ impl PartitionBuffer {
         let before = file.gz.uncompressed_len();
         let heated = file.gz.append_line(&routed.line, self.stage_limit)?;
         file.records += 1;
-        if routed.ids.is_complete() {
-            if let Some(filter) = &mut file.ids {
-                for &key in routed.ids.keys() {
-                    filter.insert(key);
-                }
+        if let Some(filter) = &mut file.ids {
+            let before = filter.heap_bytes();
+            for &key in routed.ids.keys() {
+                filter.insert(key);
             }
-        } else {
-            file.ids = None;
+            let after = filter.heap_bytes();
+            self.open.index_bytes += after - before;
+            let too_big = after > INDEX_FILE_BYTES || self.open.index_bytes > INDEX_BATCH_BYTES;
+            if !routed.ids.is_complete() || too_big {
+                self.open.index_bytes -= after;
+                file.ids = None;
+            }
         }
         file.last_used = tick;
         let bytes = file.gz.uncompressed_len() - before;
@@ -641,6 +654,8 @@ impl PartitionBuffer {
             Codec::Gzip,
         ));
         let gz = GzStreamFile::create(&path, self.settings.compression_level)?;
+        let ids = self.settings.id_index.then(IdFilter::default);
+        self.open.index_bytes += ids.as_ref().map_or(0, IdFilter::heap_bytes);
         self.open.files.push(OpenFile {
             destination: destination.clone(),
             first_offset,
@@ -648,7 +663,7 @@ impl PartitionBuffer {
             gz,
             accepting: true,
             last_used: tick,
-            ids: self.settings.id_index.then(IdFilter::default),
+            ids,
         });
         Ok(self.open.files.len() - 1)
     }
@@ -974,6 +989,34 @@ mod tests {
             filter("c").is_none(),
             "a line naming more ids than are kept"
         );
+
+        // A flood of distinct ids: a file's filter is dropped past its cap, and so are those
+        // that grow once the batch's filters hold their cap.
+        let one_file_each = BufferSettings {
+            max_file_bytes: 1 << 30,
+            ..SETTINGS
+        };
+        let mut buffer =
+            PartitionBuffer::fresh(dir.path(), "t", 0, router(), one_file_each, Some(0)).unwrap();
+        for offset in 0..6_000 {
+            let (source, user) = if offset < 4_000 {
+                ("flood", offset + 10_000)
+            } else {
+                ("calm", offset % 2_000)
+            };
+            let record = event(offset, source, &format!(r#","userId":"u{user}""#));
+            buffer.append(&record, offset as u64).unwrap().unwrap();
+        }
+        let batch = buffer.seal().unwrap().unwrap();
+        let of = |source: &str| {
+            let file = batch.files.iter().find(
+                |f| matches!(&f.destination, Destination::Events { source: s, .. } if s == source),
+            );
+            file.unwrap().ids.clone()
+        };
+        assert!(of("flood").is_none(), "4,000 distinct ids pass 8 KiB");
+        let calm = of("calm").expect("2,000 ids stay under it");
+        assert!(calm.may_contain(key_of("u1999")));
     }
 
     #[test]

@@ -8,8 +8,9 @@ use std::io::Write;
 
 use serde::{Deserialize, Serialize};
 
+use crate::index::IdFilter;
 use crate::layout::Codec;
-use crate::suppress::{dead_letter_ids, top_level_ids, Suppression};
+use crate::suppress::{dead_letter_ids, key_of, top_level_ids, Suppression};
 
 /// What an object holds, as its batch manifest records it: lines and the CRC32 of its
 /// uncompressed bytes (the gzip trailer's), which a rewrite changes and `verify` checks.
@@ -26,6 +27,10 @@ pub struct Content {
 pub struct Filtered {
     pub old: Content,
     pub new: Content,
+    /// The ids the kept lines name, as the archiver's id index holds them (`crate::index`):
+    /// what the object's index entry says once it is rewritten, so the index no longer
+    /// answers for the forgotten users.
+    pub kept_ids: IdFilter,
 }
 
 impl Filtered {
@@ -45,12 +50,18 @@ pub struct Levels {
 
 /// Whether a line of an object names a user on `list`.
 pub fn names_listed_user(list: &Suppression, line: &[u8], dead_letter: bool) -> bool {
-    let ids = if dead_letter {
+    line_ids(line, dead_letter)
+        .iter()
+        .any(|id| list.matches(id))
+}
+
+/// The ids a line of an object names, as routing matches them.
+fn line_ids(line: &[u8], dead_letter: bool) -> Vec<String> {
+    if dead_letter {
         dead_letter_ids(line)
     } else {
         top_level_ids(line)
-    };
-    ids.iter().any(|id| list.matches(id))
+    }
 }
 
 /// Reads the object `key` holds (`bytes`) and, with `out`, writes it again without the lines
@@ -71,6 +82,7 @@ pub fn filter_object(
         .map_err(|err| format!("cannot start the new object: {err}"))?;
     let mut decoded = crate::object::decode_object(key, bytes)?;
     let (mut old, mut new) = (Tally::default(), Tally::default());
+    let mut kept_ids = IdFilter::default();
     let mut line = Vec::new();
     loop {
         line.clear();
@@ -81,8 +93,16 @@ pub fn filter_object(
         }
         let text = line.strip_suffix(b"\n").unwrap_or(&line);
         old.add(&line, !text.is_empty());
-        if !text.is_empty() && names_listed_user(list, text, dead_letter) {
+        let ids = if text.is_empty() {
+            Vec::new()
+        } else {
+            line_ids(text, dead_letter)
+        };
+        if ids.iter().any(|id| list.matches(id)) {
             continue;
+        }
+        for id in &ids {
+            kept_ids.insert(key_of(id));
         }
         new.add(&line, !text.is_empty());
         if let Some(writer) = writer.as_mut() {
@@ -102,6 +122,7 @@ pub fn filter_object(
     Ok(Filtered {
         old: old.content(),
         new: new.content(),
+        kept_ids,
     })
 }
 

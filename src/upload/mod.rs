@@ -306,8 +306,30 @@ impl<S: ObjectStore> Shared<S> {
             Err(UploadError::Finished { .. }) => return Ok(()),
             files => files?,
         };
-        // The id index before the manifest: a manifest this release wrote has its index.
-        if let Some(index) = id_index(&u.prefix, batch, &files) {
+        // The id index before the manifest: a manifest this release wrote has its index. Not
+        // on a store that ignores `If-None-Match`: there another attempt may replace an
+        // object with one holding lines the index never saw.
+        let entries = if u.store.conditional_writes() {
+            index_entries(&u.prefix, batch, &files)
+        } else {
+            Vec::new()
+        };
+        let index = if entries.is_empty() {
+            None
+        } else {
+            // Encoding filters is CPU work: off the async threads.
+            tokio::task::spawn_blocking(move || {
+                let mut index = crate::index::BatchIndex::new();
+                for (key, filter) in entries {
+                    index.add(key, &filter);
+                }
+                index.to_json()
+            })
+            .await
+            .map(Some)
+            .expect("index thread")
+        };
+        if let Some(body) = index {
             let index_key = crate::index::index_key(
                 &u.prefix,
                 &batch.topic,
@@ -315,7 +337,6 @@ impl<S: ObjectStore> Shared<S> {
                 batch.start,
                 batch.end,
             );
-            let body = index.to_json();
             self.with_retries(batch.partition, epoch, stop, |_| {
                 u.store
                     .put_bytes(&index_key, body.clone(), "application/json")
@@ -722,27 +743,25 @@ impl Drop for WaitingOnKey<'_> {
     }
 }
 
-/// The id index of `batch` as uploaded (`files`: its manifest's entries): the filter of each
-/// file whose object holds exactly the lines this attempt read. An adopted object with lines
-/// Kafka deleted before this attempt read them, or a file whose ids are not all known, has
-/// none (`forget` reads it whole). `None` when no file has a filter.
-fn id_index(
+/// The entries of the id index of `batch` as uploaded (`files`: its manifest's entries): the
+/// filter of each file whose object holds exactly the lines this attempt read. An adopted
+/// object with lines Kafka deleted before this attempt read them, or a file whose ids are not
+/// all known, has none (`forget` reads it whole).
+fn index_entries(
     prefix: &str,
     batch: &SealedBatch,
     files: &[ManifestFile],
-) -> Option<crate::index::BatchIndex> {
-    let mut index = crate::index::BatchIndex::new();
-    for file in &batch.files {
-        let Some(filter) = &file.ids else {
-            continue;
-        };
-        let key = ManifestFile::of_sealed(prefix, batch, file).key;
-        let same_lines = files.iter().any(|entry| {
-            entry.key == key && entry.deleted_from_kafka == 0 && entry.records == file.records
-        });
-        if same_lines {
-            index.add(key, filter);
-        }
-    }
-    (!index.objects.is_empty()).then_some(index)
+) -> Vec<(String, Arc<crate::index::IdFilter>)> {
+    batch
+        .files
+        .iter()
+        .filter_map(|file| {
+            let filter = file.ids.as_ref()?;
+            let key = ManifestFile::of_sealed(prefix, batch, file).key;
+            let same_lines = files.iter().any(|entry| {
+                entry.key == key && entry.deleted_from_kafka == 0 && entry.records == file.records
+            });
+            same_lines.then(|| (key, Arc::clone(filter)))
+        })
+        .collect()
 }
