@@ -46,6 +46,20 @@ impl DecodedObject<'_> {
         }
     }
 
+    /// Reads the next line (with its line break, if it has one) into `line`, cleared first;
+    /// `false` at the end. An error names the format the bytes are not valid as.
+    pub fn next_line(&mut self, line: &mut Vec<u8>) -> Result<bool, String> {
+        line.clear();
+        let format = match self {
+            DecodedObject::Gzip(_) => "gzip member",
+            DecodedObject::Zstd { .. } => "zstd frame",
+        };
+        match self.content().read_until(b'\n', line) {
+            Ok(read) => Ok(read > 0),
+            Err(err) => Err(format!("not a valid {format}: {err}")),
+        }
+    }
+
     /// Whether bytes follow the member or frame (valid once the content was read to its end).
     pub fn trailing(self) -> bool {
         match self {

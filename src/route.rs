@@ -220,45 +220,44 @@ impl Router {
         let mut suppressed = false;
         let mut ids = IdKeys::default();
         let routed = self.route_event(record, &mut suppressed, &mut ids);
-        if routed.is_err() && self.index {
-            // Read again for a dead letter (rare): its record's ids as `forget` reads them, and
-            // its key, often the user's id (the partitioning key).
-            ids = match record.payload.as_deref() {
-                // Too large to read again: its file is read whole by `forget`.
-                Some(payload) if payload.len() > self.max_message_bytes => IdKeys::unknown(),
-                Some(payload) => {
-                    let mut ids = IdKeys::default();
-                    for id in crate::suppress::top_level_ids(payload) {
-                        ids.push(&id);
-                    }
-                    ids
-                }
-                None => IdKeys::default(),
-            };
-            if let Some(key) = record
-                .key
-                .as_deref()
-                .and_then(|k| std::str::from_utf8(k).ok())
-            {
-                ids.push(key);
-            }
-        }
-        if let (Err(reason), Some((list, _)), false) = (&routed, &self.suppression, suppressed) {
-            // A dead letter may have failed before its fields were read (a duplicated id among
-            // them), and it keeps the record's key, often the user's id (the partitioning key).
+        if let Err(reason) = &routed {
+            // A dead letter (rare) is read again, once, for what needs its record's ids: the
+            // index, and the list when its fields were not read (a duplicated id among them).
+            // Its key counts too: often the user's id (the partitioning key).
             let key = record
                 .key
                 .as_deref()
                 .and_then(|key| std::str::from_utf8(key).ok());
-            let ids = match (reason, record.payload.as_deref()) {
+            let checks_list = self.suppression.is_some() && !suppressed;
+            let letter_ids = match (reason, record.payload.as_deref()) {
                 // Read again only when that is cheap: a too-large payload is not.
                 (DeadLetterReason::TooLarge, _) | (_, None) => Vec::new(),
-                (_, Some(payload)) => crate::suppress::top_level_ids(payload),
+                (_, Some(payload)) if self.index || checks_list => {
+                    crate::suppress::top_level_ids(payload)
+                }
+                _ => Vec::new(),
             };
-            suppressed = key
-                .into_iter()
-                .chain(ids.iter().map(String::as_str))
-                .any(|id| list.matches(id));
+            if self.index {
+                let too_large = record
+                    .payload
+                    .as_ref()
+                    .is_some_and(|payload| payload.len() > self.max_message_bytes);
+                // Too large to read again: its file is read whole by `forget`.
+                ids = if too_large {
+                    IdKeys::unknown()
+                } else {
+                    IdKeys::default()
+                };
+                for id in letter_ids.iter().map(String::as_str).chain(key) {
+                    ids.push(id);
+                }
+            }
+            if let (Some((list, _)), true) = (&self.suppression, checks_list) {
+                suppressed = key
+                    .into_iter()
+                    .chain(letter_ids.iter().map(String::as_str))
+                    .any(|id| list.matches(id));
+            }
         }
         match routed {
             Ok((destination, line)) => Routed {

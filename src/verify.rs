@@ -485,17 +485,12 @@ pub fn inspect_object(
     let mut crc = crc32fast::Hasher::new();
     let mut line = Vec::new();
     loop {
-        line.clear();
-        match decoded.content().read_until(b'\n', &mut line) {
-            Ok(0) => break,
-            Ok(_) => {}
+        match decoded.next_line(&mut line) {
+            Ok(true) => {}
+            Ok(false) => break,
             Err(err) => {
-                let format = match Codec::of_key(key) {
-                    Some(Codec::Zstd) => "zstd frame",
-                    _ => "gzip member",
-                };
                 check.message_ids.clear();
-                corrupt(&mut check, format!("not a valid {format}: {err}"));
+                corrupt(&mut check, err);
                 return check;
             }
         }

@@ -361,7 +361,7 @@ async fn options_of_journal<S: ObjectStore>(
         key: key.clone(),
         message,
     };
-    let journal: Journal = serde_json::from_slice(&bytes).map_err(|err| bad(err.to_string()))?;
+    let journal = parse_journal(request, &key, &bytes)?;
     let ids = journal
         .ids
         .iter()
@@ -409,17 +409,24 @@ fn read_journal(
     bytes: &[u8],
     ids: &BTreeSet<IdHash>,
 ) -> Result<Journal, ForgetError> {
-    let bad = |message: String| ForgetError::BadJournal {
-        request: request.to_string(),
-        key: key.to_string(),
-        message,
-    };
-    let journal: Journal = serde_json::from_slice(bytes).map_err(|err| bad(err.to_string()))?;
+    let journal = parse_journal(request, key, bytes)?;
     let ours: Vec<String> = ids.iter().map(IdHash::encode).collect();
     if journal.ids != ours {
-        return Err(bad("it forgets other ids than these".into()));
+        return Err(ForgetError::BadJournal {
+            request: request.to_string(),
+            key: key.to_string(),
+            message: "it forgets other ids than these".into(),
+        });
     }
     Ok(journal)
+}
+
+fn parse_journal(request: &str, key: &str, bytes: &[u8]) -> Result<Journal, ForgetError> {
+    serde_json::from_slice(bytes).map_err(|err| ForgetError::BadJournal {
+        request: request.to_string(),
+        key: key.to_string(),
+        message: err.to_string(),
+    })
 }
 
 fn make_private_dir(path: &Path) -> Result<(), ForgetError> {

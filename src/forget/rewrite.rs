@@ -84,13 +84,7 @@ pub fn filter_object(
     let (mut old, mut new) = (Tally::default(), Tally::default());
     let mut kept_ids = IdFilter::default();
     let mut line = Vec::new();
-    loop {
-        line.clear();
-        match decoded.content().read_until(b'\n', &mut line) {
-            Ok(0) => break,
-            Ok(_) => {}
-            Err(err) => return Err(format!("not a valid {}: {err}", codec_name(codec))),
-        }
+    while decoded.next_line(&mut line)? {
         let text = line.strip_suffix(b"\n").unwrap_or(&line);
         old.add(&line, !text.is_empty());
         let ids = if text.is_empty() {
@@ -124,13 +118,6 @@ pub fn filter_object(
         new: new.content(),
         kept_ids,
     })
-}
-
-fn codec_name(codec: Codec) -> &'static str {
-    match codec {
-        Codec::Zstd => "zstd frame",
-        Codec::Gzip => "gzip member",
-    }
 }
 
 #[derive(Default)]
