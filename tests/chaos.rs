@@ -49,7 +49,9 @@ struct Fleet<'a> {
     finished_logs: Vec<String>,
     /// Members started from now on run the second set of cutting rules.
     new_rules: bool,
-    /// Since when a member is to be fenced (and may exit by itself, once).
+    /// When the coordinator was last told to fence a member. From then on a member may exit by
+    /// itself with the fencing error: the one error armed, or the one before it, taken by a member
+    /// whose poll thread was held (a revocation waiting out an S3 outage) and has not said so yet.
     fencing: Option<Instant>,
     fenced: usize,
 }
@@ -87,7 +89,8 @@ impl Fleet<'_> {
     }
 
     /// Has the coordinator fence the next member to heartbeat (what it answers a member whose
-    /// group.instance.id another pod took); again if the one it hit was killed meanwhile.
+    /// group.instance.id another pod took); again every 20 s until a member has taken it, in case
+    /// the one it hit was killed meanwhile.
     fn fence(&mut self) {
         if self.fenced > 0
             || self
@@ -97,28 +100,10 @@ impl Fleet<'_> {
             return;
         }
         self.rig.broker.control("clear Heartbeat");
-        // Re-arming while the last victim is still on its way out would fence a second member
-        // (seen: the next one to start). Nothing can take the error after the clear, so a victim
-        // that took it before has logged its fatal error within the second.
-        if self.fencing.is_some() {
-            std::thread::sleep(Duration::from_secs(1));
-            if self.victim_on_its_way_out() {
-                return;
-            }
-        }
         self.rig
             .broker
             .control("errors Heartbeat FENCED_INSTANCE_ID 1");
         self.fencing = Some(Instant::now());
-    }
-
-    /// Whether a running member has already taken the fence (logged its fatal error) but not
-    /// exited yet.
-    fn victim_on_its_way_out(&self) -> bool {
-        self.slots
-            .iter()
-            .flatten()
-            .any(|process| process.log_text().contains("fatal kafka error"))
     }
 
     fn running(&self) -> Vec<usize> {
@@ -137,8 +122,8 @@ impl Fleet<'_> {
         }
     }
 
-    /// Panics if a member exited by itself, unless it is the fenced one: that one must have
-    /// stopped non-zero with the fatal error, and comes back like a restarted pod.
+    /// Panics if a member exited by itself, unless it was fenced: that one must have stopped
+    /// non-zero with the fencing error, and comes back like a restarted pod.
     fn assert_alive(&mut self) {
         for slot in 0..SLOTS {
             let Some(process) = &mut self.slots[slot] else {
@@ -148,13 +133,13 @@ impl Fleet<'_> {
                 continue;
             };
             let log = process.log_text();
-            let fenced =
-                self.fencing.is_some() && !status.success() && log.contains("fatal kafka error");
+            let fenced = self.fencing.is_some()
+                && !status.success()
+                && log.contains("fatal kafka error (FencedInstanceId)");
             assert!(
                 fenced,
                 "archiver {slot} exited by itself with {status}:\n{log}"
             );
-            self.fencing = None;
             self.fenced += 1;
             self.finished_logs.push(log);
             self.slots[slot] = None;
@@ -380,7 +365,7 @@ fn chaos_run(seed: u64, mock_log: &mut Option<std::path::PathBuf>) {
         std::thread::sleep(Duration::from_millis(500));
         fleet.assert_alive();
     }
-    assert_eq!(fleet.fenced, 1, "no member was fenced");
+    assert!(fleet.fenced >= 1, "no member was fenced");
     rig.broker.control("clear Heartbeat");
     let records = tail.finish();
     let ends = end_offsets(&records);
