@@ -6,13 +6,17 @@
 //! volume, a fresh one, or a pod's own earlier volume), zombies (a member frozen past its session
 //! timeout that thaws after another took over), rolling changes of the cutting rules, S3
 //! refusals, lost answers and outages, paused reading, retention deleting the log's head (into
-//! interrupted batches too) and the group losing its offsets, all drawn from one seed.
+//! interrupted batches too) and the group losing its offsets, all drawn from one seed; in runs
+//! whose events carry users, an operator suppressing users and running `forget` (the command's
+//! own wait and bucket work, killed part-way and run again).
 //!
 //! After the schedule the faults stop and a member runs until everything is committed; then the
 //! invariant the README states is checked: every record still in the log when the archiver first
 //! needed it is in the bucket exactly once, every record lost to retention is reported as
 //! `deleted` in a manifest (never filed as `no-record`), and no object is ever replaced by one
-//! with other lines. And `verify --deep`'s own judgement of the bucket must agree: nothing but
+//! with other lines but by `forget` taking out exactly its users' lines; once a `forget`
+//! reports done, no event of its user is in the bucket, then or after. And `verify --deep`'s
+//! own judgement of the bucket must agree: nothing but
 //! the deleted ranges when the invariant holds, something when records are lost or doubled.
 //!
 //! `SIM_SEED=N` runs one seed and prints its trace; `SIM_SEEDS=N` runs N seeds from
@@ -26,13 +30,14 @@ mod simulation {
     pub mod store;
 }
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 use kafka_s3_archiver::checkpoint::GapCause;
 use kafka_s3_archiver::config::Config;
+use kafka_s3_archiver::forget::wait::judge;
 use kafka_s3_archiver::pipeline::Record;
-use kafka_s3_archiver::suppress::hash_id;
+use kafka_s3_archiver::suppress::{hash_id, IdHash};
 use kafka_s3_archiver::upload::manifest::Manifest;
 use kafka_s3_archiver::upload::suppression::submit;
 
@@ -115,36 +120,32 @@ fn the_protocol_keeps_every_record_exactly_once_through_seeded_fault_schedules()
         .collect();
     // Seeds are independent: spread over the cores, each run still deterministic on its own.
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let adopted = std::sync::atomic::AtomicUsize::new(0);
-    let late = std::sync::atomic::AtomicUsize::new(0);
-    let suppressed = std::sync::atomic::AtomicUsize::new(0);
-    let mut failed: Vec<(u64, Outcome)> = std::thread::scope(|scope| {
-        let (adopted, late, suppressed) = (&adopted, &late, &suppressed);
+    let (mut failed, notable) = std::thread::scope(|scope| {
         let runs: Vec<_> = (0..threads)
             .map(|thread| {
                 let all = &all;
                 scope.spawn(move || {
-                    all.iter()
+                    let mut notable = Notable::default();
+                    let failed: Vec<(u64, Outcome)> = all
+                        .iter()
                         .skip(thread)
                         .step_by(threads)
                         .map(|&seed| (seed, run(seed)))
-                        .inspect(|(_, outcome)| {
-                            adopted
-                                .fetch_add(outcome.adopted, std::sync::atomic::Ordering::Relaxed);
-                            late.fetch_add(outcome.late, std::sync::atomic::Ordering::Relaxed);
-                            suppressed.fetch_add(
-                                outcome.suppressed,
-                                std::sync::atomic::Ordering::Relaxed,
-                            );
-                        })
+                        .inspect(|(_, outcome)| notable.add(&outcome.notable))
                         .filter(|(_, outcome)| !outcome.violations.is_empty())
-                        .collect::<Vec<_>>()
+                        .collect();
+                    (failed, notable)
                 })
             })
             .collect();
-        runs.into_iter()
-            .flat_map(|run| run.join().expect("simulation thread"))
-            .collect()
+        let mut notable = Notable::default();
+        let mut failed = Vec::new();
+        for run in runs {
+            let (thread_failed, thread_notable) = run.join().expect("simulation thread");
+            failed.extend(thread_failed);
+            notable.add(&thread_notable);
+        }
+        (failed, notable)
     });
     failed.sort_by_key(|(seed, _)| *seed);
     if let Some((seed, outcome)) = failed.first() {
@@ -157,16 +158,29 @@ fn the_protocol_keeps_every_record_exactly_once_through_seeded_fault_schedules()
     eprintln!(
         "simulation: {} seeds in {:.1} s, {} broke the guarantee; replays adopted {} objects \
          holding records Kafka had deleted since, {} objects zombies put after their \
-         batch's manifest were there as it said they may be, and {} records of suppressed users \
-         were left out",
+         batch's manifest were there as it said they may be, {} records of suppressed users \
+         were left out, {} lines of forgotten users were taken out of {} objects, and {} \
+         forgets were killed part-way and run again",
         all.len(),
         started.elapsed().as_secs_f64(),
         failed.len(),
-        adopted.into_inner(),
-        late.into_inner(),
-        suppressed.into_inner()
+        notable.adopted,
+        notable.late,
+        notable.suppressed,
+        notable.forgotten_lines,
+        notable.rewritten,
+        notable.forgets_killed,
     );
     assert!(failed.is_empty(), "{}", failed.join("\n"));
+}
+
+/// Runs a future of the archiver's own code against the simulated bucket, which answers at once.
+fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(future)
 }
 
 fn env(name: &str) -> Option<u64> {
@@ -180,13 +194,35 @@ fn env(name: &str) -> Option<u64> {
 struct Outcome {
     trace: Vec<String>,
     violations: Vec<String>,
+    notable: Notable,
+}
+
+/// How often runs reached the protocol's hardest cases: what makes a green run mean something.
+#[derive(Debug, Default, Clone, Copy)]
+struct Notable {
     /// Objects a replay adopted from an earlier attempt after Kafka deleted some of their
-    /// records: how often the run reached the hardest case of the protocol.
+    /// records.
     adopted: usize,
     /// Objects a zombie put after their batch's manifest, which names them (`may_appear`).
     late: usize,
     /// Records left out as a suppressed user's (runs that suppress).
     suppressed: usize,
+    /// Lines `forget` took out, and the objects it rewrote.
+    forgotten_lines: usize,
+    rewritten: usize,
+    /// Runs of `forget`'s bucket work killed part-way.
+    forgets_killed: usize,
+}
+
+impl Notable {
+    fn add(&mut self, other: &Notable) {
+        self.adopted += other.adopted;
+        self.late += other.late;
+        self.suppressed += other.suppressed;
+        self.forgotten_lines += other.forgotten_lines;
+        self.rewritten += other.rewritten;
+        self.forgets_killed += other.forgets_killed;
+    }
 }
 
 /// The world of one run: the services, the member (if one runs) and what the oracle knows.
@@ -226,7 +262,28 @@ struct World {
     users: BTreeMap<(i32, i64), u32>,
     /// The users an operator suppressed so far.
     suppressed_users: BTreeSet<u32>,
+    /// The operator's `forget` under way, if one is.
+    forgetting: Option<Forgetting>,
+    /// The users a `forget` reported done for: none of their events may be in the bucket.
+    forgotten_users: BTreeSet<u32>,
+    /// Runs of `forget`'s bucket work killed part-way.
+    forgets_killed: usize,
     trace: Vec<String>,
+}
+
+/// An operator's `forget` of one user, run as the command runs it: the user suppressed first,
+/// then, at each of the schedule's commit rounds, a look at the group and the bucket until no
+/// batch that could hold the user's events is open or awaiting a replay ([`wait::judge`]), then
+/// the rewrites, perhaps killed part-way and run again.
+struct Forgetting {
+    user: u32,
+    ids: BTreeSet<IdHash>,
+    request: String,
+    /// Each partition's newest intent end once every member cuts under a list holding the user
+    /// (`None` until then), as the command notes it once `suppression.refresh_secs` passed.
+    baseline: Option<HashMap<i32, Option<i64>>>,
+    /// Runs of the bucket work killed part-way so far.
+    killed: usize,
 }
 
 /// Runs whose seed ends in 3 or 8 give their events users and draw an operator suppressing
@@ -271,6 +328,9 @@ fn run(seed: u64) -> Outcome {
         suppressing: suppressing(seed),
         users: BTreeMap::new(),
         suppressed_users: BTreeSet::new(),
+        forgetting: None,
+        forgotten_users: BTreeSet::new(),
+        forgets_killed: 0,
         trace: Vec::new(),
     };
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -280,7 +340,7 @@ fn run(seed: u64) -> Outcome {
         }
         world.heal()
     }));
-    let (adopted, late, suppressed) = world.notable_outcomes();
+    let notable = world.notable_outcomes();
     let mut violations = match result {
         Ok(Ok(())) => {
             let broken = world.check();
@@ -303,9 +363,7 @@ fn run(seed: u64) -> Outcome {
     Outcome {
         trace: std::mem::take(&mut world.trace),
         violations,
-        adopted,
-        late,
-        suppressed,
+        notable,
     }
 }
 
@@ -497,6 +555,27 @@ impl World {
                     step,
                     format!("commit round (refused: {refuse}) → {committed}"),
                 );
+                if self.forgetting.is_some() {
+                    let kill = self.rng.u8(..100) < 30;
+                    let requests = if kill {
+                        self.rng.usize(..40)
+                    } else {
+                        usize::MAX
+                    };
+                    let done = self.forget_proceeds(requests);
+                    self.log(step, done);
+                }
+            }
+            895..=909 if self.suppressing && self.forgetting.is_none() => {
+                // A user not forgotten yet: the same request again finds its audit and is done.
+                let left: Vec<u32> = (0..USERS)
+                    .filter(|u| !self.forgotten_users.contains(u))
+                    .collect();
+                let Some(&user) = left.get(self.rng.usize(..left.len().max(1))) else {
+                    return;
+                };
+                self.start_forget(user);
+                self.log(step, format!("an operator forgets user u{user}"));
             }
             860..=899 => {
                 if let Some(member) = &mut self.member {
@@ -504,7 +583,7 @@ impl World {
                 }
                 self.log(step, "schedule seals".into());
             }
-            900..=909 if self.suppressing => {
+            900..=904 if self.suppressing => {
                 let user = self.rng.u32(..USERS);
                 let ids = BTreeSet::from([hash_id(&format!("u{user}"))]);
                 let store = self.store.faultless();
@@ -600,6 +679,172 @@ impl World {
         }
     }
 
+    /// The operator's `forget` of `user` begins as the command begins: a request suppressing
+    /// the user, named after the forget request.
+    fn start_forget(&mut self, user: u32) {
+        use kafka_s3_archiver::forget::journal::{request_id, ForgetSelection};
+        let ids = BTreeSet::from([hash_id(&format!("u{user}"))]);
+        let prefix = self.config.s3.prefix.clone();
+        let request = request_id(&prefix, "events", &ids, &ForgetSelection::default());
+        block_on(kafka_s3_archiver::upload::suppression::submit_named(
+            &self.store.faultless(),
+            &prefix,
+            &ids,
+            request.clone(),
+        ))
+        .expect("the faultless bucket answers");
+        self.suppressed_users.insert(user);
+        self.store
+            .bucket
+            .lock()
+            .unwrap()
+            .forgotten
+            .push(format!(r#""userId":"u{user}""#));
+        self.forgetting = Some(Forgetting {
+            user,
+            ids,
+            request,
+            baseline: None,
+            killed: 0,
+        });
+    }
+
+    /// The `forget` under way looks at the group and the bucket, as its wait does every few
+    /// seconds, and once nothing that could hold the user's events is open or awaiting a
+    /// replay does its work in the bucket: killed after `requests` requests to S3 (`kill -9`),
+    /// to run again from its journal at a later round. Answers what it did, for the trace.
+    fn forget_proceeds(&mut self, requests: usize) -> String {
+        use kafka_s3_archiver::consume::lag::PartitionLag;
+        use kafka_s3_archiver::forget::{self, ForgetOptions, ForgetSummary, RequestContext};
+        let prefix = self.config.s3.prefix.clone();
+        let store = self.store.for_forget(requests);
+        let forgetting = self.forgetting.as_mut().expect("a forget under way");
+        let ids = forgetting.ids.clone();
+        let options = ForgetOptions {
+            ids: ids.clone(),
+            selection: Default::default(),
+            dry_run: false,
+            wait_limit: None,
+            work_dir: Some(self.volumes.path().join("forget")),
+            concurrency: 1 + forgetting.killed % 3,
+            finish: None,
+        };
+        let journal = match block_on(forget::stored_journal(
+            &store,
+            &prefix,
+            &forgetting.request,
+            &ids,
+        )) {
+            Ok(journal) => journal,
+            Err(err) => {
+                forgetting.killed += 1;
+                self.forgets_killed += 1;
+                return format!("forget killed before it read its journal: {err}");
+            }
+        };
+        let committed: HashMap<i32, i64> = self
+            .cluster
+            .committed
+            .iter()
+            .map(|(&partition, (next, _))| (partition, *next))
+            .collect();
+        if journal.is_none() {
+            // Every member cuts its next batches under the list once it read the request: the
+            // running one has when it holds the user (a zombie has not: frozen, it reads nothing;
+            // the command, which counts time, cannot tell either).
+            let members_read = self
+                .member
+                .as_ref()
+                .is_none_or(|member| ids.iter().all(|id| member.list_holds(id)));
+            let lags: Vec<PartitionLag> = self
+                .cluster
+                .logs
+                .iter()
+                .map(|(&partition, log)| PartitionLag {
+                    partition,
+                    low_watermark: log.start,
+                    high_watermark: log.end(),
+                    end_offset: log.end(),
+                    committed: committed.get(&partition).copied(),
+                })
+                .collect();
+            let views = block_on(forget::views_of(
+                &self.store.faultless(),
+                &prefix,
+                "events",
+                lags,
+                &ids,
+            ))
+            .expect("the faultless bucket answers");
+            if forgetting.baseline.is_none() && members_read {
+                forgetting.baseline = Some(
+                    views
+                        .iter()
+                        .map(|(view, _)| (view.partition, view.intent.map(|i| i.end)))
+                        .collect(),
+                );
+            }
+            let waiting: Vec<String> = views
+                .iter()
+                .filter_map(|(view, _)| {
+                    let baseline = forgetting
+                        .baseline
+                        .as_ref()
+                        .map(|b| b.get(&view.partition).copied().flatten());
+                    judge(view, baseline)
+                        .err()
+                        .map(|w| format!("p{}: {w}", view.partition))
+                })
+                .collect();
+            if !waiting.is_empty() {
+                return format!("forget waits: {}", waiting.join("; "));
+            }
+        }
+        let context = RequestContext {
+            prefix: &prefix,
+            topic: "events",
+            request: &forgetting.request,
+            options: &options,
+            levels: forget::rewrite::Levels {
+                gzip: self.config.buffer.compression_level,
+                zstd: self.config.output.zstd_level,
+            },
+            suppressed_since: None,
+            started: chrono::Utc::now(),
+        };
+        let mut summary = ForgetSummary::default();
+        let resumed = journal.is_some();
+        let result = block_on(forget::in_bucket(
+            &store,
+            &context,
+            journal,
+            &committed,
+            &mut summary,
+            &|_| {},
+        ));
+        if let Err(err) = result {
+            forgetting.killed += 1;
+            self.forgets_killed += 1;
+            return format!("forget killed part-way (resumed: {resumed}): {err}");
+        }
+        let (user, left_alone) = (forgetting.user, summary.left_alone.clone());
+        self.forgetting = None;
+        if !left_alone.is_empty() {
+            // Reported, and the command exits non-zero: the operator knows the user is not
+            // forgotten everywhere.
+            return format!(
+                "forget of u{user} done, leaving alone: {}",
+                left_alone.join("; ")
+            );
+        }
+        self.forgotten_users.insert(user);
+        format!(
+            "forget of u{user} done (resumed: {resumed}): {} objects rewritten, {} lines removed",
+            summary.objects_rewritten + summary.objects_already_rewritten,
+            summary.lines_removed
+        )
+    }
+
     /// A new pod's volume, with the settings the rollout has reached (which may change now).
     fn fresh_volume(&mut self) {
         if self.rng.bool() {
@@ -653,7 +898,7 @@ impl World {
                 }
             });
             if done {
-                return Ok(());
+                return self.finish_forget();
             }
         }
         Err(format!(
@@ -663,10 +908,32 @@ impl World {
         ))
     }
 
-    /// Manifest entries of objects holding records Kafka deleted before the replay that listed
-    /// them; of objects a zombie put after the manifest of their batch, which names them as
-    /// ones that may appear; and records left out as a suppressed user's.
-    fn notable_outcomes(&self) -> (usize, usize, usize) {
+    /// After the faults, the `forget` under way runs to its end, as the operator's rerun would.
+    fn finish_forget(&mut self) -> Result<(), String> {
+        let mut said = String::new();
+        for _ in 0..10 {
+            if self.forgetting.is_none() {
+                return Ok(());
+            }
+            if let Some(member) = &mut self.member {
+                member.refresh_suppression();
+            }
+            // The first run may be killed too; the operator runs it again.
+            let requests = match self.rng.u8(..100) < 30 {
+                true => self.rng.usize(..40),
+                false => usize::MAX,
+            };
+            said = self.forget_proceeds(requests);
+            self.trace.push(format!("[heal] {said}"));
+        }
+        match self.forgetting {
+            None => Ok(()),
+            Some(_) => Err(format!("forget never finished: {said}")),
+        }
+    }
+
+    /// What the run reached ([`Notable`]), from the manifests in the bucket.
+    fn notable_outcomes(&self) -> Notable {
         let bucket = self.store.bucket.lock().unwrap();
         let manifests: Vec<Manifest> = bucket
             .objects
@@ -674,23 +941,24 @@ impl World {
             .filter(|(key, _)| kafka_s3_archiver::layout::manifest_range(key).is_some())
             .filter_map(|(_, object)| serde_json::from_slice::<Manifest>(&object.body).ok())
             .collect();
-        let adopted = manifests
-            .iter()
-            .flat_map(|manifest| &manifest.files)
-            .filter(|file| file.deleted_from_kafka > 0)
-            .count();
-        let late = manifests
-            .iter()
-            .flat_map(|manifest| &manifest.may_appear)
-            .filter(|file| bucket.objects.contains_key(&file.key))
-            .count();
-        let suppressed = manifests
-            .iter()
-            .flat_map(|manifest| &manifest.gaps)
-            .filter(|gap| gap.cause == GapCause::Suppressed)
-            .map(|gap| gap.offsets() as usize)
-            .sum();
-        (adopted, late, suppressed)
+        let files = || manifests.iter().flat_map(|manifest| &manifest.files);
+        Notable {
+            adopted: files().filter(|file| file.deleted_from_kafka > 0).count(),
+            late: manifests
+                .iter()
+                .flat_map(|manifest| &manifest.may_appear)
+                .filter(|file| bucket.objects.contains_key(&file.key))
+                .count(),
+            suppressed: manifests
+                .iter()
+                .flat_map(|manifest| &manifest.gaps)
+                .filter(|gap| gap.cause == GapCause::Suppressed)
+                .map(|gap| gap.offsets() as usize)
+                .sum(),
+            forgotten_lines: files().map(|file| file.forgotten as usize).sum(),
+            rewritten: files().filter(|file| file.forgotten > 0).count(),
+            forgets_killed: self.forgets_killed,
+        }
     }
 
     /// `verify --deep`'s own judgement of the bucket (the pure part of the command, given what
@@ -872,6 +1140,18 @@ impl World {
                     .users
                     .get(&(partition, offset))
                     .is_some_and(|user| self.suppressed_users.contains(user));
+                let forgotten = self
+                    .users
+                    .get(&(partition, offset))
+                    .is_some_and(|user| self.forgotten_users.contains(user));
+                if forgotten {
+                    if copies > 0 {
+                        violations.push(format!(
+                            "p{partition} offset {offset}: a forgotten user's event is in the bucket"
+                        ));
+                    }
+                    continue;
+                }
                 let problem = match (copies, gap_of(offset)) {
                     (1, Some(GapCause::Suppressed)) => "archived, yet its manifest says suppressed",
                     (1, _) => continue,

@@ -492,11 +492,23 @@ async fn partition_views<S: ObjectStore>(
     let lags: Vec<PartitionLag> = tokio::task::spawn_blocking(move || group_lag(&kafka_config))
         .await
         .expect("kafka lookup thread")?;
-    let prefix = &config.s3.prefix;
+    Ok(views_of(store, &config.s3.prefix, &config.kafka.topic, lags, ids).await?)
+}
+
+/// Each partition of `lags` (the group's offsets and the log's ends) as [`wait::judge`] sees
+/// it, with its committed offset: its newest batch intent, and whether that batch was cut
+/// under a list holding every id.
+pub async fn views_of<S: ObjectStore>(
+    store: &S,
+    prefix: &str,
+    topic: &str,
+    lags: Vec<PartitionLag>,
+    ids: &BTreeSet<IdHash>,
+) -> Result<Vec<(PartitionView, Option<i64>)>, S3Error> {
     let mut lists: HashMap<String, bool> = HashMap::new();
     let mut views = Vec::new();
     for lag in lags {
-        let key = layout::intent_key(prefix, &config.kafka.topic, lag.partition);
+        let key = layout::intent_key(prefix, topic, lag.partition);
         let intent = s3(|| store.get_bytes(&key))
             .await?
             .and_then(|bytes| serde_json::from_slice::<crate::pipeline::BatchIntent>(&bytes).ok());

@@ -27,7 +27,7 @@ use kafka_s3_archiver::consume::ArchiverContext;
 use kafka_s3_archiver::metrics::Metrics;
 use kafka_s3_archiver::pipeline::{CommitRequest, Fatal, SealTrigger, WorkerCommand};
 use kafka_s3_archiver::rules::{rules_key, CuttingRules};
-use kafka_s3_archiver::suppress::{list_key, CurrentList};
+use kafka_s3_archiver::suppress::{list_key, CurrentList, IdHash};
 use kafka_s3_archiver::upload::store::ObjectStore;
 use kafka_s3_archiver::upload::suppression::Follower;
 use kafka_s3_archiver::upload::{archive_end, planned_files, Uploader};
@@ -55,6 +55,8 @@ pub struct Member {
     generation: u64,
     /// Reads the suppression requests in the bucket (runs that suppress users only).
     follower: Option<Follower<SimStore>>,
+    /// The suppression list the member cuts its next batches under.
+    list: Arc<CurrentList>,
 }
 
 /// The group while a member's assignment is set up: the cluster as it stands, and the positions
@@ -125,6 +127,7 @@ impl Member {
         let (commit_tx, commits) = std::sync::mpsc::channel();
         std::fs::create_dir_all(&volume).unwrap();
         let suppression = Arc::new(CurrentList::default());
+        let list = Arc::clone(&suppression);
         let worker = Worker::new(
             Arc::clone(&config),
             1,
@@ -213,6 +216,7 @@ impl Member {
             paused: false,
             clock_base: Instant::now(),
             elapsed: Duration::ZERO,
+            list,
             generation: cluster.generation,
             follower,
         };
@@ -377,6 +381,13 @@ impl Member {
         self.follower
             .as_mut()
             .is_some_and(|follower| poll_ready(follower.refresh()).unwrap_or(false))
+    }
+}
+
+impl Member {
+    /// Whether the list the member cuts its next batches under holds `id`.
+    pub fn list_holds(&self, id: &IdHash) -> bool {
+        self.list.get().is_some_and(|list| list.holds(id))
     }
 }
 

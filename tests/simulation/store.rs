@@ -1,7 +1,8 @@
 //! The simulation's S3: a bucket in memory behind the archiver's own `ObjectStore` interface,
 //! with conditional writes, HEAD and listing, and faults drawn from the run's seed: requests
 //! refused (`InternalError`), answers lost after the write took effect, and outages. It keeps
-//! every object's history, so a key that was ever given other lines is caught.
+//! every object's history, so a key that was ever given other lines is caught, except by an
+//! operator's `forget` taking out exactly the lines of the users it forgets.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -31,8 +32,11 @@ pub struct Faults {
 #[derive(Debug)]
 pub struct Bucket {
     pub objects: BTreeMap<String, Object>,
-    /// Keys whose object was overwritten with other lines: never allowed.
+    /// Keys whose object was overwritten with other lines: never allowed, but for `forget`
+    /// taking out the lines of users in `forgotten`.
     pub replaced: Vec<String>,
+    /// What marks a line of a user an operator asked to forget (`"userId":"u3"`).
+    pub forgotten: Vec<String>,
     pub faults: Faults,
     rng: fastrand::Rng,
 }
@@ -44,6 +48,9 @@ pub struct SimStore {
     /// Answers every request: for the lookups an assignment makes, which retry in real time
     /// (`fetch_until_known`) and would only slow the run down.
     faultless: bool,
+    /// An operator's `forget`: requests it makes before it is killed (`kill -9`: every request
+    /// after fails), and rewrites it may make.
+    forget: Option<Arc<std::sync::atomic::AtomicUsize>>,
 }
 
 impl SimStore {
@@ -52,10 +59,12 @@ impl SimStore {
             bucket: Arc::new(Mutex::new(Bucket {
                 objects: BTreeMap::new(),
                 replaced: Vec::new(),
+                forgotten: Vec::new(),
                 faults: Faults::default(),
                 rng: fastrand::Rng::with_seed(seed),
             })),
             faultless: false,
+            forget: None,
         }
     }
 
@@ -64,6 +73,16 @@ impl SimStore {
         SimStore {
             bucket: Arc::clone(&self.bucket),
             faultless: true,
+            forget: None,
+        }
+    }
+
+    /// The same bucket, without faults, for a `forget` killed after `requests` requests.
+    pub fn for_forget(&self, requests: usize) -> SimStore {
+        SimStore {
+            bucket: Arc::clone(&self.bucket),
+            faultless: true,
+            forget: Some(Arc::new(std::sync::atomic::AtomicUsize::new(requests))),
         }
     }
 
@@ -74,6 +93,16 @@ impl SimStore {
     /// Refuses the request if the faults say so.
     fn admit(&self, operation: &'static str, key: &str) -> Result<(), S3Error> {
         let mut bucket = self.bucket.lock().unwrap();
+        if let Some(left) = &self.forget {
+            let before = left.load(std::sync::atomic::Ordering::Relaxed);
+            if before == 0 {
+                return Err(S3Error {
+                    class: ErrorClass::Permanent,
+                    ..error(operation, key, "Killed")
+                });
+            }
+            left.store(before - 1, std::sync::atomic::Ordering::Relaxed);
+        }
         if self.faultless {
             return Ok(());
         }
@@ -89,8 +118,22 @@ impl SimStore {
         let mut bucket = self.bucket.lock().unwrap();
         // Manifests and rules are checked on their own; event objects must never change lines.
         if let Some(present) = bucket.objects.get(key).filter(|_| !key.ends_with(".json")) {
-            if present.body != object.body && lines_of(&present.body) != lines_of(&object.body) {
-                bucket.replaced.push(key.to_string());
+            let lines = lines_of(&object.body);
+            if present.body != object.body && lines_of(&present.body) != lines {
+                let forgetting = lines_of(&present.body)
+                    .split_inclusive(|&b| b == b'\n')
+                    .filter(|line| {
+                        !bucket
+                            .forgotten
+                            .iter()
+                            .any(|user| line.windows(user.len()).any(|w| w == user.as_bytes()))
+                    })
+                    .flatten()
+                    .copied()
+                    .collect::<Vec<u8>>();
+                if self.forget.is_none() || forgetting != lines {
+                    bucket.replaced.push(key.to_string());
+                }
             }
         }
         bucket.objects.insert(key.to_string(), object);
