@@ -16,8 +16,8 @@
 //! `deleted` in a manifest (never filed as `no-record`), and no object is ever replaced by one
 //! with other lines but by `forget` taking out exactly its users' lines; once a `forget`
 //! reports done, no event of its user is in the bucket, then or after. And `verify --deep`'s
-//! own judgement of the bucket must agree: nothing but
-//! the deleted ranges when the invariant holds, something when records are lost or doubled.
+//! own judgement of the bucket must agree: nothing but the deleted ranges when the invariant
+//! holds, something when records are lost or doubled.
 //!
 //! `SIM_SEED=N` runs one seed and prints its trace; `SIM_SEEDS=N` runs N seeds from
 //! `SIM_FIRST_SEED` (default 0, so that the suite's seeds are the same on every run and a red run
