@@ -2,12 +2,20 @@
 //! operator suppresses users with `kafka-s3-archiver suppress` while the group runs; from each
 //! partition's next batch their events are left out, recorded in the manifests, counted, and
 //! still left out after a restart; `verify --deep` stays clean, and no id is in the clear in the
-//! bucket or the logs; a restore of the range sends none of their events back.
+//! bucket or the logs; a restore of the range sends none of their events back. And `forget`
+//! takes users out of what is already archived (events and dead letters, over sources, days and
+//! partitions, a versioned bucket's earlier versions too) while the group runs and replays a
+//! batch, through a kill of its own: afterwards no object holds their events, every other one
+//! is there exactly once, `verify --deep` is clean and a restore sends none of them.
 
 mod support;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use rdkafka::config::ClientConfig;
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer as _};
 
 use support::s3_proxy::{FaultProxy, FaultRates};
 use support::*;
@@ -83,6 +91,12 @@ fn suppressed_users_are_left_out_from_the_next_batch_on_through_a_restart() {
     let suppressed_by_second = archiver.scrape()["archiver_records_suppressed_total"];
     let status = archiver.terminate(Duration::from_secs(40));
     assert!(status.success(), "{}", archiver.log_text());
+    assert!(
+        archiver
+            .log_text()
+            .contains("replaying the batch an interrupted upload recorded"),
+        "no batch was replayed"
+    );
 
     let out = rig.dir.path().join("bucket");
     rig.s3.download(&out);
@@ -193,6 +207,59 @@ fn forgotten(payload: &[u8]) -> bool {
     suppressed(payload)
 }
 
+/// Dead letters naming users over the partitions, forgotten users' and others': by the record
+/// they keep (an event without a source) or by their Kafka key (a record that is not JSON).
+/// Answers each one's payload and whether it names a forgotten user.
+fn produce_dead_letters(rig: &Rig, round: u32) -> Vec<(Vec<u8>, bool)> {
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", rig.broker.bootstrap())
+        .create()
+        .unwrap();
+    let mut sent = Vec::new();
+    for n in 0..16 {
+        let user = match n % 2 {
+            0 => n * 7,
+            _ => SUPPRESSED_USERS + n * 11,
+        };
+        let (key, payload) = match n % 4 {
+            0 | 1 => (
+                format!("k-{round}-{n}"),
+                format!(
+                    r#"{{"type":"track","userId":"user-{user}","messageId":"dead-{round}-{n}"}}"#
+                ),
+            ),
+            _ => (format!("user-{user}"), format!("not json {round}-{n}")),
+        };
+        let record = BaseRecord::to(&rig.topic)
+            .partition((n % PARTITIONS) as i32)
+            .key(key.as_bytes())
+            .payload(payload.as_bytes());
+        producer.send(record).map_err(|(err, _)| err).unwrap();
+        sent.push((payload.into_bytes(), user < SUPPRESSED_USERS));
+    }
+    producer.flush(Duration::from_secs(10)).unwrap();
+    sent
+}
+
+/// How often each record a dead letter in `dir` keeps is there.
+fn dead_lettered(dir: &std::path::Path) -> HashMap<Vec<u8>, usize> {
+    let mut kept = HashMap::new();
+    for (key, path) in files_under(dir) {
+        if !key.starts_with("segment-logs/_dead-letter/") || !key.ends_with(".gz") {
+            continue;
+        }
+        let content = gunzip_single_member(&path);
+        for line in content.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+            let letter: serde_json::Value = serde_json::from_slice(line).unwrap();
+            let payload = base64::engine::general_purpose::STANDARD
+                .decode(letter["payload_base64"].as_str().unwrap())
+                .unwrap();
+            *kept.entry(payload).or_default() += 1;
+        }
+    }
+    kept
+}
+
 /// `forget` run as an operator runs it, with the rig's settings and members that read the
 /// suppression requests every second.
 fn forget_command(rig: &Rig, ids: &std::path::Path) -> std::process::Command {
@@ -212,19 +279,8 @@ fn forgotten_users_are_taken_out_of_the_archive_while_the_group_runs_through_a_k
         ("ARCHIVER_SCHEDULE_OFFSET_SECS", "0"),
         ("ARCHIVER_SUPPRESSION_REFRESH_SECS", "1"),
     ];
-    let mut archiver = rig.archiver("archiver", &data, &settings);
-    rig.produce(3_000, 3, 2, 1);
-    let before = end_offsets(&rig.read_topic(PARTITIONS));
-    rig.wait_committed(&before, Duration::from_secs(120), &mut [&mut archiver]);
-
-    let ids: String = (0..SUPPRESSED_USERS)
-        .map(|n| format!("user-{n}\n"))
-        .collect();
-    let file = rig.dir.path().join("ids.txt");
-    std::fs::write(&file, ids).unwrap();
-
-    // Forget while events keep coming; kill -9 it while it rewrites, one object at a time
-    // through a proxy that delays every request and fails a few.
+    // Every request to S3 is delayed and a few fail: forget is killed while it rewrites, and
+    // the member while it uploads a batch.
     let proxy = FaultProxy::start(
         rig.s3.port,
         FaultRates {
@@ -235,12 +291,47 @@ fn forgotten_users_are_taken_out_of_the_archive_while_the_group_runs_through_a_k
         },
         7,
     );
+    let endpoint = proxy.endpoint();
+    let through_proxy = [
+        settings.as_slice(),
+        &[("ARCHIVER_S3_ENDPOINT_URL", endpoint.as_str())],
+    ]
+    .concat();
+    let mut archiver = rig.archiver("archiver", &data, &through_proxy);
+    rig.produce(3_000, 3, 2, 1);
+    let mut dead_letters = produce_dead_letters(&rig, 1);
+    let before = end_offsets(&rig.read_topic(PARTITIONS));
+    rig.wait_committed(&before, Duration::from_secs(120), &mut [&mut archiver]);
+
+    let ids: String = (0..SUPPRESSED_USERS)
+        .map(|n| format!("user-{n}\n"))
+        .collect();
+    let file = rig.dir.path().join("ids.txt");
+    std::fs::write(&file, ids).unwrap();
+
+    // Forget while events keep coming; kill -9 it while it rewrites, one object at a time.
     let mut command = forget_command(&rig, &file);
     command
         .args(["--concurrency", "1"])
-        .env("ARCHIVER_S3_ENDPOINT_URL", proxy.endpoint());
+        .env("ARCHIVER_S3_ENDPOINT_URL", &endpoint);
     let mut forget = Process::spawn(command, rig.dir.path().join("forget.log"));
     rig.produce(1_000, 3, 2, 2);
+    dead_letters.extend(produce_dead_letters(&rig, 2));
+    // The member dies while it uploads a batch (its intent committed, its objects not yet) and
+    // another takes over on a fresh volume: it replays the batch, under the list it was cut
+    // with, while forget waits for it.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while rig
+        .committed_with_metadata(PARTITIONS)
+        .values()
+        .all(|(_, intent)| intent.is_empty())
+    {
+        assert!(Instant::now() < deadline, "no batch was uploaded");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    archiver.kill9();
+    let fresh = rig.dir.path().join("fresh");
+    let mut archiver = rig.archiver("archiver-again", &fresh, &settings);
     let deadline = Instant::now() + Duration::from_secs(120);
     while !forget.log_text().contains("journal stored") {
         assert!(
@@ -273,6 +364,7 @@ fn forgotten_users_are_taken_out_of_the_archive_while_the_group_runs_through_a_k
 
     // New events of the forgotten users are not archived.
     rig.produce(1_000, 3, 2, 3);
+    dead_letters.extend(produce_dead_letters(&rig, 3));
     let records = rig.read_topic(PARTITIONS);
     rig.wait_committed(
         &end_offsets(&records),
@@ -281,21 +373,41 @@ fn forgotten_users_are_taken_out_of_the_archive_while_the_group_runs_through_a_k
     );
     let status = archiver.terminate(Duration::from_secs(40));
     assert!(status.success(), "{}", archiver.log_text());
+    assert!(
+        archiver
+            .log_text()
+            .contains("replaying the batch an interrupted upload recorded"),
+        "no batch was replayed"
+    );
 
     let out = rig.dir.path().join("bucket");
     rig.s3.download(&out);
     let objects = archived_objects(&out, &rig.topic);
     let archived = multiset(objects.iter().flat_map(|o| &o.lines).map(Vec::as_slice));
-    let mut gone = 0;
+    let dead: HashMap<&[u8], bool> = dead_letters
+        .iter()
+        .map(|(payload, forgotten)| (payload.as_slice(), *forgotten))
+        .collect();
+    let kept = dead_lettered(&out);
+    let (mut gone, mut events, mut events_gone) = (0, 0, 0);
     for (&partition, offsets) in &records {
         for (&offset, payload) in offsets {
+            if let Some(&forgotten) = dead.get(payload.as_slice()) {
+                let count = kept.get(payload).copied().unwrap_or(0);
+                let expected = usize::from(!forgotten);
+                assert_eq!(count, expected, "dead letter at {partition}/{offset}");
+                gone += usize::from(forgotten);
+                continue;
+            }
             let count = archived.get(payload.as_slice()).copied().unwrap_or(0);
+            events += 1;
             if forgotten(payload) {
                 assert_eq!(
                     count, 0,
                     "partition {partition} offset {offset}: still archived"
                 );
                 gone += 1;
+                events_gone += 1;
             } else {
                 assert_eq!(count, 1, "partition {partition} offset {offset}");
             }
@@ -360,4 +472,24 @@ fn forgotten_users_are_taken_out_of_the_archive_while_the_group_runs_through_a_k
     let audit: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&audits[0].1).unwrap()).unwrap();
     assert_eq!(audit["lines_removed"].as_u64(), Some(taken_out));
+
+    // A restore of the range sends none of their events back.
+    rig.broker.create_topic("restored", 2);
+    let answer = rig.command_ok(&[
+        "restore",
+        "--topic",
+        "restored",
+        "--from",
+        "2026-11-20",
+        "--to",
+        "2026-11-21",
+    ]);
+    let restored = rig.read_messages("restored", 2);
+    let payloads: Vec<&[u8]> = restored
+        .values()
+        .flat_map(|messages| messages.values())
+        .map(|message| message.payload.as_slice())
+        .collect();
+    assert_eq!(payloads.len(), events - events_gone, "{answer}");
+    assert!(payloads.iter().all(|payload| !forgotten(payload)));
 }
