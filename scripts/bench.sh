@@ -6,10 +6,11 @@
 #
 #   scripts/bench.sh            1,000,000 events (~1 GB), 8 partitions, 100 sources x 2 days
 #   scripts/bench.sh --quick    100,000 events, for a run under two minutes
-# then the archiver again with zstd objects, again with a 100,000-id suppression list, the
-# restore of the whole archive into another topic, `forget` of 1 and of 1,000 users against a
-# baseline that downloads, decompresses and recompresses every object, then memory benchmarks:
-# 64 partitions x 100 sources x 2 days = 12,800 files open at once, and 300 events of 0.9 MB.
+# then the archiver again with zstd objects, without the id index, with a 100,000-id
+# suppression list, the restore of the whole archive into another topic, `forget` of 1 and of
+# 1,000 users against a baseline that downloads, decompresses and recompresses every object,
+# then memory benchmarks: 64 partitions x 100 sources x 2 days = 12,800 files open at once, and
+# 300 events of 0.9 MB.
 #   options: --events N --partitions N --sources N --days N --seed N --keep (keep the work dir)
 #   scripts/bench.sh --scaling  how cost grows instead (a few minutes): the archiver alone as
 #                               partitions per member grow (1, 4, 16, 64; 100 sources x 2 days
@@ -220,6 +221,13 @@ zstd_seconds=$archiver_seconds zstd_cpu=$cpu_seconds zstd_rss=$peak_rss_kb
 zstd_bytes=$(s3 s3 ls --recursive "s3://$BUCKET/zstd/segment-logs/" \
   | awk '$4 !~ /^zstd\/segment-logs\/_/ {sum += $3} END {print sum + 0}')
 
+# The baseline of what finding users costs the archiver: the id index off and no list (the
+# run above builds the index, as by default; the next one adds the list).
+step "archiver again, without the id index, under the prefix unindexed/"
+ARCHIVER_OUTPUT_ID_INDEX=false ARCHIVER_S3_PREFIX=unindexed/ \
+  run_archiver "$TOPIC" "$PARTITIONS" "$EVENTS" bench-archiver-unindexed
+unindexed_seconds=$archiver_seconds unindexed_cpu=$cpu_seconds unindexed_rss=$peak_rss_kb
+
 step "archiver again, with a 100,000-id suppression list (none of these events' users), under the prefix suppressed/"
 python3 -c "print('\n'.join(f'gone-{n}' for n in range(100000)))" >"$RIG_DIR/suppressed-ids.txt"
 ARCHIVER_S3_PREFIX=suppressed/ "$BIN" suppress --config "$RIG_DIR/archiver.toml" \
@@ -300,6 +308,7 @@ rows = [
     ("naive: consumer | gzip -6", $naive_seconds, None, None, $naive_bytes),
     ("archiver: start to all committed", $throughput_seconds, $throughput_cpu, $throughput_rss, $archived_bytes),
     ("archiver, zstd objects (level 3)", $zstd_seconds, $zstd_cpu, $zstd_rss, $zstd_bytes),
+    ("archiver, without the id index", $unindexed_seconds, $unindexed_cpu, $unindexed_rss, None),
     ("archiver, 100,000-id suppression list", $suppressing_seconds, $suppressing_cpu, $suppressing_rss, $suppressing_bytes),
     ("restore: archive back into a topic", $restore_seconds, None, None, None),
 ]
@@ -343,8 +352,9 @@ print(f"ratios: archiver / min(drain, 2 x zlib-rs level 6) = {archiver / zlib_li
       f"{rate($restore_seconds) / archiver:.2f}")
 print(f"zstd objects / gzip objects: size {$zstd_bytes / $archived_bytes:.3f}, "
       f"archiver CPU {$zstd_cpu / $throughput_cpu:.2f}, end to end {$throughput_seconds / $zstd_seconds:.2f} x as fast")
-print(f"100,000-id suppression list / none: archiver CPU {$suppressing_cpu / $throughput_cpu:.3f} "
-      f"(target <= 1.03), peak RSS {$suppressing_rss / $throughput_rss:.2f}")
+print(f"finding users, archiver CPU against neither index nor list: the id index {$throughput_cpu / $unindexed_cpu:.3f}, "
+      f"the index and a 100,000-id suppression list {$suppressing_cpu / $unindexed_cpu:.3f} (target <= 1.03); "
+      f"peak RSS with both {$suppressing_rss / $unindexed_rss:.2f}")
 compressed_mb = $archived_bytes / 1e6
 print(f"forget, 1 user: read {$forget_one_read} of {$forget_one_selection} objects "
       f"({$forget_one_read / max($forget_one_selection, 1):.1%}, target <= 5 %) in {$forget_one_seconds:.1f} s; "
