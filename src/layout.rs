@@ -211,6 +211,23 @@ pub fn object_name(topic: &str, partition: i32, first_offset: i64, codec: Codec)
     )
 }
 
+/// The partition and first offset an object's file name gives when it is one of `topic`'s
+/// ([`object_name`]); `None` otherwise, also for a topic whose name starts with this one's
+/// (`events-eu-3-…` is not an object of `events`).
+pub fn parse_object_name(topic: &str, name: &str) -> Option<(i32, i64)> {
+    let numbers = name
+        .strip_suffix(Codec::Gzip.extension())
+        .or_else(|| name.strip_suffix(Codec::Zstd.extension()))?
+        .strip_prefix(topic)?
+        .strip_prefix('-')?;
+    let (partition, offset) = numbers.split_once('-')?;
+    let digits = |text: &str| !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit());
+    if !digits(partition) || !digits(offset) {
+        return None;
+    }
+    Some((partition.parse().ok()?, offset.parse().ok()?))
+}
+
 /// Where a partition's newest batch intent is kept in the bucket as well as in the group's
 /// commit: `{prefix}segment-logs/_manifests/_intents/{topic}/{partition}.json`, beside the
 /// cutting rules. Losing the group's offsets (expired, a renamed `group.id`) then loses no

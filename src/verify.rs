@@ -17,7 +17,6 @@ use crate::config::Config;
 use crate::consume::lag::{group_lag, LagError, PartitionLag};
 use crate::forget::journal::{forget_prefix, unfinished, Journal, Journaled};
 use crate::layout;
-use crate::layout::Codec;
 use crate::upload::manifest::Manifest;
 use crate::upload::s3::S3Store;
 
@@ -315,12 +314,13 @@ pub fn analyze(
     }
 
     // Objects of this topic that no manifest lists.
-    let marker = format!("/{topic}-");
     let dead_letter_root = format!("{root}_dead-letter/{topic}/");
     for key in objects.keys() {
-        let ours = Codec::of_key(key).is_some()
-            && (key.contains(&marker))
-            && (!key[root.len()..].starts_with('_') || key.starts_with(&dead_letter_root));
+        let named = key
+            .rsplit_once('/')
+            .is_some_and(|(_, name)| layout::parse_object_name(topic, name).is_some());
+        let ours =
+            named && (!key[root.len()..].starts_with('_') || key.starts_with(&dead_letter_root));
         if ours {
             report.objects += 1;
             if !referenced.contains_key(key) {
@@ -811,6 +811,21 @@ mod tests {
             &lag(0, 300, Some(300)),
         );
         assert_eq!(kinds, ["gap"]);
+    }
+
+    /// Two topics archived under one prefix, one named like the other and more (`t` and
+    /// `t-eu`): the other's objects and dead letters are not this topic's extra objects.
+    #[test]
+    fn objects_of_a_topic_whose_name_extends_this_ones_are_not_extra() {
+        let keys = [
+            "segment-logs/web/1/t-0-00000000000000000000.gz",
+            "segment-logs/web/1/t-eu-0-00000000000000000000.gz",
+            "segment-logs/web/1/t-1-0-00000000000000000000.zst",
+            "segment-logs/_dead-letter/t-eu/1/t-eu-0-00000000000000000005.gz",
+        ];
+        let (report, kinds) = analyzed(vec![object_of(0, 99)], &keys, &lag(0, 100, Some(100)));
+        assert_eq!(kinds, Vec::<&str>::new());
+        assert_eq!(report.objects, 1);
     }
 
     /// A replay found a planned file's every record deleted and its object absent; the first

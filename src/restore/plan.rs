@@ -147,18 +147,13 @@ pub fn place(root: &str, topic: &str, key: &str) -> Option<Place> {
         }
         _ => return None,
     };
-    let numbers = name
-        .strip_suffix(".gz")
-        .or_else(|| name.strip_suffix(".zst"))?
-        .strip_prefix(topic)?
-        .strip_prefix('-')?;
-    let (partition, offset) = numbers.split_once('-')?;
+    let (partition, offset) = layout::parse_object_name(topic, name)?;
     let day = match parse_day(day) {
         Some(day) => Some(day),
         None if source.is_none() && *day == layout::UNDATED_DAY => None,
         None => return None,
     };
-    Some((source, day, partition.parse().ok()?, offset.parse().ok()?))
+    Some((source, day, partition, offset))
 }
 
 /// The objects of `listing` (key, size) that `selection` covers, in sending order: by source,
