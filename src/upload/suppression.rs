@@ -93,6 +93,10 @@ pub struct Follower<S: ObjectStore> {
     metrics: Metrics,
     /// Every request read so far, by key (`None`: unreadable, reported once).
     requests: BTreeMap<String, Option<Request>>,
+    /// How many of `requests` the current list was made of: requests are never taken back, so
+    /// while none is added the list stands, and is not built again (at 100,000 ids that took a
+    /// fifth of a second of CPU every refresh).
+    taken_up: Option<usize>,
 }
 
 impl<S: ObjectStore> Follower<S> {
@@ -110,6 +114,7 @@ impl<S: ObjectStore> Follower<S> {
             current,
             metrics,
             requests: BTreeMap::new(),
+            taken_up: None,
         }
     }
 
@@ -117,9 +122,13 @@ impl<S: ObjectStore> Follower<S> {
     /// the rules naming it, then makes it current. Answers whether it did.
     pub async fn refresh(&mut self) -> Result<bool, S3Error> {
         read_requests(&self.store, &self.prefix, &mut self.requests).await?;
+        if self.taken_up == Some(self.requests.len()) {
+            return Ok(false);
+        }
         let list = Suppression::new([]).with_requests(self.requests.values().flatten());
         let current = self.current.get();
         if list.is_empty() || current.as_ref().is_some_and(|c| c.hash() == list.hash()) {
+            self.taken_up = Some(self.requests.len());
             return Ok(false);
         }
         // Both before any batch is cut with them: a replay fetches them by hash.
@@ -141,6 +150,7 @@ impl<S: ObjectStore> Follower<S> {
         let (hash, ids) = (list.hash().to_string(), list.len());
         self.metrics.suppression_ids.set(ids as i64);
         self.current.set(Arc::new(list));
+        self.taken_up = Some(self.requests.len());
         tracing::info!(
             list = hash,
             ids,
