@@ -521,9 +521,17 @@ fn real_main() -> anyhow::Result<ExitCode> {
                 finish,
             };
             let runtime = tokio::runtime::Runtime::new().context("start async runtime")?;
-            let say = |line: String| eprintln!("forget: {line}");
+            let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
+            let last_progress = std::sync::Mutex::new(None::<Instant>);
+            let say = |said: kafka_s3_archiver::forget::Said| {
+                show_forget_progress(said, terminal, &last_progress)
+            };
             let summary =
-                runtime.block_on(kafka_s3_archiver::forget::forget(&config, options, &say))?;
+                runtime.block_on(kafka_s3_archiver::forget::forget(&config, options, &say));
+            if terminal && last_progress.lock().expect("progress lock").is_some() {
+                eprintln!();
+            }
+            let summary = summary?;
             print!("{}", render_forget(&summary, &config.s3.bucket));
             Ok(if summary.left_alone.is_empty() {
                 ExitCode::SUCCESS
@@ -574,6 +582,45 @@ fn real_main() -> anyhow::Result<ExitCode> {
     }
 }
 
+/// `forget`'s steps, a line each; its progress as a bar redrawn in place on a terminal (at most
+/// ten times a second), otherwise a line every few seconds.
+fn show_forget_progress(
+    said: kafka_s3_archiver::forget::Said,
+    terminal: bool,
+    last_progress: &std::sync::Mutex<Option<Instant>>,
+) {
+    use kafka_s3_archiver::forget::Said;
+    let mut last = last_progress.lock().expect("progress lock");
+    match said {
+        Said::Step(line) => {
+            if terminal && last.take().is_some() {
+                eprintln!();
+            }
+            eprintln!("forget: {line}");
+        }
+        Said::Progress { done, total, what } => {
+            let every = Duration::from_millis(if terminal { 100 } else { 3000 });
+            let finished = done >= total;
+            if !finished && last.is_some_and(|at| at.elapsed() < every) {
+                return;
+            }
+            *last = Some(Instant::now());
+            if terminal {
+                let share = done as f64 / total.max(1) as f64;
+                eprint!("\r{} {done}/{total} objects {what}   ", bar(share));
+            } else {
+                eprintln!("forget: {done}/{total} objects {what}");
+            }
+        }
+    }
+}
+
+/// A progress bar thirty characters wide, `share` of it filled.
+fn bar(share: f64) -> String {
+    let filled = ((share * 30.0).round() as usize).min(30);
+    format!("[{}{}]", "#".repeat(filled), " ".repeat(30 - filled))
+}
+
 /// A restore's progress: a bar redrawn in place on a terminal, a log line otherwise.
 fn show_progress(progress: &Progress, terminal: bool) {
     let secs = progress.elapsed.as_secs_f64().max(1e-3);
@@ -586,11 +633,9 @@ fn show_progress(progress: &Progress, terminal: bool) {
         progress.compressed_read as f64 / progress.compressed_total as f64
     };
     if terminal {
-        let filled = (share * 30.0).round() as usize;
         eprint!(
-            "\r[{}{}] {}/{} objects, {} events, {:.1} MB/s, ETA {eta}   ",
-            "#".repeat(filled.min(30)),
-            " ".repeat(30 - filled.min(30)),
+            "\r{} {}/{} objects, {} events, {:.1} MB/s, ETA {eta}   ",
+            bar(share),
             progress.objects_done,
             progress.objects,
             progress.sent,

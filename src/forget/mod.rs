@@ -41,6 +41,16 @@ pub const DEFAULT_CONCURRENCY: usize = 8;
 /// How often the wait looks again.
 const WAIT_POLL: Duration = Duration::from_secs(5);
 
+/// What `forget` tells its caller as it goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Said {
+    /// A step taken, or what it waits for: a line.
+    Step(String),
+    /// After each object read or rewritten: `done` of `total` objects, and what that is (the
+    /// caller draws a bar on a terminal, or logs a line now and then).
+    Progress { done: u64, total: u64, what: String },
+}
+
 /// What to forget, and how.
 #[derive(Debug, Clone)]
 pub struct ForgetOptions {
@@ -115,11 +125,11 @@ pub enum ForgetError {
 }
 
 /// Runs a request to its end: suppress, wait, read, journal, rewrite, audit (see the module
-/// doc). `say` hears progress, one line at a time.
+/// doc). `say` hears each step and the progress of reading and rewriting.
 pub async fn forget(
     config: &Config,
     options: ForgetOptions,
-    say: &(dyn Fn(String) + Sync),
+    say: &(dyn Fn(Said) + Sync),
 ) -> Result<ForgetSummary, ForgetError> {
     let store = S3Store::connect(&config.s3).await;
     let prefix = config.s3.prefix.as_str();
@@ -141,10 +151,10 @@ pub async fn forget(
     let stored = stored_journal(&store, prefix, &request, &options.ids).await?;
     let (committed, suppressed_since) = match &stored {
         Some(journal) => {
-            say(format!(
+            say(Said::Step(format!(
                 "request {request}: going on from its journal ({} objects to rewrite)",
                 journal.rewrites.len()
-            ));
+            )));
             let since = find_suppression(&store, prefix, &request).await?;
             (HashMap::new(), since)
         }
@@ -223,7 +233,7 @@ pub async fn in_bucket<S: ObjectStore>(
     stored: Option<Journal>,
     committed: &HashMap<i32, i64>,
     summary: &mut ForgetSummary,
-    say: &(dyn Fn(String) + Sync),
+    say: &(dyn Fn(Said) + Sync),
 ) -> Result<(), ForgetError> {
     let RequestContext {
         prefix,
@@ -274,10 +284,10 @@ pub async fn in_bucket<S: ObjectStore>(
                 // Before the first rewrite: a rerun finishes from it, `verify` explains with it.
                 let key = journal_key(prefix, request);
                 s3(|| store.put_bytes(&key, journal.to_json(), "application/json")).await?;
-                say(format!(
+                say(Said::Step(format!(
                     "journal stored ({key}): {} objects to rewrite",
                     journal.rewrites.len()
-                ));
+                )));
             }
             journal
         }
@@ -466,7 +476,7 @@ async fn ensure_suppressed<S: ObjectStore>(
     prefix: &str,
     request: &str,
     ids: &BTreeSet<IdHash>,
-    say: &(dyn Fn(String) + Sync),
+    say: &(dyn Fn(Said) + Sync),
 ) -> Result<DateTime<Utc>, S3Error> {
     if let Some(since) = find_suppression(store, prefix, request).await? {
         return Ok(since);
@@ -474,10 +484,10 @@ async fn ensure_suppressed<S: ObjectStore>(
     let (made, key) =
         s3(|| crate::upload::suppression::submit_named(store, prefix, ids, request.to_string()))
             .await?;
-    say(format!(
+    say(Said::Step(format!(
         "{} ids added to the suppression list ({key}): nothing new of theirs is archived from each partition's next batch",
         ids.len()
-    ));
+    )));
     Ok(made.time)
 }
 
@@ -579,7 +589,7 @@ async fn wait_until_clean<S: ObjectStore>(
     store: &S,
     options: &ForgetOptions,
     since: DateTime<Utc>,
-    say: &(dyn Fn(String) + Sync),
+    say: &(dyn Fn(Said) + Sync),
 ) -> Result<HashMap<i32, i64>, ForgetError> {
     // Twice a member's refresh period: one to read the request, one of margin for a slow read.
     let members_read =
@@ -622,7 +632,7 @@ async fn wait_until_clean<S: ObjectStore>(
             });
         }
         if now_waiting != said {
-            say(format!("waiting: {now_waiting}"));
+            say(Said::Step(format!("waiting: {now_waiting}")));
             said = now_waiting;
         }
         tokio::time::sleep(WAIT_POLL).await;
@@ -754,7 +764,7 @@ pub async fn scan<S: ObjectStore>(
     candidates: &[Candidate],
     list: &Arc<Suppression>,
     concurrency: usize,
-    say: &(dyn Fn(String) + Sync),
+    say: &(dyn Fn(Said) + Sync),
 ) -> Result<Scan, S3Error> {
     let mut found = Scan::default();
     let mut reads = futures_util::stream::iter(candidates)
@@ -777,7 +787,6 @@ pub async fn scan<S: ObjectStore>(
             Ok(Some((candidate, read, filtered)))
         })
         .buffered(concurrency);
-    let mut last_said = Instant::now();
     while let Some(read) = reads.next().await {
         let Some((candidate, bytes, filtered)) = read? else {
             continue;
@@ -798,16 +807,15 @@ pub async fn scan<S: ObjectStore>(
                 candidate.key
             )),
         }
-        if last_said.elapsed() >= Duration::from_secs(2) {
-            say(format!(
-                "read {}/{} objects ({} MB), {} hold the users' events",
-                found.objects_read,
-                candidates.len(),
+        say(Said::Progress {
+            done: found.objects_read,
+            total: candidates.len() as u64,
+            what: format!(
+                "read ({} MB), {} hold the users' events",
                 found.bytes_read / 1_000_000,
                 found.rewrites.len()
-            ));
-            last_said = Instant::now();
-        }
+            ),
+        });
     }
     Ok(found)
 }
@@ -856,7 +864,7 @@ pub async fn apply<S: ObjectStore>(
     levels: Levels,
     work_dir: &Path,
     concurrency: usize,
-    say: &(dyn Fn(String) + Sync),
+    say: &(dyn Fn(Said) + Sync),
 ) -> Result<Applied, ForgetError> {
     let root = format!("{prefix}{}/", layout::ROOT);
     let mut applied = Applied::default();
@@ -888,8 +896,14 @@ pub async fn apply<S: ObjectStore>(
             }
         })
         .buffer_unordered(concurrency);
-    let mut last_said = Instant::now();
+    let mut handled = 0;
     while let Some((rewrite, outcome, versions)) = rewrites.next().await {
+        handled += 1;
+        say(Said::Progress {
+            done: handled,
+            total: journal.rewrites.len() as u64,
+            what: "rewritten".into(),
+        });
         if let Some((deleted, kept)) = versions {
             applied.versions_deleted += deleted;
             applied.left_alone.extend(kept);
@@ -916,14 +930,6 @@ pub async fn apply<S: ObjectStore>(
             done.entry(manifest)
                 .or_default()
                 .push((&rewrite.key, recorded));
-        }
-        if last_said.elapsed() >= Duration::from_secs(2) {
-            say(format!(
-                "rewrote {}/{} objects",
-                applied.rewritten + applied.already,
-                journal.rewrites.len()
-            ));
-            last_said = Instant::now();
         }
     }
     for (manifest_key, rewritten) in done {
