@@ -123,11 +123,19 @@ fn hot_path(c: &mut Criterion) {
         zstd_level: 3,
         id_index: true,
     };
-    for (name, stage_limit) in [
-        ("route + compress into 200 files + seal", None),
+    // The third: files heat and cool as in a worker with 32 compressors for its 200 files (the
+    // worker cools the least recently used an eighth below its share when it passes it).
+    for (name, stage_limit, compressors) in [
+        ("route + compress into 200 files + seal", None, None),
         (
             "route + compress into 200 files + seal, line by line",
             Some(0),
+            None,
+        ),
+        (
+            "route + compress into 200 files + seal, 32 compressors",
+            None,
+            Some(32),
         ),
     ] {
         group.bench_function(name, |b| {
@@ -146,8 +154,20 @@ fn hot_path(c: &mut Criterion) {
                     if let Some(limit) = stage_limit {
                         buffer.set_stage_limit(limit);
                     }
+                    let mut hot_files = 0;
                     for (tick, record) in records.iter().enumerate() {
-                        buffer.append(record, tick as u64).unwrap();
+                        let appended = buffer.append(record, tick as u64).unwrap();
+                        hot_files += usize::from(appended.is_some_and(|a| a.heated));
+                        let Some(cap) = compressors.filter(|&cap| hot_files > cap) else {
+                            continue;
+                        };
+                        let mut hot: Vec<(u64, usize)> = buffer.hot_file_ticks().collect();
+                        hot.sort_unstable();
+                        let excess = hot.len() - (cap - cap / 8);
+                        for &(_, index) in &hot[..excess] {
+                            buffer.cool_file(index).unwrap();
+                        }
+                        hot_files = hot.len() - excess;
                     }
                     black_box(buffer.seal().unwrap().unwrap().compressed_bytes())
                 },

@@ -16,7 +16,8 @@
 //!
 //! Files heat and cool all the time (a worker has hundreds of files and tens of compressors), so
 //! a cooled file's compressor is reset and kept for the next file that heats on the same thread,
-//! instead of allocating and zeroing ~300 KB of fresh deflate state each time.
+//! instead of allocating and zeroing ~300 KB of fresh deflate state each time; its staging and
+//! output buffers too, which given back to the allocator came back as pages the kernel zeroed.
 //!
 //! All of this is blocking file I/O: it runs on the buffer worker threads, never on the async
 //! executor.
@@ -125,6 +126,59 @@ impl Drop for PooledCompressor {
     }
 }
 
+/// Spare staging and output buffers kept per thread, of files that cooled or finished, for the
+/// next files that heat: at most this many, each at most [`MAX_SPARE_BUFFER_BYTES`] (so at most
+/// 4 MiB a thread, idle).
+const MAX_SPARE_BUFFERS: usize = 32;
+const MAX_SPARE_BUFFER_BYTES: usize = 2 * MAX_STAGE_BYTES;
+
+thread_local! {
+    static SPARE_BUFFERS: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// An empty buffer of at most `max_capacity` from this thread's spares, or a new one.
+fn take_buffer(max_capacity: usize) -> Vec<u8> {
+    SPARE_BUFFERS
+        .try_with(|spares| {
+            let mut spares = spares.borrow_mut();
+            let index = spares
+                .iter()
+                .rposition(|spare| spare.capacity() <= max_capacity)?;
+            Some(spares.swap_remove(index))
+        })
+        .ok()
+        .flatten()
+        .unwrap_or_default()
+}
+
+/// Keeps `buffer` for the next file that heats on this thread, if it is worth keeping and there
+/// is room.
+fn give_buffer(mut buffer: Vec<u8>) {
+    if buffer.capacity() == 0 || buffer.capacity() > MAX_SPARE_BUFFER_BYTES {
+        return;
+    }
+    buffer.clear();
+    // At thread exit the spares may be gone already; the buffer is then simply freed.
+    let _ = SPARE_BUFFERS.try_with(|spares| {
+        let mut spares = spares.borrow_mut();
+        if spares.len() < MAX_SPARE_BUFFERS {
+            spares.push(buffer);
+        }
+    });
+}
+
+impl Drop for GzStreamFile {
+    fn drop(&mut self) {
+        give_buffer(std::mem::take(&mut self.staged));
+    }
+}
+
+impl Drop for Hot {
+    fn drop(&mut self) {
+        give_buffer(std::mem::take(&mut self.out));
+    }
+}
+
 impl GzStreamFile {
     /// Creates the file (replacing any leftover of a previous attempt) with its gzip header. It
     /// starts cold: its compressor starts with its first chunk of lines.
@@ -196,6 +250,10 @@ impl GzStreamFile {
     /// compressor (the file was cold), for the caller's count of open compressors.
     pub fn append_line(&mut self, line: &[u8], stage_limit: usize) -> io::Result<bool> {
         let stage_limit = stage_limit.min(MAX_STAGE_BYTES);
+        if self.staged.capacity() == 0 {
+            // Not one grown under a larger limit: it would be given back at once, below.
+            self.staged = take_buffer(2 * stage_limit);
+        }
         self.staged.extend_from_slice(line);
         self.staged.push(b'\n');
         self.uncompressed_len += line.len() as u64 + 1;
@@ -205,7 +263,7 @@ impl GzStreamFile {
             self.compress_staged(FlushCompress::None)?;
             if self.staged.capacity() > 2 * stage_limit {
                 // Grown under a larger limit, when fewer files were open: give it back.
-                self.staged = Vec::new();
+                drop(std::mem::take(&mut self.staged));
             }
             return Ok(heated);
         }
@@ -253,7 +311,7 @@ impl GzStreamFile {
     pub fn cool(&mut self) -> io::Result<StreamState> {
         let state = self.sync_flush()?;
         self.hot = None;
-        self.staged = Vec::new();
+        give_buffer(std::mem::take(&mut self.staged));
         Ok(state)
     }
 
@@ -325,7 +383,7 @@ impl Hot {
         Ok(Hot {
             file,
             compressor: PooledCompressor::take(level),
-            out: Vec::new(),
+            out: take_buffer(usize::MAX),
         })
     }
 
@@ -396,6 +454,47 @@ mod tests {
                 format!(r#"{{"n":{i},"pad":"{}"}}"#, "x".repeat((i % 50) as usize)).into_bytes()
             })
             .collect()
+    }
+
+    /// Each test runs on a thread of its own, so the spares seen here are this test's.
+    fn spare_buffers() -> Vec<usize> {
+        SPARE_BUFFERS.with(|spares| spares.borrow().iter().map(Vec::capacity).collect())
+    }
+
+    #[test]
+    fn a_cooled_files_buffers_serve_the_next_files_that_heat_on_the_thread() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut first = GzStreamFile::create(&dir.path().join("a.gz"), 6).unwrap();
+        for line in lines(0..200) {
+            first.append_line(&line, STAGE).unwrap();
+        }
+        assert!(spare_buffers().is_empty());
+        first.cool().unwrap();
+        // Its staging and output buffers, emptied, with their capacity.
+        let kept = spare_buffers();
+        assert_eq!(kept.len(), 2, "{kept:?}");
+        assert!(kept.iter().all(|&capacity| capacity > 0));
+        let mut second = GzStreamFile::create(&dir.path().join("b.gz"), 6).unwrap();
+        for line in lines(0..200) {
+            second.append_line(&line, STAGE).unwrap();
+        }
+        assert!(spare_buffers().is_empty(), "both taken again");
+        // A staging buffer grown under a larger limit is not handed to a file staging less.
+        second.cool().unwrap();
+        let mut small = GzStreamFile::create(&dir.path().join("c.gz"), 6).unwrap();
+        small.append_line(b"{}", 8).unwrap();
+        assert_eq!(spare_buffers().len(), 2, "staging starts anew");
+        // Finished files give theirs back too, and what is kept stays bounded.
+        small.finish().unwrap();
+        second.finish().unwrap();
+        first.finish().unwrap();
+        assert!(spare_buffers().len() <= MAX_SPARE_BUFFERS);
+        assert!(spare_buffers()
+            .iter()
+            .all(|&capacity| capacity <= MAX_SPARE_BUFFER_BYTES));
+        for file in ["a.gz", "b.gz", "c.gz"] {
+            assert!(!decode_single_member(&dir.path().join(file)).is_empty());
+        }
     }
 
     #[test]

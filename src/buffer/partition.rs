@@ -645,7 +645,10 @@ impl PartitionBuffer {
         tick: u64,
     ) -> io::Result<usize> {
         let batch_dir = layout::batch_dir(&self.dir, batch_start);
-        fs::create_dir_all(&batch_dir)?;
+        if self.open.files.is_empty() {
+            // Once a batch: its first file's directory is every file's.
+            fs::create_dir_all(&batch_dir)?;
+        }
         // Local files are gzip whatever the objects become (see `zstd_object`).
         let path = batch_dir.join(layout::object_name(
             &self.topic,
