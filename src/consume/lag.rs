@@ -98,6 +98,58 @@ pub fn group_lag(config: &Config) -> Result<Vec<PartitionLag>, LagError> {
     Ok(lags)
 }
 
+/// Whether Kafka holds a record a consumer would get in each `(partition, from, end)` of the
+/// config's topic, reading from `from`: a partition whose last offsets hold no record (a
+/// transaction's commit marker, an aborted transaction's records) is one the group has archived
+/// to its end though its commit stays below the end offset. A partition with nothing between
+/// `from` and `end` holds none; one that yields nothing for a second and a half is taken to hold
+/// none.
+pub fn records_between(
+    config: &Config,
+    ranges: &[(i32, i64, i64)],
+) -> Result<std::collections::HashMap<i32, bool>, LagError> {
+    use rdkafka::message::Message;
+    let topic = &config.kafka.topic;
+    let mut found: std::collections::HashMap<i32, bool> = ranges
+        .iter()
+        .map(|&(partition, _, _)| (partition, false))
+        .collect();
+    let mut tpl = TopicPartitionList::new();
+    for &(partition, from, end) in ranges {
+        if from < end {
+            let _ = tpl.add_partition_offset(topic, partition, Offset::Offset(from));
+        }
+    }
+    if tpl.count() == 0 {
+        return Ok(found);
+    }
+    let connect = |source: KafkaError| LagError::Connect {
+        brokers: config.kafka.brokers.clone(),
+        message: config.redact(&source.to_string()),
+    };
+    let consumer = inspector(&config.kafka).map_err(connect)?;
+    consumer.assign(&tpl).map_err(connect)?;
+    let mut undecided = tpl.count();
+    let idle = Duration::from_millis(1500);
+    let mut last_message = std::time::Instant::now();
+    while undecided > 0 && last_message.elapsed() < idle {
+        if let Some(Ok(message)) = consumer.poll(Duration::from_millis(100)) {
+            last_message = std::time::Instant::now();
+            let before_end = ranges
+                .iter()
+                .any(|&(p, _, end)| p == message.partition() && message.offset() < end);
+            if let Some(seen) = found.get_mut(&message.partition()) {
+                if before_end && !*seen {
+                    *seen = true;
+                    undecided -= 1;
+                }
+            }
+        }
+    }
+    let _ = consumer.unassign();
+    Ok(found)
+}
+
 /// Reads from just before each high watermark to the end, so the end offset is what a consumer
 /// actually gets rather than what the broker reports.
 fn read_end_offsets(

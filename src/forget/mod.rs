@@ -24,7 +24,7 @@ use chrono::{DateTime, Utc};
 use futures_util::StreamExt as _;
 
 use crate::config::Config;
-use crate::consume::lag::{group_lag, LagError, PartitionLag};
+use crate::consume::lag::{group_lag, records_between, LagError, PartitionLag};
 use crate::layout::{self, Codec};
 use crate::restore::plan::{place, ManifestRanges};
 use crate::restore::s3;
@@ -499,20 +499,34 @@ async fn partition_views<S: ObjectStore>(
 ) -> Result<Vec<(PartitionView, Option<i64>)>, ForgetError> {
     let kafka_config = config.clone();
     // rdkafka calls block: keep them off the async threads.
-    let lags: Vec<PartitionLag> = tokio::task::spawn_blocking(move || group_lag(&kafka_config))
-        .await
-        .expect("kafka lookup thread")?;
-    Ok(views_of(store, &config.s3.prefix, &config.kafka.topic, lags, ids).await?)
+    let (lags, records_left) = tokio::task::spawn_blocking(move || {
+        let lags = group_lag(&kafka_config)?;
+        let ranges: Vec<(i32, i64, i64)> = lags
+            .iter()
+            .map(|lag| {
+                let from = lag.committed.unwrap_or(lag.low_watermark);
+                (lag.partition, from, lag.end_offset)
+            })
+            .collect();
+        let records_left = records_between(&kafka_config, &ranges)?;
+        Ok::<_, LagError>((lags, records_left))
+    })
+    .await
+    .expect("kafka lookup thread")?;
+    let prefix = &config.s3.prefix;
+    Ok(views_of(store, prefix, &config.kafka.topic, lags, &records_left, ids).await?)
 }
 
 /// Each partition of `lags` (the group's offsets and the log's ends) as [`wait::judge`] sees
 /// it, with its committed offset: its newest batch intent, and whether that batch was cut
-/// under a list holding every id.
+/// under a list holding every id. `records_left`: whether Kafka holds a record from the
+/// commit on (a partition it does not name is taken to).
 pub async fn views_of<S: ObjectStore>(
     store: &S,
     prefix: &str,
     topic: &str,
     lags: Vec<PartitionLag>,
+    records_left: &HashMap<i32, bool>,
     ids: &BTreeSet<IdHash>,
 ) -> Result<Vec<(PartitionView, Option<i64>)>, S3Error> {
     let mut lists: HashMap<String, bool> = HashMap::new();
@@ -538,6 +552,7 @@ pub async fn views_of<S: ObjectStore>(
             partition: lag.partition,
             from: lag.committed.unwrap_or(lag.low_watermark),
             end_offset: lag.end_offset,
+            records_left: records_left.get(&lag.partition).copied().unwrap_or(true),
             intent,
         };
         views.push((view, lag.committed));

@@ -5,8 +5,8 @@
 //! each partition's newest intent), a batch begun later is cut under the list. A partition is
 //! clean once a batch sealed after the baseline was cut under a list holding the ids and every
 //! batch before it is committed (the one after it began after the baseline, on whichever
-//! member), or once it is idle (committed up to its end) after the baseline, so its next record
-//! starts a batch cut under the list.
+//! member), or once it is idle (committed up to its end, or up to offsets that hold no record)
+//! after the baseline, so its next record starts a batch cut under the list.
 
 use std::fmt;
 
@@ -18,6 +18,10 @@ pub struct PartitionView {
     /// Where the group goes on from: its commit, or the log's start when it never committed.
     pub from: i64,
     pub end_offset: i64,
+    /// Kafka holds a record from `from` on. Without one the partition is archived to its end
+    /// though `from` is below `end_offset`: its last offsets hold no record (a transaction's
+    /// commit marker), and the group's commit stays at the last record's next offset.
+    pub records_left: bool,
     pub intent: Option<IntentView>,
 }
 
@@ -67,7 +71,7 @@ pub fn judge(view: &PartitionView, baseline: Option<Option<i64>>) -> Result<(), 
     let Some(baseline_end) = baseline else {
         return Err(Waiting::MembersReading);
     };
-    if view.from >= view.end_offset {
+    if view.from >= view.end_offset || !view.records_left {
         return Ok(());
     }
     let sealed_since = |intent: &IntentView| baseline_end.is_none_or(|end| intent.start > end);
@@ -101,6 +105,7 @@ mod tests {
             partition: 0,
             from,
             end_offset,
+            records_left: from < end_offset,
             intent: intent.map(|(start, end, cut_under_list)| IntentView {
                 start,
                 end,
@@ -162,5 +167,13 @@ mod tests {
             judge(&view(0, 10, None), Some(None)),
             Err(Waiting::NoBatchSinceBaseline { from: 0 })
         );
+        // Committed to its last record, below the end: the offsets after it hold no record (a
+        // transaction's commit marker), so no batch can hold more.
+        let markers_only = PartitionView {
+            records_left: false,
+            ..view(200, 201, Some((100, 199, false)))
+        };
+        assert_eq!(judge(&markers_only, Some(Some(199))), Ok(()));
+        assert_eq!(judge(&markers_only, None), Err(Waiting::MembersReading));
     }
 }
