@@ -72,6 +72,13 @@ ensure_s3s_fs() {
     "S3 API server on a directory; about 2 minutes the first time" --features binary
 }
 
+# cargo-deny (licenses, banned crates, sources; .ci/run): about 2 minutes the first time.
+CARGO_DENY_VERSION="0.20.2"
+ensure_cargo_deny() {
+  cargo_tool cargo-deny "$CARGO_DENY_VERSION" CARGO_DENY_BIN \
+    "dependency licenses and bans; about 2 minutes the first time"
+}
+
 # On a fresh machine the broker's cold build and the archiver's overlap: each has long stretches
 # that keep one core busy (build scripts, the final link). Starts the given installers (e.g.
 # ensure_tansu) in the background; finish_installs waits for them and sets their variables.
