@@ -393,8 +393,9 @@ pub struct BufferConfig {
     pub max_batch_files: usize,
     /// Local disk budget: above half of it batches are sealed early, at it partitions pause.
     pub max_disk_bytes: u64,
-    /// Live compressors at once (each ~330 KB); colder files are sync-flushed and closed and
-    /// only stage their next lines. Files compress in chunks, so a few per core suffice: more
+    /// Live compressors at once (each ~330 KB), each with its file's descriptor; colder files
+    /// are sync-flushed, give their compressor back and only stage their next lines (the first
+    /// 256 keep their descriptors). Files compress in chunks, so a few per core suffice: more
     /// only cost memory and cache (128 read faster than 512 in `scripts/bench.sh`, and 64 keeps
     /// the 12,800-file memory benchmark under 300 MB).
     pub max_open_compressors: usize,

@@ -18,6 +18,8 @@
 //! a cooled file's compressor is reset and kept for the next file that heats on the same thread,
 //! instead of allocating and zeroing ~300 KB of fresh deflate state each time; its staging and
 //! output buffers too, which given back to the allocator came back as pages the kernel zeroed.
+//! A cooled file also keeps its descriptor, up to a process-wide cap, so that heating it again
+//! costs no open, fstat and seek, and cooling no close.
 //!
 //! All of this is blocking file I/O: it runs on the buffer worker threads, never on the async
 //! executor.
@@ -26,6 +28,7 @@ use std::cell::RefCell;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use flate2::{Compress, Compression, FlushCompress, Status};
 
@@ -46,8 +49,11 @@ pub const MAX_STAGE_BYTES: usize = 64 << 10;
 pub struct GzStreamFile {
     path: PathBuf,
     level: Compression,
-    /// `None` while cold: closed to save a file descriptor and ~300 KB of compressor state.
+    /// `None` while cold: its ~300 KB of compressor state given back.
     hot: Option<Hot>,
+    /// A cold file's descriptor, positioned at its end, while the process keeps fewer than
+    /// [`MAX_KEPT_DESCRIPTORS`]; otherwise closed, and opened again when the file heats.
+    kept: Option<KeptDescriptor>,
     /// Lines appended but not yet compressed (see the module doc). Not durable: a checkpoint
     /// compresses them first.
     staged: Vec<u8>,
@@ -69,6 +75,47 @@ struct Hot {
     file: File,
     compressor: PooledCompressor,
     out: Vec<u8>,
+}
+
+/// Descriptors of cold files kept open, process-wide. A worker's files cool and heat tens of
+/// thousands of times an hour; the cap keeps the descriptors well inside the usual soft limit
+/// of 1,024 beside the hot files' (one per open compressor), the sockets and the batch
+/// directories.
+const MAX_KEPT_DESCRIPTORS: usize = 256;
+static KEPT_DESCRIPTORS: AtomicUsize = AtomicUsize::new(0);
+
+/// A cold file's open descriptor, counted against [`MAX_KEPT_DESCRIPTORS`] until dropped. Its
+/// position is the file's end: a file cools only once everything compressed is written.
+struct KeptDescriptor {
+    /// Always `Some` but while `into_file` takes it.
+    file: Option<File>,
+}
+
+impl KeptDescriptor {
+    /// Keeps `file` open if the cap allows; otherwise it is closed here.
+    fn keep(file: File) -> Option<KeptDescriptor> {
+        KEPT_DESCRIPTORS
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |kept| {
+                (kept < MAX_KEPT_DESCRIPTORS).then_some(kept + 1)
+            })
+            .ok()
+            .map(|_| KeptDescriptor { file: Some(file) })
+    }
+
+    /// The descriptor, no longer counted (it belongs to a hot file again).
+    fn into_file(mut self) -> File {
+        self.file.take().expect("taken only here")
+    }
+
+    fn file(&self) -> &File {
+        self.file.as_ref().expect("taken only by into_file")
+    }
+}
+
+impl Drop for KeptDescriptor {
+    fn drop(&mut self) {
+        KEPT_DESCRIPTORS.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Spare compressors kept per thread (~300 KB each, idle): a worker's share of the default
@@ -170,12 +217,9 @@ fn give_buffer(mut buffer: Vec<u8>) {
 impl Drop for GzStreamFile {
     fn drop(&mut self) {
         give_buffer(std::mem::take(&mut self.staged));
-    }
-}
-
-impl Drop for Hot {
-    fn drop(&mut self) {
-        give_buffer(std::mem::take(&mut self.out));
+        if let Some(hot) = self.hot.take() {
+            give_buffer(hot.out);
+        }
     }
 }
 
@@ -189,6 +233,7 @@ impl GzStreamFile {
             path: path.to_path_buf(),
             level: Compression::new(level),
             hot: None,
+            kept: KeptDescriptor::keep(file),
             staged: Vec::new(),
             crc: crc32fast::Hasher::new(),
             uncompressed_len: 0,
@@ -219,6 +264,8 @@ impl GzStreamFile {
             path: path.to_path_buf(),
             level: Compression::new(level),
             hot: None,
+            // Opened at its start: the next heat opens it again at its end.
+            kept: None,
             staged: Vec::new(),
             crc: crc32fast::Hasher::new_with_initial_len(state.crc32, state.uncompressed_len),
             uncompressed_len: state.uncompressed_len,
@@ -288,7 +335,7 @@ impl GzStreamFile {
             self.unsynced |= hot.write_out()?;
         }
         if was_cold {
-            self.hot = None;
+            self.release_hot();
         }
         Ok(self.state())
     }
@@ -298,21 +345,35 @@ impl GzStreamFile {
         if !self.unsynced {
             return Ok(());
         }
-        match &self.hot {
-            Some(hot) => hot.file.sync_data()?,
-            None => File::open(&self.path)?.sync_data()?,
+        match (&self.hot, &self.kept) {
+            (Some(hot), _) => hot.file.sync_data()?,
+            (None, Some(kept)) => kept.file().sync_data()?,
+            (None, None) => File::open(&self.path)?.sync_data()?,
         }
         self.unsynced = false;
         Ok(())
     }
 
-    /// Sync-flushes and drops the compressor, the file handle and the staging memory; the next
-    /// compression reopens them.
+    /// Sync-flushes and gives back the compressor and the staging memory (the descriptor is kept
+    /// while the cap allows); the next compression takes them again.
     pub fn cool(&mut self) -> io::Result<StreamState> {
         let state = self.sync_flush()?;
-        self.hot = None;
+        self.release_hot();
         give_buffer(std::mem::take(&mut self.staged));
         Ok(state)
+    }
+
+    /// Gives back the compressor and the output buffer (everything in it was written) and keeps
+    /// the descriptor if the cap allows.
+    fn release_hot(&mut self) {
+        if let Some(hot) = self.hot.take() {
+            debug_assert!(
+                hot.out.is_empty(),
+                "a file cools only once its output is written"
+            );
+            give_buffer(hot.out);
+            self.kept = KeptDescriptor::keep(hot.file);
+        }
     }
 
     /// The state as of the last sync-flush or cooling; only meaningful right after one.
@@ -364,7 +425,15 @@ impl GzStreamFile {
 
     fn heat(&mut self) -> io::Result<()> {
         if self.hot.is_none() {
-            self.hot = Some(Hot::reopen(&self.path, self.compressed_len, self.level)?);
+            let file = match self.kept.take() {
+                Some(kept) => kept.into_file(),
+                None => Hot::reopen(&self.path, self.compressed_len)?,
+            };
+            self.hot = Some(Hot {
+                file,
+                compressor: PooledCompressor::take(self.level),
+                out: take_buffer(usize::MAX),
+            });
             self.unsynced = true;
         }
         Ok(())
@@ -372,7 +441,8 @@ impl GzStreamFile {
 }
 
 impl Hot {
-    fn reopen(path: &Path, compressed_len: u64, level: Compression) -> io::Result<Hot> {
+    /// Opens a cold file whose descriptor was not kept, at its end.
+    fn reopen(path: &Path, compressed_len: u64) -> io::Result<File> {
         let mut file = OpenOptions::new().write(true).open(path)?;
         // Anything past the last flush point is from a compressor that no longer exists (a
         // file cools only after writing everything out, so usually there is nothing).
@@ -380,11 +450,7 @@ impl Hot {
             file.set_len(compressed_len)?;
         }
         file.seek(SeekFrom::Start(compressed_len))?;
-        Ok(Hot {
-            file,
-            compressor: PooledCompressor::take(level),
-            out: take_buffer(usize::MAX),
-        })
+        Ok(file)
     }
 
     /// Runs the compressor over `input` with `flush`, appending to `out`; returns bytes produced.
@@ -656,6 +722,78 @@ mod tests {
             file.finish().unwrap();
             assert_eq!(&decode_single_member(path), expected);
         }
+    }
+
+    /// The descriptor count is process-wide: tests that fill or rely on it take turns.
+    static DESCRIPTOR_TESTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    #[test]
+    fn a_cooled_file_heats_again_on_the_descriptor_it_kept() {
+        let _turn = DESCRIPTOR_TESTS
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.gz");
+        let mut file = GzStreamFile::create(&path, 6).unwrap();
+        let mut expected = Vec::new();
+        for line in lines(0..300) {
+            file.append_line(&line, STAGE).unwrap();
+            expected.extend_from_slice(&line);
+            expected.push(b'\n');
+        }
+        file.cool().unwrap();
+        file.sync_data().unwrap();
+        // Moved away while cold: a file opened again by its path would not be found.
+        let moved = dir.path().join("moved.gz");
+        std::fs::rename(&path, &moved).unwrap();
+        for line in lines(300..600) {
+            file.append_line(&line, STAGE).unwrap();
+            expected.extend_from_slice(&line);
+            expected.push(b'\n');
+        }
+        file.finish().unwrap();
+        assert_eq!(decode_single_member(&moved), expected);
+    }
+
+    #[test]
+    fn files_past_the_descriptor_cap_open_again_and_every_file_stays_whole() {
+        let _turn = DESCRIPTOR_TESTS
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        let dir = tempfile::tempdir().unwrap();
+        let count = MAX_KEPT_DESCRIPTORS + 40;
+        let paths: Vec<PathBuf> = (0..count)
+            .map(|i| dir.path().join(format!("{i}.gz")))
+            .collect();
+        let mut files: Vec<GzStreamFile> = paths
+            .iter()
+            .map(|path| GzStreamFile::create(path, 1).unwrap())
+            .collect();
+        assert!(
+            files.iter().filter(|file| file.kept.is_none()).count() >= 40,
+            "files past the cap keep no descriptor: they open theirs again when they heat"
+        );
+        let mut expected = vec![Vec::new(); count];
+        for round in 0..3u32 {
+            for (i, file) in files.iter_mut().enumerate() {
+                for line in lines(round * 30..round * 30 + 30) {
+                    file.append_line(&line, 200).unwrap();
+                    expected[i].extend_from_slice(&line);
+                    expected[i].push(b'\n');
+                }
+                file.cool().unwrap();
+                assert!(KEPT_DESCRIPTORS.load(Ordering::Relaxed) <= MAX_KEPT_DESCRIPTORS);
+            }
+        }
+        for (file, (path, expected)) in files.into_iter().zip(paths.iter().zip(&expected)) {
+            file.finish().unwrap();
+            assert_eq!(&decode_single_member(path), expected);
+        }
+        // Other tests of this binary may hold a few of their own.
+        assert!(
+            KEPT_DESCRIPTORS.load(Ordering::Relaxed) < 64,
+            "finished files give their descriptors back"
+        );
     }
 
     #[test]
