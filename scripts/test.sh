@@ -5,7 +5,7 @@
 # end-to-end tests under tests/ that start their own servers on free ports.
 #
 #   scripts/test.sh               the whole suite, then the demo (both brokers)
-#   scripts/test.sh ARGS...       cargo test --all-targets ARGS... (e.g. -- a_test_name)
+#   scripts/test.sh ARGS...       cargo test ARGS... (e.g. --test end_to_end, or -- a_test_name)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib/rig.sh
@@ -37,7 +37,8 @@ renice_tree() { # niceness pid: the process and every process under it
 
 if (($#)); then
   wait_for_tansu
-  cargo test --all-targets "$@"
+  # Not --all-targets: with it, `--test NAME` would still run every target.
+  cargo test "$@"
   exit
 fi
 
