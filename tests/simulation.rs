@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 
 use kafka_s3_archiver::checkpoint::GapCause;
 use kafka_s3_archiver::config::Config;
-use kafka_s3_archiver::forget::wait::judge;
+use kafka_s3_archiver::forget::wait;
 use kafka_s3_archiver::pipeline::Record;
 use kafka_s3_archiver::suppress::{hash_id, IdHash};
 use kafka_s3_archiver::upload::manifest::Manifest;
@@ -290,7 +290,7 @@ struct Forgetting {
     request: String,
     /// Each partition's newest intent end once every member cuts under a list holding the user
     /// (`None` until then), as the command notes it once `suppression.refresh_secs` passed.
-    baseline: Option<HashMap<i32, Option<i64>>>,
+    baseline: Option<wait::Baseline>,
     /// Runs of the bucket work killed part-way so far.
     killed: usize,
 }
@@ -798,24 +798,11 @@ impl World {
             ))
             .expect("the faultless bucket answers");
             if forgetting.baseline.is_none() && members_read {
-                forgetting.baseline = Some(
-                    views
-                        .iter()
-                        .map(|(view, _)| (view.partition, view.intent.map(|i| i.end)))
-                        .collect(),
-                );
+                forgetting.baseline = Some(wait::baseline_of(&views));
             }
-            let waiting: Vec<String> = views
-                .iter()
-                .filter_map(|(view, _)| {
-                    let baseline = forgetting
-                        .baseline
-                        .as_ref()
-                        .map(|b| b.get(&view.partition).copied().flatten());
-                    judge(view, baseline)
-                        .err()
-                        .map(|w| format!("p{}: {w}", view.partition))
-                })
+            let waiting: Vec<String> = wait::still_waiting(&views, forgetting.baseline.as_ref())
+                .into_iter()
+                .map(|(partition, why)| format!("p{partition}: {why}"))
                 .collect();
             if !waiting.is_empty() {
                 return format!("forget waits: {}", waiting.join("; "));

@@ -34,7 +34,7 @@ use crate::upload::s3::{ObjectMetadata, S3Error, S3Store};
 use crate::upload::store::ObjectStore;
 use journal::{audit_key, journal_key, request_id, Audit, ForgetSelection, Journal, Rewrite};
 use rewrite::{filter_object, Levels};
-use wait::{judge, IntentView, PartitionView, Waiting};
+use wait::{IntentView, PartitionView, Waiting};
 
 /// Objects read or rewritten at once, unless the operator says otherwise.
 pub const DEFAULT_CONCURRENCY: usize = 8;
@@ -610,28 +610,16 @@ async fn wait_until_clean<S: ObjectStore>(
     let members_read =
         since + chrono::Duration::seconds(2 * config.suppression.refresh_secs as i64);
     let started = Instant::now();
-    let mut baseline: Option<HashMap<i32, Option<i64>>> = None;
+    let mut baseline: Option<wait::Baseline> = None;
     let mut said = String::new();
     loop {
         let views = partition_views(config, store, &options.ids).await?;
         if baseline.is_none() && Utc::now() >= members_read {
-            baseline = Some(
-                views
-                    .iter()
-                    .map(|(view, _)| (view.partition, view.intent.map(|i| i.end)))
-                    .collect(),
-            );
+            baseline = Some(wait::baseline_of(&views));
         }
-        let waiting: Vec<String> = views
-            .iter()
-            .filter_map(|(view, _)| {
-                let partition_baseline = baseline
-                    .as_ref()
-                    .map(|b| b.get(&view.partition).copied().flatten());
-                judge(view, partition_baseline)
-                    .err()
-                    .map(|w| format!("partition {}: {w}", view.partition))
-            })
+        let waiting: Vec<String> = wait::still_waiting(&views, baseline.as_ref())
+            .into_iter()
+            .map(|(partition, why)| format!("partition {partition}: {why}"))
             .collect();
         if waiting.is_empty() {
             return Ok(committed_of(&views));

@@ -8,6 +8,7 @@
 //! member), or once it is idle (committed up to its end, or up to offsets that hold no record)
 //! after the baseline, so its next record starts a batch cut under the list.
 
+use std::collections::HashMap;
 use std::fmt;
 
 /// A partition as `forget` sees it: the group's commit, the log's end, and its newest batch
@@ -62,6 +63,35 @@ impl fmt::Display for Waiting {
             ),
         }
     }
+}
+
+/// Each partition's newest intent end at the moment every member had read the request
+/// (`None`: it had none): what [`judge`] measures "a batch sealed since" against.
+pub type Baseline = HashMap<i32, Option<i64>>;
+
+/// The baseline of `views`, to be taken once every member has read the request.
+pub fn baseline_of<T>(views: &[(PartitionView, T)]) -> Baseline {
+    views
+        .iter()
+        .map(|(view, _)| (view.partition, view.intent.map(|intent| intent.end)))
+        .collect()
+}
+
+/// The partitions of `views` that are not clean yet, and why (`baseline`: `None` until every
+/// member has read the request).
+pub fn still_waiting<T>(
+    views: &[(PartitionView, T)],
+    baseline: Option<&Baseline>,
+) -> Vec<(i32, Waiting)> {
+    views
+        .iter()
+        .filter_map(|(view, _)| {
+            let partition_baseline = baseline.map(|b| b.get(&view.partition).copied().flatten());
+            judge(view, partition_baseline)
+                .err()
+                .map(|waiting| (view.partition, waiting))
+        })
+        .collect()
 }
 
 /// Whether `view`'s partition is clean. `baseline`: `None` until every member has read the
