@@ -156,16 +156,7 @@ fn suppressed_users_are_left_out_from_the_next_batch_on_through_a_restart() {
 
     // A restore of the whole range brings none of them back, not even those archived before
     // the request.
-    rig.broker.create_topic("restored", 2);
-    let answer = rig.command_ok(&[
-        "restore",
-        "--topic",
-        "restored",
-        "--from",
-        "2026-11-20",
-        "--to",
-        "2026-11-21",
-    ]);
+    let answer = restore_the_whole_range(&rig);
     assert!(
         answer.contains(&format!(
             "left out, as lines of suppressed users: {kept_before}"
@@ -252,6 +243,20 @@ fn dead_lettered(dir: &std::path::Path) -> HashMap<Vec<u8>, usize> {
         }
     }
     kept
+}
+
+/// `restore` of every day the tests produce into a new topic `restored`; returns its output.
+fn restore_the_whole_range(rig: &Rig) -> String {
+    rig.broker.create_topic("restored", 2);
+    rig.command_ok(&[
+        "restore",
+        "--topic",
+        "restored",
+        "--from",
+        "2026-11-20",
+        "--to",
+        "2026-11-21",
+    ])
 }
 
 /// `forget` run as an operator runs it, with the rig's settings and members that read the
@@ -468,16 +473,7 @@ fn forgotten_users_are_taken_out_of_the_archive_while_the_group_runs_through_a_k
     assert_eq!(audit["lines_removed"].as_u64(), Some(taken_out));
 
     // A restore of the range sends none of their events back.
-    rig.broker.create_topic("restored", 2);
-    let answer = rig.command_ok(&[
-        "restore",
-        "--topic",
-        "restored",
-        "--from",
-        "2026-11-20",
-        "--to",
-        "2026-11-21",
-    ]);
+    let answer = restore_the_whole_range(&rig);
     let restored = rig.read_messages("restored", 2);
     let payloads: Vec<&[u8]> = restored
         .values()
