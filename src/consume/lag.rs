@@ -102,8 +102,8 @@ pub fn group_lag(config: &Config) -> Result<Vec<PartitionLag>, LagError> {
 /// config's topic, reading from `from`: a partition whose last offsets hold no record (a
 /// transaction's commit marker, an aborted transaction's records) is one the group has archived
 /// to its end though its commit stays below the end offset. A partition with nothing between
-/// `from` and `end` holds none; one that yields nothing for a second and a half is taken to hold
-/// none.
+/// `from` and `end` holds none, nor one whose first record is at or past `end` (written since);
+/// one that yields nothing for a second and a half is taken to hold none.
 pub fn records_between(
     config: &Config,
     ranges: &[(i32, i64, i64)],
@@ -129,20 +129,26 @@ pub fn records_between(
     };
     let consumer = inspector(&config.kafka).map_err(connect)?;
     consumer.assign(&tpl).map_err(connect)?;
-    let mut undecided = tpl.count();
+    // A partition is read in offset order, so its first record decides it: before `end`, a
+    // record lies in the range; at or past it (the topic goes on being written), none does.
+    let mut undecided: std::collections::HashSet<i32> = ranges
+        .iter()
+        .filter(|&&(_, from, end)| from < end)
+        .map(|&(partition, _, _)| partition)
+        .collect();
     let idle = Duration::from_millis(1500);
-    let mut last_message = std::time::Instant::now();
-    while undecided > 0 && last_message.elapsed() < idle {
+    let mut last_decision = std::time::Instant::now();
+    while !undecided.is_empty() && last_decision.elapsed() < idle {
         if let Some(Ok(message)) = consumer.poll(Duration::from_millis(100)) {
-            last_message = std::time::Instant::now();
-            let before_end = ranges
-                .iter()
-                .any(|&(p, _, end)| p == message.partition() && message.offset() < end);
-            if let Some(seen) = found.get_mut(&message.partition()) {
-                if before_end && !*seen {
-                    *seen = true;
-                    undecided -= 1;
-                }
+            let partition = message.partition();
+            // Records of decided partitions are not progress: a partition whose range holds
+            // only markers, and after it nothing yet, must still time out.
+            if undecided.remove(&partition) {
+                last_decision = std::time::Instant::now();
+                let before_end = ranges
+                    .iter()
+                    .any(|&(p, _, end)| p == partition && message.offset() < end);
+                found.insert(partition, before_end);
             }
         }
     }
