@@ -14,9 +14,15 @@
 //! - `zlib FILE LEVEL`: the archiver's own deflate backend (flate2 on zlib-rs) compressing FILE
 //!   as one gzip stream on one core, for the compression limit beside `gzip -6`; its wall and
 //!   CPU seconds.
+//! - `put ENDPOINT BUCKET PREFIX CONCURRENCY DIR`: a plain uploader, the limit of the archiver's
+//!   upload tail: every file under DIR PUT to PREFIX + its path under DIR, CONCURRENCY at a
+//!   time, each read whole and sent with its Content-MD5 (path-style, credentials from the
+//!   environment); no manifest, no commit, no retry. Its wall seconds and what it sent.
 
 use std::io::{BufWriter, Read, Write};
 use std::time::Instant;
+
+use futures_util::StreamExt as _;
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
@@ -50,13 +56,21 @@ fn main() {
         Some("zlib") if args.len() == 3 => {
             zlib(&args[1], args[2].parse().expect("LEVEL is a number"))
         }
+        Some("put") if args.len() == 6 => put(
+            &args[1],
+            &args[2],
+            &args[3],
+            args[4].parse().expect("CONCURRENCY is a number"),
+            std::path::Path::new(&args[5]),
+        ),
         _ => {
             eprintln!(
                 "usage: bench_baseline drain BROKERS TOPIC PARTITIONS COUNT [--lines]\n       \
                  bench_baseline committed BROKERS TOPIC PARTITIONS GROUP COUNT\n       \
                  bench_baseline wait-metric PORT NAME VALUE\n       \
                  bench_baseline metric PORT NAME\n       \
-                 bench_baseline zlib FILE LEVEL"
+                 bench_baseline zlib FILE LEVEL\n       \
+                 bench_baseline put ENDPOINT BUCKET PREFIX CONCURRENCY DIR"
             );
             std::process::exit(2);
         }
@@ -183,6 +197,75 @@ fn zlib(path: &str, level: u32) {
         r#"{{"bytes":{},"compressed":{compressed},"seconds":{seconds:.3},"cpu_seconds":{cpu_seconds:.3}}}"#,
         input.len()
     );
+}
+
+fn put(endpoint: &str, bucket: &str, prefix: &str, concurrency: usize, dir: &std::path::Path) {
+    use aws_sdk_s3::config::{BehaviorVersion, Region, RequestChecksumCalculation};
+    use base64::Engine as _;
+    use md5::Digest as _;
+
+    let mut files = Vec::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(next) = pending.pop() {
+        for entry in std::fs::read_dir(&next).expect("read DIR") {
+            let path = entry.expect("read DIR").path();
+            if path.is_dir() {
+                pending.push(path);
+            } else {
+                files.push(path);
+            }
+        }
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("start a runtime");
+    let (objects, bytes, seconds) = runtime.block_on(async {
+        let sdk = aws_config::defaults(BehaviorVersion::latest())
+            .region(Region::new("us-east-1"))
+            .load()
+            .await;
+        let client = aws_sdk_s3::Client::from_conf(
+            aws_sdk_s3::config::Builder::from(&sdk)
+                .endpoint_url(endpoint)
+                .force_path_style(true)
+                .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
+                .build(),
+        );
+        let started = Instant::now();
+        let sent: Vec<u64> = futures_util::stream::iter(files.iter().map(|path| {
+            let client = client.clone();
+            let key = format!(
+                "{prefix}{}",
+                path.strip_prefix(dir).expect("under DIR").display()
+            );
+            async move {
+                let body = tokio::fs::read(path).await.expect("read a file");
+                let md5 = base64::engine::general_purpose::STANDARD.encode(md5::Md5::digest(&body));
+                let len = body.len() as u64;
+                client
+                    .put_object()
+                    .bucket(bucket)
+                    .key(&key)
+                    .content_md5(md5)
+                    .body(body.into())
+                    .send()
+                    .await
+                    .unwrap_or_else(|err| panic!("PUT {key}: {err:?}"));
+                len
+            }
+        }))
+        .buffer_unordered(concurrency)
+        .collect()
+        .await;
+        (
+            sent.len(),
+            sent.iter().sum::<u64>(),
+            started.elapsed().as_secs_f64(),
+        )
+    });
+    println!(r#"{{"objects":{objects},"bytes":{bytes},"seconds":{seconds:.3}}}"#);
 }
 
 /// User and system CPU time of this process so far (Linux: `/proc/self/stat`, in clock ticks of

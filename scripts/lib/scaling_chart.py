@@ -27,6 +27,7 @@ def main(results, chart, events):
                 "days": int(days),
                 "files": int(partitions) * int(sources) * int(days),
                 "mb_s": mb / seconds,
+                "cpu": cpu,
                 "cpu_gb": cpu / (mb / 1000),
                 "rss_mb": float(rss_kb) / 1024,
                 "objects": int(objects),
@@ -44,6 +45,19 @@ def main(results, chart, events):
         print(f"{r['axis']:<11} {r['partitions']:>10} {str(r['sources']) + ' x ' + str(r['days']):>15} "
               f"{r['files']:>10} {r['seconds']:>8.2f} {r['mb_s']:>7.1f} {r['cpu_gb']:>9.1f} "
               f"{r['rss_mb']:>12.0f} {r['objects']:>8} {r['kb_object']:>17.1f}")
+
+    # What each object costs: the CPU that the same events cost more when cut into more objects,
+    # per extra object (the partitions axis, 1 against 64 per member, and the sources axis,
+    # 10 against 1,000), and what that does to CPU per GB at 64 partitions against one.
+    print()
+    for axis, few, many in [("partitions", 1, 64), ("sources", 10, 1000)]:
+        by_x = {r[axis]: r for r in rows if r["axis"] == axis}
+        if few in by_x and many in by_x:
+            a, b = by_x[few], by_x[many]
+            per_object_ms = 1000 * (b["cpu"] - a["cpu"]) / max(b["objects"] - a["objects"], 1)
+            print(f"cost per object ({axis} {few} against {many}): {per_object_ms:.2f} ms of archiver CPU "
+                  f"(target <= 0.30); CPU per GB {b['cpu_gb'] / a['cpu_gb']:.2f} x"
+                  + (" (target <= 2.00)" if axis == "partitions" else ""))
 
     fig, axes = plt.subplots(3, 2, figsize=(10, 9), sharex="col")
     for column, (axis, xlabel, xkey) in enumerate([
