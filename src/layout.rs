@@ -288,6 +288,12 @@ pub fn batch_dir(partition_dir: &Path, batch_start: i64) -> PathBuf {
     partition_dir.join(format!("batch-{batch_start:020}"))
 }
 
+/// A partition's uploaded files, emptied and kept to be renamed into the next batch instead of
+/// created anew (`buffer::partition`); not a batch, so a resume removes it with other leftovers.
+pub fn spare_dir(partition_dir: &Path) -> PathBuf {
+    partition_dir.join("spare")
+}
+
 /// Creates (or truncates) a local file readable by this user only: buffers and checkpoints hold
 /// raw events, with their user ids, emails and IP addresses.
 pub fn create_private_file(path: &Path) -> std::io::Result<std::fs::File> {
