@@ -157,9 +157,9 @@ pub enum ContentLabel {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum ChecksumMode {
-    /// CRC32C computed by the SDK and checked by S3 (the default for AWS).
+    /// Each object's CRC32C, sent as a header and checked by S3 (the default for AWS).
     Crc32c,
-    /// Content-MD5 header, for S3-compatible stores that reject the SDK's checksum trailers.
+    /// Content-MD5 header, for S3-compatible stores that check only MD5.
     ContentMd5,
 }
 

@@ -1,13 +1,13 @@
 //! The archive on a second S3 implementation: s3s-fs (crates.io, a separate process), which
-//! verifies the CRC32C trailers the SDK streams and honours `If-None-Match`, where moto checks
-//! neither.
+//! verifies the checksums it is sent and honours `If-None-Match`, where moto checks neither.
 //!
 //! Found here: with the defaults (`checksum = "crc32c"` and Segment's `Content-Encoding: gzip`)
-//! the SDK sends its `Content-Encoding: aws-chunked` as a second header line beside `gzip`;
-//! AWS S3 takes the two (HTTP folds repeated fields into one list), s3s-fs refuses them
-//! ("duplicate header: content-encoding"), as Garage refuses the trailer. Such stores take
-//! `checksum = "content-md5"`, or CRC32C with `content_label = "gzip"` (no `Content-Encoding`);
-//! both archive every event exactly once here (README, "S3-compatible stores").
+//! the SDK streamed its CRC32C as an aws-chunked trailer and sent `Content-Encoding:
+//! aws-chunked` as a second header line beside `gzip`; AWS S3 takes the two (HTTP folds
+//! repeated fields into one list), s3s-fs refused them ("duplicate header: content-encoding"),
+//! as Garage refuses the trailer. The archiver now computes the CRC32C itself and sends it as a
+//! header, so every combination archives every event exactly once here (README, "S3-compatible
+//! stores").
 
 mod support;
 
@@ -16,12 +16,14 @@ use std::time::Duration;
 use support::*;
 
 #[test]
-fn a_store_that_checks_checksums_takes_content_md5_or_crc32c_without_content_encoding() {
+fn a_store_that_checks_checksums_takes_the_defaults_content_md5_and_crc32c_without_content_encoding(
+) {
     let rig = Rig::start(2);
     rig.produce(4_000, 3, 2, 41);
     let records = rig.read_topic(2);
     let ends = end_offsets(&records);
     for (name, checksum, label) in [
+        ("defaults", "crc32c", "segment"),
         ("md5", "content-md5", "segment"),
         ("crc32c", "crc32c", "gzip"),
     ] {

@@ -160,7 +160,7 @@ impl S3Store {
             builder = builder.endpoint_url(&config.endpoint_url);
         }
         if config.checksum == ChecksumMode::ContentMd5 {
-            // Stores that reject aws-chunked trailers get no SDK checksum at all, only MD5.
+            // Content-MD5 only: the SDK adds no checksum of its own to any request.
             builder =
                 builder.request_checksum_calculation(RequestChecksumCalculation::WhenRequired);
         }
@@ -232,10 +232,7 @@ impl S3Store {
         if !still_ours() {
             return Ok(PutOutcome::Abandoned);
         }
-        let md5 = match self.config.checksum {
-            ChecksumMode::ContentMd5 => Some(self.md5(key, path, &file, len).await?),
-            ChecksumMode::Crc32c => None,
-        };
+        let checksum = self.checksum(key, path, &file, len).await?;
         let body = self.body(key, path, &file, len).await?;
         let mut request = self
             .client
@@ -248,9 +245,12 @@ impl S3Store {
             request = request.if_none_match("*");
         }
         let mut request = with_object_options!(request, self.config, metadata);
-        request = match md5 {
-            None => request.checksum_algorithm(ChecksumAlgorithm::Crc32C),
-            Some(md5) => request.content_md5(md5),
+        // A checksum the request carries as a header: the SDK then computes none and sends the
+        // body as it is, without the aws-chunked framing and trailer that Garage refuses, and
+        // whose second `Content-Encoding` line s3s-fs refuses beside Segment's `gzip`.
+        request = match checksum {
+            FileChecksum::Crc32c(crc) => request.checksum_crc32_c(crc),
+            FileChecksum::Md5(md5) => request.content_md5(md5),
         };
         request
             .send()
@@ -596,36 +596,23 @@ impl S3Store {
             .map_err(|err| self.local_error(key, path, err))
     }
 
-    /// MD5 of the first `len` bytes of the open file, computed on a blocking thread (positioned
-    /// reads: the body's stream keeps its own offset).
-    async fn md5(
+    /// The checksum `s3.checksum` asks for, of the first `len` bytes of the open file, computed
+    /// on a blocking thread (positioned reads: the body's stream keeps its own offset). The
+    /// store checks the body it receives against it, so a file that changed between this read
+    /// and the body's is refused, never stored.
+    async fn checksum(
         &self,
         key: &str,
         path: &Path,
         file: &std::sync::Arc<std::fs::File>,
         len: u64,
-    ) -> Result<String, S3Error> {
+    ) -> Result<FileChecksum, S3Error> {
         let file = std::sync::Arc::clone(file);
-        let digest = tokio::task::spawn_blocking(move || -> std::io::Result<String> {
-            use md5::Digest as _;
-            use std::os::unix::fs::FileExt as _;
-            let mut hasher = md5::Md5::new();
-            let mut buf = vec![0u8; 1 << 16];
-            let mut offset = 0;
-            while offset < len {
-                let want = buf.len().min((len - offset) as usize);
-                let n = file.read_at(&mut buf[..want], offset)?;
-                if n == 0 {
-                    return Err(std::io::ErrorKind::UnexpectedEof.into());
-                }
-                hasher.update(&buf[..n]);
-                offset += n as u64;
-            }
-            Ok(base64::engine::general_purpose::STANDARD.encode(hasher.finalize()))
-        })
-        .await
-        .map_err(std::io::Error::other)
-        .and_then(|r| r);
+        let mode = self.config.checksum;
+        let digest = tokio::task::spawn_blocking(move || file_checksum(&file, len, mode))
+            .await
+            .map_err(std::io::Error::other)
+            .and_then(|r| r);
         digest.map_err(|err| self.local_error(key, path, err))
     }
 
@@ -711,6 +698,46 @@ impl ObjectStore for S3Store {
     }
 }
 
+/// A single PUT's checksum header, base64 as S3 spells both.
+#[derive(Debug, PartialEq, Eq)]
+enum FileChecksum {
+    Md5(String),
+    Crc32c(String),
+}
+
+/// The checksum `mode` asks for of the first `len` bytes of `file`, read at positions.
+fn file_checksum(
+    file: &std::fs::File,
+    len: u64,
+    mode: ChecksumMode,
+) -> std::io::Result<FileChecksum> {
+    use md5::Digest as _;
+    use std::os::unix::fs::FileExt as _;
+    let mut md5 = md5::Md5::new();
+    let mut crc32c = crc_fast::Digest::new(crc_fast::CrcAlgorithm::Crc32Iscsi);
+    let mut buf = vec![0u8; (1 << 16).min(len as usize)];
+    let mut offset = 0;
+    while offset < len {
+        let want = buf.len().min((len - offset) as usize);
+        let n = file.read_at(&mut buf[..want], offset)?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        match mode {
+            ChecksumMode::ContentMd5 => md5.update(&buf[..n]),
+            ChecksumMode::Crc32c => crc32c.update(&buf[..n]),
+        }
+        offset += n as u64;
+    }
+    let base64 = &base64::engine::general_purpose::STANDARD;
+    Ok(match mode {
+        ChecksumMode::ContentMd5 => FileChecksum::Md5(base64.encode(md5.finalize())),
+        ChecksumMode::Crc32c => {
+            FileChecksum::Crc32c(base64.encode((crc32c.finalize() as u32).to_be_bytes()))
+        }
+    })
+}
+
 fn md5_base64(bytes: &[u8]) -> String {
     use md5::Digest as _;
     base64::engine::general_purpose::STANDARD.encode(md5::Md5::digest(bytes))
@@ -755,5 +782,39 @@ where
             )
         }
         _ => (ErrorClass::Permanent, None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The header values are those S3 defines: base64 of the big-endian CRC32C (Castagnoli,
+    /// check value 0xE3069283 for "123456789") and of the MD5 digest, of the first `len` bytes.
+    #[test]
+    fn a_files_checksum_is_the_header_s3_checks() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("object");
+        std::fs::write(&path, b"123456789 and bytes past the object's length").unwrap();
+        let file = std::fs::File::open(&path).unwrap();
+        let encode = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
+        assert_eq!(
+            file_checksum(&file, 9, ChecksumMode::Crc32c).unwrap(),
+            FileChecksum::Crc32c(encode(&0xE306_9283u32.to_be_bytes()))
+        );
+        assert_eq!(
+            file_checksum(&file, 9, ChecksumMode::ContentMd5).unwrap(),
+            FileChecksum::Md5(md5_base64(b"123456789"))
+        );
+        assert!(file_checksum(&file, 1 << 20, ChecksumMode::Crc32c).is_err());
+
+        // Longer than one read: the digest runs over every read.
+        let long: Vec<u8> = (0..200_000u32).map(|n| (n % 251) as u8).collect();
+        std::fs::write(&path, &long).unwrap();
+        let file = std::fs::File::open(&path).unwrap();
+        assert_eq!(
+            file_checksum(&file, long.len() as u64, ChecksumMode::ContentMd5).unwrap(),
+            FileChecksum::Md5(md5_base64(&long))
+        );
     }
 }
