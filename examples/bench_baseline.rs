@@ -16,8 +16,9 @@
 //!   CPU seconds.
 //! - `put ENDPOINT BUCKET PREFIX CONCURRENCY DIR`: a plain uploader, the limit of the archiver's
 //!   upload tail: every file under DIR PUT to PREFIX + its path under DIR, CONCURRENCY at a
-//!   time, each read whole and sent with its Content-MD5 (path-style, credentials from the
-//!   environment); no manifest, no commit, no retry. Its wall seconds and what it sent.
+//!   time, each read whole and sent with its CRC32C as the archiver sends it (path-style,
+//!   credentials from the environment); no manifest, no commit, no retry. Its wall seconds and
+//!   what it sent.
 
 use std::io::{BufWriter, Read, Write};
 use std::time::Instant;
@@ -202,7 +203,6 @@ fn zlib(path: &str, level: u32) {
 fn put(endpoint: &str, bucket: &str, prefix: &str, concurrency: usize, dir: &std::path::Path) {
     use aws_sdk_s3::config::{BehaviorVersion, Region, RequestChecksumCalculation};
     use base64::Engine as _;
-    use md5::Digest as _;
 
     let mut files = Vec::new();
     let mut pending = vec![dir.to_path_buf()];
@@ -242,13 +242,14 @@ fn put(endpoint: &str, bucket: &str, prefix: &str, concurrency: usize, dir: &std
             );
             async move {
                 let body = tokio::fs::read(path).await.expect("read a file");
-                let md5 = base64::engine::general_purpose::STANDARD.encode(md5::Md5::digest(&body));
+                let crc32c = crc_fast::checksum(crc_fast::CrcAlgorithm::Crc32Iscsi, &body) as u32;
+                let crc32c = base64::engine::general_purpose::STANDARD.encode(crc32c.to_be_bytes());
                 let len = body.len() as u64;
                 client
                     .put_object()
                     .bucket(bucket)
                     .key(&key)
-                    .content_md5(md5)
+                    .checksum_crc32_c(crc32c)
                     .body(body.into())
                     .send()
                     .await
