@@ -153,37 +153,48 @@ async fn a_single_put_reads_the_file_it_opened_and_only_while_the_partition_is_o
     let dir = tempfile::tempdir().unwrap();
     let server = S3Server::start(dir.path());
     let path = dir.path().join("object.gz");
-    let sealed = contents(PART / 4, 7);
-    let replacement = contents(PART / 4, 8);
-    for checksum in [ChecksumMode::Crc32c, ChecksumMode::ContentMd5] {
+    // A small object is read whole, a larger one streamed from the file: both read the file
+    // they opened.
+    for (size, checksum) in [
+        (100_000, ChecksumMode::Crc32c),
+        (100_000, ChecksumMode::ContentMd5),
+        (PART / 4, ChecksumMode::Crc32c),
+        (PART / 4, ChecksumMode::ContentMd5),
+    ] {
+        let sealed = contents(size, 7);
+        let replacement = contents(size, 8);
         let store = S3Store::connect(&config(&server, checksum)).await;
         std::fs::write(&path, &sealed).unwrap();
 
         // The partition moved just as the file was opened: nothing is put.
-        let key = format!("segment-logs/stale-{checksum:?}.gz");
+        let key = format!("segment-logs/stale-{size}-{checksum:?}.gz");
         let len = sealed.len() as u64;
         let outcome = store
             .put_file_once(&key, &path, len, &metadata(4), false, &|| false)
             .await
             .unwrap();
-        assert_eq!(outcome, PutOutcome::Abandoned, "{checksum:?}");
-        assert_eq!(store.get_bytes(&key).await.unwrap(), None, "{checksum:?}");
+        assert_eq!(outcome, PutOutcome::Abandoned, "{size} {checksum:?}");
+        assert_eq!(
+            store.get_bytes(&key).await.unwrap(),
+            None,
+            "{size} {checksum:?}"
+        );
 
         // Another file takes the path once this one is open: the sealed bytes are put.
         let still_ours = || {
             write_atomically(&path, &replacement);
             true
         };
-        let key = format!("segment-logs/replaced-{checksum:?}.gz");
+        let key = format!("segment-logs/replaced-{size}-{checksum:?}.gz");
         let outcome = store
             .put_file_once(&key, &path, len, &metadata(4), false, &still_ours)
             .await
             .unwrap();
-        assert_eq!(outcome, PutOutcome::Written, "{checksum:?}");
+        assert_eq!(outcome, PutOutcome::Written, "{size} {checksum:?}");
         let stored = store.get_bytes(&key).await.unwrap().unwrap();
         assert!(
             stored == sealed,
-            "{checksum:?}: the object is not the sealed file"
+            "{size} {checksum:?}: the object is not the sealed file"
         );
     }
 }

@@ -1,7 +1,7 @@
-//! The S3 client and request building: one object from a local file (single PUT streamed from
-//! disk, or multipart above a threshold, either read from the one file opened for it), with
-//! checksum, metadata and the operator's object options. One attempt per call; the retry policy
-//! lives in the uploader.
+//! The S3 client and request building: one object from a local file (a single PUT, read whole
+//! when small or streamed from disk, or multipart above a threshold, each read from the one file
+//! opened for it), with checksum, metadata and the operator's object options. One attempt per
+//! call; the retry policy lives in the uploader.
 
 use std::path::Path;
 use std::time::Duration;
@@ -209,8 +209,8 @@ impl S3Store {
         }
     }
 
-    /// One put of a local file: a single PUT streamed from disk, or multipart from one open
-    /// file above the threshold.
+    /// One put of a local file: a single PUT (read whole when small, else streamed from disk),
+    /// or multipart from one open file above the threshold.
     pub async fn put_file_once(
         &self,
         key: &str,
@@ -228,12 +228,20 @@ impl S3Store {
         // Opened before ownership is asked: a partition still ours after the open means this is
         // the file that was sealed, whatever takes the path later (revoked and assigned again,
         // the batch directory is re-created while a stale upload may still run).
-        let file = self.open_sealed(key, path).await?;
-        if !still_ours() {
-            return Ok(PutOutcome::Abandoned);
-        }
-        let checksum = self.checksum(key, path, &file, len).await?;
-        let body = self.body(key, path, &file, len).await?;
+        let (body, checksum) = if len <= WHOLE_BODY_BYTES {
+            let (bytes, checksum) = self.read_whole(key, path, len).await?;
+            if !still_ours() {
+                return Ok(PutOutcome::Abandoned);
+            }
+            (ByteStream::from(bytes), checksum)
+        } else {
+            let file = self.open_sealed(key, path).await?;
+            if !still_ours() {
+                return Ok(PutOutcome::Abandoned);
+            }
+            let checksum = self.checksum(key, path, &file, len).await?;
+            (self.body(key, path, &file, len).await?, checksum)
+        };
         let mut request = self
             .client
             .put_object()
@@ -253,6 +261,11 @@ impl S3Store {
             FileChecksum::Md5(md5) => request.content_md5(md5),
         };
         request
+            .customize()
+            // The checksum header covers the body, as it does a body streamed from the file
+            // (which the SDK cannot hash before sending): hashing it again for the signature
+            // would only spend CPU.
+            .disable_payload_signing()
             .send()
             .await
             .map_err(|err| self.error("PutObject", key, err))?;
@@ -596,6 +609,29 @@ impl S3Store {
             .map_err(|err| self.local_error(key, path, err))
     }
 
+    /// The first `len` bytes of the sealed file and their checksum, read in one go on a blocking
+    /// thread (a small object: see [`WHOLE_BODY_BYTES`]).
+    async fn read_whole(
+        &self,
+        key: &str,
+        path: &Path,
+        len: u64,
+    ) -> Result<(Vec<u8>, FileChecksum), S3Error> {
+        let (opened, mode) = (path.to_path_buf(), self.config.checksum);
+        tokio::task::spawn_blocking(move || -> std::io::Result<(Vec<u8>, FileChecksum)> {
+            use std::os::unix::fs::FileExt as _;
+            let mut bytes = vec![0u8; len as usize];
+            std::fs::File::open(opened)?.read_exact_at(&mut bytes, 0)?;
+            let mut checksum = Checksummer::new(mode);
+            checksum.update(&bytes);
+            Ok((bytes, checksum.finish()))
+        })
+        .await
+        .map_err(std::io::Error::other)
+        .and_then(|r| r)
+        .map_err(|err| self.local_error(key, path, err))
+    }
+
     /// The checksum `s3.checksum` asks for, of the first `len` bytes of the open file, computed
     /// on a blocking thread (positioned reads: the body's stream keeps its own offset). The
     /// store checks the body it receives against it, so a file that changed between this read
@@ -705,16 +741,57 @@ enum FileChecksum {
     Crc32c(String),
 }
 
+/// Objects up to this size are read whole into memory and put from there: one blocking read
+/// instead of an open, a checksum pass and the body's reads, each a hop to the blocking pool
+/// and back (most of an object's cost on the async threads when objects are small). Uploads
+/// then hold at most `s3.concurrency` x this in memory.
+const WHOLE_BODY_BYTES: u64 = 256 << 10;
+
+/// The checksum `mode` asks for, fed as the bytes are read.
+struct Checksummer {
+    mode: ChecksumMode,
+    md5: md5::Md5,
+    crc32c: crc_fast::Digest,
+}
+
+impl Checksummer {
+    fn new(mode: ChecksumMode) -> Checksummer {
+        use md5::Digest as _;
+        Checksummer {
+            mode,
+            md5: md5::Md5::new(),
+            crc32c: crc_fast::Digest::new(crc_fast::CrcAlgorithm::Crc32Iscsi),
+        }
+    }
+
+    fn update(&mut self, bytes: &[u8]) {
+        use md5::Digest as _;
+        match self.mode {
+            ChecksumMode::ContentMd5 => self.md5.update(bytes),
+            ChecksumMode::Crc32c => self.crc32c.update(bytes),
+        }
+    }
+
+    fn finish(self) -> FileChecksum {
+        use md5::Digest as _;
+        let base64 = &base64::engine::general_purpose::STANDARD;
+        match self.mode {
+            ChecksumMode::ContentMd5 => FileChecksum::Md5(base64.encode(self.md5.finalize())),
+            ChecksumMode::Crc32c => {
+                FileChecksum::Crc32c(base64.encode((self.crc32c.finalize() as u32).to_be_bytes()))
+            }
+        }
+    }
+}
+
 /// The checksum `mode` asks for of the first `len` bytes of `file`, read at positions.
 fn file_checksum(
     file: &std::fs::File,
     len: u64,
     mode: ChecksumMode,
 ) -> std::io::Result<FileChecksum> {
-    use md5::Digest as _;
     use std::os::unix::fs::FileExt as _;
-    let mut md5 = md5::Md5::new();
-    let mut crc32c = crc_fast::Digest::new(crc_fast::CrcAlgorithm::Crc32Iscsi);
+    let mut checksum = Checksummer::new(mode);
     let mut buf = vec![0u8; (1 << 16).min(len as usize)];
     let mut offset = 0;
     while offset < len {
@@ -723,19 +800,10 @@ fn file_checksum(
         if n == 0 {
             return Err(std::io::ErrorKind::UnexpectedEof.into());
         }
-        match mode {
-            ChecksumMode::ContentMd5 => md5.update(&buf[..n]),
-            ChecksumMode::Crc32c => crc32c.update(&buf[..n]),
-        }
+        checksum.update(&buf[..n]);
         offset += n as u64;
     }
-    let base64 = &base64::engine::general_purpose::STANDARD;
-    Ok(match mode {
-        ChecksumMode::ContentMd5 => FileChecksum::Md5(base64.encode(md5.finalize())),
-        ChecksumMode::Crc32c => {
-            FileChecksum::Crc32c(base64.encode((crc32c.finalize() as u32).to_be_bytes()))
-        }
-    })
+    Ok(checksum.finish())
 }
 
 fn md5_base64(bytes: &[u8]) -> String {
