@@ -13,6 +13,9 @@
 # then memory benchmarks: 64 partitions x 100 sources x 2 days = 12,800 files open at once, and
 # 300 events of 0.9 MB.
 #   options: --events N --partitions N --sources N --days N --seed N --keep (keep the work dir)
+#            --buffers DIR: the archiver's buffers under DIR instead of the work dir, to measure
+#            them on another volume (a journaled ext4 or XFS, as Kubernetes nodes have: see
+#            BENCHMARKS.md for why the file system matters)
 #   scripts/bench.sh --scaling  how cost grows instead (a few minutes): the archiver alone as
 #                               partitions per member grow (1, 4, 16, 64; 100 sources x 2 days
 #                               each) and as open files per partition grow (10, 100, 1,000
@@ -25,7 +28,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib/rig.sh
 
-EVENTS=1000000 PARTITIONS=8 SOURCES=100 DAYS=2 SEED=42 KEEP=0 SCALING=0
+EVENTS=1000000 PARTITIONS=8 SOURCES=100 DAYS=2 SEED=42 KEEP=0 SCALING=0 BUFFERS_DIR=
 # The memory benchmark: this many partitions x SOURCES x DAYS files open at once.
 WIDE_PARTITIONS=64 WIDE_EVENTS=300000
 # And large events: this many of 0.9 MB (a producer's default message.max.bytes is 1 MB).
@@ -39,6 +42,7 @@ while (($#)); do
     --days) DAYS=$2; shift ;;
     --seed) SEED=$2; shift ;;
     --keep) KEEP=1 ;;
+    --buffers) BUFFERS_DIR=$2; shift ;;
     --scaling) SCALING=1 ;;
     *) echo "unknown option $1 (see the top of $0)" >&2; exit 2 ;;
   esac
@@ -60,13 +64,20 @@ BASELINE="$TARGET_DIR/release/examples/bench_baseline"
 # of what is measured.
 RIG_DIR=$(mktemp -d "$TARGET_DIR/bench.XXXXXX")
 RIG_DIR=$(cd "$RIG_DIR" && pwd)
+if [[ -n "$BUFFERS_DIR" ]]; then
+  mkdir -p "$BUFFERS_DIR"
+  BUFFERS_DIR=$(mktemp -d "$(cd "$BUFFERS_DIR" && pwd)/bench-buffers.XXXXXX")
+else
+  BUFFERS_DIR=$RIG_DIR
+fi
+log "archiver buffers: $BUFFERS_DIR ($(df --output=fstype "$BUFFERS_DIR" | tail -1))"
 RIG_PIDS=()
 ARCHIVER_PID=""
 cleanup() {
   [[ -n "$ARCHIVER_PID" ]] && kill -9 "$ARCHIVER_PID" 2>/dev/null || true
   stop_rig
   wait 2>/dev/null || true
-  if ((KEEP)); then log "work dir kept: $RIG_DIR"; else rm -rf "$RIG_DIR"; fi
+  if ((KEEP)); then log "work dir kept: $RIG_DIR"; else rm -rf "$RIG_DIR" "$BUFFERS_DIR"; fi
 }
 trap cleanup EXIT
 
@@ -118,7 +129,7 @@ run_archiver() {
   local topic=$1 partitions=$2 events=$3 group=$4 start waiter utime stime
   start=$(now)
   ARCHIVER_KAFKA_TOPIC=$topic ARCHIVER_KAFKA_GROUP_ID=$group \
-    ARCHIVER_BUFFER_DATA_DIR="$RIG_DIR/buffers-$group" \
+    ARCHIVER_BUFFER_DATA_DIR="$BUFFERS_DIR/buffers-$group" \
     "$BIN" run --config "$RIG_DIR/archiver.toml" >"$RIG_DIR/$group.log" 2>&1 &
   ARCHIVER_PID=$!
   "$BASELINE" wait-metric "$METRICS_PORT" archiver_records_written_total "$events" &
