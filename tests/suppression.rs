@@ -6,7 +6,9 @@
 //! takes users out of what is already archived (events and dead letters, over sources, days and
 //! partitions, a versioned bucket's earlier versions too) while the group runs and replays a
 //! batch, through a kill of its own: afterwards no object holds their events, every other one
-//! is there exactly once, `verify --deep` is clean and a restore sends none of them.
+//! is there exactly once, `verify --deep` is clean and a restore sends none of them. Last,
+//! `forget`'s question to Kafka (does a record lie between a commit and the end?) is answered
+//! while the topic is being written.
 
 mod support;
 
@@ -482,4 +484,38 @@ fn forgotten_users_are_taken_out_of_the_archive_while_the_group_runs_through_a_k
         .collect();
     assert_eq!(payloads.len(), events - events_gone, "{answer}");
     assert!(payloads.iter().all(|payload| !forgotten(payload)));
+}
+
+/// `forget`'s wait asks Kafka whether any record lies between a partition's commit and its end
+/// (`consume::lag::records_between`). Here the range holds none (retention deleted it: the mock
+/// cluster keeps 5 MB a partition) while a producer goes on writing past it: the first record
+/// the partition yields is past the range, which settles it. Before, only a record inside the
+/// range settled a partition and every record read restarted the idle wait, so on a topic
+/// being written the question never came back.
+#[test]
+fn a_range_retention_emptied_is_judged_while_the_topic_is_written() {
+    let rig = Rig::start_mock(1);
+    // About 7 MB into the partition: its head goes.
+    rig.produce_burst(0, 7_000, 1_000, 100_000, 61);
+    let log_start = rig.log_starts(1)[&0];
+    assert!(log_start > 0, "the mock cluster deleted nothing");
+    let mut producer = rig.produce_in_background(1_000_000, 200, 4, 1, 62);
+    let env = rig
+        .env(&rig.dir.path().join("unused"))
+        .into_iter()
+        .filter(|(key, _)| key.starts_with("ARCHIVER_"));
+    let config = kafka_s3_archiver::config::Config::load(None, env, &[]).expect("config");
+    let (answer, answered) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = answer.send(kafka_s3_archiver::consume::lag::records_between(
+            &config,
+            &[(0, 0, log_start)],
+        ));
+    });
+    let found = answered.recv_timeout(Duration::from_secs(30));
+    producer.terminate(Duration::from_secs(10));
+    let found = found
+        .expect("no answer in 30 s while the topic is written")
+        .expect("records_between");
+    assert_eq!(found.get(&0), Some(&false), "offsets 0..{log_start}");
 }
