@@ -297,24 +297,44 @@ impl GzStreamFile {
     /// compressor (the file was cold), for the caller's count of open compressors.
     pub fn append_line(&mut self, line: &[u8], stage_limit: usize) -> io::Result<bool> {
         let stage_limit = stage_limit.min(MAX_STAGE_BYTES);
-        if self.staged.capacity() == 0 {
-            // Not one grown under a larger limit: it would be given back at once, below.
-            self.staged = take_buffer(2 * stage_limit);
+        let needed = line.len() + 1;
+        let mut heated = false;
+        if self.staged.len() + needed > self.staged.capacity() {
+            // The buffer must grow for this line. Grown by doubling past the limit, the buffers
+            // of twelve thousand files held up to twice the staging budget
+            // (`buffer::STAGING_BUDGET_BYTES`). So it doubles only up to the limit (a file of a
+            // few lines holds a few lines' worth), then grows to the limit exactly, and once
+            // full the staged lines are compressed instead.
+            let doubled = (2 * self.staged.capacity()).max(self.staged.len() + needed);
+            if doubled > stage_limit {
+                if self.staged.len() + needed <= stage_limit {
+                    self.staged.reserve_exact(stage_limit - self.staged.len());
+                } else if !self.staged.is_empty() {
+                    heated = !self.is_hot();
+                    self.compress_staged(FlushCompress::None)?;
+                    if self.staged.capacity() > stage_limit {
+                        // Grown under a larger limit, when fewer files were open: give it back.
+                        drop(std::mem::take(&mut self.staged));
+                    }
+                }
+            }
+            if self.staged.capacity() == 0 {
+                self.staged = take_buffer(stage_limit);
+            }
         }
         self.staged.extend_from_slice(line);
         self.staged.push(b'\n');
-        self.uncompressed_len += line.len() as u64 + 1;
+        self.uncompressed_len += needed as u64;
         self.unflushed = true;
         if self.staged.len() >= stage_limit {
-            let heated = !self.is_hot();
+            heated |= !self.is_hot();
             self.compress_staged(FlushCompress::None)?;
             if self.staged.capacity() > 2 * stage_limit {
                 // Grown under a larger limit, when fewer files were open: give it back.
                 drop(std::mem::take(&mut self.staged));
             }
-            return Ok(heated);
         }
-        Ok(false)
+        Ok(heated)
     }
 
     /// Bytes appended but not yet compressed.
@@ -687,6 +707,39 @@ mod tests {
         expected.push(b'\n');
         file.finish().unwrap();
         assert_eq!(decode_single_member(&path), expected);
+    }
+
+    /// A file's staging buffer holds a chunk at the limit and no more (a line larger than the
+    /// limit excepted), whatever the lines' lengths: twelve thousand files stay within the
+    /// staging budget. Every line still reaches the file, in order.
+    #[test]
+    fn staging_never_grows_past_the_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.gz");
+        let mut file = GzStreamFile::create(&path, 6).unwrap();
+        let mut expected = Vec::new();
+        // The limit moves as files open and close: after its first chunk at a new limit, a
+        // file holds at most that limit.
+        for (phase, limit) in [2_621usize, 1_024, 4_096, 1_500].into_iter().enumerate() {
+            for n in 0..500u32 {
+                let line = format!(r#"{{"n":{n},"pad":"{}"}}"#, "x".repeat((n % 300) as usize));
+                file.append_line(line.as_bytes(), limit).unwrap();
+                if n >= 50 {
+                    assert!(
+                        file.staged.capacity() <= limit,
+                        "phase {phase}, line {n}: {} bytes held for a limit of {limit}",
+                        file.staged.capacity()
+                    );
+                }
+                expected.push(line);
+            }
+        }
+        let huge = "y".repeat(10_000);
+        file.append_line(huge.as_bytes(), 1_024).unwrap();
+        expected.push(huge);
+        file.finish().unwrap();
+        let text = String::from_utf8(decode_single_member(&path)).unwrap();
+        assert_eq!(text.lines().collect::<Vec<_>>(), expected);
     }
 
     fn spare_compressors() -> usize {
