@@ -562,16 +562,13 @@ impl S3Store {
         use std::os::unix::fs::FileExt as _;
         let file = file.clone();
         let with_md5 = self.config.checksum == ChecksumMode::ContentMd5;
-        tokio::task::spawn_blocking(move || -> std::io::Result<_> {
+        self.read_local(key, path, move || {
             let mut part = vec![0; len as usize];
             file.read_exact_at(&mut part, offset)?;
             let md5 = with_md5.then(|| md5_base64(&part));
             Ok((part, md5))
         })
         .await
-        .map_err(std::io::Error::other)
-        .and_then(|r| r)
-        .map_err(|err| self.local_error(key, path, err))
     }
 
     /// Opens the sealed file an upload reads from, on a blocking thread.
@@ -581,12 +578,10 @@ impl S3Store {
         path: &Path,
     ) -> Result<std::sync::Arc<std::fs::File>, S3Error> {
         let opened = path.to_path_buf();
-        tokio::task::spawn_blocking(move || std::fs::File::open(opened))
-            .await
-            .map_err(std::io::Error::other)
-            .and_then(|r| r)
-            .map(std::sync::Arc::new)
-            .map_err(|err| self.local_error(key, path, err))
+        self.read_local(key, path, move || {
+            std::fs::File::open(opened).map(std::sync::Arc::new)
+        })
+        .await
     }
 
     /// The first `len` bytes of the open file, streamed as the request goes.
@@ -618,7 +613,7 @@ impl S3Store {
         len: u64,
     ) -> Result<(Vec<u8>, FileChecksum), S3Error> {
         let (opened, mode) = (path.to_path_buf(), self.config.checksum);
-        tokio::task::spawn_blocking(move || -> std::io::Result<(Vec<u8>, FileChecksum)> {
+        self.read_local(key, path, move || {
             use std::os::unix::fs::FileExt as _;
             let mut bytes = vec![0u8; len as usize];
             std::fs::File::open(opened)?.read_exact_at(&mut bytes, 0)?;
@@ -627,9 +622,6 @@ impl S3Store {
             Ok((bytes, checksum.finish()))
         })
         .await
-        .map_err(std::io::Error::other)
-        .and_then(|r| r)
-        .map_err(|err| self.local_error(key, path, err))
     }
 
     /// The checksum `s3.checksum` asks for, of the first `len` bytes of the open file, computed
@@ -645,11 +637,23 @@ impl S3Store {
     ) -> Result<FileChecksum, S3Error> {
         let file = std::sync::Arc::clone(file);
         let mode = self.config.checksum;
-        let digest = tokio::task::spawn_blocking(move || file_checksum(&file, len, mode))
+        self.read_local(key, path, move || file_checksum(&file, len, mode))
+            .await
+    }
+
+    /// Runs `read`, file I/O for the upload of `path` to `key`, on a blocking thread; its
+    /// failure is the local file's ([`Self::local_error`]).
+    async fn read_local<T: Send + 'static>(
+        &self,
+        key: &str,
+        path: &Path,
+        read: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+    ) -> Result<T, S3Error> {
+        tokio::task::spawn_blocking(read)
             .await
             .map_err(std::io::Error::other)
-            .and_then(|r| r);
-        digest.map_err(|err| self.local_error(key, path, err))
+            .and_then(|r| r)
+            .map_err(|err| self.local_error(key, path, err))
     }
 
     /// The local file of an upload cannot be read: not the store's fault, and not worth a retry.
