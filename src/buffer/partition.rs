@@ -1078,10 +1078,10 @@ mod tests {
         let mut buffer =
             PartitionBuffer::fresh(dir.path(), "t", 0, router(), one_file_each, Some(0)).unwrap();
         for offset in 0..6_000 {
-            let (source, user) = if offset < 4_000 {
+            let (source, user) = if offset < 5_000 {
                 ("flood", offset + 10_000)
             } else {
-                ("calm", offset % 2_000)
+                ("calm", offset % 1_000)
             };
             let record = event(offset, source, &format!(r#","userId":"u{user}""#));
             buffer.append(&record, offset as u64).unwrap().unwrap();
@@ -1093,9 +1093,9 @@ mod tests {
             );
             file.unwrap().ids.clone()
         };
-        assert!(of("flood").is_none(), "4,000 distinct ids pass 8 KiB");
-        let calm = of("calm").expect("2,000 ids stay under it");
-        assert!(calm.may_contain(key_of("u1999")));
+        assert!(of("flood").is_none(), "5,000 distinct ids pass 8 KiB");
+        let calm = of("calm").expect("1,000 ids stay under it");
+        assert!(calm.may_contain(key_of("u999")));
     }
 
     #[test]
