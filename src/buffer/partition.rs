@@ -606,6 +606,23 @@ impl PartitionBuffer {
         self.stage_limit = bytes;
     }
 
+    /// Sets the stage limit and brings every open file's staging within it: the worker's share
+    /// of the staging budget is spread over the files of all its partitions, so files that
+    /// staged lines under a higher limit must give them up when others open.
+    pub fn fit_staging(&mut self, bytes: usize) -> io::Result<()> {
+        self.stage_limit = bytes;
+        self.open
+            .files
+            .iter_mut()
+            .try_for_each(|file| file.gz.fit_staging(bytes))
+    }
+
+    /// Bytes the open files' staging buffers hold.
+    #[cfg(test)]
+    pub fn staging_bytes(&self) -> usize {
+        self.open.files.iter().map(|f| f.gz.staged_capacity()).sum()
+    }
+
     /// Routes and appends one record. Records below the expected offset were already buffered
     /// (librdkafka can redeliver after a seek) and are skipped: `Ok(None)`.
     pub fn append(&mut self, record: &Record, tick: u64) -> io::Result<Option<Appended>> {
