@@ -626,7 +626,8 @@ impl Worker {
             .clamp(MIN_STAGE_BYTES, MAX_STAGE_BYTES);
         if stage_limit < self.stage_limit_given / 4 * 3 {
             // Fitting every file costs a scan of them all, so only once the limit fell by a
-            // quarter: the files then hold at most a third more than the budget.
+            // quarter: the files then hold about a third more than the budget at most (one
+            // command behind: the count of open files is taken after each).
             self.fit_staging(stage_limit)?;
         }
         self.stage_limit_given = self.stage_limit_given.max(stage_limit);
@@ -1069,6 +1070,13 @@ mod tests {
             staged <= budget / 3 * 4,
             "{staged} bytes staged for a budget of {budget}"
         );
+        let hot: usize = worker.partitions.values().map(|(_, b)| b.hot_files()).sum();
+        assert_eq!(
+            worker.hot_files, hot,
+            "fitting leaves the compressor count right"
+        );
+        // Every file still checkpoints (flushed to a byte boundary, its state read).
+        worker.checkpoint_all().unwrap();
 
         worker
             .handle(WorkerCommand::SealAll {

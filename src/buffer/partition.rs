@@ -38,7 +38,7 @@ pub struct BufferSettings {
 /// is dropped (its object is read whole by `forget`), so a producer flooding distinct ids costs
 /// a bounded amount of memory per partition.
 const INDEX_BATCH_BYTES: usize = if cfg!(test) { 32 << 10 } else { 16 << 20 };
-const INDEX_FILE_BYTES: usize = if cfg!(test) { 8 << 10 } else { 2 << 20 };
+const INDEX_FILE_BYTES: usize = if cfg!(test) { 8 << 10 } else { 5 << 19 };
 
 /// Emptied files a partition keeps for its next batches (`Spares`): more than a batch of the
 /// default 100 sources x 2 days opens, and empty files hold no disk blocks.
