@@ -415,8 +415,24 @@ fn chaos_run(seed: u64, mock_log: &mut Option<std::path::PathBuf>) {
     // below its partition's log start.
     let (_, report) = rig.verify(true);
     let mut reported: BTreeMap<i32, Vec<(i64, i64)>> = BTreeMap::new();
+    // Events the topic holds twice (see above) are archived twice, once per offset: verify
+    // finds their ids twice, and nothing else may be doubled.
+    let mut repeated = message_ids_the_topic_repeats(&records);
     for finding in report["findings"].as_array().expect("findings") {
         let detail = finding["detail"].as_str().unwrap_or_default();
+        if finding["kind"] == "duplicate-message-id" {
+            let id = detail
+                .strip_prefix("messageId \"")
+                .and_then(|rest| rest.split_once('"'))
+                .map(|(id, _)| id)
+                .unwrap_or_else(|| panic!("unreadable finding: {detail}"));
+            let left = repeated.get_mut(id).filter(|left| **left > 0);
+            let Some(left) = left else {
+                panic!("{id} doubled, yet the topic holds it once; verify --deep: {report:#}");
+            };
+            *left -= 1;
+            continue;
+        }
         assert_eq!(
             finding["kind"], "deleted-before-archived",
             "verify --deep: {report:#}"

@@ -12,6 +12,26 @@ pub fn end_offsets(records: &BTreeMap<i32, BTreeMap<i64, Vec<u8>>>) -> BTreeMap<
         .collect()
 }
 
+/// The `messageId`s the topic itself holds at more than one offset (a producer's retry the broker
+/// wrote twice), with how many copies past the first: the archive holds each offset once, so
+/// `verify --deep` rightly finds each of those ids that many times more.
+pub fn message_ids_the_topic_repeats(
+    records: &BTreeMap<i32, BTreeMap<i64, Vec<u8>>>,
+) -> HashMap<String, usize> {
+    let mut copies: HashMap<String, usize> = HashMap::new();
+    for payload in records.values().flat_map(BTreeMap::values) {
+        let id = serde_json::from_slice::<serde_json::Value>(payload)
+            .ok()
+            .and_then(|event| event["messageId"].as_str().map(str::to_string));
+        if let Some(id) = id {
+            *copies.entry(id).or_default() += 1;
+        }
+    }
+    copies.retain(|_, n| *n > 1);
+    copies.values_mut().for_each(|n| *n -= 1);
+    copies
+}
+
 /// Decompresses a file as exactly one gzip member (as readers that stop after the first member
 /// do) and fails if anything follows it.
 /// Decompresses a file as exactly one zstd frame and fails if anything follows it.
