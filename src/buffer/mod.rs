@@ -840,9 +840,13 @@ mod tests {
     use std::sync::mpsc::{sync_channel, SyncSender};
 
     fn record(offset: i64, source: i64, day: i64) -> Record {
+        padded_record(offset, source, day, 3000)
+    }
+
+    fn padded_record(offset: i64, source: i64, day: i64, pad: usize) -> Record {
         let payload = format!(
             r#"{{"projectId":"s{source}","receivedAt":"2026-11-{day}T12:00:00Z","messageId":"m{offset}","pad":"{}"}}"#,
-            "x".repeat(3000)
+            "x".repeat(pad)
         );
         Record {
             offset,
@@ -851,6 +855,15 @@ mod tests {
             payload: Some(payload.into_bytes()),
             headers: vec![],
         }
+    }
+
+    /// A sealed file's lines, as text.
+    fn decoded(path: &std::path::Path) -> String {
+        let mut text = String::new();
+        flate2::read::GzDecoder::new(std::fs::File::open(path).unwrap())
+            .read_to_string(&mut text)
+            .unwrap();
+        text
     }
 
     /// A worker on its own thread, over a fresh data directory, as the poll loop drives it.
@@ -1028,23 +1041,10 @@ mod tests {
                 .unwrap();
             answer.recv().unwrap().unwrap();
         }
-        let event = |offset: i64, source: i64, pad: usize| {
-            Record {
-            offset,
-            timestamp_ms: Some(0),
-            key: None,
-            payload: Some(
-                format!(
-                    r#"{{"projectId":"s{source}","receivedAt":"2026-11-20T12:00:00Z","messageId":"m{offset}","pad":"{}"}}"#,
-                    "x".repeat(pad)
-                )
-                .into_bytes(),
-            ),
-            headers: vec![],
-        }
-        };
         // Partition 0 alone: 32 files of 7 lines of 3 KB, all staged under the 64 KiB cap.
-        let early: Vec<Record> = (0..224).map(|n| event(n, n % 32, 3_000)).collect();
+        let early: Vec<Record> = (0..224)
+            .map(|n| padded_record(n, n % 32, 20, 3_000))
+            .collect();
         worker
             .handle(WorkerCommand::Records {
                 partition: 0,
@@ -1052,7 +1052,9 @@ mod tests {
             })
             .unwrap();
         // Partition 1 opens 200 files of small lines, a poll round's share at a time.
-        let late: Vec<Record> = (0..400).map(|n| event(n, n % 200, 300)).collect();
+        let late: Vec<Record> = (0..400)
+            .map(|n| padded_record(n, n % 200, 20, 300))
+            .collect();
         for chunk in late.chunks(100) {
             worker
                 .handle(WorkerCommand::Records {
@@ -1088,11 +1090,7 @@ mod tests {
         for (records, job) in [&early, &late].into_iter().zip(jobs) {
             let mut lines = Vec::new();
             for file in &job.batch.files {
-                let mut text = String::new();
-                flate2::read::GzDecoder::new(std::fs::File::open(&file.path).unwrap())
-                    .read_to_string(&mut text)
-                    .unwrap();
-                lines.extend(text.lines().map(str::to_string));
+                lines.extend(decoded(&file.path).lines().map(str::to_string));
             }
             let mut expected: Vec<String> = records
                 .iter()
@@ -1493,10 +1491,7 @@ mod tests {
         assert_eq!(job.batch.files.len(), 300);
         let mut seen = HashSet::new();
         for file in &job.batch.files {
-            let mut text = String::new();
-            flate2::read::GzDecoder::new(std::fs::File::open(&file.path).unwrap())
-                .read_to_string(&mut text)
-                .unwrap();
+            let text = decoded(&file.path);
             assert_eq!(text.lines().count() as u64, file.records, "{:?}", file.path);
             for line in text.lines() {
                 let event: serde_json::Value = serde_json::from_str(line).unwrap();
