@@ -17,8 +17,8 @@
 //! - `put ENDPOINT BUCKET PREFIX CONCURRENCY DIR`: a plain uploader, the limit of the archiver's
 //!   upload tail: every file under DIR PUT to PREFIX + its path under DIR, CONCURRENCY at a
 //!   time, each read whole and sent with its CRC32C as the archiver sends it (path-style,
-//!   credentials from the environment); no manifest, no commit, no retry. Its wall seconds and
-//!   what it sent.
+//!   credentials from the environment); no manifest, no commit, no retry. Its wall seconds,
+//!   CPU seconds and what it sent.
 
 use std::io::{BufWriter, Read, Write};
 use std::time::Instant;
@@ -221,6 +221,7 @@ fn put(endpoint: &str, bucket: &str, prefix: &str, concurrency: usize, dir: &std
         .enable_all()
         .build()
         .expect("start a runtime");
+    let cpu_before = process_cpu_seconds();
     let (objects, bytes, seconds) = runtime.block_on(async {
         let sdk = aws_config::defaults(BehaviorVersion::latest())
             .region(Region::new("us-east-1"))
@@ -266,7 +267,12 @@ fn put(endpoint: &str, bucket: &str, prefix: &str, concurrency: usize, dir: &std
             started.elapsed().as_secs_f64(),
         )
     });
-    println!(r#"{{"objects":{objects},"bytes":{bytes},"seconds":{seconds:.3}}}"#);
+    // The SDK's cost of a PUT on this machine, for the archiver's cost per object to be read
+    // against (it sends two requests an object: the manifest's HEAD and the PUT).
+    let cpu_seconds = process_cpu_seconds() - cpu_before;
+    println!(
+        r#"{{"objects":{objects},"bytes":{bytes},"seconds":{seconds:.3},"cpu_seconds":{cpu_seconds:.3}}}"#
+    );
 }
 
 /// User and system CPU time of this process so far (Linux: `/proc/self/stat`, in clock ticks of

@@ -123,10 +123,36 @@ export ARCHIVER_METRICS_LISTEN="127.0.0.1:$METRICS_PORT"
 export AWS_EC2_METADATA_DISABLED=true RUST_LOG=${RUST_LOG:-warn}
 
 now() { date +%s.%N; }
+# The CPU seconds of process $1's threads, by stage, and its page faults: where the archiver's
+# CPU goes, read from /proc before it exits (the threads are named: kafka-poll, buffer-N,
+# archiver-async for the uploads and the blocking pool, rdk:* for librdkafka's own).
+thread_cpu() {
+  python3 - "$1" <<'PY'
+import os, sys
+pid, tick = sys.argv[1], os.sysconf("SC_CLK_TCK")
+stages = {"poll": 0, "buffer workers": 0, "uploads and blocking pool": 0, "librdkafka": 0, "other": 0}
+for tid in os.listdir(f"/proc/{pid}/task"):
+    try:
+        stat = open(f"/proc/{pid}/task/{tid}/stat").read()
+    except OSError:
+        continue
+    name = stat[stat.index("(") + 1 : stat.rindex(")")]
+    fields = stat[stat.rindex(")") + 2 :].split()
+    seconds = (int(fields[11]) + int(fields[12])) / tick
+    stage = ("poll" if name == "kafka-poll" else "buffer workers" if name.startswith("buffer-")
+             else "uploads and blocking pool" if name.startswith("archiver-async")
+             else "librdkafka" if name.startswith("rdk:") else "other")
+    stages[stage] += seconds
+faults = int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[7])
+print(", ".join(f"{stage} {seconds:.2f}" for stage, seconds in stages.items())
+      + f" CPU-s; {faults} page faults")
+PY
+}
 json() { python3 -c "import json,sys; print(json.load(sys.stdin)['$1'])"; }
 # Runs the archiver on topic $1 ($2 partitions, $3 events) with group $4 until everything is
 # committed: reads until every record is written to the buffers, then SIGUSR1 (upload now).
-# Sets read_seconds, archiver_seconds, cpu_seconds, read_rss_kb, peak_rss_kb, open_files.
+# Sets read_seconds, archiver_seconds, cpu_seconds, read_rss_kb, peak_rss_kb, open_files and
+# threads_cpu (the CPU by stage).
 run_archiver() {
   local topic=$1 partitions=$2 events=$3 group=$4 start waiter utime stime
   start=$(now)
@@ -149,6 +175,8 @@ run_archiver() {
   read -r utime stime < <(awk '{print $14, $15}' "/proc/$ARCHIVER_PID/stat")
   cpu_seconds=$(python3 -c "import os; print(($utime + $stime) / os.sysconf('SC_CLK_TCK'))")
   peak_rss_kb=$(awk '/VmHWM/ {print $2}' "/proc/$ARCHIVER_PID/status")
+  threads_cpu=$(thread_cpu "$ARCHIVER_PID")
+  log "archiver CPU by thread: $threads_cpu"
   kill -TERM "$ARCHIVER_PID"
   wait "$ARCHIVER_PID" || { echo "the archiver did not exit cleanly:" >&2; tail -20 "$RIG_DIR/$group.log" >&2; exit 1; }
   ARCHIVER_PID=""
@@ -201,6 +229,19 @@ if ((SCALING)); then
       *) echo "SCALING_RUNS: unknown run $run (partitions:N or sources:N)" >&2; exit 2 ;;
     esac
   done
+  # What a plain PUT of the widest run's objects costs in CPU on this machine, in the same run:
+  # the floor of the archiver's cost per object (it sends a HEAD and a PUT an object).
+  widest=$(awk -F'\t' '$1 == "partitions" {print $2}' "$RIG_DIR/scaling.tsv" | sort -n | tail -1)
+  if [[ -n "$widest" ]]; then
+    step "plain uploader: the $widest-partition run's objects PUT again"
+    s3 s3 sync --only-show-errors --exclude "_*" --exclude "*/_*" "s3://$BUCKET/scale-partitions-p$widest-s100/segment-logs/" \
+      "$RIG_DIR/objects/"
+    "$BASELINE" put "$S3_ENDPOINT" "$BUCKET" plain-upload/ "${ARCHIVER_S3_CONCURRENCY:-8}" "$RIG_DIR/objects" \
+      >"$RIG_DIR/put.json"
+    rm -rf "$RIG_DIR/objects"
+    export PLAIN_PUT_MS
+    PLAIN_PUT_MS=$(python3 -c "import json; p = json.load(open('$RIG_DIR/put.json')); print(1000 * p['cpu_seconds'] / max(p['objects'], 1))")
+  fi
   ensure_chart_tools
   "$CHART_PYTHON" scripts/lib/scaling_chart.py "$RIG_DIR/scaling.tsv" SCALING.png "$SCALING_EVENTS"
   exit 0
@@ -249,7 +290,7 @@ archived_bytes=$(s3 s3 ls --recursive "s3://$BUCKET/segment-logs/" \
 objects=$(s3 s3 ls --recursive "s3://$BUCKET/segment-logs/" | awk '$4 !~ /^segment-logs\/_/' | wc -l)
 
 throughput_seconds=$archiver_seconds throughput_read=$read_seconds throughput_cpu=$cpu_seconds
-throughput_rss=$peak_rss_kb
+throughput_rss=$peak_rss_kb throughput_threads=$threads_cpu
 
 # The upload tail's limit is the store's PUT rate on this machine, not the archiver alone: a plain
 # uploader puts the same objects to the same store at the archiver's concurrency, and the tail is
@@ -262,6 +303,7 @@ s3 s3 sync --only-show-errors --exclude "*" --include "*/$TOPIC-[0-9]*" --exclud
   >"$RIG_DIR/put.json"
 put_seconds=$(json seconds <"$RIG_DIR/put.json")
 put_objects=$(json objects <"$RIG_DIR/put.json")
+put_cpu=$(json cpu_seconds <"$RIG_DIR/put.json")
 rm -rf "$RIG_DIR/objects"
 
 step "archiver again, with zstd objects (level 3), under the prefix zstd/"
@@ -385,6 +427,10 @@ for name, seconds, cpu, rss, out in rows:
 print()
 print(f"archiver: read everything in {$throughput_read:.2f} s, then uploaded and committed the rest "
       f"in {$throughput_seconds - $throughput_read:.2f} s; {$objects} objects")
+print("archiver CPU by thread: $throughput_threads")
+print(f"plain uploader: {$put_objects} objects in {$put_seconds:.2f} s, "
+      f"{1000 * $put_cpu / max($put_objects, 1):.2f} ms of CPU a PUT (the archiver sends two requests an "
+      f"object: a HEAD of its batch's manifest, then the PUT)")
 print(f"memory: {$WIDE_EVENTS} events over $WIDE_PARTITIONS partitions, {int(float('$wide_open_files'))} files open "
       f"at once; peak RSS {$wide_read_rss_kb / 1024:.0f} MB with all of them open, {$wide_peak_rss_kb / 1024:.0f} MB "
       f"through sealing and uploading them (target <= 300 MB)")

@@ -250,7 +250,13 @@ fn real_main() -> anyhow::Result<ExitCode> {
     match Cli::parse().command {
         Command::Run(args) => {
             let config = args.load()?;
-            let runtime = tokio::runtime::Runtime::new().context("start async runtime")?;
+            // Named so that the uploads' CPU shows apart from the poll thread's and the buffer
+            // workers' (bench.sh reads each thread's CPU by name).
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .thread_name("archiver-async")
+                .build()
+                .context("start async runtime")?;
             runtime.block_on(async {
                 let shutdown = CancellationToken::new();
                 tokio::spawn(cancel_on_signal(shutdown.clone()));

@@ -7,6 +7,7 @@ NDJSON, seconds from start to all committed, CPU seconds, peak RSS in kB, object
 """
 
 import csv
+import os
 import sys
 
 import matplotlib
@@ -58,6 +59,10 @@ def main(results, chart, events):
             print(f"cost per object ({axis} {few} against {many}): {per_object_ms:.2f} ms of archiver CPU "
                   f"(target <= 0.30); CPU per GB {b['cpu_gb'] / a['cpu_gb']:.2f} x"
                   + (" (target <= 2.00)" if axis == "partitions" else ""))
+    if os.environ.get("PLAIN_PUT_MS"):
+        print(f"a plain PUT of the widest run's objects (the SDK, same store, same run): "
+              f"{float(os.environ['PLAIN_PUT_MS']):.2f} ms of CPU each; the archiver sends two requests "
+              f"an object (a HEAD of its batch's manifest, then the PUT)")
 
     fig, axes = plt.subplots(3, 2, figsize=(10, 9), sharex="col")
     for column, (axis, xlabel, xkey) in enumerate([

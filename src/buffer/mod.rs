@@ -37,7 +37,11 @@ pub use partition::{BufferSettings, PartitionBuffer};
 /// Uncompressed bytes the whole process may hold staged in its open files (see
 /// `gzfile`): each file stages up to this divided by the open files, so a few hundred files get
 /// chunks of tens of kilobytes and twelve thousand (the memory benchmark) a few lines each.
-pub const STAGING_BUDGET_BYTES: usize = 32 << 20;
+/// Every chunk pulls a cold ~300 KB deflate state into the cache, so larger chunks cost less
+/// per byte: 80 MiB instead of 32 (50 KB chunks instead of 20 for 1,600 files) took the buffer
+/// workers' CPU down by about a sixth (BENCHMARKS.md, "Larger chunks"), paid for by the
+/// smaller queue of records in `app`.
+pub const STAGING_BUDGET_BYTES: usize = 80 << 20;
 
 /// Below this a chunk no longer keeps the compressor's cache warm long enough to matter, so the
 /// budget is exceeded rather than staging less.
@@ -158,7 +162,7 @@ pub struct Worker {
     /// a file's staging may hold. A partition's limit is set when its records come, so one
     /// read early (a backlog comes partition by partition) kept lines staged under a limit
     /// for a few hundred files while thousands opened: the memory benchmark's 12,800 files
-    /// staged 81 MB for a budget of 32 MiB.
+    /// staged 81 MB for a budget of 32 MiB (as it was then).
     stage_limit_given: usize,
     hot_files: usize,
     /// Monotonic counter standing in for time in the coldest-file choice.
