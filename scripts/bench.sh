@@ -151,8 +151,9 @@ PY
 json() { python3 -c "import json,sys; print(json.load(sys.stdin)['$1'])"; }
 # Runs the archiver on topic $1 ($2 partitions, $3 events) with group $4 until everything is
 # committed: reads until every record is written to the buffers, then SIGUSR1 (upload now).
-# Sets read_seconds, archiver_seconds, cpu_seconds, read_rss_kb, peak_rss_kb, open_files and
-# threads_cpu (the CPU by stage).
+# Sets read_seconds, archiver_seconds, cpu_seconds, read_rss_kb, peak_rss_kb, open_files,
+# seal_seconds (sealing the batches, summed over the buffer workers) and threads_cpu (the CPU
+# by stage).
 run_archiver() {
   local topic=$1 partitions=$2 events=$3 group=$4 start waiter utime stime
   start=$(now)
@@ -172,6 +173,7 @@ run_archiver() {
   kill -USR1 "$ARCHIVER_PID"
   "$BASELINE" committed "$KAFKA_BROKERS" "$topic" "$partitions" "$group" "$events" >/dev/null
   archiver_seconds=$(python3 -c "print($(now) - $start)")
+  seal_seconds=$("$BASELINE" metric "$METRICS_PORT" archiver_seal_duration_seconds_sum)
   read -r utime stime < <(awk '{print $14, $15}' "/proc/$ARCHIVER_PID/stat")
   cpu_seconds=$(python3 -c "import os; print(($utime + $stime) / os.sysconf('SC_CLK_TCK'))")
   peak_rss_kb=$(awk '/VmHWM/ {print $2}' "/proc/$ARCHIVER_PID/status")
@@ -290,7 +292,7 @@ archived_bytes=$(s3 s3 ls --recursive "s3://$BUCKET/segment-logs/" \
 objects=$(s3 s3 ls --recursive "s3://$BUCKET/segment-logs/" | awk '$4 !~ /^segment-logs\/_/' | wc -l)
 
 throughput_seconds=$archiver_seconds throughput_read=$read_seconds throughput_cpu=$cpu_seconds
-throughput_rss=$peak_rss_kb throughput_threads=$threads_cpu
+throughput_rss=$peak_rss_kb throughput_threads=$threads_cpu throughput_seal=$seal_seconds
 
 # The upload tail's limit is the store's PUT rate on this machine, not the archiver alone: a plain
 # uploader puts the same objects to the same store at the archiver's concurrency, and the tail is
@@ -426,7 +428,8 @@ for name, seconds, cpu, rss, out in rows:
     print(" ".join(cells))
 print()
 print(f"archiver: read everything in {$throughput_read:.2f} s, then uploaded and committed the rest "
-      f"in {$throughput_seconds - $throughput_read:.2f} s; {$objects} objects")
+      f"in {$throughput_seconds - $throughput_read:.2f} s; {$objects} objects; sealing the batches (files "
+      f"finished and fsynced) took {$throughput_seal:.2f} s summed over the buffer workers")
 print("archiver CPU by thread: $throughput_threads")
 print(f"plain uploader: {$put_objects} objects in {$put_seconds:.2f} s, "
       f"{1000 * $put_cpu / max($put_objects, 1):.2f} ms of CPU a PUT (the archiver sends two requests an "

@@ -110,6 +110,7 @@ fn archives_every_event_exactly_once_in_the_segment_layout() {
         assert_eq!(metric(&lag), 0.0);
     }
     assert!(metrics.contains_key("archiver_upload_duration_seconds_count"));
+    assert!(metrics["archiver_seal_duration_seconds_count"] >= 1.0);
     assert!(metrics.contains_key("archiver_process_resident_memory_bytes"));
 
     // Object metadata and headers, on one object of each partition.

@@ -761,6 +761,7 @@ impl Worker {
         let hot_before = buffer.hot_files();
         let was_replaying = buffer.replaying();
         let plan = buffer.planned_files().to_vec();
+        let started = std::time::Instant::now();
         let sealed = buffer
             .seal()
             .map_err(|source| BufferError::Io { partition, source })?;
@@ -775,6 +776,7 @@ impl Worker {
                 records: batch.records(),
                 trigger,
                 gaps: &batch.gaps,
+                took: started.elapsed(),
             });
             let _ = self.uploads.send(UploadJob {
                 epoch: *epoch,

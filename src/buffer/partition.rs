@@ -860,29 +860,37 @@ impl PartitionBuffer {
         self.replay_passed_end = false;
         let open = std::mem::replace(&mut self.open, OpenBatch::empty(Some(end + 1)));
         self.next_offset = Some(self.next_offset.map_or(end + 1, |next| next.max(end + 1)));
-        let mut files = Vec::with_capacity(open.files.len());
+        // Every file finished and its writing started first, then each fsynced: the fsyncs wait
+        // on writes under way together instead of one after another.
+        let mut finished = Vec::with_capacity(open.files.len());
         for file in open.files {
-            let mut path = file.gz.path().to_path_buf();
-            let mut stream = file.gz.finish()?;
-            if self.settings.codec == Codec::Zstd {
-                let zst = path.with_extension("zst");
-                stream.compressed_len = zstd_object::transcode(
-                    &path,
-                    &zst,
-                    self.settings.zstd_level,
-                    stream.uncompressed_len,
-                )?;
-                path = zst;
-            }
-            files.push(SealedFile {
+            let path = file.gz.path().to_path_buf();
+            let written = file.gz.finish_written()?;
+            let sealed = SealedFile {
                 destination: file.destination,
                 first_offset: file.first_offset,
                 records: file.records,
                 path,
-                stream,
+                stream: written.state(),
                 codec: self.settings.codec,
                 ids: file.ids.map(std::sync::Arc::new),
-            });
+            };
+            finished.push((sealed, written));
+        }
+        let mut files = Vec::with_capacity(finished.len());
+        for (mut sealed, written) in finished {
+            written.sync()?;
+            if self.settings.codec == Codec::Zstd {
+                let zst = sealed.path.with_extension("zst");
+                sealed.stream.compressed_len = zstd_object::transcode(
+                    &sealed.path,
+                    &zst,
+                    self.settings.zstd_level,
+                    sealed.stream.uncompressed_len,
+                )?;
+                sealed.path = zst;
+            }
+            files.push(sealed);
         }
         let batch = SealedBatch {
             topic: self.topic.clone(),

@@ -32,6 +32,8 @@ pub struct BatchSealed<'a> {
     pub trigger: SealTrigger,
     /// Offsets of the batch that held no record, and why.
     pub gaps: &'a [Gap],
+    /// Finishing and fsyncing its files, writing the checkpoint.
+    pub took: std::time::Duration,
 }
 
 impl Event for BatchSealed<'_> {
@@ -43,12 +45,14 @@ impl Event for BatchSealed<'_> {
             files = self.files,
             records = self.records,
             trigger = self.trigger.as_str(),
+            took_ms = self.took.as_millis() as u64,
             "batch sealed"
         );
         metrics
             .batches_sealed
             .with_label_values(&[self.trigger.as_str()])
             .inc();
+        metrics.seal_duration.observe(self.took.as_secs_f64());
         for gap in self.gaps {
             metrics
                 .offsets_without_record
@@ -379,7 +383,10 @@ mod tests {
             records: 95,
             trigger: SealTrigger::DiskPressure,
             gaps: &gaps,
+            took: Duration::from_millis(40),
         });
+        assert_eq!(metrics.seal_duration.get_sample_count(), 1);
+        assert!((metrics.seal_duration.get_sample_sum() - 0.04).abs() < 1e-9);
         let count =
             |vec: &prometheus::IntCounterVec, label: &str| vec.with_label_values(&[label]).get();
         assert_eq!(count(&metrics.batches_sealed, "disk-pressure"), 1);

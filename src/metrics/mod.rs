@@ -51,6 +51,9 @@ pub struct Metrics {
     pub offsets_without_record: IntCounterVec,
     pub upload_bytes: IntCounter,
     pub upload_duration: Histogram,
+    /// How long sealing a partition's batch takes (every file finished and fsynced): the part of
+    /// the upload tail before the first PUT, which the PUTs' own timing cannot show.
+    pub seal_duration: Histogram,
     pub upload_errors: IntCounterVec,
     pub upload_retries: IntCounter,
     pub uploads_in_flight: IntGauge,
@@ -116,6 +119,19 @@ impl Metrics {
         .expect("valid metric");
         registry
             .register(Box::new(upload_duration.clone()))
+            .expect("unique metric");
+        let seal_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "seal_duration_seconds",
+                "Time to seal one partition's batch: every file finished and fsynced, the checkpoint written",
+            )
+            .buckets(vec![
+                0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            ]),
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(seal_duration.clone()))
             .expect("unique metric");
 
         let metrics = Metrics {
@@ -201,6 +217,7 @@ impl Metrics {
             ),
             upload_bytes: counter("upload_bytes_total", "Compressed bytes put in S3"),
             upload_duration,
+            seal_duration,
             upload_errors: counter_vec(
                 "upload_errors_total",
                 "Failed S3 requests, by kind",
