@@ -36,10 +36,10 @@ const WORKER_QUEUE: usize = 48;
 
 /// Bytes of records queued for the buffer workers, at most: the count of commands above bounds
 /// them only for typical events, and a producer decides how large events are (1 MB events
-/// would make those 48 commands gigabytes). Two poll rounds' worth: a quarter of the 64 MiB it
-/// was, with no loss of speed measured, and the memory went to staging
-/// (`buffer::STAGING_BUDGET_BYTES`), where it saves CPU.
-const QUEUED_RECORD_BYTES: u64 = 16 << 20;
+/// would make those 48 commands gigabytes). Half the 64 MiB it was, which read as fast, the
+/// other half given to staging (`buffer::STAGING_BUDGET_BYTES`), where it saves CPU; at 16 MiB
+/// the workers starved and reading took a fifth longer.
+const QUEUED_RECORD_BYTES: u64 = 32 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {

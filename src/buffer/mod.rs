@@ -38,10 +38,10 @@ pub use partition::{BufferSettings, PartitionBuffer};
 /// `gzfile`): each file stages up to this divided by the open files, so a few hundred files get
 /// chunks of tens of kilobytes and twelve thousand (the memory benchmark) a few lines each.
 /// Every chunk pulls a cold ~300 KB deflate state into the cache, so larger chunks cost less
-/// per byte: 80 MiB instead of 32 (50 KB chunks instead of 20 for 1,600 files) took the buffer
-/// workers' CPU down by about a sixth (BENCHMARKS.md, "Larger chunks"), paid for by the
-/// smaller queue of records in `app`.
-pub const STAGING_BUDGET_BYTES: usize = 80 << 20;
+/// per byte: twice the 32 MiB it was (40 KB chunks instead of 20 for 1,600 files) took the
+/// buffer workers' CPU down by about 15 %, paid for by halving the queue of records in `app`
+/// (BENCHMARKS.md, "Larger chunks").
+pub const STAGING_BUDGET_BYTES: usize = 64 << 20;
 
 /// Below this a chunk no longer keeps the compressor's cache warm long enough to matter, so the
 /// budget is exceeded rather than staging less.
