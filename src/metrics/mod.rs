@@ -107,32 +107,28 @@ impl Metrics {
                 .expect("unique metric");
             g
         };
-        let upload_duration = Histogram::with_opts(
-            HistogramOpts::new(
-                "upload_duration_seconds",
-                "Time to put one object in S3, retries included",
-            )
-            .buckets(vec![
+        let histogram = |name: &str, help: &str, buckets: Vec<f64>| {
+            let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
+                .expect("valid metric");
+            registry
+                .register(Box::new(h.clone()))
+                .expect("unique metric");
+            h
+        };
+        let upload_duration = histogram(
+            "upload_duration_seconds",
+            "Time to put one object in S3, retries included",
+            vec![
                 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
-            ]),
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(upload_duration.clone()))
-            .expect("unique metric");
-        let seal_duration = Histogram::with_opts(
-            HistogramOpts::new(
-                "seal_duration_seconds",
-                "Time to seal one partition's batch: every file finished and fsynced, the checkpoint written",
-            )
-            .buckets(vec![
+            ],
+        );
+        let seal_duration = histogram(
+            "seal_duration_seconds",
+            "Time to seal one partition's batch: every file finished and fsynced, the checkpoint written",
+            vec![
                 0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-            ]),
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(seal_duration.clone()))
-            .expect("unique metric");
+            ],
+        );
 
         let metrics = Metrics {
             records_consumed: counter("records_consumed_total", "Records read from Kafka"),
